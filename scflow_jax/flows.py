@@ -1,0 +1,106 @@
+"""The one place where time and sign conventions of flow matching live.
+
+Convention (SCFLOW_SPEC.md section 1): ``z0`` is data, ``z1 ~ N(0, I)`` is noise, time runs
+from t = 0 (data) to t = 1 (noise), ``x_t = t*z1 + (1-t)*z0`` and a velocity network
+``F(t, x, c)`` predicts ``z1 - z0``. Every loss and sampler in the project speaks only this
+convention; teachers trained with another one are wrapped here, once, at the model boundary.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+# A velocity function in the project convention: (params, t [B], x [B, ...], cond) -> v.
+VelocityFn = Callable[..., jax.Array]
+
+# Diffusers-style rectified-flow UNets (InstaFlow, 2-rectified flow) index time in [0, 1000].
+DIFFUSERS_TIMESTEP_SCALE = 1000.0
+
+
+def broadcast_time(t: jax.Array, x: jax.Array) -> jax.Array:
+    """Reshapes per-example times [B] so they broadcast against x [B, ...]."""
+    t = jnp.asarray(t, dtype=x.dtype)
+    return t.reshape(t.shape + (1,) * (x.ndim - t.ndim))
+
+
+def interpolate(z0: jax.Array, z1: jax.Array, t: jax.Array) -> jax.Array:
+    """The straight path ``x_t = t*z1 + (1-t)*z0`` (t per example)."""
+    tb = broadcast_time(t, z0)
+    return tb * z1 + (1.0 - tb) * z0
+
+
+def velocity_target(z0: jax.Array, z1: jax.Array) -> jax.Array:
+    """d x_t / d t along the straight path: the regression target of rectified flow."""
+    return z1 - z0
+
+
+def data_prediction(x: jax.Array, t: jax.Array, velocity: jax.Array) -> jax.Array:
+    """Jump from (t, x) to t = 0 along the predicted velocity: ``x - t*v``."""
+    return x - broadcast_time(t, x) * velocity
+
+
+def noise_prediction(x: jax.Array, t: jax.Array, velocity: jax.Array) -> jax.Array:
+    """Jump from (t, x) to t = 1 along the predicted velocity: ``x + (1-t)*v``."""
+    return x + (1.0 - broadcast_time(t, x)) * velocity
+
+
+def euler_move(x: jax.Array, t_from: jax.Array, t_to: jax.Array, velocity: jax.Array) -> jax.Array:
+    """One Euler step of the ODE dx/dt = v from t_from to t_to (either direction)."""
+    return x + broadcast_time(t_to - t_from, x) * velocity
+
+
+def sample_time(rng: jax.Array, batch: int, *, integer_timesteps: bool = False,
+                num_timesteps: int = 1000) -> jax.Array:
+    """Training times: t ~ U[0, 1), or t = k/num_timesteps with k ~ U{0..num_timesteps-1}."""
+    if integer_timesteps:
+        k = jax.random.randint(rng, (batch,), 0, num_timesteps)
+        return k.astype(jnp.float32) / num_timesteps
+    return jax.random.uniform(rng, (batch,), dtype=jnp.float32)
+
+
+def floor_to_timestep(t: jax.Array, num_timesteps: int = 1000) -> jax.Array:
+    """Network time for integer-timestep models: floor(num_timesteps*t)/num_timesteps."""
+    return jnp.floor(t * num_timesteps) / num_timesteps
+
+
+def classifier_free_guidance(v_cond: jax.Array, v_null: jax.Array, scale: float | jax.Array) -> jax.Array:
+    """``F_w = F(c_null) + w * (F(c) - F(c_null))``; w = 1 is the conditional model."""
+    return v_null + scale * (v_cond - v_null)
+
+
+def guided_velocity(velocity_fn: VelocityFn, params, t, x, cond, null_cond, scale) -> jax.Array:
+    """Classifier-free guided velocity with one network call on the doubled batch.
+
+    ``scale`` may be a Python float: 1.0 (or no null condition) skips the unconditional half.
+    """
+    if null_cond is None or (isinstance(scale, (int, float)) and scale == 1.0):
+        return velocity_fn(params, t, x, cond)
+    batch = x.shape[0]
+    null = jnp.broadcast_to(null_cond, cond.shape).astype(cond.dtype)
+    v = velocity_fn(params, jnp.concatenate([t, t]), jnp.concatenate([x, x]),
+                    jnp.concatenate([cond, null]))
+    return classifier_free_guidance(v[:batch], v[batch:], scale)
+
+
+# --- Teachers with other conventions, wrapped once -------------------------------------
+
+
+def diffusers_timestep(t: jax.Array) -> jax.Array:
+    """Our t in [0, 1] -> the diffusers rectified-flow UNet's timestep in [0, 1000]."""
+    return DIFFUSERS_TIMESTEP_SCALE * t
+
+
+def velocity_from_diffusers_output(u: jax.Array) -> jax.Array:
+    """Diffusers rectified-flow UNets predict ``u ~= z0 - z1``; our velocity is ``z1 - z0``."""
+    return -u
+
+
+def wrap_diffusers_rectified_flow(unet_apply: Callable[..., jax.Array]) -> VelocityFn:
+    """Turns ``unet_apply(params, x, timestep_0_1000, cond) -> u`` into a project VelocityFn."""
+
+    def velocity_fn(params, t, x, cond):
+        return velocity_from_diffusers_output(unet_apply(params, x, diffusers_timestep(t), cond))
+
+    return velocity_fn

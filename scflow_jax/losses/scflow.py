@@ -1,0 +1,204 @@
+"""The SCFlow objective (SCFLOW_SPEC.md sections 3-4) as pure functions.
+
+``cfg`` below is the ``config.scflow`` group (all Python values, read at trace time):
+init_threshold (delta), trunc_threshold (tau), huber_c, lambda_con, lambda_rf, lambda_gan,
+lambda_inv, warmup_rf, warmup_gan, warmup_inv, teacher_cfg, integer_timesteps, use_teacher,
+r1_gamma, sigmoid_head, disc_noise_inputs.
+
+A term whose lambda is 0 is removed at trace time (no compute); a term still warming up is
+computed with weight 0, so switching it on never recompiles the step.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from scflow_jax import flows
+from scflow_jax.losses import adversarial
+
+sg = jax.lax.stop_gradient
+
+
+@dataclasses.dataclass(frozen=True)
+class SCFlowNetworks:
+    """The callables of one distillation: student/target share ``velocity_fn``."""
+    velocity_fn: flows.VelocityFn
+    teacher_velocity_fn: flows.VelocityFn
+    disc_fn: adversarial.DiscriminatorFn | None = None
+
+
+def pseudo_huber(x: jax.Array, y: jax.Array, c: float) -> jax.Array:
+    """Elementwise ``sqrt((x-y)^2 + c^2) - c``, averaged over all elements."""
+    return jnp.mean(jnp.sqrt(jnp.square(x - y) + c * c) - c)
+
+
+def mean_squared_error(x: jax.Array, y: jax.Array) -> jax.Array:
+    return jnp.mean(jnp.square(x - y))
+
+
+def term_weight(lam: float, warmup: int, step: jax.Array) -> jax.Array:
+    """``lam`` once ``step >= warmup``, else 0 (traced: no recompilation at the switch)."""
+    return jnp.where(step >= warmup, lam, 0.0).astype(jnp.float32)
+
+
+def enabled(cfg, name: str) -> bool:
+    return float(cfg[f"lambda_{name}"]) > 0.0
+
+
+def gan_enabled(cfg) -> bool:
+    return enabled(cfg, "gan")
+
+
+def needs_one_step_sample(cfg) -> bool:
+    """The one-step sample feeds the GAN term and (with a teacher) the reflow term."""
+    return gan_enabled(cfg) or (enabled(cfg, "rf") and cfg.use_teacher)
+
+
+def network_time(t: jax.Array, cfg) -> jax.Array:
+    """The time fed to networks: floored to integer timesteps for text-to-image teachers."""
+    return flows.floor_to_timestep(t) if cfg.integer_timesteps else t
+
+
+def local_step_sizes(rng: jax.Array, t: jax.Array, delta: float) -> tuple[jax.Array, jax.Array]:
+    """``(u1*min(t, delta), u2*min(1-t, delta))``: random local steps that stay in [0, 1]."""
+    u1, u2 = jax.random.uniform(rng, (2,) + t.shape, dtype=t.dtype)
+    return u1 * jnp.minimum(t, delta), u2 * jnp.minimum(1.0 - t, delta)
+
+
+def one_step_sample(velocity_fn, params, z1: jax.Array, cond) -> jax.Array:
+    """The student's one-step map ``z1 - S(1, z1, c)``."""
+    t1 = jnp.ones((z1.shape[0],), jnp.float32)
+    return flows.data_prediction(z1, t1, velocity_fn(params, t1, z1, cond))
+
+
+def noised_for_discriminator(x: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
+    """Text-to-image D input ``t*eps + (1-t)*x`` (the interpolation, with fresh noise)."""
+    return flows.interpolate(x, eps, t)
+
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class GeneratorInputs:
+    """Everything the generator loss needs that carries no gradient (all stop-gradient)."""
+    z0: jax.Array
+    z1: jax.Array
+    cond: Any
+    t: jax.Array
+    x_t: jax.Array
+    t_minus: jax.Array
+    target_minus: jax.Array
+    target_plus: jax.Array | None
+
+
+def prepare_generator_inputs(rng, z0, cond, *, teacher_params, target_params, null_cond,
+                             nets: SCFlowNetworks, cfg) -> GeneratorInputs:
+    """Samples (t, z1), takes one teacher Euler step down and up, and evaluates the target
+    network's data predictions there (section 3, everything before the student)."""
+    k_t, k_noise, k_steps = jax.random.split(rng, 3)
+    batch = z0.shape[0]
+    t = flows.sample_time(k_t, batch, integer_timesteps=cfg.integer_timesteps)
+    z1 = jax.random.normal(k_noise, z0.shape, z0.dtype)
+    x_t = flows.interpolate(z0, z1, t)
+    d_minus, d_plus = local_step_sizes(k_steps, t, cfg.init_threshold)
+    t_minus, t_plus = t - d_minus, t + d_plus
+
+    if cfg.use_teacher:
+        v_teacher = flows.guided_velocity(nets.teacher_velocity_fn, teacher_params,
+                                          network_time(t, cfg), x_t, cond, null_cond,
+                                          cfg.teacher_cfg)
+    else:  # consistency training: the data direction stands in for the teacher
+        v_teacher = flows.velocity_target(z0, z1)
+    x_minus = flows.euler_move(x_t, t, t_minus, v_teacher)
+
+    bidirectional = enabled(cfg, "inv")
+    if bidirectional:  # both target evaluations as one network call on the doubled batch
+        x_plus = flows.euler_move(x_t, t, t_plus, v_teacher)
+        times = jnp.concatenate([t_minus, t_plus])
+        xs = jnp.concatenate([x_minus, x_plus])
+        conds = jnp.concatenate([cond, cond])
+    else:
+        times, xs, conds = t_minus, x_minus, cond
+    v_target = nets.velocity_fn(target_params, network_time(times, cfg), xs, conds)
+    predictions = flows.data_prediction(xs, times, v_target)
+    target_minus = predictions[:batch]
+    # Truncation: close to the data the target network is unreliable; the real sample is
+    # the exact answer there.
+    truncate = flows.broadcast_time(t_minus < cfg.trunc_threshold, z0)
+    target_minus = jnp.where(truncate, z0, target_minus)
+    target_plus = predictions[batch:] if bidirectional else None
+    return jax.tree.map(sg, GeneratorInputs(z0, z1, cond, t, x_t, t_minus, target_minus,
+                                            target_plus))
+
+
+def generator_regression_loss(params, inputs: GeneratorInputs, z0_hat, step, *,
+                              nets: SCFlowNetworks, cfg):
+    """``lambda_con*L_con + lambda_inv*L_inv + lambda_rf*L_rf`` for the student ``params``.
+
+    ``z0_hat`` is the (detached) one-step sample: L_rf never sends gradient through it.
+    The student's evaluations at (t, x_t) and at (t, x~_t) share one network call.
+    """
+    t, x_t = inputs.t, inputs.x_t
+    use_rf, use_inv = enabled(cfg, "rf"), enabled(cfg, "inv")
+    self_corrected = use_rf and cfg.use_teacher
+    if self_corrected:
+        z0_hat = sg(z0_hat)
+        x_tilde = flows.interpolate(z0_hat, inputs.z1, t)
+        times, xs = jnp.concatenate([t, t]), jnp.concatenate([x_t, x_tilde])
+        conds = jnp.concatenate([inputs.cond, inputs.cond])
+    else:
+        times, xs, conds = t, x_t, inputs.cond
+    predictions = flows.data_prediction(xs, times, nets.velocity_fn(
+        params, network_time(times, cfg), xs, conds))
+    batch = x_t.shape[0]
+    current = predictions[:batch]
+
+    distance = (lambda a, b: pseudo_huber(a, b, cfg.huber_c)) if cfg.use_teacher \
+        else mean_squared_error
+    terms = {"loss_con": distance(current, inputs.target_minus)}
+    weights = {"loss_con": jnp.float32(cfg.lambda_con)}
+    if use_inv:
+        terms["loss_inv"] = distance(current, inputs.target_plus)
+        weights["loss_inv"] = term_weight(cfg.lambda_inv, cfg.warmup_inv, step)
+    if use_rf:
+        terms["loss_rf"] = (mean_squared_error(predictions[batch:], z0_hat) if self_corrected
+                            else mean_squared_error(current, inputs.z0))
+        weights["loss_rf"] = term_weight(cfg.lambda_rf, cfg.warmup_rf, step)
+    loss = sum(weights[k] * terms[k] for k in terms)
+    return loss, terms
+
+
+def discriminator_inputs(rng, x: jax.Array, t_minus: jax.Array, cfg) -> jax.Array:
+    if not cfg.disc_noise_inputs:
+        return x
+    return noised_for_discriminator(x, t_minus, jax.random.normal(rng, x.shape, x.dtype))
+
+
+def discriminator_objective(disc_params, real, fake, cond, t_minus, rng, *,
+                            nets: SCFlowNetworks, cfg):
+    """``L_D`` with R1 on the real inputs (section 4). Real and fake share the noise."""
+    if cfg.disc_noise_inputs:
+        eps = jax.random.normal(rng, real.shape, real.dtype)
+        real = noised_for_discriminator(real, t_minus, eps)
+        fake = noised_for_discriminator(fake, t_minus, eps)
+    if cfg.r1_gamma > 0:
+        r1, real_logits = adversarial.r1_penalty(nets.disc_fn, disc_params, real, cond,
+                                                 cfg.r1_gamma)
+    else:
+        r1, real_logits = jnp.float32(0.0), nets.disc_fn(disc_params, real, cond)
+    fake_logits = nets.disc_fn(disc_params, sg(fake), cond)
+    gan = adversarial.discriminator_loss(real_logits, fake_logits,
+                                         sigmoid_head=cfg.sigmoid_head)
+    return gan + r1, {"loss_disc": gan, "r1": r1, "d_real": jnp.mean(real_logits),
+                      "d_fake": jnp.mean(fake_logits)}
+
+
+def generator_adversarial_loss(z0_hat, disc_params, cond, t_minus, rng, *,
+                               nets: SCFlowNetworks, cfg):
+    """``L_G = mean softplus(-D(z0_hat))`` with D frozen (gradient only to z0_hat)."""
+    x = discriminator_inputs(rng, z0_hat, t_minus, cfg)
+    return adversarial.generator_loss(nets.disc_fn(sg(disc_params), x, cond),
+                                      sigmoid_head=cfg.sigmoid_head)

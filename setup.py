@@ -1,0 +1,42 @@
+"""Packaging for scflow_jax: SCFlow (self-corrected flow distillation) in JAX/Flax."""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    # Lower bounds are the versions pip resolves on Python 3.11 (jax 0.10.2, flax 0.12.8);
+    # nothing caps newer releases (Python 3.12+ gets newer jax).
+    "jax>=0.10.2",
+    "flax>=0.12.8",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11.0",
+    "ml_collections>=1.0.0",
+    "absl-py>=2.1.0",
+    "clu>=0.0.12",
+    "tensorflow-datasets>=4.9.7",
+    "grain>=0.2.10",
+    "transformers>=4.46",
+    "safetensors>=0.4.5",
+    "pillow>=10.0",
+    "scikit-learn>=1.5",
+    "numpy>=1.26",
+    "scipy>=1.11",
+    "tensorboardX>=2.6.2",
+]
+
+EXTRAS_REQUIRE = {
+    "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
+    # PyTorch reference implementations, used only by parity tests and by the .pth converters.
+    "parity": ["torch>=2.5", "diffusers>=0.31", "transformers>=4.46", "pytorch-fid>=0.3.0"],
+}
+
+setup(
+    name="scflow_jax",
+    version="0.1.0",
+    description="SCFlow: self-corrected flow distillation for one- and few-step generation, in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=find_packages(include=["scflow_jax", "scflow_jax.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)
