@@ -1,0 +1,194 @@
+"""Stage ``distill``: SCFlow distillation of the teacher into a one/few-step student.
+
+One jitted, mesh-sharded step per iteration runs the discriminator update and then the
+generator update against the updated (frozen) discriminator (SCFLOW_SPEC.md sections 3-4).
+The one-step sample ``z0_hat = z1 - S(1, z1)`` is computed once with ``jax.vjp``: the D step
+reads it detached, and its pullback carries the generator GAN gradient into the student.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from scflow_jax import checkpoint, sharding, teacher, train_state, trainer
+from scflow_jax.data.pipeline import InMemoryBatches
+from scflow_jax.losses import scflow
+from scflow_jax.tasks import Task, build_task
+
+STAGE = "distill"
+
+
+def stage_dirs(workdir: str) -> trainer.StageDirs:
+    return trainer.StageDirs(os.path.join(workdir, STAGE))
+
+
+def is_done(workdir: str) -> bool:
+    return checkpoint.params_exist(stage_dirs(workdir).params)
+
+
+def validate_scflow_config(cfg) -> None:
+    """Rejects settings the objective cannot honour, naming the field."""
+    for field in ("init_threshold", "trunc_threshold"):
+        value = cfg[field]
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"config.scflow.{field}={value} must lie in [0, 1]")
+    for field in ("target_ema", "eval_ema"):
+        if not 0.0 <= cfg[field] < 1.0 + 1e-12:
+            raise ValueError(f"config.scflow.{field}={cfg[field]} must lie in [0, 1]")
+    lambdas = {k: cfg[k] for k in ("lambda_con", "lambda_rf", "lambda_gan", "lambda_inv")}
+    for name, value in lambdas.items():
+        if value < 0:
+            raise ValueError(f"config.scflow.{name}={value} must be >= 0")
+    if not any(v > 0 for v in lambdas.values()):
+        raise ValueError("every loss term is disabled (config.scflow.lambda_con, lambda_rf, "
+                         "lambda_gan and lambda_inv are all 0): nothing to train")
+    if cfg.huber_c <= 0:
+        raise ValueError(f"config.scflow.huber_c={cfg.huber_c} must be > 0")
+
+
+def teacher_params_path(config, workdir: str) -> str:
+    return config.distill.teacher_params or teacher.stage_dirs(workdir).params
+
+
+def load_teacher_params(config, workdir: str, task: Task, mesh):
+    """The frozen teacher, checked name by name against the student's architecture."""
+    path = teacher_params_path(config, workdir)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"teacher parameters not found at {path} (config.distill.teacher_params; empty "
+            f"means <workdir>/teacher/params, written by --mode=train_teacher)")
+    abstract = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
+    return checkpoint.load_params(path, abstract, sharding.state_shardings(abstract, mesh),
+                                  what="teacher parameters")
+
+
+def make_train_step(task: Task, config, optimizer, disc_optimizer, root_key):
+    """The jitted SCFlow iteration ``(state, batch, frozen) -> (state, metrics)``."""
+    cfg = config.scflow
+    nets = scflow.SCFlowNetworks(velocity_fn=task.velocity_fn,
+                                 teacher_velocity_fn=task.velocity_fn, disc_fn=task.disc_fn)
+    use_gan = scflow.gan_enabled(cfg)
+
+    def step_fn(state: train_state.DistillState, batch, frozen):
+        rng = jax.random.fold_in(root_key, state.step)
+        k_gen, k_dnoise, k_gnoise = jax.random.split(rng, 3)
+        z0, cond = batch["image"], batch["cond"]
+        inputs = scflow.prepare_generator_inputs(
+            k_gen, z0, cond, teacher_params=frozen["teacher_params"],
+            target_params=state.target_params, null_cond=frozen["null_cond"], nets=nets,
+            cfg=cfg)
+        metrics = {}
+
+        z0_hat, one_step_pullback = None, None
+        if scflow.needs_one_step_sample(cfg):
+            z0_hat, one_step_pullback = jax.vjp(
+                lambda p: scflow.one_step_sample(task.velocity_fn, p, inputs.z1, cond),
+                state.params)
+
+        disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
+        if use_gan:
+            gan_on = state.step >= cfg.warmup_gan
+
+            def disc_update(operand):
+                d_params, d_opt = operand
+                (_, d_aux), d_grads = jax.value_and_grad(
+                    scflow.discriminator_objective, has_aux=True)(
+                        d_params, z0, jax.lax.stop_gradient(z0_hat), cond, inputs.t_minus,
+                        k_dnoise, nets=nets, cfg=cfg)
+                d_updates, d_opt = disc_optimizer.update(d_grads, d_opt, d_params)
+                d_aux["disc_grad_norm"] = train_state.global_norm(d_grads)
+                return (jax.tree.map(jnp.add, d_params, d_updates), d_opt), d_aux
+
+            def disc_skip(operand):
+                zero = jnp.float32(0.0)
+                return operand, {"loss_disc": zero, "r1": zero, "d_real": zero,
+                                 "d_fake": zero, "disc_grad_norm": zero}
+
+            (disc_params, disc_opt_state), d_metrics = jax.lax.cond(
+                gan_on, disc_update, disc_skip, (disc_params, disc_opt_state))
+            metrics.update(d_metrics)
+
+        (reg_loss, terms), grads = jax.value_and_grad(
+            scflow.generator_regression_loss, has_aux=True)(
+                state.params, inputs, z0_hat, state.step, nets=nets, cfg=cfg)
+        total = reg_loss
+        if use_gan:
+            weight = scflow.term_weight(cfg.lambda_gan, cfg.warmup_gan, state.step)
+            gan_loss, dgan_dz0 = jax.value_and_grad(scflow.generator_adversarial_loss)(
+                z0_hat, disc_params, cond, inputs.t_minus, k_gnoise, nets=nets, cfg=cfg)
+            (gan_grads,) = one_step_pullback(weight * dgan_dz0)
+            grads = jax.tree.map(jnp.add, grads, gan_grads)
+            terms["loss_gan"] = gan_loss
+            total = total + weight * gan_loss
+
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = jax.tree.map(jnp.add, state.params, updates)
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state,
+            target_params=train_state.ema_update(state.target_params, params, cfg.target_ema),
+            ema_params=train_state.ema_update(state.ema_params, params, cfg.eval_ema),
+            disc_params=disc_params, disc_opt_state=disc_opt_state)
+        metrics.update(terms)
+        metrics.update(loss=total, grad_norm=train_state.global_norm(grads))
+        return new_state, metrics
+
+    return jax.jit(step_fn, donate_argnums=(0,))
+
+
+def init_distill_state(task: Task, teacher_params, optimizer, disc_optimizer, disc_key):
+    """Student, target and eval EMA all start as copies of the teacher (spec section 2)."""
+    copy = lambda tree: jax.tree.map(jnp.array, tree)  # noqa: E731 - distinct buffers
+    disc_params = task.init_disc_params(disc_key)
+    return train_state.DistillState(
+        step=jnp.zeros((), jnp.int32), params=copy(teacher_params),
+        target_params=copy(teacher_params), ema_params=copy(teacher_params),
+        opt_state=optimizer.init(teacher_params), disc_params=disc_params,
+        disc_opt_state=disc_optimizer.init(disc_params))
+
+
+def _ema_grid(sampler):
+    return lambda state: sampler(state.ema_params)
+
+
+def distill(config, workdir: str):
+    cfg = config.distill
+    validate_scflow_config(config.scflow)
+    mesh = sharding.make_mesh(config.mesh.data)
+    sharding.check_global_batch(cfg.batch_size, mesh, "config.distill.batch_size")
+    task = build_task(config)
+    teacher_params = load_teacher_params(config, workdir, task, mesh)
+    optimizer = train_state.make_optimizer(cfg.optimizer)
+    disc_optimizer = train_state.make_optimizer(config.disc.optimizer)
+    disc_key, root_key = jax.random.split(
+        jax.random.fold_in(jax.random.PRNGKey(config.seed), 2))
+
+    state, abstract, shardings = trainer.init_state(
+        functools.partial(init_distill_state, task, teacher_params, optimizer, disc_optimizer,
+                          disc_key), mesh)
+    trainer.log_parameter_overview(state.disc_params, "discriminator")
+    logging.info("[distill] student %d parameters, discriminator %d parameters",
+                 train_state.count_params(state.params),
+                 train_state.count_params(state.disc_params))
+
+    frozen = {"teacher_params": teacher_params,
+              "null_cond": sharding.put_replicated(jnp.asarray(task.null_cond), mesh)}
+    step = make_train_step(task, config, optimizer, disc_optimizer, root_key)
+    data = InMemoryBatches({k: task.train[k] for k in ("image", "cond")}, cfg.batch_size,
+                           seed=config.seed + 1)
+    result = trainer.run_loop(
+        stage=STAGE, dirs=stage_dirs(workdir), loop=trainer.LoopConfig(
+            cfg.num_steps, cfg.log_every, cfg.checkpoint_every, cfg.keep_checkpoints,
+            cfg.sample_every),
+        state=state, abstract_state=abstract, state_shardings=shardings,
+        train_step=lambda s, b: step(s, b, frozen), batch_fn=data.batch, mesh=mesh,
+        sample_images=_ema_grid(task.grid_sampler(config.seed, num_steps=1)), grid_rows=len(task.prompts) - 1)
+    if not result.preempted:
+        checkpoint.save_params(stage_dirs(workdir).params, result.state.ema_params)
+        logging.info("[distill] done: student (eval EMA) exported to %s",
+                     stage_dirs(workdir).params)
+    return result
+

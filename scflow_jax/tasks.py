@@ -1,0 +1,122 @@
+"""Builds what every stage needs from a config: data, conditioning, networks.
+
+Only the embedded default (``config.data.name == "digits"``) exists so far. Its prompts are
+encoded once by the frozen text encoder into a condition table; examples carry their row of
+it, exactly as a real text-to-image dataset carries precomputed CLIP hidden states.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from scflow_jax import sampling
+from scflow_jax.data import digits
+from scflow_jax.data.tokenizer import WordTokenizer
+from scflow_jax.models import clip, discriminators, small
+
+
+@dataclasses.dataclass
+class Task:
+    image_shape: tuple[int, int, int]
+    train: dict[str, np.ndarray]          # image [N,H,W,C], cond [N,L,D], label [N]
+    heldout_images: np.ndarray
+    heldout_labels: np.ndarray
+    cond_table: np.ndarray                # [num_prompts, L, D]; the last row is the null prompt
+    prompts: list[str]
+    model: Any                            # the flow network (teacher, student, target, EMA)
+    discriminator: Any
+
+    @property
+    def null_cond(self) -> np.ndarray:
+        return self.cond_table[-1]
+
+    def conditions(self, labels: np.ndarray) -> np.ndarray:
+        return self.cond_table[np.asarray(labels)]
+
+    def velocity_fn(self, params, t, x, cond):
+        """The network in the project convention (flows.py): F(t, x, c) ~ z1 - z0."""
+        return self.model.apply({"params": params}, x, t, cond)
+
+    def grid_sampler(self, seed: int, num_steps: int, per_prompt: int = 8):
+        """A jitted ``params -> images`` of ``per_prompt`` Euler samples of every non-null
+        prompt, in prompt order (one grid row per prompt)."""
+        labels = np.repeat(np.arange(len(self.prompts) - 1), per_prompt)
+        cond = jnp.asarray(self.conditions(labels))
+        z1 = jax.random.normal(jax.random.PRNGKey(seed), (len(labels),) + self.image_shape)
+        run = jax.jit(lambda p: sampling.sample(self.velocity_fn, p, z1, cond,
+                                                num_steps=num_steps))
+        return lambda params: np.asarray(run(params))
+
+    def init_params(self, rng) -> Any:
+        b = 2
+        x = jnp.zeros((b,) + self.image_shape, jnp.float32)
+        cond = jnp.zeros((b,) + self.cond_table.shape[1:], jnp.float32)
+        return self.model.init(rng, x, jnp.zeros((b,), jnp.float32), cond)["params"]
+
+    def disc_fn(self, disc_params, x, cond):
+        """D(x, c): the prompt enters as the mean of its token states (projection head)."""
+        pooled = jnp.mean(cond, axis=1) if self.discriminator.cond_dim else None
+        return self.discriminator.apply({"params": disc_params}, x, pooled)
+
+    def init_disc_params(self, rng) -> Any:
+        b = 4
+        x = jnp.zeros((b,) + self.image_shape, jnp.float32)
+        pooled = jnp.zeros((b, self.cond_table.shape[-1]), jnp.float32)
+        return self.discriminator.init(rng, x, pooled if self.discriminator.cond_dim else None
+                                       )["params"]
+
+
+def encode_prompts(config, prompts: list[str]) -> np.ndarray:
+    """Runs the frozen, seeded text encoder once over the prompt list."""
+    tokenizer = WordTokenizer(digits.vocabulary(), max_length=config.text.max_length)
+    text_config = clip.CLIPTextConfig.tiny(
+        vocab_size=tokenizer.vocab_size, max_position_embeddings=config.text.max_length,
+        hidden_size=config.text.hidden_size, num_hidden_layers=config.text.num_layers,
+        num_attention_heads=config.text.num_heads,
+        intermediate_size=config.text.intermediate_size,
+        eos_token_id=tokenizer.eos_token_id)
+    ids = tokenizer(prompts)
+    encoder = clip.CLIPTextTransformer(text_config)
+    params = encoder.init(jax.random.PRNGKey(config.text.init_seed), jnp.asarray(ids))
+    return np.asarray(clip.encode_text(params, text_config, ids), np.float32)
+
+
+@functools.lru_cache(maxsize=4)
+def _digits_task(config_json: str) -> Task:
+    config = ml_collections.ConfigDict(json.loads(config_json))
+    split = digits.load_digits_split(config.data.heldout_fraction, seed=config.seed)
+    prompts = digits.prompts()
+    cond_table = encode_prompts(config, prompts)
+    model = small.SmallUNet(
+        out_channels=digits.IMAGE_SHAPE[-1], channels=config.model.channels,
+        channel_mult=tuple(config.model.channel_mult),
+        num_res_blocks=config.model.num_res_blocks,
+        attention_levels=tuple(config.model.attention_levels),
+        num_heads=config.model.num_heads)
+    disc = discriminators.StyleGANDiscriminator(
+        resolution=digits.IMAGE_SHAPE[0], in_channels=digits.IMAGE_SHAPE[-1],
+        channel_base=config.disc.channel_base, channel_max=config.disc.channel_max,
+        mbstd_group_size=config.disc.mbstd_group_size,
+        cond_dim=cond_table.shape[-1] if config.disc.conditional else 0)
+    train = {"image": split.train_images, "cond": cond_table[split.train_labels],
+             "label": split.train_labels}
+    return Task(image_shape=digits.IMAGE_SHAPE, train=train,
+                heldout_images=split.heldout_images, heldout_labels=split.heldout_labels,
+                cond_table=cond_table, prompts=prompts, model=model, discriminator=disc)
+
+
+def build_task(config) -> Task:
+    if config.data.name != "digits":
+        raise ValueError(f"config.data.name={config.data.name!r} is not a known dataset; "
+                         f"expected 'digits'")
+    # Only the fields that shape the task form the cache key.
+    key = {k: config[k].to_dict() for k in ("data", "text", "model", "disc")}
+    key["seed"] = config.seed
+    return _digits_task(json.dumps(key, sort_keys=True))

@@ -1,0 +1,172 @@
+"""The training loop shared by every stage: resume, step, observe, checkpoint, preempt.
+
+A stage provides a jitted ``train_step(state, batch) -> (state, metrics)`` and a batch
+source; this module owns everything around it. The workdir is the only run state: rerunning
+the same command resumes from the stage's latest checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from absl import logging
+from clu import parameter_overview
+
+from scflow_jax import checkpoint, monitoring, sharding
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss or gradient norm became NaN/Inf; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class StageDirs:
+    root: str
+
+    @property
+    def checkpoints(self) -> str:
+        return os.path.join(self.root, "checkpoints")
+
+    @property
+    def params(self) -> str:
+        """The stage's exported result (written once the last step is done)."""
+        return os.path.join(self.root, "params")
+
+    @property
+    def tensorboard(self) -> str:
+        return os.path.join(self.root, "tensorboard")
+
+    @property
+    def samples(self) -> str:
+        return os.path.join(self.root, "samples")
+
+
+def check_workdir_writable(workdir: str) -> None:
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise PermissionError(f"workdir {workdir!r} is not writable: {e.strerror or e}") from e
+
+
+def init_state(init_fn: Callable[[], Any], mesh) -> tuple[Any, Any, Any]:
+    """Builds a state directly in its sharded layout: eval_shape, shardings, jit(init)."""
+    abstract = jax.eval_shape(init_fn)
+    shardings = sharding.state_shardings(abstract, mesh)
+    state = jax.jit(init_fn, out_shardings=shardings)()
+    return state, abstract, shardings
+
+
+def log_parameter_overview(params: Any, name: str) -> None:
+    if monitoring.is_main_process():
+        logging.info("%s parameters:\n%s", name,
+                     parameter_overview.get_parameter_overview(params, include_stats=False))
+
+
+class _PreemptionFlag:
+    """SIGTERM sets a flag; the loop then saves a checkpoint and returns cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            logging.warning("SIGTERM received: saving a checkpoint and stopping")
+            self.requested = True
+        try:
+            self._previous = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread (e.g. some test runners): no handler
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_finite(stage: str, host_metrics: list[tuple[int, dict]], latest_ckpt) -> None:
+    for step, metrics in host_metrics:
+        for name, value in metrics.items():
+            if not np.all(np.isfinite(value)):
+                raise NonFiniteLossError(
+                    f"[{stage}] {name} is {float(np.asarray(value).ravel()[0])} at step {step}; "
+                    f"training stopped without saving. The last good checkpoint is step "
+                    f"{latest_ckpt} (rerun to resume from it, e.g. with a lower learning rate).")
+
+
+@dataclasses.dataclass
+class LoopConfig:
+    num_steps: int
+    log_every: int
+    checkpoint_every: int
+    keep_checkpoints: int = 2
+    sample_every: int = 0
+
+
+@dataclasses.dataclass
+class LoopResult:
+    state: Any
+    preempted: bool
+
+
+def run_loop(*, stage: str, dirs: StageDirs, loop: LoopConfig, state: Any, abstract_state: Any,
+             state_shardings: Any, train_step: Callable, batch_fn: Callable[[int], dict],
+             mesh, sample_images: Callable[[Any], np.ndarray] | None = None,
+             grid_rows: int = 1) -> LoopResult:
+    """Runs ``train_step`` from the latest checkpoint (or ``state``) to ``loop.num_steps``."""
+    ckpt = checkpoint.Checkpointer(dirs.checkpoints, max_to_keep=loop.keep_checkpoints)
+    start = ckpt.latest_step()
+    if start is not None:
+        state = ckpt.restore(abstract_state, state_shardings, start)
+        logging.info("[%s] resumed from checkpoint step %d", stage, start)
+    start = int(start or 0)
+    writer = monitoring.MetricWriter(dirs.tensorboard)
+    progress = monitoring.Progress(stage, start, loop.num_steps)
+    pending: list[tuple[int, dict]] = []
+
+    def flush(step: int) -> None:
+        host = jax.device_get(pending)
+        pending.clear()
+        _check_finite(stage, host, ckpt.latest_step())
+        if not host:
+            return
+        means = {k: float(np.mean([m[k] for _, m in host])) for k in host[-1][1]}
+        means.update(progress.report(step, means))
+        writer.write_scalars(step, means)
+
+    preempted = False
+    try:
+        with _PreemptionFlag() as preemption:
+            for step in range(start, loop.num_steps):
+                batch = sharding.shard_batch(batch_fn(step), mesh)
+                state, metrics = train_step(state, batch)
+                pending.append((step + 1, metrics))
+                done = step + 1
+                is_last = done == loop.num_steps
+                save_now = is_last or done % loop.checkpoint_every == 0 or preemption.requested
+                if save_now or done % loop.log_every == 0:
+                    flush(done)  # before saving: a non-finite state is never checkpointed
+                if save_now:
+                    ckpt.save(done, state, force=True)
+                if sample_images is not None and loop.sample_every and (
+                        done % loop.sample_every == 0 or is_last):
+                    writer.write_images(done, {"samples": monitoring.image_grid(
+                        sample_images(state), rows=grid_rows, upscale=4)})
+                if preemption.requested and not is_last:
+                    preempted = True
+                    logging.warning("[%s] stopped at step %d after SIGTERM; rerun the same "
+                                    "command to resume", stage, done)
+                    break
+    finally:
+        ckpt.close()
+        writer.close()
+    return LoopResult(state=state, preempted=preempted)
+
