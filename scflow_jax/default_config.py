@@ -19,7 +19,7 @@ def _optimizer(lr: float, *, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=0.0,
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.mesh = dict(data=-1)  # -1: every device
+    c.mesh = dict(data=-1, num_devices=-1)  # -1: every device
 
     c.data = dict(name="digits", heldout_fraction=0.2)
 

@@ -157,7 +157,7 @@ def _ema_grid(sampler):
 def distill(config, workdir: str):
     cfg = config.distill
     validate_scflow_config(config.scflow)
-    mesh = sharding.make_mesh(config.mesh.data)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.num_devices)
     sharding.check_global_batch(cfg.batch_size, mesh, "config.distill.batch_size")
     task = build_task(config)
     teacher_params = load_teacher_params(config, workdir, task, mesh)

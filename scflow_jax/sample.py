@@ -30,7 +30,7 @@ def read_prompts(prompts, prompts_file: str | None) -> list[str]:
 def sample_prompts(config, workdir: str, prompts: list[str]) -> str:
     """Writes ``<workdir>/samples/<model>_<steps>steps/`` with one PNG per sample and a grid."""
     cfg = config.sample
-    mesh = sharding.make_mesh(config.mesh.data)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.num_devices)
     task = build_task(config)
     WordTokenizer(digits.vocabulary(), config.text.max_length)(prompts)  # validates words
     if cfg.model == "student":

@@ -15,19 +15,29 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 
 
-def make_mesh(num_data: int = -1) -> jax.sharding.Mesh:
-    """A 1-D mesh over all devices (``num_data = -1``) or exactly ``num_data`` of them."""
-    n_dev = jax.device_count()
+def make_mesh(num_data: int = -1, num_devices: int = -1) -> jax.sharding.Mesh:
+    """A 1-D ``data`` mesh over the first ``num_devices`` devices (-1: all of them).
+
+    ``num_data`` is the data-axis size (-1 fills it); it must equal the devices used.
+    """
+    available = jax.devices()
+    if num_devices == -1:
+        num_devices = len(available)
+    if not 1 <= num_devices <= len(available):
+        raise ValueError(f"config.mesh.num_devices={num_devices} but {len(available)} "
+                         f"devices are available")
+    if num_devices != len(available) and jax.process_count() > 1:
+        raise ValueError("config.mesh.num_devices must be -1 (all devices) in a multi-process run")
     if num_data == -1:
-        num_data = n_dev
-    if num_data != n_dev:
+        num_data = num_devices
+    if num_data != num_devices:
         raise ValueError(
-            f"config.mesh.data={num_data} does not match the {n_dev} available devices "
+            f"config.mesh.data={num_data} does not match the {num_devices} devices in use "
             f"(use -1 to fill the mesh)")
     # Auto axes: XLA propagates shardings from the annotated inputs and outputs (GSPMD),
     # so model code needs no sharding annotations of its own.
-    return jax.make_mesh((num_data,), (DATA_AXIS,),
-                         axis_types=(jax.sharding.AxisType.Auto,))
+    return jax.make_mesh((num_data,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=available[:num_devices])
 
 
 def check_global_batch(global_batch: int, mesh: jax.sharding.Mesh, field: str) -> int:

@@ -48,7 +48,7 @@ def make_train_step(task: Task, cfg, optimizer, mesh, root_key):
 
 def train_teacher(config, workdir: str) -> None:
     cfg = config.teacher
-    mesh = sharding.make_mesh(config.mesh.data)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.num_devices)
     sharding.check_global_batch(cfg.batch_size, mesh, "config.teacher.batch_size")
     task = build_task(config)
     dirs = stage_dirs(workdir)

@@ -91,7 +91,7 @@ def _load(path: str, task: Task, mesh, what: str):
 
 def evaluate(config, workdir: str) -> list[dict]:
     cfg = config.eval
-    mesh = sharding.make_mesh(config.mesh.data)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.num_devices)
     sharding.check_global_batch(cfg.batch_size, mesh, "config.eval.batch_size")
     if cfg.num_samples < 2:
         raise ValueError(f"config.eval.num_samples={cfg.num_samples} must be >= 2")

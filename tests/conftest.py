@@ -1,0 +1,29 @@
+"""Test session setup: 8 fake CPU devices (set before JAX starts) and a compile cache.
+
+With 8 host devices every test can build a 1-device mesh (``config.mesh.num_devices=1``)
+or an 8-device one in the same process, which is how device-count independence is checked.
+The persistent compilation cache lets tests that build identical programs (the same tiny
+config in several stages) compile once per session.
+"""
+import os
+import tempfile
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+_CACHE = os.environ.get("SCFLOW_TEST_JAX_CACHE",
+                        os.path.join(tempfile.gettempdir(), "scflow_jax_test_cache"))
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.fixture
+def tiny_config():
+    """The embedded default shrunk for tests (unlocked copy: tests may edit it)."""
+    from scflow_jax.default_config import get_config
+    return get_config("tiny")
