@@ -21,11 +21,19 @@ def time_grid(num_steps: int) -> jax.Array:
     return 1.0 - jnp.arange(num_steps + 1, dtype=jnp.float32) / num_steps
 
 
+def grid_time(i, num_steps) -> jax.Array:
+    """Point i of ``time_grid(num_steps)``; works for a traced ``num_steps`` too."""
+    return 1.0 - jnp.asarray(i, jnp.float32) / jnp.asarray(num_steps, jnp.float32)
+
+
 def sample(velocity_fn: flows.VelocityFn, params: Any, z1: jax.Array, cond: Any, *,
            num_steps: int, method: str = "euler", null_cond: Any = None,
            guidance: float = 1.0, stochastic_beta: float | None = None,
            rng: jax.Array | None = None) -> jax.Array:
     """Integrates dx/dt = F(t, x, c) from t = 1 to t = 0 on the uniform grid.
+
+    ``num_steps`` may be a traced integer: one compiled program then serves every step count
+    (the loop becomes a while loop with a dynamic trip count).
 
     euler: ``x <- x - (1/N) F(t_i, x)``; N = 1 is the one-step map ``z1 - F(1, z1)``.
     heun: second-order predictor-corrector (2 network calls per step).
@@ -34,11 +42,10 @@ def sample(velocity_fn: flows.VelocityFn, params: Any, z1: jax.Array, cond: Any,
     """
     if method not in SAMPLERS:
         raise ValueError(f"unknown sampler {method!r}; expected one of {SAMPLERS}")
-    if num_steps < 1:
+    if isinstance(num_steps, int) and num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if stochastic_beta is not None and rng is None:
         raise ValueError("stochastic sampling (stochastic_beta set) needs an rng key")
-    grid = time_grid(num_steps)
     batch = z1.shape[0]
 
     def velocity(t_scalar, x):
@@ -46,7 +53,7 @@ def sample(velocity_fn: flows.VelocityFn, params: Any, z1: jax.Array, cond: Any,
         return flows.guided_velocity(velocity_fn, params, t, x, cond, null_cond, guidance)
 
     def body(i, x):
-        t, t_next = grid[i], grid[i + 1]
+        t, t_next = grid_time(i, num_steps), grid_time(i + 1, num_steps)
         v = velocity(t, x)
         if stochastic_beta is not None:
             x0_hat = flows.data_prediction(x, t, v)

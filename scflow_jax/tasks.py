@@ -22,7 +22,7 @@ from scflow_jax.data.tokenizer import WordTokenizer
 from scflow_jax.models import clip, discriminators, small
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # hashed by identity: jitted samplers are cached per task
 class Task:
     image_shape: tuple[int, int, int]
     train: dict[str, np.ndarray]          # image [N,H,W,C], cond [N,L,D], label [N]

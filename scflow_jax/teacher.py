@@ -39,7 +39,8 @@ def make_train_step(task: Task, cfg, optimizer, mesh, root_key):
         params = jax.tree.map(jnp.add, state.params, updates)
         new_state = state.replace(
             step=state.step + 1, params=params, opt_state=opt_state,
-            ema_params=train_state.ema_update(state.ema_params, params, cfg.ema_rate))
+            ema_params=train_state.ema_update(
+                state.ema_params, params, train_state.warmed_up_ema_rate(cfg.ema_rate, state.step)))
         return new_state, {**aux, "grad_norm": train_state.global_norm(grads)}
 
     jitted = jax.jit(step_fn, donate_argnums=(0,))

@@ -47,12 +47,19 @@ def prompted_labels(num_samples: int) -> np.ndarray:
     return np.arange(num_samples) % digits.NUM_CLASSES
 
 
+@functools.lru_cache(maxsize=8)
+def _sampler(task: Task, guidance: float):
+    """One compiled program per guidance scale; the step count is a traced argument."""
+    return jax.jit(lambda params, z1, cond, null, num_steps: sampling.sample(
+        task.velocity_fn, params, z1, cond, num_steps=num_steps, null_cond=null,
+        guidance=guidance))
+
+
 def generate(task: Task, params, noise: np.ndarray, labels: np.ndarray, *, num_steps: int,
              guidance: float, batch_size: int, mesh) -> np.ndarray:
     """Runs the sampler over all samples in sharded batches; a ragged last batch is padded
     and the padding dropped, so exactly ``len(noise)`` samples come back."""
-    run = jax.jit(functools.partial(
-        sampling.sample, task.velocity_fn, num_steps=num_steps, guidance=guidance))
+    run = _sampler(task, float(guidance))
     null = sharding.put_replicated(jnp.asarray(task.null_cond), mesh)
     out = []
     for start in range(0, len(noise), batch_size):
@@ -63,7 +70,7 @@ def generate(task: Task, params, noise: np.ndarray, labels: np.ndarray, *, num_s
             z1 = np.concatenate([z1, np.zeros((batch_size - n,) + z1.shape[1:], z1.dtype)])
             cond = np.concatenate([cond, np.repeat(cond[:1], batch_size - n, axis=0)])
         batch = sharding.shard_batch({"z1": z1, "cond": cond}, mesh)
-        images = run(params, batch["z1"], batch["cond"], null_cond=null)
+        images = run(params, batch["z1"], batch["cond"], null, jnp.int32(num_steps))
         out.append(np.asarray(images)[:n])
     return np.concatenate(out)
 
