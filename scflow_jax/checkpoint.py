@@ -65,7 +65,10 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        # The explicit handler lets a fresh manager (a resumed run) read the saved tree's
+        # metadata before restoring; without it Orbax cannot say what the item is.
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler())
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -81,6 +84,7 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         saved = self._manager.item_metadata(step)
+        saved = getattr(saved, "tree", saved)
         check_tree_compatible(saved, abstract_state, f"checkpoint {self.directory} step {step}")
         target = _abstract_with_shardings(abstract_state, shardings)
         return self._manager.restore(step, args=ocp.args.StandardRestore(target))

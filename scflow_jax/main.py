@@ -50,8 +50,9 @@ def run(config, workdir: str, mode: str, prompts=(), prompts_file=None) -> int:
         "evaluate": (digits_eval.evaluate, digits_eval.is_done),
     }
     if mode == "sample":
-        all_prompts = sample.read_prompts(list(prompts) or list(config.sample.prompts),
-                                          prompts_file)
+        # Prompts given on the command line (flags or a file) replace the config's list.
+        given = list(prompts) or ([] if prompts_file else list(config.sample.prompts))
+        all_prompts = sample.read_prompts(given, prompts_file)
         sample.sample_prompts(config, workdir, all_prompts)
         return 0
     order = list(stages) if mode == "all" else [mode]

@@ -94,12 +94,16 @@ class _PreemptionFlag:
 
 def _check_finite(stage: str, host_metrics: list[tuple[int, dict]], latest_ckpt) -> None:
     for step, metrics in host_metrics:
-        for name, value in metrics.items():
-            if not np.all(np.isfinite(value)):
-                raise NonFiniteLossError(
-                    f"[{stage}] {name} is {float(np.asarray(value).ravel()[0])} at step {step}; "
-                    f"training stopped without saving. The last good checkpoint is step "
-                    f"{latest_ckpt} (rerun to resume from it, e.g. with a lower learning rate).")
+        bad = {k: float(np.asarray(v).ravel()[0]) for k, v in metrics.items()
+               if not np.all(np.isfinite(v))}
+        if bad:
+            # Loss terms first: a NaN loss makes the gradient norm NaN too, not the reverse.
+            names = sorted(bad, key=lambda k: (not k.startswith("loss"), k))
+            shown = ", ".join(f"{k}={bad[k]}" for k in names)
+            raise NonFiniteLossError(
+                f"[{stage}] non-finite {names[0]} at step {step} ({shown}); training stopped "
+                f"without saving. The last good checkpoint is step {latest_ckpt} (rerun to "
+                f"resume from it, e.g. with a lower learning rate).")
 
 
 @dataclasses.dataclass
@@ -151,7 +155,10 @@ def run_loop(*, stage: str, dirs: StageDirs, loop: LoopConfig, state: Any, abstr
                 pending.append((step + 1, metrics))
                 done = step + 1
                 is_last = done == loop.num_steps
-                save_now = is_last or done % loop.checkpoint_every == 0 or preemption.requested
+                # Read the flag once: a SIGTERM arriving later in this iteration is handled
+                # in the next one, never half-handled (stop without save) in this one.
+                stop = preemption.requested
+                save_now = is_last or done % loop.checkpoint_every == 0 or stop
                 if save_now or done % loop.log_every == 0:
                     flush(done)  # before saving: a non-finite state is never checkpointed
                 if save_now:
@@ -160,7 +167,7 @@ def run_loop(*, stage: str, dirs: StageDirs, loop: LoopConfig, state: Any, abstr
                         done % loop.sample_every == 0 or is_last):
                     writer.write_images(done, {"samples": monitoring.image_grid(
                         sample_images(state), rows=grid_rows, upscale=4)})
-                if preemption.requested and not is_last:
+                if stop and not is_last:
                     preempted = True
                     logging.warning("[%s] stopped at step %d after SIGTERM; rerun the same "
                                     "command to resume", stage, done)
