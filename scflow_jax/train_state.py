@@ -73,7 +73,3 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
     if cfg.grad_clip and cfg.grad_clip > 0:
         return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
     return adamw
-
-
-def zeros_like_step() -> jax.Array:
-    return jnp.zeros((), jnp.int32)

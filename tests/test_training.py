@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import scflow_testlib as lib
-from scflow_jax import checkpoint, distill, sharding, train_state
+from scflow_jax import checkpoint, sharding, train_state
 
 N_TEACHER = 3     # teacher steps compared across device counts
 N_DISTILL = 4     # distill steps: covers every warm-up switch (2 and 3)
