@@ -61,9 +61,7 @@ def load_teacher_params(config, workdir: str, task: Task, mesh):
         raise FileNotFoundError(
             f"teacher parameters not found at {path} (config.distill.teacher_params; empty "
             f"means <workdir>/teacher/params, written by --mode=train_teacher)")
-    abstract = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
-    return checkpoint.load_params(path, abstract, sharding.state_shardings(abstract, mesh),
-                                  what="teacher parameters")
+    return task.load_flow_params(path, mesh, what="teacher parameters")
 
 
 def make_train_step(task: Task, config, optimizer, disc_optimizer, root_key):

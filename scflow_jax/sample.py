@@ -41,9 +41,7 @@ def sample_prompts(config, workdir: str, prompts: list[str]) -> str:
         raise ValueError(f"config.sample.model={cfg.model!r}; expected 'student' or 'teacher'")
     if not checkpoint.params_exist(path):
         raise FileNotFoundError(f"no {cfg.model} parameters at {path}; train it first")
-    abstract = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
-    params = checkpoint.load_params(path, abstract, sharding.state_shardings(abstract, mesh),
-                                    what=f"{cfg.model} parameters")
+    params = task.load_flow_params(path, mesh, what=f"{cfg.model} parameters")
 
     cond_table = encode_prompts(config, prompts + [""])
     per = cfg.num_per_prompt

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from scflow_jax import sampling
+from scflow_jax import checkpoint, sampling, sharding
 from scflow_jax.data import digits
 from scflow_jax.data.tokenizer import WordTokenizer
 from scflow_jax.models import clip, discriminators, small
@@ -59,6 +59,13 @@ class Task:
         x = jnp.zeros((b,) + self.image_shape, jnp.float32)
         cond = jnp.zeros((b,) + self.cond_table.shape[1:], jnp.float32)
         return self.model.init(rng, x, jnp.zeros((b,), jnp.float32), cond)["params"]
+
+    def load_flow_params(self, path: str, mesh, what: str) -> Any:
+        """Flow-network parameters exported by a stage, checked name by name against this
+        task's architecture and placed replicated on ``mesh``."""
+        abstract = jax.eval_shape(self.init_params, jax.random.PRNGKey(0))
+        return checkpoint.load_params(path, abstract, sharding.state_shardings(abstract, mesh),
+                                      what=what)
 
     def disc_fn(self, disc_params, x, cond):
         """D(x, c): the prompt enters as the mean of its token states (projection head)."""

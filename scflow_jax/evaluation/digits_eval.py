@@ -90,12 +90,6 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _load(path: str, task: Task, mesh, what: str):
-    abstract = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
-    return checkpoint.load_params(path, abstract, sharding.state_shardings(abstract, mesh),
-                                  what=what)
-
-
 def evaluate(config, workdir: str) -> list[dict]:
     cfg = config.eval
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.num_devices)
@@ -107,9 +101,9 @@ def evaluate(config, workdir: str) -> list[dict]:
     student_path = distill.stage_dirs(workdir).params
     models = []
     if checkpoint.params_exist(teacher_path):
-        models.append(("teacher", _load(teacher_path, task, mesh, "teacher parameters")))
+        models.append(("teacher", task.load_flow_params(teacher_path, mesh, "teacher parameters")))
     if checkpoint.params_exist(student_path):
-        models.append(("student", _load(student_path, task, mesh, "student parameters")))
+        models.append(("student", task.load_flow_params(student_path, mesh, "student parameters")))
     if not models:
         raise FileNotFoundError(
             f"nothing to evaluate: no teacher parameters at {teacher_path} and no student at "
