@@ -37,7 +37,7 @@ def validate_scflow_config(cfg) -> None:
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"config.scflow.{field}={value} must lie in [0, 1]")
     for field in ("target_ema", "eval_ema"):
-        if not 0.0 <= cfg[field] < 1.0 + 1e-12:
+        if not 0.0 <= cfg[field] <= 1.0:
             raise ValueError(f"config.scflow.{field}={cfg[field]} must lie in [0, 1]")
     lambdas = {k: cfg[k] for k in ("lambda_con", "lambda_rf", "lambda_gan", "lambda_inv")}
     for name, value in lambdas.items():
