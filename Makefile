@@ -5,8 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 # torch is a test extra (parity against the PyTorch references), never a runtime need.
-# 2.13.0 is the CPU build this project's machines carry; any torch >= 2.5 works.
-TORCH_SPEC ?= torch==2.13.0
+# pytorch-fid needs torchvision; 2.14.1/0.29.1 are the matching pair this project's machines carry
+# on disk (PyPI's torchvision does not load beside the 2.13.0 CPU file). Any torch >= 2.5 works.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
 .PHONY: demo test install install-test benchmark clean
@@ -18,8 +19,8 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed setup.py
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[test,parity]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -25,7 +25,7 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
     # PyTorch reference implementations, used only by parity tests and by the .pth converters.
-    "parity": ["torch>=2.5", "diffusers>=0.31", "transformers>=4.46", "pytorch-fid>=0.3.0"],
+    "parity": ["torch>=2.5", "torchvision>=0.20", "diffusers>=0.31", "transformers>=4.46", "pytorch-fid>=0.3.0"],
 }
 
 setup(
