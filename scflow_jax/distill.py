@@ -7,14 +7,16 @@ reads it detached, and its pullback carries the generator GAN gradient into the 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from absl import logging
 
-from scflow_jax import checkpoint, sharding, teacher, train_state, trainer
+from scflow_jax import checkpoint, precision, sharding, teacher, train_state, trainer
 from scflow_jax.data.pipeline import InMemoryBatches
 from scflow_jax.losses import scflow
 from scflow_jax.tasks import Task, build_task
@@ -54,18 +56,41 @@ def teacher_params_path(config, workdir: str) -> str:
     return config.distill.teacher_params or teacher.stage_dirs(workdir).params
 
 
-def load_teacher_params(config, workdir: str, task: Task, mesh):
-    """The frozen teacher, checked name by name against the student's architecture."""
+def validate_distill_config(config) -> None:
+    validate_scflow_config(config.scflow)
+    accum = config.distill.get("grad_accum_steps", 1)
+    if accum != 1:
+        # The D and G updates of one iteration share the one-step sample and its pullback,
+        # and G is trained against the D updated on the same batch: microbatching would
+        # either change the algorithm (a D update per microbatch) or keep every
+        # microbatch's pullback alive at once (no memory saved).
+        raise ValueError(
+            f"config.distill.grad_accum_steps={accum} is not supported: the distillation "
+            f"step updates the discriminator and then the generator on the same batch, so "
+            f"it cannot be split into microbatches without changing the algorithm; use 1 "
+            f"(and more devices, config.mesh.fsdp, or config.model.remat to fit memory)")
+
+
+def load_teacher_params(config, workdir: str, task: Task, mesh, rules=None):
+    """The frozen teacher, checked name by name against the student's architecture and
+    placed with the student's parameter shardings (FSDP rules)."""
     path = teacher_params_path(config, workdir)
     if not os.path.isdir(path):
         raise FileNotFoundError(
             f"teacher parameters not found at {path} (config.distill.teacher_params; empty "
             f"means <workdir>/teacher/params, written by --mode=train_teacher)")
-    return task.load_flow_params(path, mesh, what="teacher parameters")
+    abstract = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
+    return checkpoint.load_params(path, abstract,
+                                  sharding.state_shardings(abstract, mesh, rules),
+                                  what="teacher parameters")
 
 
-def make_train_step(task: Task, config, optimizer, disc_optimizer, root_key):
-    """The jitted SCFlow iteration ``(state, batch, frozen) -> (state, metrics)``."""
+def make_train_step(task: Task, config, optimizer, disc_optimizer, root_key,
+                    out_shardings=None):
+    """The jitted SCFlow iteration ``(state, batch, frozen) -> (state, metrics)``.
+
+    ``out_shardings``: (state shardings, metrics sharding), keeping the state's layout fixed.
+    """
     cfg = config.scflow
     nets = scflow.SCFlowNetworks(velocity_fn=task.velocity_fn,
                                  teacher_velocity_fn=task.velocity_fn, disc_fn=task.disc_fn)
@@ -134,7 +159,8 @@ def make_train_step(task: Task, config, optimizer, disc_optimizer, root_key):
         metrics.update(loss=total, grad_norm=train_state.global_norm(grads))
         return new_state, metrics
 
-    return jax.jit(step_fn, donate_argnums=(0,))
+    out = {} if out_shardings is None else {"out_shardings": out_shardings}
+    return jax.jit(step_fn, donate_argnums=(0,), **out)
 
 
 def init_distill_state(task: Task, teacher_params, optimizer, disc_optimizer, disc_key):
@@ -152,13 +178,33 @@ def _ema_grid(sampler):
     return lambda state: sampler(state.ema_params)
 
 
-def distill(config, workdir: str):
+@dataclasses.dataclass
+class DistillSetup:
+    """Everything the distillation loop runs, built in its sharded layout."""
+    mesh: jax.sharding.Mesh
+    task: Task
+    state: train_state.DistillState
+    abstract_state: Any
+    state_shardings: Any
+    frozen: dict             # teacher_params, null_cond: step inputs never updated
+    train_step: Callable     # (state, global batch) -> (state, metrics)
+    data: InMemoryBatches    # yields this process's rows of each global batch
+
+
+def build_distill(config, workdir: str, teacher_params=None) -> DistillSetup:
+    """Mesh, task, sharded state, step and data of the distill stage. ``teacher_params``
+    (a host tree) replaces loading the teacher export, e.g. for benchmarks."""
     cfg = config.distill
-    validate_scflow_config(config.scflow)
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.num_devices)
+    validate_distill_config(config)
+    mesh = sharding.mesh_from_config(config)
     sharding.check_global_batch(cfg.batch_size, mesh, "config.distill.batch_size")
-    task = build_task(config)
-    teacher_params = load_teacher_params(config, workdir, task, mesh)
+    rules = sharding.ShardingRules.from_config(config)
+    task = precision.configure_task(build_task(config), config)
+    if teacher_params is None:
+        teacher_params = load_teacher_params(config, workdir, task, mesh, rules)
+    else:
+        teacher_params = jax.device_put(teacher_params, sharding.state_shardings(
+            jax.eval_shape(lambda: teacher_params), mesh, rules))
     optimizer = train_state.make_optimizer(cfg.optimizer)
     disc_optimizer = train_state.make_optimizer(config.disc.optimizer)
     disc_key, root_key = jax.random.split(
@@ -166,27 +212,37 @@ def distill(config, workdir: str):
 
     state, abstract, shardings = trainer.init_state(
         functools.partial(init_distill_state, task, teacher_params, optimizer, disc_optimizer,
-                          disc_key), mesh)
-    trainer.log_parameter_overview(state.disc_params, "discriminator")
-    logging.info("[distill] student %d parameters, discriminator %d parameters",
-                 train_state.count_params(state.params),
-                 train_state.count_params(state.disc_params))
-
+                          disc_key), mesh, rules)
     frozen = {"teacher_params": teacher_params,
               "null_cond": sharding.put_replicated(jnp.asarray(task.null_cond), mesh)}
-    step = make_train_step(task, config, optimizer, disc_optimizer, root_key)
+    step = make_train_step(task, config, optimizer, disc_optimizer, root_key,
+                           out_shardings=(shardings, sharding.replicated(mesh)))
     data = InMemoryBatches({k: task.train[k] for k in ("image", "cond")}, cfg.batch_size,
-                           seed=config.seed + 1)
+                           seed=config.seed + 1,
+                           process_rows=sharding.process_batch_indices(mesh, cfg.batch_size))
+    return DistillSetup(mesh=mesh, task=task, state=state, abstract_state=abstract,
+                        state_shardings=shardings, frozen=frozen,
+                        train_step=lambda s, b: step(s, b, frozen), data=data)
+
+
+def distill(config, workdir: str):
+    cfg = config.distill
+    setup = build_distill(config, workdir)
+    trainer.log_parameter_overview(setup.state.disc_params, "discriminator")
+    logging.info("[distill] student %d parameters, discriminator %d parameters",
+                 train_state.count_params(setup.state.params),
+                 train_state.count_params(setup.state.disc_params))
     result = trainer.run_loop(
         stage=STAGE, dirs=stage_dirs(workdir), loop=trainer.LoopConfig(
             cfg.num_steps, cfg.log_every, cfg.checkpoint_every, cfg.keep_checkpoints,
             cfg.sample_every),
-        state=state, abstract_state=abstract, state_shardings=shardings,
-        train_step=lambda s, b: step(s, b, frozen), batch_fn=data.batch, mesh=mesh,
-        sample_images=_ema_grid(task.grid_sampler(config.seed, num_steps=1)), grid_rows=len(task.prompts) - 1)
+        state=setup.state, abstract_state=setup.abstract_state,
+        state_shardings=setup.state_shardings, train_step=setup.train_step,
+        batch_fn=setup.data.batch, mesh=setup.mesh,
+        sample_images=_ema_grid(setup.task.grid_sampler(config.seed, num_steps=1)),
+        grid_rows=len(setup.task.prompts) - 1)
     if not result.preempted:
         checkpoint.save_params(stage_dirs(workdir).params, result.state.ema_params)
         logging.info("[distill] done: student (eval EMA) exported to %s",
                      stage_dirs(workdir).params)
     return result
-

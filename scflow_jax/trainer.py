@@ -56,10 +56,17 @@ def check_workdir_writable(workdir: str) -> None:
         raise PermissionError(f"workdir {workdir!r} is not writable: {e.strerror or e}") from e
 
 
-def init_state(init_fn: Callable[[], Any], mesh) -> tuple[Any, Any, Any]:
-    """Builds a state directly in its sharded layout: eval_shape, shardings, jit(init)."""
+def init_state(init_fn: Callable[[], Any], mesh,
+               rules: sharding.ShardingRules | None = None) -> tuple[Any, Any, Any]:
+    """Builds a state directly in its sharded layout: eval_shape, shardings, jit(init).
+
+    No process ever holds the whole state: each device materialises only its shards.
+    """
     abstract = jax.eval_shape(init_fn)
-    shardings = sharding.state_shardings(abstract, mesh)
+    summary = sharding.ShardingSummary()
+    shardings = sharding.state_shardings(abstract, mesh, rules, summary)
+    if mesh.shape[sharding.FSDP_AXIS] > 1 and monitoring.is_main_process():
+        logging.info("train state %s", summary.describe())
     state = jax.jit(init_fn, out_shardings=shardings)()
     return state, abstract, shardings
 
