@@ -75,7 +75,7 @@ def load_teacher_params(config, workdir: str, task: Task, mesh, rules=None):
     """The frozen teacher, checked name by name against the student's architecture and
     placed with the student's parameter shardings (FSDP rules)."""
     path = teacher_params_path(config, workdir)
-    if not os.path.isdir(path):
+    if not checkpoint.params_exist(path):
         raise FileNotFoundError(
             f"teacher parameters not found at {path} (config.distill.teacher_params; empty "
             f"means <workdir>/teacher/params, written by --mode=train_teacher)")
@@ -174,8 +174,9 @@ def init_distill_state(task: Task, teacher_params, optimizer, disc_optimizer, di
         disc_opt_state=disc_optimizer.init(disc_params))
 
 
-def _ema_grid(sampler):
-    return lambda state: sampler(state.ema_params)
+def _ema_grid(sampler, mesh):
+    # Replicated parameters make the grid a replicated array that every process can read.
+    return lambda state: sampler(sharding.put_replicated(state.ema_params, mesh))
 
 
 @dataclasses.dataclass
@@ -187,6 +188,7 @@ class DistillSetup:
     abstract_state: Any
     state_shardings: Any
     frozen: dict             # teacher_params, null_cond: step inputs never updated
+    jitted_step: Any         # the jitted (state, batch, frozen) -> (state, metrics)
     train_step: Callable     # (state, global batch) -> (state, metrics)
     data: InMemoryBatches    # yields this process's rows of each global batch
 
@@ -221,7 +223,7 @@ def build_distill(config, workdir: str, teacher_params=None) -> DistillSetup:
                            seed=config.seed + 1,
                            process_rows=sharding.process_batch_indices(mesh, cfg.batch_size))
     return DistillSetup(mesh=mesh, task=task, state=state, abstract_state=abstract,
-                        state_shardings=shardings, frozen=frozen,
+                        state_shardings=shardings, frozen=frozen, jitted_step=step,
                         train_step=lambda s, b: step(s, b, frozen), data=data)
 
 
@@ -239,7 +241,7 @@ def distill(config, workdir: str):
         state=setup.state, abstract_state=setup.abstract_state,
         state_shardings=setup.state_shardings, train_step=setup.train_step,
         batch_fn=setup.data.batch, mesh=setup.mesh,
-        sample_images=_ema_grid(setup.task.grid_sampler(config.seed, num_steps=1)),
+        sample_images=_ema_grid(setup.task.grid_sampler(config.seed, num_steps=1), setup.mesh),
         grid_rows=len(setup.task.prompts) - 1)
     if not result.preempted:
         checkpoint.save_params(stage_dirs(workdir).params, result.state.ema_params)

@@ -145,8 +145,7 @@ def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, rules: ShardingRules,
 
 
 def _keystr(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-                    for k in path)
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 @dataclasses.dataclass
@@ -226,3 +225,11 @@ def to_host(tree: Any) -> Any:
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return np.asarray(x)
     return jax.tree.map(one, tree)
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process if ``flag`` is True on any (collective)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    flags = multihost_utils.process_allgather(np.asarray([flag], np.int32))
+    return bool(np.any(flags))

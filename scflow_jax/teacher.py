@@ -134,7 +134,9 @@ def train_teacher(config, workdir: str) -> None:
         state=state, abstract_state=abstract, state_shardings=shardings,
         train_step=make_train_step(task, cfg, optimizer, mesh, root_key, shardings),
         batch_fn=data.batch, mesh=mesh,
-        sample_images=lambda state: grid(state.ema_params), grid_rows=len(task.prompts) - 1)
+        # Replicated parameters make the grid a replicated array every process can read.
+        sample_images=lambda state: grid(sharding.put_replicated(state.ema_params, mesh)),
+        grid_rows=len(task.prompts) - 1)
     if not result.preempted:
         # The EMA is the teacher that distillation and evaluation use.
         checkpoint.save_params(dirs.params, result.state.ema_params)

@@ -14,6 +14,8 @@ import sys
 def main(spec_path: str) -> None:
     with open(spec_path) as f:
         spec = json.load(f)
+    from jax._src import distributed as jax_distributed  # its client's barrier (test only)
+
     from scflow_jax import distill, distributed, sharding
     from scflow_jax.default_config import get_config
 
@@ -35,10 +37,16 @@ def main(spec_path: str) -> None:
 
     def recording_build(*args, **kwargs):
         setup = build(*args, **kwargs)
-        step = setup.train_step
+        compiled = []
 
         def recording_step(state, batch):
-            state, metrics = step(state, batch)
+            if not compiled:
+                # Gloo gives up on a collective after 30 s: on a loaded machine one process
+                # can still be compiling that long after the other starts the first step.
+                # Compile ahead of time, then meet at a barrier outside gloo.
+                compiled.append(setup.jitted_step.lower(state, batch, setup.frozen).compile())
+                jax_distributed.global_state.client.wait_at_barrier("step_compiled", 600_000)
+            state, metrics = compiled[0](state, batch, setup.frozen)
             recorded.append({k: float(v) for k, v in sharding.to_host(metrics).items()})
             return state, metrics
         return dataclasses.replace(setup, train_step=recording_step)

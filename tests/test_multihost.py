@@ -3,7 +3,8 @@
 The two-process test starts two real JAX processes on localhost (CPU collectives through
 gloo), each with 2 fake devices, on a (data=2, fsdp=2) mesh, and checks that they reach the
 same losses and parameters as one process with 4 devices and pure data parallelism.
-Tolerances: 1e-5 (reductions run in a different order on different meshes).
+Tolerances: 1e-5 on losses and metrics (reductions run in a different order on different
+meshes), 1e-4 on parameters after several Adam steps.
 """
 import glob
 import json
@@ -180,12 +181,14 @@ def test_teacher_grad_accumulation_averages_strided_microbatches():
 
     # Reference: microbatch j = rows j, j+2, ... with key fold_in(step key, j), averaged.
     rng = jax.random.fold_in(root_key, 0)
+    loss_and_grad = jax.jit(lambda p, z0, cond, key: jax.value_and_grad(
+        flow_matching.flow_matching_loss, has_aux=True)(
+            p, task.velocity_fn, z0, cond, key, null_cond=jnp.asarray(task.null_cond),
+            cond_drop_prob=config.teacher.cond_drop_prob))
     losses, grads = [], []
     for j in range(2):
-        (loss, _), g = jax.value_and_grad(flow_matching.flow_matching_loss, has_aux=True)(
-            params, task.velocity_fn, batch["image"][j::2], batch["cond"][j::2],
-            jax.random.fold_in(rng, j), null_cond=jnp.asarray(task.null_cond),
-            cond_drop_prob=config.teacher.cond_drop_prob)
+        (loss, _), g = loss_and_grad(params, batch["image"][j::2], batch["cond"][j::2],
+                                     jax.random.fold_in(rng, j))
         losses.append(loss)
         grads.append(g)
     mean_grad = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
@@ -371,8 +374,10 @@ def test_two_processes_match_one_process(tmp_path):
     load = lambda wd: lib.to_host(checkpoint.load_params(  # noqa: E731
         distill.stage_dirs(wd).params, abstract, sharding.state_shardings(abstract, mesh),
         what=wd))
+    # Parameters get 1e-4: Adam divides by sqrt(v), which amplifies the rounding differences
+    # of near-zero gradients (the losses above agree to 1e-5).
     lib.assert_trees_close(load(str(tmp_path / "multi")), load(str(tmp_path / "single")),
-                           what="exported student", **TOL)
+                           what="exported student", rtol=1e-4, atol=1e-4)
     multi = distill.stage_dirs(str(tmp_path / "multi"))
     assert checkpoint.Checkpointer(multi.checkpoints).all_steps() == [2, 3]
     assert len(glob.glob(os.path.join(multi.tensorboard, "events.out.tfevents.*"))) == 1
