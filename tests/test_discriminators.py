@@ -77,10 +77,11 @@ def test_output_shape_and_dtype(resolution, cond_dim, dtype):
 
 
 def test_param_count_reference_config():
-    d = StyleGANDiscriminator(resolution=16, in_channels=4, channel_base=2048, channel_max=128)
+    """Issue 8's discriminator (4x16x16 latents, base 2048, max 128, mbstd group 4): 128 channels throughout;
+    fromrgb 640 + two blocks of 311,552 + b4_conv 148,736 (129 inputs with mbstd) + b4_fc 262,272 + b4_out 129."""
+    d = StyleGANDiscriminator(resolution=16, in_channels=4, channel_base=2048, channel_max=128, mbstd_group_size=4)
     variables, _ = _shapes(d, jnp.zeros((4, 16, 16, 4)))
-    n = _n_params(variables)
-    assert 950_000 <= n <= 1_100_000, n
+    assert _n_params(variables) == 1_034_881
 
 
 def test_epilogue_dense_shape_large_config():

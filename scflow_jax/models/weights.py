@@ -130,11 +130,14 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Op
 # --------------------------------------------------------------------------------------------------------------------
 # torch pickles
 
-def read_torch_state_dict(path: str, *, subkey: Optional[str] = None) -> Dict[str, np.ndarray]:
+def read_torch_state_dict(path: str, *, subkey: Optional[str] = None,
+                          safe_globals: Sequence[Any] = ()) -> Dict[str, np.ndarray]:
     """Reads a PyTorch ``.pth``/``.pt``/``.bin`` state dict as ``{key: float array}`` with
     ``torch.load(weights_only=True)``; a pickle that contains code (a whole pickled model) is refused.
 
     ``subkey`` selects a nested dict (e.g. ``"ema"`` or ``"model"`` in training checkpoints).
+    ``safe_globals``: plain-data classes the unpickler may also rebuild, for training checkpoints that store
+    them beside the weights (``argparse.Namespace`` of the run's flags); never classes with behaviour.
     """
     if not os.path.isfile(path):
         raise WeightsError(f"weights file not found: {path}")
@@ -145,7 +148,8 @@ def read_torch_state_dict(path: str, *, subkey: Optional[str] = None) -> Dict[st
             f"reading the PyTorch file {path} needs torch (pip install 'scflow_jax[parity]'); "
             "safetensors files need no torch") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(safe_globals)):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for code, RuntimeError/EOFError for garbage
         raise WeightsError(
             f"{path} is not a plain PyTorch state dict (torch.load(weights_only=True) refused it: "
