@@ -53,7 +53,8 @@ class TResBlock(tnn.Module):
     def __init__(self, ch, emb_ch, out_ch, cfg, up=False, down=False):
         super().__init__()
         self.scale_shift, self.up, self.down = cfg.use_scale_shift_norm, up, down
-        self.in_layers = tnn.Sequential(tnn.GroupNorm(cfg.num_groups, ch), tnn.SiLU(), tnn.Conv2d(ch, out_ch, 3, padding=1))
+        self.in_layers = tnn.Sequential(tnn.GroupNorm(cfg.num_groups, ch), tnn.SiLU(),
+                                        tnn.Conv2d(ch, out_ch, 3, padding=1))
         self.emb_layers = tnn.Sequential(tnn.SiLU(), tnn.Linear(emb_ch, out_ch * (2 if self.scale_shift else 1)))
         self.out_layers = tnn.Sequential(tnn.GroupNorm(cfg.num_groups, out_ch), tnn.SiLU(), tnn.Dropout(0.0),
                                          tnn.Conv2d(out_ch, out_ch, 3, padding=1))
@@ -189,7 +190,7 @@ def _random_torch_model(cfg, seed=0):
     torch.manual_seed(seed)
     model = TorchADM(cfg)
     with torch.no_grad():  # every parameter random, including the ones the reference zero-initialises
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             p.copy_(torch.randn_like(p) * (0.3 if p.ndim == 1 else 1.0 / math.sqrt(p[0].numel())))
     return model.eval()
 
@@ -363,6 +364,15 @@ def test_time_dependence_and_batch_independence(tiny_converted):
     np.testing.assert_allclose(alone[0], out[0], atol=1e-5)
     # A scalar time broadcasts over the batch.
     np.testing.assert_allclose(_apply(TINY, params, same_x, np.float32(t[0])), alone, atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_output(tiny_converted):
+    params = tiny_converted[2]
+    x, t, _ = _inputs(TINY)
+    ref = _apply(TINY, params, x, t)
+    out = np.asarray(ADMUNet(TINY, dtype=jnp.bfloat16).apply({"params": params}, x, t))
+    assert out.dtype == np.float32
+    assert np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()  # bf16 has 8 mantissa bits
 
 
 def test_dropout_needs_rng_only_when_not_deterministic():

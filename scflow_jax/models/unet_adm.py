@@ -204,8 +204,8 @@ class AttentionBlock(nn.Module):
         else:
             q, k, v = jnp.moveaxis(qkv.reshape(b, height * width, self.num_heads, 3, head_ch), 3, 0)
         logits = jnp.einsum("bthc,bshc->bhts", q, k).astype(jnp.float32) / np.sqrt(head_ch)
-        weights_ = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        a = jnp.einsum("bhts,bshc->bthc", weights_, v).reshape(b, height * width, c)
+        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        a = jnp.einsum("bhts,bshc->bthc", probs, v).reshape(b, height * width, c)
         h = nn.Conv(c, (1,), dtype=self.dtype, kernel_init=_zeros, name="proj_out")(a)
         return (tokens + h).reshape(b, height, width, c)
 
@@ -352,11 +352,10 @@ def adm_params_from_state_dict(state_dict: Mapping[str, np.ndarray], config: ADM
     model = ADMUNet(config)
     inputs = _example_inputs(config)
     expected = jax.eval_shape(lambda: model.init(jax.random.key(seed), *inputs))["params"]
-    # One compiled init: run op by op, every parameter shape compiles its own RNG kernel.
+    # Jitted: run op by op, init would compile an RNG kernel for every parameter shape.
     fallback = jax.jit(model.init)(jax.random.key(seed), *inputs)["params"] if allow_partial else None
     return weights.assemble_params(expected, source, torch_key, what=what, allow_partial=allow_partial,
                                    fallback=fallback)
-
 
 
 def load_unet_adm(path: str, config: ADMConfig, *, subkey: Optional[str] = None, allow_partial: bool = False):
