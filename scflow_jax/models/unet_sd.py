@@ -39,7 +39,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -109,9 +109,7 @@ _FEATURES_OFF: Dict[str, Any] = {
 
 def _feature_is_off(name: str, value: Any) -> bool:
     off = _FEATURES_OFF[name]
-    if value == off:
-        return True
-    if off is None and value is False and name == "mid_block_only_cross_attention":
+    if value == off or (name == "mid_block_only_cross_attention" and value is False):
         return True
     # A per-block list of "off" values (only_cross_attention: [false, false, ...]) is off too.
     return isinstance(value, (list, tuple)) and all(v == off for v in value)
@@ -191,6 +189,9 @@ class UNetSDConfig:
         if self.norm_num_groups is None or any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ValueError(f"UNetSDConfig.norm_num_groups ({self.norm_num_groups}) must divide every entry of "
                              f"block_out_channels {self.block_out_channels}")
+        if len(set(self.per_block("cross_attention_dim"))) != 1:
+            raise ValueError("UNetSDConfig.cross_attention_dim: per-block values must be equal (one set of text "
+                             f"states feeds every block), got {self.cross_attention_dim}")
         heads = self.per_block("attention_head_dim")
         for c, h in zip(self.block_out_channels, heads):
             if c % h:
@@ -579,22 +580,14 @@ def _init_inputs(config: UNetSDConfig):
             jnp.zeros((1, 1, cross[0]), jnp.float32))
 
 
-def _check_cross_dims(config: UNetSDConfig):
-    if len(set(config.per_block("cross_attention_dim"))) != 1:
-        raise ValueError("UNetSDConfig.cross_attention_dim: per-block values must be equal here (one text encoder "
-                         f"feeds every block), got {config.cross_attention_dim}")
-
-
 def unet_param_shapes(config: UNetSDConfig) -> Dict[str, Any]:
     """The parameter tree as ``jax.ShapeDtypeStruct``s (no memory, no compute)."""
-    _check_cross_dims(config)
     model = UNet2DConditionModel(config)
     return jax.eval_shape(model.init, jax.random.PRNGKey(0), *_init_inputs(config))["params"]
 
 
 def init_unet_sd(config: UNetSDConfig, rng: jax.Array) -> Dict[str, Any]:
     """Random float32 parameters (Flax default initialisers, not diffusers')."""
-    _check_cross_dims(config)
     return jax.jit(UNet2DConditionModel(config).init)(rng, *_init_inputs(config))["params"]
 
 
