@@ -331,3 +331,11 @@ def test_remat_wraps_every_resnet_and_attention_module():
     # down: 2 resnets + 1 attention, mid: 2 + 1, up: 4 + 2
     assert remats(True) == 12
     assert remats(False) == 0
+
+
+def test_layout_inverse_undoes_torch_layout():
+    rng = np.random.default_rng(0)
+    for shape in [(5, 3), (5, 3, 2), (5, 3, 2, 4), (7,)]:
+        a = rng.standard_normal(shape)
+        for leaf in ("kernel", "bias", "scale"):
+            np.testing.assert_array_equal(weights.torch_layout_inverse(leaf, weights.torch_layout(leaf, a)), a)

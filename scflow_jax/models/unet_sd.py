@@ -688,15 +688,12 @@ def load_unet_sd(path: str, *, config: Union[UNetSDConfig, Mapping[str, Any], st
     a single ``.safetensors`` file together with ``config``. Tensors are memory-mapped and converted one at a time,
     so the peak is one float32 copy of the parameters plus the mapped file. fp16/bf16 checkpoints load into
     float32. Missing, unexpected and shape-mismatched keys are reported by name (``weights.WeightsError``);
-    ``allow_partial=True`` initialises missing or mismatched ones as Flax does by default (LeCun-normal kernels, zero
-    biases, unit norm scales) and ignores unexpected ones. Nothing is downloaded.
+    ``allow_partial=True`` initialises missing or mismatched ones in the manner of Flax's defaults (LeCun-scaled
+    normal kernels, zero biases, unit norm scales) and ignores unexpected ones. Nothing is downloaded.
     """
     config, weights_file = _resolve(path, config)
     source = _read_weights(weights_file)
-    try:
-        expected = unet_param_shapes(config)
-    except ValueError as e:
-        raise weights.WeightsError(f"SD UNet config for {path}: {e}") from None
+    expected = unet_param_shapes(config)
     # Fallback leaves are generated only for the keys that are missing, so allow_partial costs no extra copy.
     fallback = weights.unflatten_params({path: _FlaxStyleInit(path[-1], spec) for path, spec
                                          in weights.flatten_params(expected).items()}) if allow_partial else None
