@@ -301,6 +301,11 @@ def test_image_listing_is_recursive_and_an_empty_folder_is_an_error(tmp_path):
     image = fid.load_image(files[0])
     assert image.dtype == np.float32 and image.shape == (2, 3, 3)
     np.testing.assert_array_equal(image, pixels.astype(np.float32) / 255)
+    # Images of different sizes in one batch are each brought to 299x299 (what the network's resize would do).
+    Image.fromarray(np.zeros((5, 7, 3), np.uint8)).save(folder / "c.png")
+    batch = fid._stack_images([files[0], str(folder / "c.png")])
+    assert batch.shape == (2, 299, 299, 3)
+    np.testing.assert_allclose(batch[0], np.asarray(inception.resize_for_inception(image[None]))[0], atol=1e-6)
 
 
 def test_fid_stats_config_errors_name_the_field(tmp_path):

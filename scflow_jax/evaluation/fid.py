@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scflow_jax import sharding
+from scflow_jax import monitoring, sharding
 from scflow_jax.evaluation import frechet, inception
 
 __all__ = [
@@ -169,7 +169,7 @@ class FIDAccumulator:
         """Writes the state atomically (main process only: every process holds the same statistics)."""
         if self.state_path is None:
             raise ValueError("FIDAccumulator.save needs a state_path")
-        if jax.process_index() == 0:
+        if monitoring.is_main_process():
             frechet.write_npz_atomic(self.state_path, num_batches=np.asarray(self.num_batches, np.int64),
                                      fingerprint=np.asarray(self.fingerprint), **self.statistics.state_dict())
 
@@ -292,7 +292,7 @@ def fid_stats(config, workdir: str) -> tuple[np.ndarray, np.ndarray]:
     mu, sigma = image_folder_statistics(
         fid.inception_path, fid.images_dir, fid.batch_size, mesh=mesh,
         state_path=os.path.join(workdir, "fid_stats", "accumulator.npz"), field="config.fid.batch_size")
-    if jax.process_index() == 0:
+    if monitoring.is_main_process():
         frechet.save_statistics(fid.output_npz, mu, sigma)
     logger.info("wrote FID reference statistics of %s to %s", fid.images_dir, fid.output_npz)
     return mu, sigma

@@ -32,7 +32,8 @@ import numpy as np
 
 from scflow_jax.models import weights
 
-__all__ = ["INCEPTION_SIZE", "FEATURE_DIM", "InceptionV3FID", "load_inception", "torch_key", "resize_for_inception"]
+__all__ = ["INCEPTION_SIZE", "FEATURE_DIM", "InceptionV3FID", "resize_for_inception", "load_inception", "torch_key",
+           "abstract_params", "init_random_params"]
 
 INCEPTION_SIZE = 299
 FEATURE_DIM = 2048
