@@ -64,10 +64,14 @@ class FeatureExtractor:
                  batch_size: int, *, field: str = "batch_size"):
         self.batch_size = int(batch_size)
         self._local_batch = sharding.check_global_batch(self.batch_size, mesh, field)
-        self._mesh = mesh
+        self._batch_sharding = sharding.batch_sharding(mesh)
         self._params = sharding.put_replicated(params, mesh)
-        self._fn = jax.jit(apply_fn, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
-                           out_shardings=sharding.batch_sharding(mesh))
+        self._fn = jax.jit(apply_fn, in_shardings=(sharding.replicated(mesh), self._batch_sharding),
+                           out_shardings=self._batch_sharding)
+        # This process's rows of a global batch (contiguous): where the mesh puts its devices, which need not
+        # be process_index * local_batch. Padded rows must land where the slicing below expects them.
+        index = self._batch_sharding.addressable_devices_indices_map((self.batch_size,))
+        self._local_start = min(rows[0].start or 0 for rows in index.values())
 
     def _one_batch(self, chunk: np.ndarray) -> np.ndarray:
         n = chunk.shape[0]
@@ -75,9 +79,8 @@ class FeatureExtractor:
             # Zero rows fill the compiled shape; they are sliced off below and never reach the statistics.
             pad = np.zeros((self.batch_size - n,) + chunk.shape[1:], chunk.dtype)
             chunk = np.concatenate([chunk, pad])
-        start = jax.process_index() * self._local_batch
-        local = chunk[start:start + self._local_batch]
-        images = jax.make_array_from_process_local_data(sharding.batch_sharding(self._mesh), local)
+        local = chunk[self._local_start:self._local_start + self._local_batch]
+        images = jax.make_array_from_process_local_data(self._batch_sharding, local)
         features = self._fn(self._params, images)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
