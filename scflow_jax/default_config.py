@@ -8,6 +8,7 @@ the paper's recipes (learning rates, step counts, the eval-EMA rate), the commen
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def _optimizer(lr: float, *, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=0.0,
@@ -66,6 +67,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval = dict(num_samples=1000, batch_size=1000, teacher_steps=(1, 2, 4, 8, 32),
                   teacher_guidance=1.5, student_steps=(1, 2, 4), classifier_steps=1500,
                   grid_per_digit=10)
+
+    # --mode=fid_stats: reference FID statistics (mu, sigma) of a folder of images, pytorch-fid's Inception.
+    c.fid = dict(inception_path=placeholder(str), images_dir=placeholder(str), output_npz=placeholder(str),
+                 batch_size=placeholder(int))
 
     c.sample = dict(num_steps=1, guidance=1.0, num_per_prompt=8, prompts=("",),
                     model="student", sampler="euler")
