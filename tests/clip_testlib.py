@@ -30,6 +30,12 @@ def write_tokenizer(folder: str) -> str:
     return folder
 
 
+def _seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)  # transformers' own init draws from the global generator
+
+
 def randomise(model, seed: int = 0, scale: float = 0.1):
     """Perturbs every parameter (HF zero-inits biases and unit-inits LayerNorms), so the name mapping of each
     tensor is tested."""
@@ -45,6 +51,7 @@ def randomise(model, seed: int = 0, scale: float = 0.1):
 def clip_model(seed: int = 0):
     from transformers import CLIPConfig, CLIPModel
 
+    _seed(seed)
     config = CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=PROJECTION_DIM)
     return randomise(CLIPModel(config), seed)
 
@@ -52,10 +59,12 @@ def clip_model(seed: int = 0):
 def text_with_projection(seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
+    _seed(seed)
     return randomise(CLIPTextModelWithProjection(CLIPTextConfig(**TEXT, projection_dim=PROJECTION_DIM)), seed)
 
 
 def vision_with_projection(seed: int = 0):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
+    _seed(seed)
     return randomise(CLIPVisionModelWithProjection(CLIPVisionConfig(**VISION, projection_dim=PROJECTION_DIM)), seed)

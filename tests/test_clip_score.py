@@ -34,7 +34,7 @@ def test_clip_score_matches_transformers(tmp_path):
     import torch
     from transformers import CLIPImageProcessor, CLIPTokenizer
 
-    hf = lib.clip_model(seed=3)
+    hf = lib.clip_model(seed=1)
     hf.save_pretrained(str(tmp_path / "clip"))
     lib.write_tokenizer(str(tmp_path / "clip"))
     clip, params = load_clip(str(tmp_path / "clip"))
@@ -52,7 +52,8 @@ def test_clip_score_matches_transformers(tmp_path):
         image_embeds = hf.get_image_features(pixel_values=pixels).pooler_output
         text_embeds = hf.get_text_features(**tokens).pooler_output
     ref = torch.nn.functional.cosine_similarity(image_embeds, text_embeds, dim=-1).numpy().astype(np.float64)
-    assert (ref < 0).any() and (ref > 0).any()  # a random model: both clamping forms are exercised
+    # A random model whose mean cosine is negative but not every cosine: the two clamping forms differ.
+    assert np.mean(ref) < 0 < np.max(ref)
 
     scorer = CLIPScore(clip, params, tokenizer)
     got = np.concatenate([scorer.update(images[:4], CAPTIONS[:4]), scorer.update(images[4:], CAPTIONS[4:])])
