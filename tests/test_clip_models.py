@@ -1,7 +1,6 @@
 """Loading CLIP (text tower, vision tower, two-tower model), the tokenizer and the image preprocessing."""
 
 import json
-import os
 import shutil
 
 import jax

@@ -127,7 +127,6 @@ def test_parity_with_diffusers(saved_vae):
 
 @pytest.mark.parity
 def test_legacy_attention_names_load(saved_vae, tmp_path):
-    import torch
     from diffusers import AutoencoderKL
 
     model, folder = saved_vae

@@ -98,9 +98,9 @@ class CLIPScore:
         ids, mask = self.tokenizer(captions)
         self._batch_size = self._batch_size or n
         pad = max(self._batch_size - n, 0)
-        if pad:
-            images = jnp.concatenate([jnp.asarray(images), jnp.repeat(jnp.asarray(images[-1:]), pad, axis=0)])
-            ids, mask = np.concatenate([ids, np.repeat(ids[-1:], pad, 0)]), np.concatenate([mask, np.repeat(mask[-1:], pad, 0)])
+        if pad:  # repeat the last sample; its copies are dropped below
+            images, ids, mask = (jnp.concatenate([jnp.asarray(a), jnp.repeat(jnp.asarray(a[-1:]), pad, axis=0)])
+                                 for a in (images, ids, mask))
         cosines = np.asarray(clip_cosines(self.clip, self.params, jnp.asarray(images), ids, mask,
                                           value_range=self.value_range))[:n]
         self.accumulator.update(cosines)
