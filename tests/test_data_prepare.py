@@ -21,7 +21,6 @@ from scflow_jax.data import latents, prepare
 from scflow_jax.data.latents import LatentBatches, LatentDataset
 from scflow_jax.models import clip
 from scflow_jax.models.vae import load_vae
-from scflow_jax.sharding import make_mesh
 from test_vae import _torch_vae
 
 SIZE = 16  # the tiny VAE has one downsampling: 8x8x4 latents
@@ -184,10 +183,10 @@ def test_prepare_text_to_image_folder_parquet_tar(tmp_path, models):
     mean, _ = _reference_posterior(models["vae"], [os.path.join(images, k) for k in kept])
     np.testing.assert_allclose(np.stack([r["mean"] for r in folder_records]), mean, rtol=0, atol=1e-5)
 
-    # Parquet: binary and HF-style {bytes, path} image cells in two row groups, a null caption, a corrupt image.
+    # Parquet: HF-style {bytes, path} image cells in two row groups, a null caption, a corrupt image.
     rows = [(IMAGES[k], CAPTIONS[k]) for k in kept[:2]] + [(b"junk", "a cat"), (IMAGES["sub/d.png"], None)]
     rows += [(IMAGES[k], CAPTIONS[k]) for k in kept[2:]]
-    table = pa.table({"jpg": [r[0] for r in rows], "text": [r[1] for r in rows]})
+    table = pa.table({"jpg": [{"bytes": r[0], "path": None} for r in rows], "text": [r[1] for r in rows]})
     pq.write_table(table, str(tmp_path / "pairs.parquet"), row_group_size=3)
     metadata = prepare.prepare("text_to_image", str(tmp_path / "pairs.parquet"), str(tmp_path / "parquet"),
                                image_column="jpg", caption_column="text", **common)
@@ -199,6 +198,13 @@ def test_prepare_text_to_image_folder_parquet_tar(tmp_path, models):
     with pytest.raises(ValueError, match=r"no column 'caption' \(--caption_column.*\['jpg', 'text'\]"):
         prepare.prepare("text_to_image", str(tmp_path / "pairs.parquet"), str(tmp_path / "x"), image_column="jpg",
                         **common)
+
+    # Plain binary image cells; --kind=latents needs no caption column.
+    pq.write_table(pa.table({"image": [IMAGES[k] for k in kept]}), str(tmp_path / "images.parquet"))
+    metadata = prepare.prepare("latents", str(tmp_path / "images.parquet"), str(tmp_path / "binary"),
+                               models["vae"], image_size=SIZE, batch_size=8)
+    binary_records = [LatentDataset(str(tmp_path / "binary"))[i] for i in range(4)]
+    np.testing.assert_allclose(np.stack([r["mean"] for r in binary_records]), mean, rtol=0, atol=1e-5)
 
     # Webdataset tar: key.png + key.txt; one key without a caption.
     with tarfile.open(tmp_path / "shard.tar", "w") as tar:
