@@ -262,8 +262,12 @@ def evaluate_recipe(config, workdir: str, task, *,
     dim = (feature_dim or inception.FEATURE_DIM) if reference else None
     extractor_id = ("off" if not reference else "injected" if feature_extractor is not None
                     else os.path.abspath(config.fid.inception_path))
-    # What a row's saved state depends on; a state saved for other values is refused, not mixed in.
-    common = dict(sampler=SAMPLER, seed=seed, num_samples=num_samples, batch_size=batch_size,
+    # What a row's saved state depends on; a state saved for other values is refused, not mixed in. The
+    # teacher's weights are named by config.model (the recipes keep their paths there).
+    model_config = config.get("model", None)
+    common = dict(model_config=_digest([json.dumps(model_config.to_dict() if model_config else None,
+                                                   sort_keys=True, default=str)]),
+                  sampler=SAMPLER, seed=seed, num_samples=num_samples, batch_size=batch_size,
                   latent_shape=tuple(task.latent_shape),
                   prompts="none" if captions is None else _digest(captions),
                   fid=extractor_id, clip=os.path.abspath(clip_path) if clip_path else "off")
@@ -327,7 +331,11 @@ def evaluate_recipe(config, workdir: str, task, *,
 
 def _run_row(name, sampler, acc, total_batches, num_samples, cond_fn, captions, extractor, scorer,
              image_dir) -> None:
-    """Generates batches ``acc.num_batches ..`` of a row into its accumulator; saves the final state."""
+    """Generates batches ``acc.num_batches ..`` of a row into its accumulator; saves the final state.
+    ``extractor``/``scorer`` build the metric networks (None: metric off), before the first batch so a bad
+    weights file fails before minutes of sampling."""
+    extract = extractor() if extractor else None
+    score = scorer() if scorer else None
     start = acc.num_batches
     if start:
         logging.info("[evaluate] %s: resuming at batch %d/%d (%d samples done)", name, start, total_batches,
@@ -338,8 +346,8 @@ def _run_row(name, sampler, acc, total_batches, num_samples, cond_fn, captions, 
         indices = generate.batch_indices(b, num_samples, sampler.batch_size)
         images = sampler(indices, cond_fn(indices))  # [batch_size, ...] sharded, padding rows last
         host = generate.to_host(images)[:len(indices)].astype(np.float32)
-        features = None if extractor is None else extractor()((host + 1.0) / 2.0)
-        cosines = None if scorer is None else scorer()(images, [captions[i] for i in indices])
+        features = None if extract is None else extract((host + 1.0) / 2.0)
+        cosines = None if score is None else score(images, [captions[i] for i in indices])
         if image_dir:
             generate.write_pngs(image_dir, indices, host)
         acc.add_batch(features, cosines)
