@@ -23,6 +23,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh = dict(data=-1, num_devices=-1)  # -1: every device
 
     c.data = dict(name="digits", heldout_fraction=0.2)
+    # --mode=prepare_data: images (+ captions) -> latent array_record shards (scflow_jax/data/prepare.py).
+    c.data.prepare = dict(kind="latents", input=placeholder(str), output=placeholder(str), vae=placeholder(str),
+                          text_encoder=placeholder(str), tokenizer=placeholder(str), image_size=placeholder(int),
+                          batch_size=64, examples_per_shard=1024, latent_dtype="float32", image_column="image",
+                          caption_column="caption", num_workers=8)
 
     # Frozen CLIP-architecture text encoder with a seeded random init (nothing to download).
     c.text = dict(max_length=8, hidden_size=32, num_layers=2, num_heads=2,

@@ -81,7 +81,7 @@ def make_train_step(nets: scflow.SCFlowNetworks, cfg, optimizer, disc_optimizer,
     def step_fn(state: train_state.DistillState, batch, frozen):
         rng = jax.random.fold_in(root_key, state.step)
         k_gen, k_dnoise, k_gnoise = jax.random.split(rng, 3)
-        z0, cond = batch["image"], batch["cond"]
+        z0, cond = batch["image"], batch.get("cond")  # no "cond": an unconditional model
         inputs = scflow.prepare_generator_inputs(
             k_gen, z0, cond, teacher_params=frozen["teacher_params"],
             target_params=state.target_params, null_cond=frozen["null_cond"], nets=nets,

@@ -14,7 +14,7 @@ from ml_collections import config_flags
 from scflow_jax import monitoring, trainer
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "default_config.py")
-MODES = ("all", "train_teacher", "distill", "evaluate", "sample", "fid_stats")
+MODES = ("all", "train_teacher", "distill", "evaluate", "sample", "fid_stats", "prepare_data")
 
 config_flags.DEFINE_config_file(
     "config", _DEFAULT_CONFIG, "Config file (get_config(arg)); `path:arg` picks a variant, "
@@ -60,6 +60,10 @@ def run(config, workdir: str, mode: str, prompts=(), prompts_file=None) -> int:
     if mode == "fid_stats":
         from scflow_jax.evaluation import fid
         fid.fid_stats(config, workdir)
+        return 0
+    if mode == "prepare_data":
+        from scflow_jax.data import prepare
+        prepare.prepare_from_config(config)
         return 0
     order = list(stages) if mode == "all" else [mode]
     for name in order:
