@@ -403,7 +403,7 @@ def test_evaluate_mode_dispatches_latent_recipes_to_real_eval(tmp_path, monkeypa
     assert real_eval.is_done(wd)
 
 
-@pytest.mark.slow  # ~60 s cold, ~40 s with the compile cache, on the shared 2-core CPU
+@pytest.mark.slow  # 40-80 s on the shared, loaded 2-core CPU (Inception compile + 299 px forward)
 @pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # 3 samples: a singular covariance
 def test_real_inception_path(tmp_path):
     """Once through the real FID network: a pytorch-fid-format weights file (random Inception weights) loaded
