@@ -38,7 +38,7 @@ class _QuietOrbax(std_logging.Filter):
 def run(config, workdir: str, mode: str, prompts=(), prompts_file=None) -> int:
     """Runs ``mode``; returns the process exit code (0 also after a SIGTERM checkpoint)."""
     from scflow_jax import distill, sample, teacher
-    from scflow_jax.evaluation import digits_eval
+    from scflow_jax.evaluation import digits_eval, real_eval
 
     trainer.check_workdir_writable(workdir)
     if monitoring.is_main_process():
@@ -47,7 +47,9 @@ def run(config, workdir: str, mode: str, prompts=(), prompts_file=None) -> int:
     stages = {
         "train_teacher": (teacher.train_teacher, teacher.is_done),
         "distill": (distill.distill, distill.is_done),
-        "evaluate": (digits_eval.evaluate, digits_eval.is_done),
+        # The embedded default has its own metrics; the latent recipes use FID / CLIP score.
+        "evaluate": ((digits_eval.evaluate, digits_eval.is_done) if config.data.name == "digits"
+                     else (real_eval.evaluate, real_eval.is_done)),
     }
     if mode == "sample":
         # Prompts given on the command line (flags or a file) replace the config's list.
