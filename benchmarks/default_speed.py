@@ -63,9 +63,10 @@ def main(_):
     d_opt = train_state.make_optimizer(config.distill.optimizer)
     disc_opt = train_state.make_optimizer(config.disc.optimizer)
     dstate, _, _ = trainer.init_state(functools.partial(
-        distill.init_distill_state, task, teacher_params, d_opt, disc_opt,
+        distill.init_distill_state, task.init_disc_params, teacher_params, d_opt, disc_opt,
         jax.random.PRNGKey(2)), mesh)
-    dstep = distill.make_train_step(task, config, d_opt, disc_opt, jax.random.PRNGKey(3))
+    dstep = distill.make_train_step(distill.networks(task), config.scflow, d_opt, disc_opt,
+                                    jax.random.PRNGKey(3))
     frozen = {"teacher_params": teacher_params,
               "null_cond": sharding.put_replicated(jnp.asarray(task.null_cond), mesh)}
     dbs = config.distill.batch_size

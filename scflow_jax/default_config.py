@@ -8,7 +8,7 @@ the paper's recipes (learning rates, step counts, the eval-EMA rate), the commen
 from __future__ import annotations
 
 import ml_collections
-from ml_collections import config_dict
+from ml_collections.config_dict import placeholder
 
 
 def _optimizer(lr: float, *, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=0.0,
@@ -28,15 +28,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Multi-host (distributed.py): used when main.py gets --multihost or enabled=True.
     # None: detected by JAX (Cloud TPU, SLURM). The timeout turns a missing coordinator or
     # missing processes into an error instead of a hang.
-    c.distributed = dict(enabled=False, coordinator_address=config_dict.placeholder(str),
-                         num_processes=config_dict.placeholder(int),
-                         process_id=config_dict.placeholder(int), initialization_timeout=300)
+    c.distributed = dict(enabled=False, coordinator_address=placeholder(str),
+                         num_processes=placeholder(int), process_id=placeholder(int),
+                         initialization_timeout=300)
 
     # Parameters stay float32 (optimizer and EMA precision); compute_dtype (float32 or
     # bfloat16) is the networks' activation/matmul dtype. Losses and outputs are float32.
     c.precision = dict(param_dtype="float32", compute_dtype="float32")
 
     c.data = dict(name="digits", heldout_fraction=0.2)
+    # --mode=prepare_data: images (+ captions) -> latent array_record shards (scflow_jax/data/prepare.py).
+    c.data.prepare = dict(kind="latents", input=placeholder(str), output=placeholder(str), vae=placeholder(str),
+                          text_encoder=placeholder(str), tokenizer=placeholder(str), image_size=placeholder(int),
+                          batch_size=64, examples_per_shard=1024, latent_dtype="float32", image_column="image",
+                          caption_column="caption", num_workers=8)
 
     # Frozen CLIP-architecture text encoder with a seeded random init (nothing to download).
     c.text = dict(max_length=8, hidden_size=32, num_layers=2, num_heads=2,
@@ -86,6 +91,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval = dict(num_samples=1000, batch_size=1000, teacher_steps=(1, 2, 4, 8, 32),
                   teacher_guidance=1.5, student_steps=(1, 2, 4), classifier_steps=1500,
                   grid_per_digit=10)
+
+    # --mode=fid_stats: reference FID statistics (mu, sigma) of a folder of images, pytorch-fid's Inception.
+    c.fid = dict(inception_path=placeholder(str), images_dir=placeholder(str), output_npz=placeholder(str),
+                 batch_size=placeholder(int))
 
     c.sample = dict(num_steps=1, guidance=1.0, num_per_prompt=8, prompts=("",),
                     model="student", sampler="euler")

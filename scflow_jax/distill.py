@@ -85,21 +85,26 @@ def load_teacher_params(config, workdir: str, task: Task, mesh, rules=None):
                                   what="teacher parameters")
 
 
-def make_train_step(task: Task, config, optimizer, disc_optimizer, root_key,
+def networks(task: Task) -> scflow.SCFlowNetworks:
+    """Student, target and teacher share the task's flow network; D is the task's."""
+    return scflow.SCFlowNetworks(velocity_fn=task.velocity_fn,
+                                 teacher_velocity_fn=task.velocity_fn, disc_fn=task.disc_fn)
+
+
+def make_train_step(nets: scflow.SCFlowNetworks, cfg, optimizer, disc_optimizer, root_key,
                     out_shardings=None):
     """The jitted SCFlow iteration ``(state, batch, frozen) -> (state, metrics)``.
 
-    ``out_shardings``: (state shardings, metrics sharding), keeping the state's layout fixed.
+    ``cfg`` is the ``config.scflow`` group; ``batch`` holds ``image`` (z0) and ``cond``;
+    ``frozen`` holds ``teacher_params`` and ``null_cond``. ``out_shardings``: (state
+    shardings, metrics sharding), keeping the state's layout fixed from step to step.
     """
-    cfg = config.scflow
-    nets = scflow.SCFlowNetworks(velocity_fn=task.velocity_fn,
-                                 teacher_velocity_fn=task.velocity_fn, disc_fn=task.disc_fn)
     use_gan = scflow.gan_enabled(cfg)
 
     def step_fn(state: train_state.DistillState, batch, frozen):
         rng = jax.random.fold_in(root_key, state.step)
         k_gen, k_dnoise, k_gnoise = jax.random.split(rng, 3)
-        z0, cond = batch["image"], batch["cond"]
+        z0, cond = batch["image"], batch.get("cond")  # no "cond": an unconditional model
         inputs = scflow.prepare_generator_inputs(
             k_gen, z0, cond, teacher_params=frozen["teacher_params"],
             target_params=state.target_params, null_cond=frozen["null_cond"], nets=nets,
@@ -109,7 +114,7 @@ def make_train_step(task: Task, config, optimizer, disc_optimizer, root_key,
         z0_hat, one_step_pullback = None, None
         if scflow.needs_one_step_sample(cfg):
             z0_hat, one_step_pullback = jax.vjp(
-                lambda p: scflow.one_step_sample(task.velocity_fn, p, inputs.z1, cond),
+                lambda p: scflow.one_step_sample(nets.velocity_fn, p, inputs.z1, cond),
                 state.params)
 
         disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
@@ -163,10 +168,11 @@ def make_train_step(task: Task, config, optimizer, disc_optimizer, root_key,
     return jax.jit(step_fn, donate_argnums=(0,), **out)
 
 
-def init_distill_state(task: Task, teacher_params, optimizer, disc_optimizer, disc_key):
-    """Student, target and eval EMA all start as copies of the teacher (spec section 2)."""
+def init_distill_state(init_disc_params, teacher_params, optimizer, disc_optimizer, disc_key):
+    """Student, target and eval EMA all start as copies of the teacher (spec section 2);
+    the discriminator from ``init_disc_params(disc_key)``."""
     copy = lambda tree: jax.tree.map(jnp.array, tree)  # noqa: E731 - distinct buffers
-    disc_params = task.init_disc_params(disc_key)
+    disc_params = init_disc_params(disc_key)
     return train_state.DistillState(
         step=jnp.zeros((), jnp.int32), params=copy(teacher_params),
         target_params=copy(teacher_params), ema_params=copy(teacher_params),
@@ -213,11 +219,11 @@ def build_distill(config, workdir: str, teacher_params=None) -> DistillSetup:
         jax.random.fold_in(jax.random.PRNGKey(config.seed), 2))
 
     state, abstract, shardings = trainer.init_state(
-        functools.partial(init_distill_state, task, teacher_params, optimizer, disc_optimizer,
-                          disc_key), mesh, rules)
+        functools.partial(init_distill_state, task.init_disc_params, teacher_params, optimizer,
+                          disc_optimizer, disc_key), mesh, rules)
     frozen = {"teacher_params": teacher_params,
               "null_cond": sharding.put_replicated(jnp.asarray(task.null_cond), mesh)}
-    step = make_train_step(task, config, optimizer, disc_optimizer, root_key,
+    step = make_train_step(networks(task), config.scflow, optimizer, disc_optimizer, root_key,
                            out_shardings=(shardings, sharding.replicated(mesh)))
     data = InMemoryBatches({k: task.train[k] for k in ("image", "cond")}, cfg.batch_size,
                            seed=config.seed + 1,

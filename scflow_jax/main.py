@@ -14,7 +14,7 @@ from ml_collections import config_flags
 from scflow_jax import monitoring, trainer
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "default_config.py")
-MODES = ("all", "train_teacher", "distill", "evaluate", "sample")
+MODES = ("all", "train_teacher", "distill", "evaluate", "sample", "fid_stats", "prepare_data")
 
 config_flags.DEFINE_config_file(
     "config", _DEFAULT_CONFIG, "Config file (get_config(arg)); `path:arg` picks a variant, "
@@ -41,7 +41,7 @@ class _QuietOrbax(std_logging.Filter):
 def run(config, workdir: str, mode: str, prompts=(), prompts_file=None) -> int:
     """Runs ``mode``; returns the process exit code (0 also after a SIGTERM checkpoint)."""
     from scflow_jax import distill, sample, teacher
-    from scflow_jax.evaluation import digits_eval
+    from scflow_jax.evaluation import digits_eval, real_eval
 
     trainer.check_workdir_writable(workdir)
     if monitoring.is_main_process():
@@ -50,13 +50,23 @@ def run(config, workdir: str, mode: str, prompts=(), prompts_file=None) -> int:
     stages = {
         "train_teacher": (teacher.train_teacher, teacher.is_done),
         "distill": (distill.distill, distill.is_done),
-        "evaluate": (digits_eval.evaluate, digits_eval.is_done),
+        # The embedded default has its own metrics; the latent recipes use FID / CLIP score.
+        "evaluate": ((digits_eval.evaluate, digits_eval.is_done) if config.data.name == "digits"
+                     else (real_eval.evaluate, real_eval.is_done)),
     }
     if mode == "sample":
         # Prompts given on the command line (flags or a file) replace the config's list.
         given = list(prompts) or ([] if prompts_file else list(config.sample.prompts))
         all_prompts = sample.read_prompts(given, prompts_file)
         sample.sample_prompts(config, workdir, all_prompts)
+        return 0
+    if mode == "fid_stats":
+        from scflow_jax.evaluation import fid
+        fid.fid_stats(config, workdir)
+        return 0
+    if mode == "prepare_data":
+        from scflow_jax.data import prepare
+        prepare.prepare_from_config(config)
         return 0
     order = list(stages) if mode == "all" else [mode]
     for name in order:

@@ -84,8 +84,8 @@ def check_global_batch(global_batch: int, mesh: jax.sharding.Mesh, field: str) -
     if global_batch % n_dev:
         raise ValueError(
             f"{field}={global_batch} is not divisible by the number of devices in the mesh "
-            f"({n_dev} = config.mesh.data {mesh.shape[DATA_AXIS]} x config.mesh.fsdp "
-            f"{mesh.shape[FSDP_AXIS]}); choose a multiple of {n_dev}")
+            f"({n_dev} = config.mesh.data {dict(mesh.shape).get(DATA_AXIS, 1)} x "
+            f"config.mesh.fsdp {fsdp_size(mesh)}); choose a multiple of {n_dev}")
     n_proc = jax.process_count()
     if global_batch % n_proc:
         raise ValueError(
@@ -98,8 +98,13 @@ def replicated(mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh) -> NamedSharding:
-    """Leading (batch) dimension split over ``data`` and ``fsdp`` together."""
-    return NamedSharding(mesh, P(BATCH_AXES))
+    """Leading (batch) dimension split over ``data`` and ``fsdp`` together (over those of
+    the two that ``mesh`` has: a 1-D ``data`` mesh works too)."""
+    return NamedSharding(mesh, P(tuple(a for a in BATCH_AXES if a in mesh.axis_names)))
+
+
+def fsdp_size(mesh) -> int:
+    return dict(mesh.shape).get(FSDP_AXIS, 1)
 
 
 # ------------------------------------------------------------------ parameter sharding rules
@@ -171,13 +176,13 @@ def state_shardings(abstract_state: Any, mesh, rules: ShardingRules | None = Non
     """NamedShardings for a state pytree under the FSDP ``rules`` (replicated when the mesh's
     fsdp axis is 1). ``summary``, if given, is filled with sharded/replicated counts."""
     rules = rules or ShardingRules()
-    fsdp_size = mesh.shape[FSDP_AXIS]
+    num_fsdp = fsdp_size(mesh)
     summary = summary if summary is not None else ShardingSummary()
 
     def one(path, leaf):
         shape = tuple(getattr(leaf, "shape", ()))
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
-        spec = fsdp_spec(shape, fsdp_size, rules, _keystr(path))
+        spec = fsdp_spec(shape, num_fsdp, rules, _keystr(path))
         if spec is None:
             summary.unshardable.append(f"{_keystr(path)} {shape}")
             spec = P()

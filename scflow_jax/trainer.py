@@ -68,7 +68,7 @@ def init_state(init_fn: Callable[[], Any], mesh,
     abstract = jax.eval_shape(init_fn)
     summary = sharding.ShardingSummary()
     shardings = sharding.state_shardings(abstract, mesh, rules, summary)
-    if mesh.shape[sharding.FSDP_AXIS] > 1 and monitoring.is_main_process():
+    if sharding.fsdp_size(mesh) > 1 and monitoring.is_main_process():
         logging.info("train state %s", summary.describe())
     state = jax.jit(init_fn, out_shardings=shardings)()
     return state, abstract, shardings

@@ -205,8 +205,8 @@ def run_distill_steps(config, workdir: str, num_steps: int) -> DistillRun:
     disc_key, root_key = jax.random.split(
         jax.random.fold_in(jax.random.PRNGKey(config.seed), 2))
     state, _, _ = trainer.init_state(
-        functools.partial(distill.init_distill_state, task, teacher_params, optimizer,
-                          disc_optimizer, disc_key), mesh)
+        functools.partial(distill.init_distill_state, task.init_disc_params, teacher_params,
+                          optimizer, disc_optimizer, disc_key), mesh)
     frozen = {"teacher_params": teacher_params,
               "null_cond": sharding.put_replicated(jnp.asarray(task.null_cond), mesh)}
 
@@ -223,7 +223,8 @@ def run_distill_steps(config, workdir: str, num_steps: int) -> DistillRun:
             traces["active"] = True
             return original_velocity(*args)
 
-    step = distill.make_train_step(CountingTask(), config, optimizer, disc_optimizer, root_key)
+    step = distill.make_train_step(distill.networks(CountingTask()), config.scflow, optimizer,
+                                   disc_optimizer, root_key)
     data = InMemoryBatches({k: task.train[k] for k in ("image", "cond")},
                            config.distill.batch_size, seed=config.seed + 1)
     states, metrics = [to_host(state)], []

@@ -77,10 +77,11 @@ def test_output_shape_and_dtype(resolution, cond_dim, dtype):
 
 
 def test_param_count_reference_config():
-    d = StyleGANDiscriminator(resolution=16, in_channels=4, channel_base=2048, channel_max=128)
+    """Issue 8's discriminator (4x16x16 latents, base 2048, max 128, mbstd group 4): 128 channels throughout;
+    fromrgb 640 + two blocks of 311,552 + b4_conv 148,736 (129 inputs with mbstd) + b4_fc 262,272 + b4_out 129."""
+    d = StyleGANDiscriminator(resolution=16, in_channels=4, channel_base=2048, channel_max=128, mbstd_group_size=4)
     variables, _ = _shapes(d, jnp.zeros((4, 16, 16, 4)))
-    n = _n_params(variables)
-    assert 950_000 <= n <= 1_100_000, n
+    assert _n_params(variables) == 1_034_881
 
 
 def test_epilogue_dense_shape_large_config():
@@ -196,3 +197,15 @@ def test_bad_cond_or_resolution_raises():
     d12 = StyleGANDiscriminator(resolution=12, in_channels=1, **SMALL)
     with pytest.raises(ValueError, match="power of 2"):
         _shapes(d12, jnp.zeros((4, 12, 12, 1)))
+
+
+@pytest.mark.parametrize("kernel,stride,size", [(3, 2, 9), (1, 2, 8), (3, 1, 6), (4, 2, 11)])
+def test_strided_conv_as_matmul_is_the_convolution(kernel, stride, size):
+    from scflow_jax.models.discriminators import strided_conv_as_matmul
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, 5))
+    w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, 5, 7))
+    want = jax.lax.conv_general_dilated(x, w, (stride, stride), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    got = strided_conv_as_matmul(x, w, stride)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

@@ -30,6 +30,7 @@ __all__ = [
     "frechet_distance",
     "save_statistics",
     "load_statistics",
+    "write_npz_atomic",
 ]
 
 logger = logging.getLogger(__name__)
@@ -280,6 +281,23 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 
 
 
 # ---------------------------------------------------------------------- file I/O
+def write_npz_atomic(path: str | os.PathLike, **arrays: Any) -> None:
+    """``np.savez(path, **arrays)`` written to a temporary file in the same directory, then ``os.replace``d,
+    so a reader (or a resumed run after a crash) sees either the old file or the complete new one."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.unlink(tmp_path)
+        raise
+
+
 def save_statistics(path: str | os.PathLike, mu: Any, sigma: Any) -> None:
     """Write ``mu`` [D] and ``sigma`` [D, D] (float64) to an ``.npz`` at exactly ``path``.
 
@@ -295,25 +313,16 @@ def save_statistics(path: str | os.PathLike, mu: Any, sigma: Any) -> None:
         raise ValueError(
             f"sigma has shape {sigma.shape}, expected {(mu.shape[0], mu.shape[0])} to match mu"
         )
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, mu=mu, sigma=sigma)
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
-        raise
+    write_npz_atomic(path, mu=mu, sigma=sigma)
 
 
-def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+def load_statistics(path: str | os.PathLike, expected_dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Read ``(mu, sigma)`` (float64) from an ``.npz`` with keys ``mu`` and ``sigma``.
 
     Raises ``ValueError`` naming the file and the missing key if either is absent,
-    or if their shapes are inconsistent.
+    if their shapes are inconsistent, or if ``expected_dim`` is given and the
+    statistics have another feature dimension (e.g. 64-d digit features against
+    2048-d Inception features).
     """
     path = os.fspath(path)
     data = np.load(path, allow_pickle=False)
@@ -335,5 +344,11 @@ def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(
             f"statistics file {path} has inconsistent shapes: mu {mu.shape}, sigma {sigma.shape}"
+        )
+    if expected_dim is not None and mu.shape[0] != expected_dim:
+        raise ValueError(
+            f"statistics file {path} holds {mu.shape[0]}-d features (mu {mu.shape}, sigma {sigma.shape}) "
+            f"but the features being compared are {expected_dim}-d; it was computed with another "
+            f"feature extractor"
         )
     return mu, sigma

@@ -68,6 +68,11 @@ def local_step_sizes(rng: jax.Array, t: jax.Array, delta: float) -> tuple[jax.Ar
     return u1 * jnp.minimum(t, delta), u2 * jnp.minimum(1.0 - t, delta)
 
 
+def doubled(cond):
+    """The condition of a doubled batch; ``None`` (unconditional models) stays ``None``."""
+    return None if cond is None else jnp.concatenate([cond, cond])
+
+
 def one_step_sample(velocity_fn, params, z1: jax.Array, cond) -> jax.Array:
     """The student's one-step map ``z1 - S(1, z1, c)``."""
     t1 = jnp.ones((z1.shape[0],), jnp.float32)
@@ -119,7 +124,7 @@ def prepare_generator_inputs(rng, z0, cond, *, teacher_params, target_params, nu
         x_plus = flows.euler_move(x_t, t, t_plus, v_teacher)
         times = jnp.concatenate([t_minus, t_plus])
         xs = jnp.concatenate([x_minus, x_plus])
-        conds = jnp.concatenate([cond, cond])
+        conds = doubled(cond)
     else:
         times, xs, conds = t_minus, x_minus, cond
     v_target = nets.velocity_fn(target_params, network_time(times, cfg), xs, conds)
@@ -148,7 +153,7 @@ def generator_regression_loss(params, inputs: GeneratorInputs, z0_hat, step, *,
         z0_hat = sg(z0_hat)
         x_tilde = flows.interpolate(z0_hat, inputs.z1, t)
         times, xs = jnp.concatenate([t, t]), jnp.concatenate([x_t, x_tilde])
-        conds = jnp.concatenate([inputs.cond, inputs.cond])
+        conds = doubled(inputs.cond)
     else:
         times, xs, conds = t, x_t, inputs.cond
     predictions = flows.data_prediction(xs, times, nets.velocity_fn(

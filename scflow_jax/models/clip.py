@@ -18,17 +18,29 @@ causal multi-head self-attention and an MLP (fc1 -> activation -> fc2), then a f
 is the final-normed hidden state at the first end-of-text token.
 
 Computation runs in ``dtype``; parameters are stored in float32; LayerNorm and softmax run in float32.
+
+The encoder (``CLIPEncoderLayer``/``CLIPEncoder``) is shared with the vision tower in ``clip_vision.py``: it reads
+only ``hidden_size``, ``intermediate_size``, ``num_hidden_layers``, ``num_attention_heads``, ``head_dim``,
+``hidden_act`` and ``layer_norm_eps`` from its config, which both tower configs provide.
+
+Loading: ``load_clip_text`` reads the text tower from a diffusers ``text_encoder/`` folder or any transformers
+CLIP folder (``CLIPTextModel``, ``CLIPTextModelWithProjection``, full ``CLIPModel``); ``load_clip_tokenizer``
+loads the matching tokenizer with transformers, offline.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional, Tuple
+import os
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from scflow_jax.models import weights
 
 __all__ = [
     "CLIPTextConfig",
@@ -40,6 +52,9 @@ __all__ = [
     "CLIPTextTransformer",
     "encode_text",
     "ACTIVATIONS",
+    "load_clip_text",
+    "load_clip_tokenizer",
+    "CLIPTokenizerHandle",
 ]
 
 Dtype = Any
@@ -154,7 +169,7 @@ class CLIPTextConfig:
 _INIT = nn.initializers.normal(stddev=0.02)
 
 
-def _layer_norm(config: CLIPTextConfig, name: str) -> nn.LayerNorm:
+def _layer_norm(config: Any, name: str) -> nn.LayerNorm:
     # Computed in float32 regardless of the model dtype.
     return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
 
@@ -173,7 +188,7 @@ def _dense(features: int, dtype: Dtype, name: str) -> nn.Dense:
 class CLIPAttention(nn.Module):
     """Multi-head self-attention with separate q/k/v/out projections (HF ``CLIPAttention`` names)."""
 
-    config: CLIPTextConfig
+    config: Any  # CLIPTextConfig or clip_vision.CLIPVisionConfig
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -196,7 +211,7 @@ class CLIPAttention(nn.Module):
 
 
 class CLIPMLP(nn.Module):
-    config: CLIPTextConfig
+    config: Any
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -210,7 +225,7 @@ class CLIPMLP(nn.Module):
 class CLIPEncoderLayer(nn.Module):
     """Pre-LayerNorm block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
-    config: CLIPTextConfig
+    config: Any
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -226,7 +241,9 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    config: CLIPTextConfig
+    """The stack of ``CLIPEncoderLayer``s of either tower (text: causal mask; vision: ``mask=None``)."""
+
+    config: Any
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -321,3 +338,94 @@ def encode_text(
         params = {"params": params}
     return _encode_text(params, config, jnp.asarray(input_ids, dtype=jnp.int32),
                         None if attention_mask is None else jnp.asarray(attention_mask), jnp.dtype(dtype))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading from transformers / diffusers folders (shared with clip_vision.py)
+
+CLIP_WEIGHT_FILES = ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin")
+
+
+def read_clip_folder(path: str, *, what: str) -> Tuple[Dict[str, Any], Dict[str, np.ndarray], str]:
+    """``(config dict, state dict, weights file)`` of a transformers CLIP folder."""
+    config = weights.read_json(os.path.join(path, "config.json"), what=what)
+    file = weights.find_file(path, CLIP_WEIGHT_FILES, what=what)
+    source = weights.read_safetensors(file) if file.endswith(".safetensors") else weights.read_torch_state_dict(file)
+    return config, source, file
+
+
+def clip_key_function(prefix: str) -> Callable[[Tuple[str, ...]], str]:
+    """Flax path -> HF key: ``prefix`` + ``hf_style_key`` with ``encoder.layers.{i}``."""
+    return lambda path: prefix + weights.hf_style_key(path, ("layers",))
+
+
+def is_clip_buffer(key: str) -> bool:
+    """Non-parameter entries of HF CLIP state dicts (older transformers saved the ``position_ids`` buffers)."""
+    return key.endswith("position_ids")
+
+
+def load_clip_text(path: str, *, allow_partial: bool = False) -> Tuple[CLIPTextConfig, Dict[str, Any]]:
+    """Loads the CLIP text transformer from a local folder: a diffusers pipeline (uses ``text_encoder/``), a
+    diffusers ``text_encoder/`` folder, or a transformers ``CLIPTextModel``/``CLIPTextModelWithProjection``/
+    ``CLIPModel`` folder (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``).
+
+    Returns ``(config, params)`` with ``params`` the bare ``CLIPTextTransformer`` tree (for ``encode_text``).
+    Keys may carry the ``text_model.`` prefix or not; the vision tower, projections, ``logit_scale`` and
+    ``position_ids`` buffers are ignored. Missing or mis-shaped tensors raise ``WeightsError`` naming them.
+    """
+    if os.path.isfile(os.path.join(path, "text_encoder", "config.json")):
+        path = os.path.join(path, "text_encoder")
+    raw, source, file = read_clip_folder(path, what="CLIP text encoder")
+    config = CLIPTextConfig.from_dict(raw)
+    prefix = "text_model." if any(k.startswith("text_model.") for k in source) else ""
+    model, ids = CLIPTextTransformer(config), jnp.zeros((1, 1), jnp.int32)
+    expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), ids)["params"]
+    fallback = model.init(jax.random.PRNGKey(0), ids)["params"] if allow_partial else None
+    params = weights.assemble_params(
+        expected, source, clip_key_function(prefix), what=f"CLIP text encoder from {file}",
+        ignore_unused=lambda k: is_clip_buffer(k) or not k.startswith(prefix) or _is_other_clip_part(k),
+        allow_partial=allow_partial, fallback=fallback)
+    return config, params
+
+
+def _is_other_clip_part(key: str) -> bool:
+    return key.startswith(("vision_model.", "visual_projection.", "text_projection.")) or key == "logit_scale"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTokenizerHandle:
+    """A transformers CLIP tokenizer with SD's framing: truncate and pad (with ``<|endoftext|>``) to
+    ``max_length``. ``__call__`` returns NumPy ``(input_ids int32 [N, L], attention_mask int32 [N, L])``."""
+
+    tokenizer: Any
+    max_length: int = 77
+
+    def __call__(self, captions: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
+        if isinstance(captions, str):
+            raise TypeError("pass a list of captions, not a single string")
+        out = self.tokenizer(list(captions), padding="max_length", max_length=self.max_length, truncation=True,
+                             return_tensors="np")
+        return out["input_ids"].astype(np.int32), out["attention_mask"].astype(np.int32)
+
+    @property
+    def eos_token_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+
+def load_clip_tokenizer(path: str, *, max_length: int = 77) -> CLIPTokenizerHandle:
+    """Loads ``CLIPTokenizer`` from a local folder (a diffusers pipeline's ``tokenizer/``, or any folder with
+    ``tokenizer.json`` or ``vocab.json`` + ``merges.txt``), without network access."""
+    if os.path.isdir(os.path.join(path, "tokenizer")):
+        path = os.path.join(path, "tokenizer")
+    has_fast = os.path.isfile(os.path.join(path, "tokenizer.json"))
+    has_bpe = all(os.path.isfile(os.path.join(path, f)) for f in ("vocab.json", "merges.txt"))
+    if not (has_fast or has_bpe):
+        raise weights.WeightsError(
+            f"CLIP tokenizer: {path} has no tokenizer files (expected tokenizer.json, or vocab.json and merges.txt)")
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizerHandle(CLIPTokenizer.from_pretrained(path, local_files_only=True), max_length)

@@ -32,6 +32,8 @@ __all__ = [
     "read_torch_state_dict",
     "write_safetensors",
     "torch_layout",
+    "torch_layout_inverse",
+    "state_dict_from_params",
     "hf_style_key",
     "assemble_params",
     "flatten_params",
@@ -102,39 +104,42 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
 
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Optional[Mapping[str, str]] = None):
     """Writes ``tensors`` as a safetensors file, atomically (temp file + rename). Readable by the reference
-    ``safetensors`` library and hence by diffusers/transformers."""
+    ``safetensors`` library and hence by diffusers/transformers. Values may be views (transposes, memmaps): each
+    is made contiguous only while it is written, so no second copy of the whole model is held."""
     names = {np.dtype(v): k for k, v in _safetensors_dtypes().items()}
     header: Dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = dict(metadata)
     offset = 0
-    arrays = []
-    for key in sorted(tensors):
-        a = np.ascontiguousarray(np.asarray(tensors[key]))
+    keys = sorted(tensors)
+    for key in keys:
+        a = np.asarray(tensors[key])
         if a.dtype not in names:
             raise WeightsError(f"cannot write tensor {key!r} of dtype {a.dtype} to safetensors")
         header[key] = {"dtype": names[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
         offset += a.nbytes
-        arrays.append(a)
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)  # the reference writer pads the header to 8 bytes
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for a in arrays:
-            f.write(a.tobytes())
+        for key in keys:
+            f.write(np.ascontiguousarray(np.asarray(tensors[key])).reshape(-1).view(np.uint8).data)
     os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # torch pickles
 
-def read_torch_state_dict(path: str, *, subkey: Optional[str] = None) -> Dict[str, np.ndarray]:
+def read_torch_state_dict(path: str, *, subkey: Optional[str] = None,
+                          safe_globals: Sequence[Any] = ()) -> Dict[str, np.ndarray]:
     """Reads a PyTorch ``.pth``/``.pt``/``.bin`` state dict as ``{key: float array}`` with
     ``torch.load(weights_only=True)``; a pickle that contains code (a whole pickled model) is refused.
 
     ``subkey`` selects a nested dict (e.g. ``"ema"`` or ``"model"`` in training checkpoints).
+    ``safe_globals``: plain-data classes the unpickler may also rebuild, for training checkpoints that store
+    them beside the weights (``argparse.Namespace`` of the run's flags); never classes with behaviour.
     """
     if not os.path.isfile(path):
         raise WeightsError(f"weights file not found: {path}")
@@ -145,7 +150,8 @@ def read_torch_state_dict(path: str, *, subkey: Optional[str] = None) -> Dict[st
             f"reading the PyTorch file {path} needs torch (pip install 'scflow_jax[parity]'); "
             "safetensors files need no torch") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(safe_globals)):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for code, RuntimeError/EOFError for garbage
         raise WeightsError(
             f"{path} is not a plain PyTorch state dict (torch.load(weights_only=True) refused it: "
@@ -213,6 +219,33 @@ def torch_layout(leaf_name: str, array: np.ndarray) -> np.ndarray:
         if array.ndim == 3:  # Conv1d: OIW -> WIO
             return np.transpose(array, (2, 1, 0))
     return array
+
+
+def torch_layout_inverse(leaf_name: str, array: np.ndarray) -> np.ndarray:
+    """The inverse of ``torch_layout``: Flax layout -> PyTorch layout (for exporters)."""
+    if leaf_name == "kernel":
+        if array.ndim == 4:
+            return np.transpose(array, (3, 2, 0, 1))
+        if array.ndim == 2:
+            return np.transpose(array, (1, 0))
+        if array.ndim == 3:
+            return np.transpose(array, (2, 1, 0))
+    return array
+
+
+def state_dict_from_params(params: Any, key_for: Callable[[Path], str], *, dtype: Any = None,
+                           transform: Callable[[Path, np.ndarray], np.ndarray] =
+                           lambda path, a: torch_layout_inverse(path[-1], a)) -> Dict[str, np.ndarray]:
+    """The inverse of ``assemble_params``: ``{key_for(path): transform(path, leaf)}`` for an exporter, with the
+    same ``key_for`` as the converter. Leaves stay views where possible (cast to ``dtype`` if given)."""
+    out = {}
+    for path, leaf in flatten_params(params).items():
+        key = key_for(path)
+        if key in out:
+            raise WeightsError(f"two parameters map to the same key {key!r} (one is {'/'.join(path)})")
+        a = transform(path, np.asarray(jax.device_get(leaf)))
+        out[key] = a if dtype is None else a.astype(dtype, copy=False)
+    return out
 
 
 _LIST_SUFFIX = re.compile(r"^(.*)_(\d+)$")
