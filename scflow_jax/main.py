@@ -90,11 +90,12 @@ def main(argv):
     logging.get_absl_handler().addFilter(_QuietOrbax())
     logging.set_verbosity(logging.INFO)
     config = flags.FLAGS.config
-    if flags.FLAGS.multihost or config.distributed.enabled:
+    distributed_cfg = config.get("distributed") or {}
+    if flags.FLAGS.multihost or distributed_cfg.get("enabled", False):
         # Before anything creates a JAX backend: the cluster decides which devices exist.
         from scflow_jax import distributed
         try:
-            distributed.initialize(config.distributed)
+            distributed.initialize(distributed_cfg)
         except distributed.DistributedInitError as e:
             logging.error("%s", e)
             print(f"error: {e}", file=sys.stderr, flush=True)

@@ -26,8 +26,13 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 PARAM_DTYPES = {"float32": jnp.float32}
 
 
+def _precision(config, field: str) -> str:
+    """A config.precision field; configs without the section compute in float32."""
+    return (config.get("precision") or {}).get(field, "float32")
+
+
 def compute_dtype(config) -> Any:
-    name = config.precision.compute_dtype
+    name = _precision(config, "compute_dtype")
     if name not in COMPUTE_DTYPES:
         raise ValueError(f"config.precision.compute_dtype={name!r}; expected one of "
                          f"{sorted(COMPUTE_DTYPES)}")
@@ -35,7 +40,7 @@ def compute_dtype(config) -> Any:
 
 
 def validate(config) -> None:
-    name = config.precision.param_dtype
+    name = _precision(config, "param_dtype")
     if name not in PARAM_DTYPES:
         raise ValueError(
             f"config.precision.param_dtype={name!r} is not supported: parameters, optimizer "
