@@ -130,17 +130,17 @@ class UnshardableParameterError(ValueError):
     """Strict FSDP: a large parameter has no dimension the fsdp axis size divides."""
 
 
-def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, rules: ShardingRules,
+def fsdp_spec(shape: tuple[int, ...], num_fsdp: int, rules: ShardingRules,
               name: str = "") -> P | None:
     """The PartitionSpec of a leaf of ``shape``; ``None`` when a large leaf cannot be split."""
-    if fsdp_size == 1 or int(np.prod(shape, dtype=np.int64)) < rules.fsdp_min_size:
+    if num_fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < rules.fsdp_min_size:
         return P()
-    divisible = [i for i, d in enumerate(shape) if d % fsdp_size == 0]
+    divisible = [i for i, d in enumerate(shape) if d % num_fsdp == 0]
     if not divisible:
         if rules.strict:
             raise UnshardableParameterError(
                 f"parameter {name!r} of shape {tuple(shape)} has no dimension divisible by "
-                f"config.mesh.fsdp={fsdp_size}; choose another fsdp size, raise "
+                f"config.mesh.fsdp={num_fsdp}; choose another fsdp size, raise "
                 f"config.mesh.fsdp_min_size above {int(np.prod(shape))}, or set "
                 f"config.mesh.fsdp_strict=False to replicate it")
         return None
