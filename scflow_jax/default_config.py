@@ -17,6 +17,29 @@ def _optimizer(lr: float, *, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=0.0,
                 grad_clip=grad_clip, lr_warmup_steps=lr_warmup_steps)
 
 
+def latent_recipe_base(name: str) -> ml_collections.ConfigDict:
+    """Fields every latent recipe (configs/celebahq256.py, configs/t2i_sd15.py) shares; each
+    recipe sets its own values of SCFLOW_SPEC.md section 7 on top. Paths are placeholders:
+    a stage that needs one and finds it unset names the field."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.mesh = dict(data=-1, num_devices=-1)
+    c.data = dict(name=name, path=placeholder(str),  # prepared latent dataset (--mode=prepare_data)
+                  image_size=256, hflip=True)
+    c.model = dict(teacher_path=placeholder(str), vae_path=placeholder(str),
+                   dtype="float32",       # student/teacher compute dtype (params stay float32)
+                   vae_dtype="float32")
+    c.scflow = dict(huber_c=0.01, lambda_con=1.0, lambda_rf=0.1, lambda_gan=0.1, lambda_inv=0.1,
+                    target_ema=0.9, eval_ema=0.9999, use_teacher=True, sigmoid_head=True)
+    c.sample = dict(model="student", num_steps=(1, 2, 4), sampler="euler", guidance=1.0,
+                    batch_size=16, num_images=64, prompts=(), prompts_file=placeholder(str),
+                    num_per_prompt=4)
+    c.export = dict(output_dir=placeholder(str))  # default <workdir>/export
+    c.fid = dict(inception_path=placeholder(str), images_dir=placeholder(str),
+                 output_npz=placeholder(str), batch_size=placeholder(int))
+    return c
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0

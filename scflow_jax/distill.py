@@ -15,7 +15,6 @@ import jax.numpy as jnp
 from absl import logging
 
 from scflow_jax import checkpoint, sharding, teacher, train_state, trainer
-from scflow_jax.data.pipeline import InMemoryBatches
 from scflow_jax.losses import scflow
 from scflow_jax.tasks import Task, build_task
 
@@ -55,7 +54,10 @@ def teacher_params_path(config, workdir: str) -> str:
 
 
 def load_teacher_params(config, workdir: str, task: Task, mesh):
-    """The frozen teacher, checked name by name against the student's architecture."""
+    """The frozen teacher, checked name by name against the student's architecture: a
+    pretrained checkpoint (recipes) or the train_teacher stage's export (digits)."""
+    if task.pretrained_teacher:
+        return sharding.put_replicated(task.load_teacher_params(), mesh)
     path = teacher_params_path(config, workdir)
     if not os.path.isdir(path):
         raise FileNotFoundError(
@@ -67,7 +69,8 @@ def load_teacher_params(config, workdir: str, task: Task, mesh):
 def networks(task: Task) -> scflow.SCFlowNetworks:
     """Student, target and teacher share the task's flow network; D is the task's."""
     return scflow.SCFlowNetworks(velocity_fn=task.velocity_fn,
-                                 teacher_velocity_fn=task.velocity_fn, disc_fn=task.disc_fn)
+                                 teacher_velocity_fn=task.velocity_fn, disc_fn=task.disc_fn,
+                                 disc_takes_time=task.disc_takes_time)
 
 
 def make_train_step(nets: scflow.SCFlowNetworks, cfg, optimizer, disc_optimizer, root_key):
@@ -160,41 +163,50 @@ def _ema_grid(sampler):
     return lambda state: sampler(state.ema_params)
 
 
-def distill(config, workdir: str):
+def distill(config, workdir: str, *, data=None):
+    """Runs the stage. ``data``: a batch source (``.batch(step)``) replacing the task's own
+    (``task.batches``), e.g. an in-memory stand-in for a prepared dataset in tests."""
     cfg = config.distill
     validate_scflow_config(config.scflow)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.num_devices)
     sharding.check_global_batch(cfg.batch_size, mesh, "config.distill.batch_size")
     task = build_task(config)
+    if data is None:
+        data = task.batches(cfg.batch_size, seed=config.seed + 1)
+    elif hasattr(task, "check_data"):
+        task.check_data(data)
     teacher_params = load_teacher_params(config, workdir, task, mesh)
     optimizer = train_state.make_optimizer(cfg.optimizer)
     disc_optimizer = train_state.make_optimizer(config.disc.optimizer)
     disc_key, root_key = jax.random.split(
         jax.random.fold_in(jax.random.PRNGKey(config.seed), 2))
 
+    init_disc = functools.partial(task.init_disc_params, teacher_params=teacher_params)
     state, abstract, shardings = trainer.init_state(
-        functools.partial(init_distill_state, task.init_disc_params, teacher_params, optimizer,
+        functools.partial(init_distill_state, init_disc, teacher_params, optimizer,
                           disc_optimizer, disc_key), mesh)
     trainer.log_parameter_overview(state.disc_params, "discriminator")
     logging.info("[distill] student %d parameters, discriminator %d parameters",
                  train_state.count_params(state.params),
                  train_state.count_params(state.disc_params))
 
+    null_cond = task.null_cond
     frozen = {"teacher_params": teacher_params,
-              "null_cond": sharding.put_replicated(jnp.asarray(task.null_cond), mesh)}
+              "null_cond": None if null_cond is None
+              else sharding.put_replicated(jnp.asarray(null_cond), mesh)}
     step = make_train_step(networks(task), config.scflow, optimizer, disc_optimizer, root_key)
-    data = InMemoryBatches({k: task.train[k] for k in ("image", "cond")}, cfg.batch_size,
-                           seed=config.seed + 1)
+    # Unconditional data has no "cond": the step reads None.
+    train_step = lambda s, b: step(s, {"image": b["image"], "cond": b.get("cond")}, frozen)  # noqa: E731
     result = trainer.run_loop(
         stage=STAGE, dirs=stage_dirs(workdir), loop=trainer.LoopConfig(
             cfg.num_steps, cfg.log_every, cfg.checkpoint_every, cfg.keep_checkpoints,
             cfg.sample_every),
         state=state, abstract_state=abstract, state_shardings=shardings,
-        train_step=lambda s, b: step(s, b, frozen), batch_fn=data.batch, mesh=mesh,
-        sample_images=_ema_grid(task.grid_sampler(config.seed, num_steps=1)), grid_rows=len(task.prompts) - 1)
+        train_step=train_step, batch_fn=data.batch, mesh=mesh,
+        sample_images=_ema_grid(task.grid_sampler(config.seed, num_steps=1))
+        if cfg.sample_every else None, grid_rows=task.grid_rows)
     if not result.preempted:
         checkpoint.save_params(stage_dirs(workdir).params, result.state.ema_params)
         logging.info("[distill] done: student (eval EMA) exported to %s",
                      stage_dirs(workdir).params)
     return result
-
