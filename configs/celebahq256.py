@@ -13,13 +13,11 @@ sets the paths).
 """
 from __future__ import annotations
 
-from ml_collections.config_dict import placeholder
-
 from scflow_jax.default_config import _optimizer, latent_recipe_base
 
 
 def get_config(arg: str | None = None):
-    c = latent_recipe_base("celebahq256")
+    c = latent_recipe_base("celebahq256", "latents")
     c.data.image_size = 256
     c.data.hflip = True
     c.model.teacher_subkey = ""   # "model_dict" for LFM's resumable content.pth; "" for model_<epoch>.pth
@@ -39,10 +37,10 @@ def get_config(arg: str | None = None):
                          warmup_rf=1000, warmup_gan=0, warmup_inv=1000,
                          teacher_cfg=1.0, integer_timesteps=False, r1_gamma=1.0, disc_noise_inputs=False))
     c.sample.num_images = 64
-    # Evaluation (scflow_jax.evaluation.real_eval): FID of 50k samples at 1/2/4 Euler steps against CelebA-HQ
-    # 256 statistics (--mode=fid_stats writes them) with pytorch-fid's Inception.
-    c.eval = dict(num_samples=50_000, batch_size=250, student_steps=(1, 2, 4), fid_stats=placeholder(str),
-                  inception_path=placeholder(str))
+    c.data.prepare.image_size = 256
+    # Evaluation: FID of 50k samples at 1/2/4 Euler steps against CelebA-HQ 256 statistics
+    # (config.eval.fid_reference, written by --mode=fid_stats; pytorch-fid Inception at config.fid.inception_path).
+    c.eval.update(dict(num_samples=50_000, batch_size=256, student_steps=(1, 2, 4)))
 
     if arg == "tiny":
         c.mesh.num_devices = 1
@@ -55,6 +53,7 @@ def get_config(arg: str | None = None):
         c.scflow.update(dict(warmup_rf=1, warmup_inv=2))
         c.sample.update(dict(num_steps=(1, 2), num_images=4, batch_size=4))
         c.eval.update(dict(num_samples=8, batch_size=4, student_steps=(1, 2)))
+        c.data.prepare.update(dict(image_size=64, batch_size=4))
     elif arg:
         raise ValueError(f"unknown config variant {arg!r}; expected '' or 'tiny'")
     return c

@@ -20,7 +20,7 @@ from scflow_jax.default_config import _optimizer, latent_recipe_base
 
 
 def get_config(arg: str | None = None):
-    c = latent_recipe_base("t2i_sd15")
+    c = latent_recipe_base("t2i_sd15", "text_to_image")
     c.data.image_size = 512
     # Flipping a picture would contradict captions that say "left"/"right" or show text.
     c.data.hflip = False
@@ -43,10 +43,13 @@ def get_config(arg: str | None = None):
     c.sample.prompts = ("a photograph of an astronaut riding a horse",
                         "a cozy cabin in a snowy forest at night, warm light in the windows")
     c.sample.num_per_prompt = 4
-    # Evaluation (scflow_jax.evaluation.real_eval): zero-shot COCO 2017 val 5k captions (FID-5k, CLIP score) and
-    # COCO 2014 val 30k (FID-30k) at 1/2/4 steps.
-    c.eval = dict(num_samples=5000, batch_size=50, student_steps=(1, 2, 4), captions_path=placeholder(str),
-                  fid_stats=placeholder(str), inception_path=placeholder(str), clip_path=placeholder(str))
+    c.data.prepare.image_size = 512
+    # Evaluation: zero-shot COCO 2017 val 5k captions (config.eval.prompts_file = captions_val2017.json; FID-5k
+    # against COCO val2017 statistics, CLIP score with config.eval.clip_path = openai/clip-vit-large-patch14);
+    # COCO 2014 30k: prompts_file = captions_val2014.json, num_samples = 30000. The teacher row: InstaFlow is
+    # itself a one-step model (1 step, no guidance); for a 2-rectified-flow teacher use teacher_steps=(25,).
+    c.eval.update(dict(num_samples=5000, batch_size=64, student_steps=(1, 2, 4), teacher_steps=(1,),
+                       teacher_guidance=1.0))
 
     if arg == "tiny":
         c.mesh.num_devices = 1
@@ -58,7 +61,8 @@ def get_config(arg: str | None = None):
         c.distill.update(dict(num_steps=3, batch_size=4, log_every=1, checkpoint_every=3, sample_every=0))
         c.scflow.update(dict(warmup_gan=1, warmup_inv=2))
         c.sample.update(dict(num_steps=(1, 2), batch_size=4, num_per_prompt=2, prompts=("a cat", "the dog")))
-        c.eval.update(dict(num_samples=8, batch_size=4, student_steps=(1, 2)))
+        c.eval.update(dict(num_samples=8, batch_size=4, student_steps=(1, 2), teacher_steps=()))
+        c.data.prepare.update(dict(image_size=64, batch_size=4))
     elif arg:
         raise ValueError(f"unknown config variant {arg!r}; expected '' or 'tiny'")
     return c

@@ -84,7 +84,7 @@ def make_train_step(nets: scflow.SCFlowNetworks, cfg, optimizer, disc_optimizer,
     def step_fn(state: train_state.DistillState, batch, frozen):
         rng = jax.random.fold_in(root_key, state.step)
         k_gen, k_dnoise, k_gnoise = jax.random.split(rng, 3)
-        z0, cond = batch["image"], batch["cond"]
+        z0, cond = batch["image"], batch.get("cond")  # no "cond": an unconditional model
         inputs = scflow.prepare_generator_inputs(
             k_gen, z0, cond, teacher_params=frozen["teacher_params"],
             target_params=state.target_params, null_cond=frozen["null_cond"], nets=nets,
@@ -195,14 +195,12 @@ def distill(config, workdir: str, *, data=None):
               "null_cond": None if null_cond is None
               else sharding.put_replicated(jnp.asarray(null_cond), mesh)}
     step = make_train_step(networks(task), config.scflow, optimizer, disc_optimizer, root_key)
-    # Unconditional data has no "cond": the step reads None.
-    train_step = lambda s, b: step(s, {"image": b["image"], "cond": b.get("cond")}, frozen)  # noqa: E731
     result = trainer.run_loop(
         stage=STAGE, dirs=stage_dirs(workdir), loop=trainer.LoopConfig(
             cfg.num_steps, cfg.log_every, cfg.checkpoint_every, cfg.keep_checkpoints,
             cfg.sample_every),
         state=state, abstract_state=abstract, state_shardings=shardings,
-        train_step=train_step, batch_fn=data.batch, mesh=mesh,
+        train_step=lambda s, b: step(s, b, frozen), batch_fn=data.batch, mesh=mesh,
         sample_images=_ema_grid(task.grid_sampler(config.seed, num_steps=1))
         if cfg.sample_every else None, grid_rows=task.grid_rows)
     if not result.preempted:

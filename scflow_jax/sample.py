@@ -12,26 +12,23 @@ from absl import logging
 from scflow_jax import checkpoint, distill, monitoring, recipes, sampling, sharding
 from scflow_jax.data import digits
 from scflow_jax.data.tokenizer import WordTokenizer
+from scflow_jax.evaluation import prompts as prompts_lib
 from scflow_jax.tasks import build_task, encode_prompts
 
 RECIPE_MODELS = ("student", "teacher")
 
 
 def read_prompts(prompts, prompts_file: str | None) -> list[str]:
-    """Prompts from the config/CLI list and/or a file (one per line). Blank lines inside a file
-    are refused with their line numbers: a silently skipped line would shift every later
-    prompt's output file name."""
+    """Prompts from the config/CLI list and/or a file (``evaluation.prompts.load_prompts``
+    formats: one per line, or JSON). Empty lines inside a file are refused with their line
+    numbers: a skipped line would shift every later prompt's output file name."""
     out = [p for p in (prompts or ())]
     if prompts_file:
         if not os.path.isfile(prompts_file):
             raise FileNotFoundError(f"prompts file {prompts_file!r} does not exist")
-        with open(prompts_file) as f:
-            lines = [line.strip() for line in f.read().splitlines()]
-        blank = [i + 1 for i, line in enumerate(lines) if not line]
-        if blank and len(blank) < len(lines):
-            raise ValueError(f"prompts file {prompts_file!r} has empty lines {blank}; one prompt "
-                             f"per line (use \"\" in --config.sample.prompts for the empty prompt)")
-        out += [line for line in lines if line]
+        with open(prompts_file, encoding="utf-8") as f:
+            if f.read().strip():  # a blank file adds nothing (then: "no prompts" below)
+                out += prompts_lib.load_prompts(prompts_file)
     if not out:
         raise ValueError("no prompts: set config.sample.prompts, --prompt or --prompts_file")
     return out

@@ -179,7 +179,7 @@ def test_missing_paths_and_bad_resolution_name_the_field(tmp_path):
 def test_prompts_file_with_empty_lines_names_them(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("a cat\n\nthe dog\n  \na dog\n")
-    with pytest.raises(ValueError, match=r"empty lines \[2, 4\]"):
+    with pytest.raises(ValueError, match=r"empty line\(s\) 2, 4 "):
         sample.read_prompts([], str(path))
     path.write_text("a cat\nthe dog\n")
     assert sample.read_prompts(["a dog"], str(path)) == ["a dog", "a cat", "the dog"]

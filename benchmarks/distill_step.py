@@ -1,0 +1,145 @@
+"""Speed of one SCFlow distillation iteration and of student sampling on the latent CelebA-HQ work.
+
+The fixed configuration of the side-by-side comparison with the authors' PyTorch code (issue 8):
+latents 4x16x16 (random normal, no VAE), batch 32, seed 0; the ADM UNet of
+``ADMConfig.speed_benchmark()`` (64 channels, mult (1, 2, 2), 1 res block, attention at 8x8 and
+in the middle, 4 heads, scale-shift norm); the StyleGAN2 resnet discriminator for 4x16x16
+(channel_base 2048, channel_max 128, minibatch-std group 4, unconditional); one timed iteration =
+D step (real, R1 with gamma 1, fake) + G step (teacher forward, both target forwards, the three
+student forwards with gradient, every term on: warm-ups over) + AdamW updates (G 2e-5, D 1e-4) +
+target EMA 0.9 and eval EMA 0.9999. Sampling: 1- and 4-step Euler of 64 latents.
+
+``--full`` runs the paper's network instead (``ADMConfig.lfm_celeba256()``, latents 4x32x32,
+batch 32, the spec's discriminator with channel_base 16384 / channel_max 512).
+
+Usage: python benchmarks/distill_step.py [--full] [--no-record]
+       JAX_PLATFORMS=cuda python benchmarks/distill_step.py --full      (on a GPU)
+Prints one JSON line and appends it to benchmarks/results.json (unless --no-record).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+
+from common import record, time_calls  # noqa: E402
+from scflow_jax import distill, flows, sampling, sharding, train_state, trainer  # noqa: E402
+from scflow_jax.default_config import get_config  # noqa: E402
+from scflow_jax.losses import scflow  # noqa: E402
+from scflow_jax.models.discriminators import StyleGANDiscriminator  # noqa: E402
+from scflow_jax.models.unet_adm import ADMConfig, ADMUNet  # noqa: E402
+
+# The authors' PyTorch code on this project's 2-core CPU machine (torch 2.13 CPU, 2 threads; two
+# runs), from issue 8. Quoted beside our figures; not measured by this script.
+REFERENCE_CPU = {"iteration_median_s": [1.50, 1.62], "iteration_min_s": [1.33, 1.46],
+                 "sample_1step_64_median_s": [0.15, 0.21], "sample_4step_64_median_s": [0.61, 0.66]}
+
+
+def benchmark_setup(full: bool):
+    """Networks, latent shape, batch and the SCFlow settings of the fixed benchmark work."""
+    if full:
+        unet_config, latent_hw = ADMConfig.lfm_celeba256(), 32
+        disc = StyleGANDiscriminator(resolution=32, in_channels=4, channel_base=16384,
+                                     channel_max=512, mbstd_group_size=4)
+    else:
+        unet_config, latent_hw = ADMConfig.speed_benchmark(), 16
+        disc = StyleGANDiscriminator(resolution=16, in_channels=4, channel_base=2048,
+                                     channel_max=128, mbstd_group_size=4)
+    cfg = ml_collections.ConfigDict(get_config().scflow.to_dict())
+    cfg.update(init_threshold=0.1, trunc_threshold=0.4, lambda_con=1.0, lambda_rf=0.1,
+               lambda_gan=0.1, lambda_inv=0.1, warmup_rf=0, warmup_gan=0, warmup_inv=0,
+               target_ema=0.9, eval_ema=0.9999, teacher_cfg=1.0, r1_gamma=1.0,
+               disc_noise_inputs=False, integer_timesteps=False, use_teacher=True)
+    return unet_config, disc, (latent_hw, latent_hw, 4), 32, cfg
+
+
+def build(full: bool, mesh):
+    unet_config, disc, latent_shape, batch_size, cfg = benchmark_setup(full)
+    unet = ADMUNet(unet_config)
+    velocity_fn = flows.wrap_lfm_flow(lambda p, x, t, c: unet.apply({"params": p}, x, t))
+    nets = scflow.SCFlowNetworks(
+        velocity_fn=velocity_fn, teacher_velocity_fn=velocity_fn,
+        disc_fn=lambda p, x, c: disc.apply({"params": p}, x))
+    x_init = jnp.zeros((2,) + latent_shape, jnp.float32)
+    teacher_params = jax.jit(lambda k: unet.init(k, x_init, jnp.zeros((2,)))["params"])(
+        jax.random.PRNGKey(0))
+    teacher_params = sharding.put_replicated(teacher_params, mesh)
+    init_disc = lambda k: disc.init(k, x_init)["params"]  # noqa: E731
+    opt = train_state.make_optimizer(ml_collections.ConfigDict(dict(
+        learning_rate=2e-5, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=0.0)))
+    disc_opt = train_state.make_optimizer(ml_collections.ConfigDict(dict(
+        learning_rate=1e-4, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=0.0)))
+    state, _, _ = trainer.init_state(functools.partial(
+        distill.init_distill_state, init_disc, teacher_params, opt, disc_opt,
+        jax.random.PRNGKey(1)), mesh)
+    step = distill.make_train_step(nets, cfg, opt, disc_opt, jax.random.PRNGKey(2))
+    batch = sharding.shard_batch(
+        {"image": jax.device_get(jax.random.normal(jax.random.PRNGKey(3),
+                                                   (batch_size,) + latent_shape))}, mesh)
+    frozen = {"teacher_params": teacher_params, "null_cond": None}
+    return dict(nets=nets, state=state, step=step, batch=batch, frozen=frozen,
+                latent_shape=latent_shape, batch_size=batch_size)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="the paper's full-size ADM UNet")
+    parser.add_argument("--no-record", action="store_true", help="print only")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    mesh = sharding.make_mesh(-1, -1)
+    b = build(args.full, mesh)
+    out = {"config": "full" if args.full else "issue8_small",
+           "latent_shape": list(b["latent_shape"]), "batch_size": b["batch_size"],
+           "devices": jax.device_count(),
+           "unet_params": train_state.count_params(b["state"].params),
+           "disc_params": train_state.count_params(b["state"].disc_params)}
+
+    start = time.perf_counter()
+    compiled = b["step"].lower(b["state"], b["batch"], b["frozen"]).compile()
+    out["step_compile_s"] = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    out["step_gflop"] = float(cost.get("flops", 0.0)) / 1e9 if cost else None
+
+    holder = {"state": b["state"]}
+
+    def iteration():
+        holder["state"], metrics = compiled(holder["state"], b["batch"], b["frozen"])
+        return metrics
+
+    t = time_calls(iteration, warmup=args.warmup, repeats=args.repeats)
+    out["iteration"] = {**t, "examples_per_s": b["batch_size"] / t["median_s"]}
+
+    # Student sampling of 64 latents with the eval-EMA parameters.
+    z1 = sharding.shard_batch({"z1": jax.device_get(jax.random.normal(
+        jax.random.PRNGKey(4), (64,) + b["latent_shape"]))}, mesh)["z1"]
+    params = holder["state"].ema_params
+    for steps in (1, 4):
+        sampler = jax.jit(functools.partial(sampling.sample, b["nets"].velocity_fn,
+                                            cond=None, num_steps=steps))
+        start = time.perf_counter()
+        compiled_sampler = sampler.lower(params, z1).compile()
+        out[f"sample_{steps}step_64_compile_s"] = time.perf_counter() - start
+        out[f"sample_{steps}step_64"] = time_calls(lambda: compiled_sampler(params, z1),
+                                                   warmup=2, repeats=10)
+    out["reference_pytorch_2core_cpu"] = REFERENCE_CPU
+    if args.no_record:
+        import json
+        print(json.dumps(out), flush=True)
+    else:
+        record("distill_step", out)
+
+
+if __name__ == "__main__":
+    main()
