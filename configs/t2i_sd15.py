@@ -27,7 +27,6 @@ def get_config(arg: str | None = None):
     # The UNet architecture comes from <teacher_path>/[unet/]config.json (SD 1.5: ~860M parameters).
     c.model.text_encoder_path = placeholder(str)   # CLIP ViT-L/14 text transformer (pipeline or text_encoder/)
     c.model.tokenizer_path = placeholder(str)      # CLIP tokenizer (pipeline or tokenizer/)
-    c.model.text_max_length = 77
     c.model.dtype = "bfloat16"   # bf16 compute, float32 master weights
     c.model.remat = True         # gradient checkpointing of every resnet and transformer block
     # Teacher encoder + head conv(1280->256, k4, s2) -> conv 3x3 -> GroupNorm(32) -> SiLU -> linear.
@@ -54,7 +53,6 @@ def get_config(arg: str | None = None):
     if arg == "tiny":
         c.mesh.num_devices = 1
         c.data.image_size = 64          # 8x8 latents
-        c.model.text_max_length = 16
         c.model.dtype = "float32"
         c.model.remat = False
         c.disc.update(dict(head_channels=16, head_groups=4, dtype="float32", remat=False))

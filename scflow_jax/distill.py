@@ -163,24 +163,20 @@ def _ema_grid(sampler):
     return lambda state: sampler(state.ema_params)
 
 
-def distill(config, workdir: str, *, data=None):
-    """Runs the stage. ``data``: a batch source (``.batch(step)``) replacing the task's own
-    (``task.batches``), e.g. an in-memory stand-in for a prepared dataset in tests."""
+def distill(config, workdir: str):
     cfg = config.distill
     validate_scflow_config(config.scflow)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.num_devices)
     sharding.check_global_batch(cfg.batch_size, mesh, "config.distill.batch_size")
     task = build_task(config)
-    if data is None:
-        data = task.batches(cfg.batch_size, seed=config.seed + 1)
-    elif hasattr(task, "check_data"):
-        task.check_data(data)
+    data = task.batches(cfg.batch_size, seed=config.seed + 1)
     teacher_params = load_teacher_params(config, workdir, task, mesh)
     optimizer = train_state.make_optimizer(cfg.optimizer)
     disc_optimizer = train_state.make_optimizer(config.disc.optimizer)
     disc_key, root_key = jax.random.split(
         jax.random.fold_in(jax.random.PRNGKey(config.seed), 2))
 
+    null_cond = task.null_cond  # (recipes: loads the text encoder, outside any trace)
     init_disc = functools.partial(task.init_disc_params, teacher_params=teacher_params)
     state, abstract, shardings = trainer.init_state(
         functools.partial(init_distill_state, init_disc, teacher_params, optimizer,
@@ -190,7 +186,6 @@ def distill(config, workdir: str, *, data=None):
                  train_state.count_params(state.params),
                  train_state.count_params(state.disc_params))
 
-    null_cond = task.null_cond
     frozen = {"teacher_params": teacher_params,
               "null_cond": None if null_cond is None
               else sharding.put_replicated(jnp.asarray(null_cond), mesh)}

@@ -131,8 +131,7 @@ class LatentTask:
     @functools.cached_property
     def _vae(self) -> tuple[vae_lib.VAE, Any]:
         path = required_path(self.config, "model.vae_path", "VAE (diffusers AutoencoderKL folder)")
-        vae, params = vae_lib.load_vae(path, dtype=compute_dtype(self.config, "model.vae_dtype"))
-        return vae, jax.device_put(params)
+        return vae_lib.load_vae(path, dtype=compute_dtype(self.config, "model.vae_dtype"))
 
     def decode(self, latents) -> jax.Array:
         """Scaled latents [B, h, w, c] -> images in [-1, 1], NHWC float32."""
@@ -148,8 +147,9 @@ class LatentTask:
         path = required_path(self.config, "model.text_encoder_path", "CLIP text encoder")
         tok_path = required_path(self.config, "model.tokenizer_path", "CLIP tokenizer")
         text_config, params = clip.load_clip_text(path)
-        tokenizer = clip.load_clip_tokenizer(tok_path, max_length=self.config.model.text_max_length)
-        return text_config, jax.device_put(params), tokenizer
+        # Prompts fill every position (77 for CLIP ViT-L/14), as the data preparation encodes captions.
+        tokenizer = clip.load_clip_tokenizer(tok_path, max_length=text_config.max_position_embeddings)
+        return text_config, params, tokenizer
 
     def encode_prompts(self, prompts: list[str]) -> np.ndarray:
         """Prompts -> CLIP last hidden states float32 [N, L, D] (SD's framing: padded with end-of-text to L
@@ -173,7 +173,8 @@ class LatentTask:
     def init_disc_params(self, rng, teacher_params=None):
         """Latent StyleGAN D: random; UNet-encoder D: fresh head + the teacher's encoder (spec section 2)."""
         if isinstance(self.discriminator, unet_discriminator.UNetDiscriminator):
-            cond_shape = (self.config.model.text_max_length, self.network_config.per_block("cross_attention_dim")[0])
+            text_config = self._text_encoder[0]
+            cond_shape = (text_config.max_position_embeddings, text_config.hidden_size)
             return unet_discriminator.init_from_teacher(self.discriminator, rng, teacher_params,
                                                         self.latent_shape, cond_shape)
         x = jnp.zeros((4,) + self.latent_shape, jnp.float32)
@@ -187,19 +188,18 @@ class LatentTask:
         from scflow_jax.data.latents import LatentBatches  # the data-preparation module
 
         data = LatentBatches(path, global_batch, seed, hflip=self.config.data.hflip)
-        self.check_data(data)
+        if data.scaling_factor != self.vae_config.scaling_factor:
+            raise ValueError(f"config.data.path={path} was prepared with latent scaling factor "
+                             f"{data.scaling_factor}, but the VAE at config.model.vae_path scales by "
+                             f"{self.vae_config.scaling_factor}")
+        if data.latent_shape != self.latent_shape:
+            raise ValueError(f"config.data.path={path} holds latents of shape {data.latent_shape}, but "
+                             f"config.data.image_size={self.image_size} with this VAE gives {self.latent_shape}")
+        kind = "latents" if self.unconditional else "text_to_image"
+        if data.metadata["kind"] != kind:
+            raise ValueError(f"config.data.path={path} is a {data.metadata['kind']!r} dataset; "
+                             f"config.data.name={self.config.data.name!r} needs {kind!r}")
         return data
-
-    def check_data(self, data) -> None:
-        """A batch source's examples must be this recipe's latents (and prompt states)."""
-        example = data.batch(0)
-        if tuple(example["image"].shape[1:]) != self.latent_shape:
-            raise ValueError(f"data latents have shape {tuple(example['image'].shape[1:])} but config.data."
-                             f"image_size={self.image_size} with this VAE gives {self.latent_shape}")
-        if self.unconditional == ("cond" in example):
-            raise ValueError(f"data {'has' if 'cond' in example else 'lacks'} prompt embeddings ('cond') but "
-                             f"config.data.name={self.config.data.name!r} is "
-                             f"{'un' if self.unconditional else ''}conditional")
 
     @property
     def grid_prompts(self) -> list[str]:

@@ -3,8 +3,9 @@
 Each ``:tiny`` recipe gets tiny random weights written here in the real formats (ADM teacher: guided-diffusion-named
 ``.safetensors``; SD teacher: a diffusers UNet folder via ``export_unet_sd``; VAE: a diffusers AutoencoderKL folder;
 CLIP: a transformers text-encoder folder and a BPE tokenizer), then distils a few steps, samples and exports.
-The prepared dataset is an in-memory stand-in (``InMemoryBatches`` over random latents: the same ``.batch(step)``
-interface as ``scflow_jax.data.latents.LatentBatches``), passed to ``distill(..., data=)``.
+The dataset is prepared from random images by --mode=prepare_data (the tiny VAE, and CLIP for captions) and read by
+``LatentBatches``; evaluation runs ``real_eval.evaluate_recipe`` with a tiny feature extractor in place of
+Inception.
 Parity tolerance (export -> diffusers): max abs error <= 1e-4 in float32.
 """
 from __future__ import annotations
@@ -21,8 +22,8 @@ import pytest
 from PIL import Image
 
 import clip_testlib
-from scflow_jax import distill, main, recipes, sample
-from scflow_jax.data.pipeline import InMemoryBatches
+from scflow_jax import distill, main, recipes, sample, sharding
+from scflow_jax.evaluation import fid, frechet, real_eval
 from scflow_jax.models import clip, unet_adm, unet_discriminator, unet_sd, weights
 from scflow_jax.models.vae import VAE, VAEConfig, vae_state_dict_key
 
@@ -103,21 +104,59 @@ def celeba_config(tmp_path):
 def t2i_config(tmp_path):
     config = load_config("t2i_sd15")
     config.model.vae_path = write_vae(str(tmp_path / "vae"))
-    config.model.text_encoder_path, config.model.tokenizer_path = write_text_encoder(
-        str(tmp_path), config.model.text_max_length)
+    config.model.text_encoder_path, config.model.tokenizer_path = write_text_encoder(str(tmp_path), 16)
     teacher = random_params(unet_sd.unet_param_shapes(TINY_UNET), 5)
     config.model.teacher_path = unet_sd.export_unet_sd(TINY_UNET, teacher, str(tmp_path / "instaflow" / "unet"))
     return config
 
 
-def latent_data(task, n: int = 8, seed: int = 0):
-    """A stand-in prepared dataset: random latents (and, t2i, CLIP states of random captions)."""
-    rng = np.random.default_rng(seed)
-    arrays = {"image": rng.standard_normal((n,) + task.latent_shape).astype(np.float32)}
+CAPTIONS = ["a cat", "the dog", "a dog", "the cat"]
+
+
+def prepare_data(config, tmp_path, n: int = 8) -> str:
+    """--mode=prepare_data on ``n`` random 64 px images (+ captions for text-to-image) with the recipe's VAE (and
+    text encoder): the prepared folder ``LatentBatches`` reads in distillation."""
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(CAPTIONS[i % len(CAPTIONS)])
+    p = config.data.prepare
+    p.input, p.output, p.vae = str(images), str(tmp_path / "prepared"), config.model.vae_path
+    if p.kind == "text_to_image":
+        p.text_encoder, p.tokenizer = config.model.text_encoder_path, config.model.tokenizer_path
+    assert main.run(config, str(tmp_path / "prepare_wd"), "prepare_data") == 0
+    config.data.path = p.output
+    return p.output
+
+
+FEATURE_DIM = 6
+
+
+def evaluate_tiny(config, task, workdir, tmp_path):
+    """--mode=evaluate's library call on the distilled student, with a tiny random feature extractor standing in
+    for Inception (real_eval's own tests cover the Inception path): returns the rows."""
+    rng = np.random.default_rng(4)
+    reference = str(tmp_path / "reference.npz")
+    frechet.save_statistics(reference, rng.normal(size=FEATURE_DIM) * 0.1, np.eye(FEATURE_DIM) * 0.05)
+    config.eval.fid_reference = reference
     if not task.unconditional:
-        words = ["a cat", "the dog", "a dog", "the cat"]
-        arrays["cond"] = task.encode_prompts([words[i % len(words)] for i in range(n)])
-    return InMemoryBatches(arrays, task.config.distill.batch_size, seed=1)
+        captions = tmp_path / "captions.txt"
+        captions.write_text("\n".join(CAPTIONS * (config.eval.num_samples // len(CAPTIONS))) + "\n")
+        config.eval.prompts_file = str(captions)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.num_devices)
+    size = config.data.image_size
+    w = rng.normal(size=(size * size * 3, FEATURE_DIM)).astype(np.float32) / size
+    extractor = fid.FeatureExtractor(lambda p, x: jnp.tanh(x.reshape(x.shape[0], -1) @ p), w, mesh,
+                                     config.eval.batch_size)
+    return real_eval.evaluate_recipe(config, workdir, task, feature_extractor=extractor,
+                                     feature_dim=FEATURE_DIM, mesh=mesh)
+
+
+def _check_rows(rows, config):
+    assert [(r["model"], r["steps"]) for r in rows] == [("student", s) for s in config.eval.student_steps]
+    assert all(np.isfinite(r["fid"]) and r["fid"] > 0 for r in rows)
 
 
 def _tree_max_diff(a, b) -> float:
@@ -192,8 +231,9 @@ def test_celebahq256_tiny_distill_sample_export(tmp_path):
     task = recipes.build_recipe_task(config)
     assert task.unconditional and task.null_cond is None and task.latent_shape == (8, 8, 4)
     teacher = task.load_teacher_params()
+    prepare_data(config, tmp_path)
     workdir = str(tmp_path / "run")
-    result = distill.distill(config, workdir, data=latent_data(task))
+    result = distill.distill(config, workdir)
     assert int(result.state.step) == config.distill.num_steps
     student = result.state.ema_params
     assert 0 < _tree_max_diff(student, teacher) < 1.0  # moved, and only a little (eval EMA 0.9999)
@@ -210,7 +250,12 @@ def test_celebahq256_tiny_distill_sample_export(tmp_path):
     exported = unet_adm.load_unet_adm(os.path.join(workdir, "export", "model.safetensors"),
                                       task.network_config)
     assert _tree_max_diff(exported, student) == 0.0
-    # Evaluation (scflow_jax.evaluation.real_eval) is another branch's; not exercised here.
+    _check_rows(evaluate_tiny(config, task, workdir, tmp_path), config)
+
+    other = load_config("celebahq256")
+    other.model.vae_path, other.data.path, other.data.image_size = config.model.vae_path, config.data.path, 128
+    with pytest.raises(ValueError, match=r"holds latents of shape \(8, 8, 4\).*image_size=128"):
+        recipes.build_recipe_task(other).batches(4, seed=0)
 
 
 def test_recipe_has_no_teacher_training_stage(tmp_path):
@@ -230,8 +275,9 @@ def t2i_assets(tmp_path_factory):
 @pytest.mark.slow
 def test_t2i_tiny_distill_sample_export(t2i_assets, tmp_path):
     config, task, _ = t2i_assets
+    prepare_data(config, tmp_path)
     workdir = str(tmp_path / "run")
-    result = distill.distill(config, workdir, data=latent_data(task))
+    result = distill.distill(config, workdir)
     assert not task.unconditional and task.latent_shape == (8, 8, 4)
     np.testing.assert_allclose(task.null_cond, task.encode_prompts([""])[0])
     assert int(result.state.step) == config.distill.num_steps
@@ -252,6 +298,7 @@ def test_t2i_tiny_distill_sample_export(t2i_assets, tmp_path):
     loaded_config, exported = unet_sd.load_unet_sd(os.path.join(workdir, "export", "unet"))
     assert loaded_config == TINY_UNET
     assert _tree_max_diff(exported, result.state.ema_params) == 0.0
+    _check_rows(evaluate_tiny(config, task, workdir, tmp_path), config)
 
 
 @pytest.mark.parity
