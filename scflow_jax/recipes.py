@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 
 from scflow_jax import checkpoint, flows, sampling, sharding
+from scflow_jax.evaluation import generate
 from scflow_jax.models import clip, discriminators, unet_adm, unet_discriminator, unet_sd, vae as vae_lib, weights
 
 RECIPES = ("celebahq256", "t2i_sd15")
@@ -74,13 +75,6 @@ def latent_shape_for(config, vae_config: vae_lib.VAEConfig) -> tuple[int, int, i
 def _read_vae_config(path: str) -> vae_lib.VAEConfig:
     folder = os.path.join(path, "vae") if os.path.isfile(os.path.join(path, "vae", "config.json")) else path
     return vae_lib.VAEConfig.from_dict(weights.read_json(os.path.join(folder, "config.json"), what="VAE config"))
-
-
-def per_sample_noise(seed: int, first: int, count: int, shape) -> jax.Array:
-    """z1 of sample i = normal(fold_in(PRNGKey(seed), i)): independent of batch size and device count."""
-    key = jax.random.PRNGKey(seed)
-    return jnp.stack([jax.random.normal(jax.random.fold_in(key, i), tuple(shape), jnp.float32)
-                      for i in range(first, first + count)])
 
 
 @dataclasses.dataclass(eq=False)  # hashed by identity: jitted functions are cached per task
@@ -214,7 +208,7 @@ class LatentTask:
         n = self.grid_rows * per_row
         cond = None if self.unconditional else jnp.asarray(
             np.repeat(self.encode_prompts(self.grid_prompts), per_row, axis=0))
-        z1 = per_sample_noise(seed, 0, n, self.latent_shape)
+        z1 = generate.sample_noise(seed, jnp.arange(n), self.latent_shape)
         run = jax.jit(lambda p: sampling.sample(self.velocity_fn, p, z1, cond, num_steps=num_steps))
         return lambda params: np.asarray(self.decode(run(params)))
 

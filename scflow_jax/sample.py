@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from scflow_jax import checkpoint, distill, monitoring, recipes, sampling, sharding
+from scflow_jax import checkpoint, distill, monitoring, sampling, sharding
 from scflow_jax.data import digits
 from scflow_jax.data.tokenizer import WordTokenizer
-from scflow_jax.evaluation import prompts as prompts_lib
+from scflow_jax.evaluation import generate, prompts as prompts_lib
 from scflow_jax.tasks import build_task, encode_prompts
 
 RECIPE_MODELS = ("student", "teacher")
@@ -73,13 +73,6 @@ def sample_prompts(config, workdir: str, prompts: list[str]) -> str:
     return out_dir
 
 
-def _write_images(out_dir: str, images: np.ndarray, names: list[str], rows: int) -> None:
-    if monitoring.is_main_process():
-        for name, image in zip(names, images):
-            monitoring.save_png(os.path.join(out_dir, name), monitoring.to_uint8(image))
-        monitoring.save_png(os.path.join(out_dir, "grid.png"), monitoring.image_grid(images, rows=rows))
-
-
 def sample_recipe(config, workdir: str, prompts: list[str] | None) -> list[str]:
     """A latent recipe's samples at every step count of ``config.sample.num_steps`` (1, 2, 4):
     Euler from per-sample noise (sample i uses ``fold_in(PRNGKey(seed), i)``), VAE-decoded,
@@ -124,16 +117,20 @@ def sample_recipe(config, workdir: str, prompts: list[str] | None) -> list[str]:
         images = []
         for start in range(0, num, cfg.batch_size):
             count = min(cfg.batch_size, num - start)
-            z1 = recipes.per_sample_noise(config.seed, start, count, task.latent_shape)
+            z1 = generate.sample_noise(config.seed, jnp.arange(start, start + count), task.latent_shape)
             c = None if cond is None else jnp.asarray(cond[start:start + count])
             latents = run(params, z1, c, null_cond, jnp.int32(num_steps))
             images.append(np.asarray(task.decode(latents)))
         images = np.concatenate(images)
         out_dir = os.path.join(workdir, "samples", f"{cfg.model}_{cfg.sampler}_{num_steps}steps")
-        _write_images(out_dir, images, names, rows)
-        if prompts and monitoring.is_main_process():
-            with open(os.path.join(out_dir, "prompts.txt"), "w") as f:
-                f.write("\n".join(prompts) + "\n")
+        if monitoring.is_main_process():
+            for name, image in zip(names, images):
+                monitoring.save_png(os.path.join(out_dir, name), monitoring.to_uint8(image))
+            monitoring.save_png(os.path.join(out_dir, "grid.png"),
+                                monitoring.image_grid(images, rows=rows))
+            if prompts:
+                with open(os.path.join(out_dir, "prompts.txt"), "w") as f:
+                    f.write("\n".join(prompts) + "\n")
         logging.info("[sample] %d images at %d steps written to %s", num, num_steps, out_dir)
         out_dirs.append(out_dir)
     return out_dirs
