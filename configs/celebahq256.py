@@ -27,7 +27,7 @@ def get_config(arg: str | None = None):
                        attention_resolutions=(16, 8), num_heads=4, use_scale_shift_norm=True, dropout=0.0,
                        num_groups=32)
     # StyleGAN2-ADA resnet D on 32x32 latents: blocks at 32, 16, 8 (512 channels), 4x4 epilogue.
-    c.disc = dict(channel_base=16384, channel_max=512, mbstd_group_size=4, dtype="float32",
+    c.disc = dict(channel_base=16384, channel_max=512, mbstd_group_size=4,
                   optimizer=_optimizer(1e-4, b1=0.9, b2=0.999, weight_decay=0.0))
     # 32 per GPU x 2 GPUs; 200 epochs of CelebA-HQ's 30,000 images at 64 per step = 93,750 steps.
     c.distill = dict(num_steps=93_750, batch_size=64, teacher_params="",

@@ -27,10 +27,12 @@ def get_config(arg: str | None = None):
     # The UNet architecture comes from <teacher_path>/[unet/]config.json (SD 1.5: ~860M parameters).
     c.model.text_encoder_path = placeholder(str)   # CLIP ViT-L/14 text transformer (pipeline or text_encoder/)
     c.model.tokenizer_path = placeholder(str)      # CLIP tokenizer (pipeline or tokenizer/)
-    c.model.dtype = "bfloat16"   # bf16 compute, float32 master weights
-    c.model.remat = True         # gradient checkpointing of every resnet and transformer block
+    # bf16 compute with float32 master weights, and gradient checkpointing of every resnet and
+    # transformer block, for the student/teacher UNet and the UNet-encoder discriminator alike.
+    c.precision.compute_dtype = "bfloat16"
+    c.model.remat = "full"
     # Teacher encoder + head conv(1280->256, k4, s2) -> conv 3x3 -> GroupNorm(32) -> SiLU -> linear.
-    c.disc = dict(head_channels=256, head_groups=32, dtype="bfloat16", remat=True,
+    c.disc = dict(head_channels=256, head_groups=32,
                   optimizer=_optimizer(1e-5, b1=0.9, b2=0.999, weight_decay=1e-2))
     # 20 per GPU x 2 GPUs, ~18k steps.
     c.distill = dict(num_steps=18_000, batch_size=40, teacher_params="",
@@ -53,9 +55,9 @@ def get_config(arg: str | None = None):
     if arg == "tiny":
         c.mesh.num_devices = 1
         c.data.image_size = 64          # 8x8 latents
-        c.model.dtype = "float32"
-        c.model.remat = False
-        c.disc.update(dict(head_channels=16, head_groups=4, dtype="float32", remat=False))
+        c.precision.compute_dtype = "float32"
+        c.model.remat = "none"
+        c.disc.update(dict(head_channels=16, head_groups=4))
         c.distill.update(dict(num_steps=3, batch_size=4, log_every=1, checkpoint_every=3, sample_every=0))
         c.scflow.update(dict(warmup_gan=1, warmup_inv=2))
         c.sample.update(dict(num_steps=(1, 2), batch_size=4, num_per_prompt=2, prompts=("a cat", "the dog")))

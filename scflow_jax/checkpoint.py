@@ -13,10 +13,16 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint whose tree or shapes do not match what the configuration builds."""
+
+
+def absolute(directory: str) -> str:
+    """An absolute local path, or a cloud URL (``gs://...``, for multi-host runs) unchanged."""
+    return directory if "://" in directory else os.path.abspath(directory)
 
 
 def _path_str(path) -> str:
@@ -62,7 +68,7 @@ class Checkpointer:
     """A CheckpointManager for one training stage's directory."""
 
     def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = absolute(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
         # The explicit handler lets a fresh manager (a resumed run) read the saved tree's
@@ -99,20 +105,21 @@ class Checkpointer:
 
 def save_params(directory: str, params: Any) -> None:
     """Writes a standalone parameter tree (a stage's exported result), atomically, synchronously."""
-    directory = os.path.abspath(directory)
+    directory = absolute(directory)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(directory, params, force=True)
 
 
 def params_exist(directory: str) -> bool:
     """Orbax renames a finished save into place, so a non-empty directory is a complete one."""
-    return os.path.isdir(directory) and bool(os.listdir(directory))
+    path = epath.Path(absolute(directory))
+    return path.is_dir() and any(True for _ in path.iterdir())
 
 
 def load_params(directory: str, abstract_params: Any, shardings: Any, *, what: str) -> Any:
     """Restores a parameter tree saved by ``save_params`` after checking every name and shape."""
-    directory = os.path.abspath(directory)
-    if not os.path.isdir(directory):
+    directory = absolute(directory)
+    if not epath.Path(directory).is_dir():
         raise FileNotFoundError(f"{what}: no parameter checkpoint at {directory}")
     with ocp.StandardCheckpointer() as ckptr:
         saved = ckptr.metadata(directory)

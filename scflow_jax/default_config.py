@@ -29,14 +29,16 @@ def latent_recipe_base(name: str, data_kind: str) -> ml_collections.ConfigDict:
     """Fields every latent recipe (configs/celebahq256.py, configs/t2i_sd15.py) shares; each
     recipe sets its own values of SCFLOW_SPEC.md section 7 on top. Paths are placeholders:
     a stage that needs one and finds it unset names the field."""
+    default = get_config()
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.mesh = dict(data=-1, num_devices=-1)
+    # Mesh, multi-host and precision groups as in the embedded default (see there).
+    c.mesh, c.distributed, c.precision = default.mesh, default.distributed, default.precision
     c.data = dict(name=name, path=placeholder(str),  # prepared latent dataset (data.prepare.output)
                   image_size=256, hflip=True, prepare=_prepare_fields(data_kind))
-    c.model = dict(teacher_path=placeholder(str), vae_path=placeholder(str),
-                   dtype="float32",       # student/teacher compute dtype (params stay float32)
-                   vae_dtype="float32")
+    # remat: none | full | a jax.checkpoint_policies name (precision.py); per-block in the
+    # UNets, so "full" is diffusers-style gradient checkpointing.
+    c.model = dict(teacher_path=placeholder(str), vae_path=placeholder(str), remat="none")
     c.scflow = dict(huber_c=0.01, lambda_con=1.0, lambda_rf=0.1, lambda_gan=0.1, lambda_inv=0.1,
                     target_ema=0.9, eval_ema=0.9999, use_teacher=True, sigmoid_head=True)
     c.sample = dict(model="student", num_steps=(1, 2, 4), sampler="euler", guidance=1.0,
@@ -56,7 +58,21 @@ def latent_recipe_base(name: str, data_kind: str) -> ml_collections.ConfigDict:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.mesh = dict(data=-1, num_devices=-1)  # -1: every device
+    # Devices form a (data, fsdp) mesh; the batch is split over both axes, parameters of at
+    # least fsdp_min_size elements over fsdp (sharding.py). -1: the remaining devices.
+    # fsdp_strict: a large parameter the fsdp size cannot split is an error, not replicated.
+    c.mesh = dict(data=-1, fsdp=1, num_devices=-1, fsdp_min_size=2 ** 16, fsdp_strict=False)
+
+    # Multi-host (distributed.py): used when main.py gets --multihost or enabled=True.
+    # None: detected by JAX (Cloud TPU, SLURM). The timeout turns a missing coordinator or
+    # missing processes into an error instead of a hang.
+    c.distributed = dict(enabled=False, coordinator_address=placeholder(str),
+                         num_processes=placeholder(int), process_id=placeholder(int),
+                         initialization_timeout=300)
+
+    # Parameters stay float32 (optimizer and EMA precision); compute_dtype (float32 or
+    # bfloat16) is the networks' activation/matmul dtype. Losses and outputs are float32.
+    c.precision = dict(param_dtype="float32", compute_dtype="float32")
 
     c.data = dict(name="digits", heldout_fraction=0.2)
     c.data.prepare = _prepare_fields("latents")
@@ -66,10 +82,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   intermediate_size=64, init_seed=1234)
 
     c.model = dict(name="small_unet", channels=24, channel_mult=(1, 2), num_res_blocks=1,
-                   attention_levels=(1,), num_heads=4)
+                   attention_levels=(1,), num_heads=4,
+                   # Rematerialisation of the networks' activations in the backward pass:
+                   # none | full | any jax.checkpoint_policies name (e.g. dots_saveable).
+                   remat="none")
 
     c.teacher = dict(
         num_steps=1000, batch_size=64, cond_drop_prob=0.1, ema_rate=0.999,
+        grad_accum_steps=1,  # microbatches per step (gradients averaged; same global batch)
         optimizer=_optimizer(1e-3, grad_clip=1.0, lr_warmup_steps=200),
         log_every=100, checkpoint_every=500, keep_checkpoints=2, sample_every=500)
 
@@ -81,6 +101,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.distill = dict(
         num_steps=300, batch_size=32,
         teacher_params="",  # default: <workdir>/teacher/params
+        grad_accum_steps=1,  # only 1 is supported (see distill.validate_distill_config)
         optimizer=_optimizer(2e-4, grad_clip=1.0),
         log_every=50, checkpoint_every=200, keep_checkpoints=2, sample_every=200)
 

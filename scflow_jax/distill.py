@@ -7,14 +7,16 @@ reads it detached, and its pullback carries the generator GAN gradient into the 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from absl import logging
 
-from scflow_jax import checkpoint, sharding, teacher, train_state, trainer
+from scflow_jax import checkpoint, precision, sharding, teacher, train_state, trainer
 from scflow_jax.losses import scflow
 from scflow_jax.tasks import Task, build_task
 
@@ -53,17 +55,41 @@ def teacher_params_path(config, workdir: str) -> str:
     return config.distill.teacher_params or teacher.stage_dirs(workdir).params
 
 
-def load_teacher_params(config, workdir: str, task: Task, mesh):
-    """The frozen teacher, checked name by name against the student's architecture: a
-    pretrained checkpoint (recipes) or the train_teacher stage's export (digits)."""
+def validate_distill_config(config) -> None:
+    validate_scflow_config(config.scflow)
+    accum = config.distill.get("grad_accum_steps", 1)
+    if accum != 1:
+        # The D and G updates of one iteration share the one-step sample and its pullback,
+        # and G is trained against the D updated on the same batch: microbatching would
+        # either change the algorithm (a D update per microbatch) or keep every
+        # microbatch's pullback alive at once (no memory saved).
+        raise ValueError(
+            f"config.distill.grad_accum_steps={accum} is not supported: the distillation "
+            f"step updates the discriminator and then the generator on the same batch, so "
+            f"it cannot be split into microbatches without changing the algorithm; use 1 "
+            f"(and more devices, config.mesh.fsdp, or config.model.remat to fit memory)")
+
+
+def load_teacher_params(config, workdir: str, task: Task, mesh, rules=None):
+    """The frozen teacher, checked name by name against the student's architecture and
+    placed with the student's parameter shardings (FSDP rules): a pretrained checkpoint
+    (recipes, through the task's converter) or the train_teacher stage's export (digits)."""
     if task.pretrained_teacher:
-        return sharding.put_replicated(task.load_teacher_params(), mesh)
+        return _place(task.load_teacher_params(), mesh, rules)
     path = teacher_params_path(config, workdir)
-    if not os.path.isdir(path):
+    if not checkpoint.params_exist(path):
         raise FileNotFoundError(
             f"teacher parameters not found at {path} (config.distill.teacher_params; empty "
             f"means <workdir>/teacher/params, written by --mode=train_teacher)")
-    return task.load_flow_params(path, mesh, what="teacher parameters")
+    abstract = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
+    return checkpoint.load_params(path, abstract,
+                                  sharding.state_shardings(abstract, mesh, rules),
+                                  what="teacher parameters")
+
+
+def _place(host_params, mesh, rules):
+    return jax.device_put(host_params, sharding.state_shardings(
+        jax.eval_shape(lambda: host_params), mesh, rules))
 
 
 def networks(task: Task) -> scflow.SCFlowNetworks:
@@ -73,11 +99,13 @@ def networks(task: Task) -> scflow.SCFlowNetworks:
                                  disc_takes_time=task.disc_takes_time)
 
 
-def make_train_step(nets: scflow.SCFlowNetworks, cfg, optimizer, disc_optimizer, root_key):
+def make_train_step(nets: scflow.SCFlowNetworks, cfg, optimizer, disc_optimizer, root_key,
+                    out_shardings=None):
     """The jitted SCFlow iteration ``(state, batch, frozen) -> (state, metrics)``.
 
     ``cfg`` is the ``config.scflow`` group; ``batch`` holds ``image`` (z0) and ``cond``;
-    ``frozen`` holds ``teacher_params`` and ``null_cond``.
+    ``frozen`` holds ``teacher_params`` and ``null_cond``. ``out_shardings``: (state
+    shardings, metrics sharding), keeping the state's layout fixed from step to step.
     """
     use_gan = scflow.gan_enabled(cfg)
 
@@ -144,7 +172,8 @@ def make_train_step(nets: scflow.SCFlowNetworks, cfg, optimizer, disc_optimizer,
         metrics.update(loss=total, grad_norm=train_state.global_norm(grads))
         return new_state, metrics
 
-    return jax.jit(step_fn, donate_argnums=(0,))
+    out = {} if out_shardings is None else {"out_shardings": out_shardings}
+    return jax.jit(step_fn, donate_argnums=(0,), **out)
 
 
 def init_distill_state(init_disc_params, teacher_params, optimizer, disc_optimizer, disc_key):
@@ -159,45 +188,76 @@ def init_distill_state(init_disc_params, teacher_params, optimizer, disc_optimiz
         disc_opt_state=disc_optimizer.init(disc_params))
 
 
-def _ema_grid(sampler):
-    return lambda state: sampler(state.ema_params)
+def _ema_grid(sampler, mesh):
+    # Replicated parameters make the grid a replicated array that every process can read.
+    return lambda state: sampler(sharding.put_replicated(state.ema_params, mesh))
 
 
-def distill(config, workdir: str):
+@dataclasses.dataclass
+class DistillSetup:
+    """Everything the distillation loop runs, built in its sharded layout."""
+    mesh: jax.sharding.Mesh
+    task: Task
+    state: train_state.DistillState
+    abstract_state: Any
+    state_shardings: Any
+    frozen: dict             # teacher_params, null_cond: step inputs never updated
+    jitted_step: Any         # the jitted (state, batch, frozen) -> (state, metrics)
+    train_step: Callable     # (state, global batch) -> (state, metrics)
+    data: Any                # .batch(step): this process's rows of each global batch
+
+
+def build_distill(config, workdir: str, teacher_params=None) -> DistillSetup:
+    """Mesh, task, sharded state, step and data of the distill stage. ``teacher_params``
+    (a host tree) replaces loading the teacher export, e.g. for benchmarks."""
     cfg = config.distill
-    validate_scflow_config(config.scflow)
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.num_devices)
+    validate_distill_config(config)
+    mesh = sharding.mesh_from_config(config)
     sharding.check_global_batch(cfg.batch_size, mesh, "config.distill.batch_size")
-    task = build_task(config)
-    data = task.batches(cfg.batch_size, seed=config.seed + 1)
-    teacher_params = load_teacher_params(config, workdir, task, mesh)
+    rules = sharding.ShardingRules.from_config(config)
+    task = precision.configure_task(build_task(config), config)
+    data = task.batches(cfg.batch_size, seed=config.seed + 1,
+                        process_rows=sharding.process_batch_indices(mesh, cfg.batch_size))
+    if teacher_params is None:
+        teacher_params = load_teacher_params(config, workdir, task, mesh, rules)
+    else:
+        teacher_params = _place(teacher_params, mesh, rules)
     optimizer = train_state.make_optimizer(cfg.optimizer)
     disc_optimizer = train_state.make_optimizer(config.disc.optimizer)
     disc_key, root_key = jax.random.split(
         jax.random.fold_in(jax.random.PRNGKey(config.seed), 2))
 
-    null_cond = task.null_cond  # (recipes: loads the text encoder, outside any trace)
+    null_cond = task.null_cond  # (recipes: encoded by the text encoder, outside any trace)
     init_disc = functools.partial(task.init_disc_params, teacher_params=teacher_params)
     state, abstract, shardings = trainer.init_state(
         functools.partial(init_distill_state, init_disc, teacher_params, optimizer,
-                          disc_optimizer, disc_key), mesh)
-    trainer.log_parameter_overview(state.disc_params, "discriminator")
-    logging.info("[distill] student %d parameters, discriminator %d parameters",
-                 train_state.count_params(state.params),
-                 train_state.count_params(state.disc_params))
-
+                          disc_optimizer, disc_key), mesh, rules)
     frozen = {"teacher_params": teacher_params,
               "null_cond": None if null_cond is None
               else sharding.put_replicated(jnp.asarray(null_cond), mesh)}
-    step = make_train_step(networks(task), config.scflow, optimizer, disc_optimizer, root_key)
+    step = make_train_step(networks(task), config.scflow, optimizer, disc_optimizer, root_key,
+                           out_shardings=(shardings, sharding.replicated(mesh)))
+    return DistillSetup(mesh=mesh, task=task, state=state, abstract_state=abstract,
+                        state_shardings=shardings, frozen=frozen, jitted_step=step,
+                        train_step=lambda s, b: step(s, b, frozen), data=data)
+
+
+def distill(config, workdir: str):
+    cfg = config.distill
+    setup = build_distill(config, workdir)
+    trainer.log_parameter_overview(setup.state.disc_params, "discriminator")
+    logging.info("[distill] student %d parameters, discriminator %d parameters",
+                 train_state.count_params(setup.state.params),
+                 train_state.count_params(setup.state.disc_params))
     result = trainer.run_loop(
         stage=STAGE, dirs=stage_dirs(workdir), loop=trainer.LoopConfig(
             cfg.num_steps, cfg.log_every, cfg.checkpoint_every, cfg.keep_checkpoints,
             cfg.sample_every),
-        state=state, abstract_state=abstract, state_shardings=shardings,
-        train_step=lambda s, b: step(s, b, frozen), batch_fn=data.batch, mesh=mesh,
-        sample_images=_ema_grid(task.grid_sampler(config.seed, num_steps=1))
-        if cfg.sample_every else None, grid_rows=task.grid_rows)
+        state=setup.state, abstract_state=setup.abstract_state,
+        state_shardings=setup.state_shardings, train_step=setup.train_step,
+        batch_fn=setup.data.batch, mesh=setup.mesh,
+        sample_images=_ema_grid(setup.task.grid_sampler(config.seed, num_steps=1), setup.mesh)
+        if cfg.sample_every else None, grid_rows=setup.task.grid_rows)
     if not result.preempted:
         checkpoint.save_params(stage_dirs(workdir).params, result.state.ema_params)
         logging.info("[distill] done: student (eval EMA) exported to %s",

@@ -27,6 +27,9 @@ flags.DEFINE_enum("mode", "all", MODES, "Stage to run; `all` runs each stage in 
                   "skips those whose final output already exists.")
 flags.DEFINE_multi_string("prompt", [], "Prompt for --mode=sample (repeatable).")
 flags.DEFINE_string("prompts_file", None, "File of prompts for --mode=sample, one per line.")
+flags.DEFINE_bool("multihost", False, "Join a multi-process JAX cluster first "
+                  "(jax.distributed.initialize, config.distributed.*); same as "
+                  "--config.distributed.enabled=True. Run the same command on every host.")
 
 
 class _QuietOrbax(std_logging.Filter):
@@ -100,7 +103,19 @@ def main(argv):
         raise app.UsageError("--workdir is required")
     logging.get_absl_handler().addFilter(_QuietOrbax())
     logging.set_verbosity(logging.INFO)
-    sys.exit(run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.mode,
+    config = flags.FLAGS.config
+    distributed_cfg = config.get("distributed") or {}
+    if flags.FLAGS.multihost or distributed_cfg.get("enabled", False):
+        # Before anything creates a JAX backend: the cluster decides which devices exist.
+        from scflow_jax import distributed
+        try:
+            distributed.initialize(distributed_cfg)
+        except distributed.DistributedInitError as e:
+            logging.error("%s", e)
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            # os._exit: JAX's connecting thread may still be blocked in C++.
+            os._exit(2)
+    sys.exit(run(config, flags.FLAGS.workdir, flags.FLAGS.mode,
                  flags.FLAGS.prompt, flags.FLAGS.prompts_file))
 
 

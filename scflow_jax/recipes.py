@@ -36,7 +36,6 @@ from scflow_jax.evaluation import generate
 from scflow_jax.models import clip, discriminators, unet_adm, unet_discriminator, unet_sd, vae as vae_lib, weights
 
 RECIPES = ("celebahq256", "t2i_sd15")
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def is_recipe(config) -> bool:
@@ -53,14 +52,6 @@ def required_path(config, field: str, what: str) -> str:
     if not os.path.exists(value):
         raise FileNotFoundError(f"config.{field}={value!r} ({what}) does not exist")
     return value
-
-
-def compute_dtype(config, field: str):
-    group, name = field.split(".")
-    value = config[group][name]
-    if value not in _DTYPES:
-        raise ValueError(f"config.{field}={value!r}; expected one of {sorted(_DTYPES)}")
-    return _DTYPES[value]
 
 
 def latent_shape_for(config, vae_config: vae_lib.VAEConfig) -> tuple[int, int, int]:
@@ -87,10 +78,25 @@ class LatentTask:
     latent_shape: tuple[int, int, int]
     vae_config: vae_lib.VAEConfig
     network_config: Any                   # unet_adm.ADMConfig or unet_sd.UNetSDConfig
-    velocity_fn: flows.VelocityFn
-    discriminator: Any
-    unconditional: bool
-    disc_takes_time: bool
+    # Linen modules; precision.configure_task replaces them with their bf16/remat versions.
+    model: Any                            # ADMUNet or UNet2DConditionModel (teacher = student)
+    discriminator: Any                    # StyleGANDiscriminator or UNetDiscriminator
+
+    @property
+    def unconditional(self) -> bool:
+        return isinstance(self.network_config, unet_adm.ADMConfig)
+
+    @property
+    def disc_takes_time(self) -> bool:
+        return isinstance(self.discriminator, unet_discriminator.UNetDiscriminator)
+
+    def velocity_fn(self, params, t, x, cond):
+        """The network in the project convention (flows.py), through the teacher's wrapper."""
+        if self.unconditional:  # LFM: time as is, velocity as is; no condition
+            return flows.wrap_lfm_flow(
+                lambda p, x, t, c: self.model.apply({"params": p}, x, t))(params, t, x, cond)
+        return flows.wrap_diffusers_rectified_flow(
+            lambda p, x, ts, c: self.model.apply({"params": p}, x, ts, c))(params, t, x, cond)
 
     @property
     def image_size(self) -> int:
@@ -125,7 +131,7 @@ class LatentTask:
     @functools.cached_property
     def _vae(self) -> tuple[vae_lib.VAE, Any]:
         path = required_path(self.config, "model.vae_path", "VAE (diffusers AutoencoderKL folder)")
-        return vae_lib.load_vae(path, dtype=compute_dtype(self.config, "model.vae_dtype"))
+        return vae_lib.load_vae(path)
 
     def decode(self, latents) -> jax.Array:
         """Scaled latents [B, h, w, c] -> images in [-1, 1], NHWC float32."""
@@ -160,13 +166,13 @@ class LatentTask:
     # -- discriminator -------------------------------------------------------------------------------------------
 
     def disc_fn(self, disc_params, x, cond, t=None):
-        if isinstance(self.discriminator, unet_discriminator.UNetDiscriminator):
+        if self.disc_takes_time:
             return self.discriminator.apply({"params": disc_params}, x, flows.diffusers_timestep(t), cond)
         return self.discriminator.apply({"params": disc_params}, x, None)
 
     def init_disc_params(self, rng, teacher_params=None):
         """Latent StyleGAN D: random; UNet-encoder D: fresh head + the teacher's encoder (spec section 2)."""
-        if isinstance(self.discriminator, unet_discriminator.UNetDiscriminator):
+        if self.disc_takes_time:
             text_config = self._text_encoder[0]
             cond_shape = (text_config.max_position_embeddings, text_config.hidden_size)
             return unet_discriminator.init_from_teacher(self.discriminator, rng, teacher_params,
@@ -176,12 +182,20 @@ class LatentTask:
 
     # -- data and monitoring -------------------------------------------------------------------------------------
 
-    def batches(self, global_batch: int, seed: int):
+    def batches(self, global_batch: int, seed: int, process_rows=None):
         """The prepared latent dataset at ``config.data.path`` (``scflow_jax.data.latents.LatentBatches``)."""
         path = required_path(self.config, "data.path", "prepared latent dataset (--mode=prepare_data)")
         from scflow_jax.data.latents import LatentBatches  # the data-preparation module
 
         data = LatentBatches(path, global_batch, seed, hflip=self.config.data.hflip)
+        if process_rows is not None:
+            # LatentBatches gives each process a contiguous slice of the global batch.
+            per = global_batch // jax.process_count()
+            if not np.array_equal(process_rows, np.arange(jax.process_index() * per,
+                                                          (jax.process_index() + 1) * per)):
+                raise NotImplementedError(
+                    "this mesh's devices hold non-contiguous rows of the batch, which LatentBatches "
+                    "cannot serve yet (it slices contiguously); use config.mesh.fsdp=1 across processes")
         if data.scaling_factor != self.vae_config.scaling_factor:
             raise ValueError(f"config.data.path={path} was prepared with latent scaling factor "
                              f"{data.scaling_factor}, but the VAE at config.model.vae_path scales by "
@@ -229,15 +243,11 @@ def _adm_task(config, vae_config, latent_shape) -> LatentTask:
         raise ValueError(f"latents of {latent_shape[0]} pixels (config.data.image_size={config.data.image_size}) "
                          f"are not divisible by the ADM UNet's {network_config.downsample_factor}x downsampling "
                          f"(config.model.adm.channel_mult)")
-    model = unet_adm.ADMUNet(network_config, dtype=compute_dtype(config, "model.dtype"))
-    velocity_fn = flows.wrap_lfm_flow(lambda params, x, t, cond: model.apply({"params": params}, x, t))
     disc = discriminators.StyleGANDiscriminator(
         resolution=latent_shape[0], in_channels=latent_shape[-1], channel_base=config.disc.channel_base,
-        channel_max=config.disc.channel_max, mbstd_group_size=config.disc.mbstd_group_size,
-        dtype=compute_dtype(config, "disc.dtype"))
+        channel_max=config.disc.channel_max, mbstd_group_size=config.disc.mbstd_group_size)
     return LatentTask(config=config, latent_shape=latent_shape, vae_config=vae_config,
-                      network_config=network_config, velocity_fn=velocity_fn, discriminator=disc,
-                      unconditional=True, disc_takes_time=False)
+                      network_config=network_config, model=unet_adm.ADMUNet(network_config), discriminator=disc)
 
 
 def _sd_task(config, vae_config, latent_shape) -> LatentTask:
@@ -248,14 +258,11 @@ def _sd_task(config, vae_config, latent_shape) -> LatentTask:
     if unet_config.in_channels != latent_shape[-1]:
         raise ValueError(f"teacher UNet takes {unet_config.in_channels} channels but the VAE "
                          f"(config.model.vae_path) makes {latent_shape[-1]}")
-    velocity_fn = flows.wrap_diffusers_rectified_flow(unet_sd.make_unet_apply(
-        unet_config, dtype=compute_dtype(config, "model.dtype"), remat=config.model.remat))
     disc = unet_discriminator.UNetDiscriminator(
-        unet_config, head_channels=config.disc.head_channels, head_groups=config.disc.head_groups,
-        dtype=compute_dtype(config, "disc.dtype"), remat=config.disc.remat)
+        unet_config, head_channels=config.disc.head_channels, head_groups=config.disc.head_groups)
     return LatentTask(config=config, latent_shape=latent_shape, vae_config=vae_config,
-                      network_config=unet_config, velocity_fn=velocity_fn, discriminator=disc,
-                      unconditional=False, disc_takes_time=True)
+                      network_config=unet_config, model=unet_sd.UNet2DConditionModel(unet_config),
+                      discriminator=disc)
 
 
 @functools.lru_cache(maxsize=2)

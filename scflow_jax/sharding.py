@@ -1,25 +1,60 @@
 """Device mesh, state shardings and global batch assembly.
 
-The mesh has a ``data`` axis (batch parallelism). Parameters, EMAs and optimizer states are
-replicated across it; the batch is split along it. Global batch arithmetic is checked here,
-once, with errors that name both numbers.
+The mesh has two axes: ``data`` (pure batch parallelism: parameters replicated) and ``fsdp``
+(fully sharded data parallelism: the batch is split over it too, and every large parameter
+is split along one of its dimensions, gathered by XLA where a computation needs it). The
+batch is split over both axes together, so ``data * fsdp`` devices each see
+``global_batch / (data * fsdp)`` examples.
+
+Parameter rules depend on a leaf's shape only. That is what makes them generic over any
+Flax parameter tree, and it is also why optimizer moments, the target network and the EMAs
+(which have their parameters' shapes) end up sharded exactly like their parameters.
+
+Global batch arithmetic is checked here, once, with errors that name the config field.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
+DEFAULT_FSDP_MIN_SIZE = 2 ** 16
 
 
-def make_mesh(num_data: int = -1, num_devices: int = -1) -> jax.sharding.Mesh:
-    """A 1-D ``data`` mesh over the first ``num_devices`` devices (-1: all of them).
+def resolve_mesh_shape(num_data: int, num_fsdp: int, num_devices: int) -> tuple[int, int]:
+    """``(data, fsdp)`` with one ``-1`` filled so that ``data * fsdp == num_devices``."""
+    for name, value in (("data", num_data), ("fsdp", num_fsdp)):
+        if value == 0 or value < -1:
+            raise ValueError(f"config.mesh.{name}={value} must be a positive size or -1")
+    if num_data == -1 and num_fsdp == -1:
+        raise ValueError("config.mesh.data and config.mesh.fsdp are both -1; at most one axis "
+                         "can be filled with the remaining devices")
+    if num_data == -1 or num_fsdp == -1:
+        known = num_fsdp if num_data == -1 else num_data
+        if num_devices % known:
+            raise ValueError(
+                f"config.mesh.{'fsdp' if num_data == -1 else 'data'}={known} does not divide "
+                f"the {num_devices} devices in use, so the other mesh axis (-1) cannot fill them")
+        filled = num_devices // known
+        return (filled, known) if num_data == -1 else (known, filled)
+    if num_data * num_fsdp != num_devices:
+        shape = f"config.mesh.data={num_data}" + (
+            f" x config.mesh.fsdp={num_fsdp} = {num_data * num_fsdp}" if num_fsdp != 1 else "")
+        raise ValueError(f"{shape} does not match the {num_devices} devices in use "
+                         f"(use -1 for one axis to fill the mesh)")
+    return num_data, num_fsdp
 
-    ``num_data`` is the data-axis size (-1 fills it); it must equal the devices used.
-    """
+
+def make_mesh(num_data: int = -1, num_devices: int = -1, num_fsdp: int = 1) -> jax.sharding.Mesh:
+    """A ``(data, fsdp)`` mesh over the first ``num_devices`` devices (-1: all of them)."""
     available = jax.devices()
     if num_devices == -1:
         num_devices = len(available)
@@ -28,16 +63,17 @@ def make_mesh(num_data: int = -1, num_devices: int = -1) -> jax.sharding.Mesh:
                          f"devices are available")
     if num_devices != len(available) and jax.process_count() > 1:
         raise ValueError("config.mesh.num_devices must be -1 (all devices) in a multi-process run")
-    if num_data == -1:
-        num_data = num_devices
-    if num_data != num_devices:
-        raise ValueError(
-            f"config.mesh.data={num_data} does not match the {num_devices} devices in use "
-            f"(use -1 to fill the mesh)")
+    shape = resolve_mesh_shape(num_data, num_fsdp, num_devices)
     # Auto axes: XLA propagates shardings from the annotated inputs and outputs (GSPMD),
     # so model code needs no sharding annotations of its own.
-    return jax.make_mesh((num_data,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
+    auto = jax.sharding.AxisType.Auto
+    return jax.make_mesh(shape, BATCH_AXES, axis_types=(auto, auto),
                          devices=available[:num_devices])
+
+
+def mesh_from_config(config) -> jax.sharding.Mesh:
+    m = config.mesh
+    return make_mesh(m.data, m.num_devices, m.get("fsdp", 1))
 
 
 def check_global_batch(global_batch: int, mesh: jax.sharding.Mesh, field: str) -> int:
@@ -47,8 +83,9 @@ def check_global_batch(global_batch: int, mesh: jax.sharding.Mesh, field: str) -
         raise ValueError(f"{field}={global_batch} must be positive")
     if global_batch % n_dev:
         raise ValueError(
-            f"{field}={global_batch} is not divisible by the number of devices ({n_dev}); "
-            f"choose a multiple of {n_dev}")
+            f"{field}={global_batch} is not divisible by the number of devices in the mesh "
+            f"({n_dev} = config.mesh.data {dict(mesh.shape).get(DATA_AXIS, 1)} x "
+            f"config.mesh.fsdp {fsdp_size(mesh)}); choose a multiple of {n_dev}")
     n_proc = jax.process_count()
     if global_batch % n_proc:
         raise ValueError(
@@ -61,21 +98,143 @@ def replicated(mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(DATA_AXIS))
+    """Leading (batch) dimension split over ``data`` and ``fsdp`` together (over those of
+    the two that ``mesh`` has: a 1-D ``data`` mesh works too)."""
+    return NamedSharding(mesh, P(tuple(a for a in BATCH_AXES if a in mesh.axis_names)))
 
 
-def state_shardings(abstract_state: Any, mesh) -> Any:
-    """Shardings for a state pytree: replicated over the data axis."""
-    return jax.tree.map(lambda _: replicated(mesh), abstract_state)
+def fsdp_size(mesh) -> int:
+    return dict(mesh.shape).get(FSDP_AXIS, 1)
+
+
+# ------------------------------------------------------------------ parameter sharding rules
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    """FSDP rule: a leaf with at least ``fsdp_min_size`` elements is split over the ``fsdp``
+    axis along its largest dimension that the axis size divides. A large leaf with no such
+    dimension is replicated, or is an error naming it when ``strict``."""
+    fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE
+    strict: bool = False
+
+    @classmethod
+    def from_config(cls, config) -> "ShardingRules":
+        m = config.mesh
+        rules = cls(fsdp_min_size=m.get("fsdp_min_size", DEFAULT_FSDP_MIN_SIZE),
+                    strict=m.get("fsdp_strict", False))
+        if rules.fsdp_min_size < 1:
+            raise ValueError(f"config.mesh.fsdp_min_size={rules.fsdp_min_size} must be >= 1")
+        return rules
+
+
+class UnshardableParameterError(ValueError):
+    """Strict FSDP: a large parameter has no dimension the fsdp axis size divides."""
+
+
+def fsdp_spec(shape: tuple[int, ...], num_fsdp: int, rules: ShardingRules,
+              name: str = "") -> P | None:
+    """The PartitionSpec of a leaf of ``shape``; ``None`` when a large leaf cannot be split."""
+    if num_fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < rules.fsdp_min_size:
+        return P()
+    divisible = [i for i, d in enumerate(shape) if d % num_fsdp == 0]
+    if not divisible:
+        if rules.strict:
+            raise UnshardableParameterError(
+                f"parameter {name!r} of shape {tuple(shape)} has no dimension divisible by "
+                f"config.mesh.fsdp={num_fsdp}; choose another fsdp size, raise "
+                f"config.mesh.fsdp_min_size above {int(np.prod(shape))}, or set "
+                f"config.mesh.fsdp_strict=False to replicate it")
+        return None
+    # Largest dimension; ties go to the later one (a kernel's output features).
+    axis = max(divisible, key=lambda i: (shape[i], i))
+    return P(*([None] * axis + [FSDP_AXIS]))
+
+
+def _keystr(path) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+@dataclasses.dataclass
+class ShardingSummary:
+    sharded_leaves: int = 0
+    sharded_bytes: int = 0
+    replicated_leaves: int = 0
+    replicated_bytes: int = 0
+    unshardable: list = dataclasses.field(default_factory=list)  # large leaves kept whole
+
+    def describe(self) -> str:
+        mb = lambda b: b / 2 ** 20  # noqa: E731
+        text = (f"FSDP: {self.sharded_leaves} arrays ({mb(self.sharded_bytes):.1f} MiB) sharded, "
+                f"{self.replicated_leaves} arrays ({mb(self.replicated_bytes):.1f} MiB) replicated")
+        if self.unshardable:
+            text += (f"; {len(self.unshardable)} large arrays have no dimension divisible by the "
+                     f"fsdp size and are replicated, e.g. {self.unshardable[0]}")
+        return text
+
+
+def state_shardings(abstract_state: Any, mesh, rules: ShardingRules | None = None,
+                    summary: ShardingSummary | None = None) -> Any:
+    """NamedShardings for a state pytree under the FSDP ``rules`` (replicated when the mesh's
+    fsdp axis is 1). ``summary``, if given, is filled with sharded/replicated counts."""
+    rules = rules or ShardingRules()
+    num_fsdp = fsdp_size(mesh)
+    summary = summary if summary is not None else ShardingSummary()
+
+    def one(path, leaf):
+        shape = tuple(getattr(leaf, "shape", ()))
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+        spec = fsdp_spec(shape, num_fsdp, rules, _keystr(path))
+        if spec is None:
+            summary.unshardable.append(f"{_keystr(path)} {shape}")
+            spec = P()
+        if spec == P():
+            summary.replicated_leaves += 1
+            summary.replicated_bytes += nbytes
+        else:
+            summary.sharded_leaves += 1
+            summary.sharded_bytes += nbytes
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(one, abstract_state)
+
+
+# --------------------------------------------------------------------------- batches
+def process_batch_indices(mesh, global_batch: int) -> np.ndarray:
+    """Global row indices of the batch that this process's devices hold, in increasing order.
+
+    A process loads exactly these rows, so a multi-process run sees the same global batch
+    (in the same order) as a single-process run whatever the mesh's device layout.
+    """
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
+    starts = sorted({idx[0].indices(global_batch)[:2] for idx in index_map.values()})
+    return np.concatenate([np.arange(a, b) for a, b in starts])
 
 
 def shard_batch(local_batch: dict, mesh) -> dict:
-    """Process-local numpy arrays -> global jax arrays split along the data axis."""
+    """Process-local numpy arrays (this process's rows, see process_batch_indices) -> global
+    jax arrays split over the batch axes."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in local_batch.items()}
 
 
 def put_replicated(tree: Any, mesh) -> Any:
-    """Places host values (e.g. frozen teacher parameters) replicated on the mesh."""
+    """Places host values (e.g. the null-prompt embedding) replicated on the mesh."""
     return jax.device_put(tree, replicated(mesh))
+
+
+def to_host(tree: Any) -> Any:
+    """Global arrays -> numpy on every process (an all-gather when another process holds
+    part of an array; a plain copy otherwise). Collective: every process must call it."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+    return jax.tree.map(one, tree)
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process if ``flag`` is True on any (collective)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    flags = multihost_utils.process_allgather(np.asarray([flag], np.int32))
+    return bool(np.any(flags))

@@ -11,7 +11,8 @@
     pretrained_teacher                    True: ``load_teacher_params()`` reads a checkpoint;
                                           False: the teacher is trained by --mode=train_teacher
     load_flow_params(path, mesh, what)    a stage's exported flow parameters
-    batches(global_batch, seed)           a source with ``.batch(step)`` (pure in (seed, step))
+    batches(global_batch, seed, process_rows)  a source with ``.batch(step)`` (pure in
+                                          (seed, step)) yielding this process's rows
     grid_sampler(seed, num_steps), grid_rows   monitoring image grids
 
 The digits prompts are encoded once by the frozen text encoder into a condition table;
@@ -59,8 +60,9 @@ class Task:
     def conditions(self, labels: np.ndarray) -> np.ndarray:
         return self.cond_table[np.asarray(labels)]
 
-    def batches(self, global_batch: int, seed: int) -> InMemoryBatches:
-        return InMemoryBatches({k: self.train[k] for k in ("image", "cond")}, global_batch, seed=seed)
+    def batches(self, global_batch: int, seed: int, process_rows=None) -> InMemoryBatches:
+        return InMemoryBatches({k: self.train[k] for k in ("image", "cond")}, global_batch,
+                               seed=seed, process_rows=process_rows)
 
     @property
     def grid_rows(self) -> int:

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from scflow_jax import checkpoint, recipes, sharding, train_state, trainer
+from scflow_jax import checkpoint, precision, recipes, sharding, train_state, trainer
 from scflow_jax.data.pipeline import InMemoryBatches
 from scflow_jax.losses import flow_matching
 from scflow_jax.tasks import Task, build_task
@@ -24,17 +24,69 @@ def is_done(workdir: str) -> bool:
     return checkpoint.params_exist(stage_dirs(workdir).params)
 
 
-def make_train_step(task: Task, cfg, optimizer, mesh, root_key):
-    """The jitted, donated teacher step: flow-matching loss, AdamW, EMA."""
-    null_cond = sharding.put_replicated(jnp.asarray(task.null_cond), mesh)
+def split_microbatches(batch: dict, num_micro: int, mesh) -> dict:
+    """[B, ...] -> [num_micro, B / num_micro, ...] where microbatch j holds rows j, j+k, ...
 
-    def step_fn(state: train_state.FlowTrainState, batch, null_cond):
-        rng = jax.random.fold_in(root_key, state.step)
+    Strided rather than contiguous: every device then holds an equal part of every
+    microbatch, so each accumulation step uses all devices with no data movement.
+    """
+    spec = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
+
+    def split(x):
+        x = x.reshape((x.shape[0] // num_micro, num_micro) + x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(x, spec)
+    return jax.tree.map(split, batch)
+
+
+def check_grad_accum(cfg, mesh, field: str = "config.teacher") -> int:
+    steps = cfg.get("grad_accum_steps", 1)
+    if steps < 1:
+        raise ValueError(f"{field}.grad_accum_steps={steps} must be >= 1")
+    micro = cfg.batch_size // steps
+    if cfg.batch_size % steps or micro % mesh.devices.size:
+        raise ValueError(
+            f"{field}.batch_size={cfg.batch_size} must split into {field}.grad_accum_steps="
+            f"{steps} microbatches that each divide over the {mesh.devices.size} devices "
+            f"(a multiple of {steps * mesh.devices.size})")
+    return steps
+
+
+def make_train_step(task: Task, cfg, optimizer, mesh, root_key, state_shardings=None):
+    """The jitted, donated teacher step: flow-matching loss, AdamW, EMA.
+
+    With ``cfg.grad_accum_steps = k > 1`` the global batch is processed as k microbatches
+    in a ``lax.scan`` and their gradients are averaged before one optimizer update
+    (microbatch j draws its noise from ``fold_in(step_key, j)``).
+    """
+    null_cond = sharding.put_replicated(jnp.asarray(task.null_cond), mesh)
+    num_micro = check_grad_accum(cfg, mesh)
+
+    def loss_and_grads(params, batch, rng, null_cond):
         loss_fn = functools.partial(
             flow_matching.flow_matching_loss, velocity_fn=task.velocity_fn, z0=batch["image"],
             cond=batch["cond"], rng=rng, null_cond=null_cond,
             cond_drop_prob=cfg.cond_drop_prob)
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return aux, grads
+
+    def step_fn(state: train_state.FlowTrainState, batch, null_cond):
+        rng = jax.random.fold_in(root_key, state.step)
+        if num_micro == 1:
+            aux, grads = loss_and_grads(state.params, batch, rng, null_cond)
+        else:
+            def accumulate(grad_sum, micro):
+                index, microbatch = micro
+                aux, grads = loss_and_grads(state.params, microbatch,
+                                            jax.random.fold_in(rng, index), null_cond)
+                return jax.tree.map(jnp.add, grad_sum, grads), aux
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            grad_sum, auxs = jax.lax.scan(
+                accumulate, zeros,
+                (jnp.arange(num_micro), split_microbatches(batch, num_micro, mesh)))
+            grads = jax.tree.map(lambda g: g / num_micro, grad_sum)
+            aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), auxs)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = jax.tree.map(jnp.add, state.params, updates)
         new_state = state.replace(
@@ -43,7 +95,10 @@ def make_train_step(task: Task, cfg, optimizer, mesh, root_key):
                 state.ema_params, params, train_state.warmed_up_ema_rate(cfg.ema_rate, state.step)))
         return new_state, {**aux, "grad_norm": train_state.global_norm(grads)}
 
-    jitted = jax.jit(step_fn, donate_argnums=(0,))
+    # Explicit output shardings keep the state's layout fixed from step to step.
+    out = {} if state_shardings is None else {
+        "out_shardings": (state_shardings, sharding.replicated(mesh))}
+    jitted = jax.jit(step_fn, donate_argnums=(0,), **out)
     return lambda state, batch: jitted(state, batch, null_cond)
 
 
@@ -52,9 +107,10 @@ def train_teacher(config, workdir: str) -> None:
         raise ValueError(f"config.data.name={config.data.name!r} distills a pretrained teacher "
                          f"(config.model.teacher_path): there is no train_teacher stage")
     cfg = config.teacher
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.num_devices)
+    mesh = sharding.mesh_from_config(config)
     sharding.check_global_batch(cfg.batch_size, mesh, "config.teacher.batch_size")
-    task = build_task(config)
+    check_grad_accum(cfg, mesh)
+    task = precision.configure_task(build_task(config), config)
     dirs = stage_dirs(workdir)
     optimizer = train_state.make_optimizer(cfg.optimizer)
     init_key, root_key = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
@@ -64,22 +120,26 @@ def train_teacher(config, workdir: str) -> None:
         return train_state.FlowTrainState(step=jnp.zeros((), jnp.int32), params=params,
                                           ema_params=params, opt_state=optimizer.init(params))
 
-    state, abstract, shardings = trainer.init_state(init_fn, mesh)
+    state, abstract, shardings = trainer.init_state(init_fn, mesh,
+                                                    sharding.ShardingRules.from_config(config))
     trainer.log_parameter_overview(state.params, "teacher")
     logging.info("[teacher] %d parameters, %d training examples, global batch %d",
                  train_state.count_params(state.params), len(task.train["image"]),
                  cfg.batch_size)
     data = InMemoryBatches({k: task.train[k] for k in ("image", "cond")}, cfg.batch_size,
-                           seed=config.seed)
+                           seed=config.seed,
+                           process_rows=sharding.process_batch_indices(mesh, cfg.batch_size))
     grid = task.grid_sampler(config.seed, num_steps=16)
     result = trainer.run_loop(
         stage=STAGE, dirs=dirs, loop=trainer.LoopConfig(
             cfg.num_steps, cfg.log_every, cfg.checkpoint_every, cfg.keep_checkpoints,
             cfg.sample_every),
         state=state, abstract_state=abstract, state_shardings=shardings,
-        train_step=make_train_step(task, cfg, optimizer, mesh, root_key),
+        train_step=make_train_step(task, cfg, optimizer, mesh, root_key, shardings),
         batch_fn=data.batch, mesh=mesh,
-        sample_images=lambda state: grid(state.ema_params), grid_rows=len(task.prompts) - 1)
+        # Replicated parameters make the grid a replicated array every process can read.
+        sample_images=lambda state: grid(sharding.put_replicated(state.ema_params, mesh)),
+        grid_rows=len(task.prompts) - 1)
     if not result.preempted:
         # The EMA is the teacher that distillation and evaluation use.
         checkpoint.save_params(dirs.params, result.state.ema_params)

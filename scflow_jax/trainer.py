@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from absl import logging
 from clu import parameter_overview
+from etils import epath
 
 from scflow_jax import checkpoint, monitoring, sharding
 
@@ -46,20 +47,29 @@ class StageDirs:
 
 
 def check_workdir_writable(workdir: str) -> None:
+    """Fails early, naming the workdir, if this process cannot create files in it (local
+    paths and cloud URLs such as gs://bucket/run alike)."""
     try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        root = epath.Path(checkpoint.absolute(workdir))
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write_probe_{jax.process_index()}_{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
     except OSError as e:
         raise PermissionError(f"workdir {workdir!r} is not writable: {e.strerror or e}") from e
 
 
-def init_state(init_fn: Callable[[], Any], mesh) -> tuple[Any, Any, Any]:
-    """Builds a state directly in its sharded layout: eval_shape, shardings, jit(init)."""
+def init_state(init_fn: Callable[[], Any], mesh,
+               rules: sharding.ShardingRules | None = None) -> tuple[Any, Any, Any]:
+    """Builds a state directly in its sharded layout: eval_shape, shardings, jit(init).
+
+    No process ever holds the whole state: each device materialises only its shards.
+    """
     abstract = jax.eval_shape(init_fn)
-    shardings = sharding.state_shardings(abstract, mesh)
+    summary = sharding.ShardingSummary()
+    shardings = sharding.state_shardings(abstract, mesh, rules, summary)
+    if sharding.fsdp_size(mesh) > 1 and monitoring.is_main_process():
+        logging.info("train state %s", summary.describe())
     state = jax.jit(init_fn, out_shardings=shardings)()
     return state, abstract, shardings
 
@@ -158,6 +168,11 @@ def run_loop(*, stage: str, dirs: StageDirs, loop: LoopConfig, state: Any, abstr
                 # Read the flag once: a SIGTERM arriving later in this iteration is handled
                 # in the next one, never half-handled (stop without save) in this one.
                 stop = preemption.requested
+                if jax.process_count() > 1:
+                    # The save below is collective, so every process must take the same
+                    # branch: they agree (an all-gather) at log steps only, where the loop
+                    # waits for the device anyway, so a SIGTERM takes effect there.
+                    stop = done % loop.log_every == 0 and sharding.any_process(stop)
                 save_now = is_last or done % loop.checkpoint_every == 0 or stop
                 if save_now or done % loop.log_every == 0:
                     flush(done)  # before saving: a non-finite state is never checkpointed

@@ -16,7 +16,7 @@ def test_mesh_cannot_use_more_devices_than_exist():
 
 def test_mesh_uses_the_first_n_devices():
     mesh = sharding.make_mesh(-1, 2)
-    assert mesh.devices.size == 2 and mesh.axis_names == (sharding.DATA_AXIS,)
+    assert mesh.devices.size == 2 and mesh.axis_names == sharding.BATCH_AXES
 
 
 def test_unknown_dataset_is_named(tiny_config):

@@ -22,9 +22,9 @@ import pytest
 from PIL import Image
 
 import clip_testlib
-from scflow_jax import distill, main, recipes, sample, sharding
+from scflow_jax import distill, main, precision, recipes, sample, sharding
 from scflow_jax.evaluation import fid, frechet, real_eval
-from scflow_jax.models import clip, unet_adm, unet_discriminator, unet_sd, weights
+from scflow_jax.models import clip, unet_adm, unet_sd, weights
 from scflow_jax.models.vae import VAE, VAEConfig, vae_state_dict_key
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -189,8 +189,9 @@ def test_configs_carry_the_published_settings(name):
         assert recipes.adm_config(c, 4) == unet_adm.ADMConfig.lfm_celeba256()
         assert (c.disc.channel_base, c.disc.channel_max) == (16384, 512)
     else:
-        assert (c.disc.head_channels, c.disc.head_groups, c.model.dtype, c.model.remat) == (256, 32, "bfloat16",
-                                                                                           True)
+        assert (c.disc.head_channels, c.disc.head_groups) == (256, 32)
+        assert (c.precision.compute_dtype, c.precision.param_dtype, c.model.remat) == ("bfloat16", "float32",
+                                                                                        "full")
 
 
 def test_missing_paths_and_bad_resolution_name_the_field(tmp_path):
@@ -338,9 +339,11 @@ def test_t2i_discriminator_starts_from_the_teacher_encoder(t2i_assets):
     assert logits.shape == (3,) and logits.dtype == jnp.float32
     assert len(set(np.asarray(logits).round(6))) == 3  # depends on each sample
     assert float(jnp.abs(disc_fn(params, x, cond, t[::-1]) - logits).max()) > 0  # and on its time
-    # bf16 compute with remat: same parameter tree, close logits.
-    low = unet_discriminator.UNetDiscriminator(task.network_config, head_channels=config.disc.head_channels,
-                                               head_groups=config.disc.head_groups, dtype=jnp.bfloat16, remat=True)
-    low_logits = jax.jit(low.apply)({"params": params}, x, 1000.0 * t, cond)
+    # The recipe's bf16 compute with per-block remat (configs/t2i_sd15.py): same parameter tree, close logits.
+    full = load_config("t2i_sd15", None)
+    configured = precision.configure_task(task, full)
+    for module in (configured.model, configured.discriminator):
+        assert module.dtype == jnp.bfloat16 and module.remat is True
+    low_logits = jax.jit(configured.disc_fn)(params, x, cond, t)
     assert low_logits.dtype == jnp.float32
     np.testing.assert_allclose(low_logits, logits, atol=0.1)

@@ -1,8 +1,10 @@
 """Deterministic in-memory batching: the batch at step s is a pure function of (seed, s).
 
 That is what makes a resumed run (after SIGTERM or SIGKILL) see exactly the examples an
-uninterrupted run would have seen. Each process takes its own contiguous slice of the
-global batch (multi-host data loading without a coordinator).
+uninterrupted run would have seen. Each process loads only its own rows of the global
+batch (multi-host data loading without a coordinator): by default the process_index-th
+contiguous slice, or exactly ``process_rows`` (sharding.process_batch_indices: the rows the
+mesh places on this process's devices).
 """
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ import numpy as np
 
 
 class InMemoryBatches:
-    def __init__(self, arrays: dict[str, np.ndarray], global_batch: int, seed: int):
+    def __init__(self, arrays: dict[str, np.ndarray], global_batch: int, seed: int,
+                 process_rows: np.ndarray | None = None):
         sizes = {k: len(v) for k, v in arrays.items()}
         if len(set(sizes.values())) != 1:
             raise ValueError(f"arrays have different lengths: {sizes}")
@@ -22,6 +25,11 @@ class InMemoryBatches:
                              f"{self.num_examples}")
         self.global_batch = global_batch
         self.seed = seed
+        if process_rows is None:
+            per_process = global_batch // jax.process_count()
+            process_rows = np.arange(jax.process_index() * per_process,
+                                     (jax.process_index() + 1) * per_process)
+        self.process_rows = np.asarray(process_rows)
         self.steps_per_epoch = self.num_examples // global_batch
         self._perm_epoch, self._perm = -1, None
 
@@ -38,7 +46,5 @@ class InMemoryBatches:
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's slice of the global batch of ``step``."""
-        idx = self.global_indices(step)
-        per_process = self.global_batch // jax.process_count()
-        idx = idx[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
+        idx = self.global_indices(step)[self.process_rows]
         return {k: v[idx] for k, v in self.arrays.items()}

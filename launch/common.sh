@@ -1,0 +1,19 @@
+# Shared settings of the Cloud TPU scripts (sourced, not run). Every value can be set in the
+# environment or with the scripts' flags.
+TPU_NAME="${TPU_NAME:-scflow}"
+ZONE="${ZONE:-us-central2-b}"
+PROJECT="${PROJECT:-$(gcloud config get-value project 2>/dev/null || true)}"
+REPO_DIR="${REPO_DIR:-scflow_jax}"        # checkout location on every worker (under ~)
+VENV_DIR="${VENV_DIR:-scflow_venv}"       # virtual environment on every worker (under ~)
+
+die() { echo "error: $*" >&2; exit 1; }
+
+require_project() {
+  [[ -n "$PROJECT" ]] || die "no GCP project: pass --project or run 'gcloud config set project ID'"
+}
+
+# Runs a command on every worker of the TPU VM (all hosts of a pod slice) at once.
+tpu_ssh_all() {
+  gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --project="$PROJECT" \
+    --worker=all --command="$1"
+}
