@@ -15,7 +15,7 @@ weights, sampling never reads the data.
 The interface the stages use (shared with the digits ``tasks.Task``):
 ``velocity_fn``, ``disc_fn`` (+ ``disc_takes_time``), ``init_disc_params(rng, teacher_params)``, ``null_cond``,
 ``pretrained_teacher`` / ``load_teacher_params()``, ``load_flow_params(path, mesh, what)``,
-``batches(global_batch, seed)``, ``grid_sampler(seed, num_steps)`` / ``grid_rows``; and, for latent recipes,
+``batches(global_batch, seed, process_rows)``, ``grid_sampler(seed, num_steps)`` / ``grid_rows``; and, for latent recipes,
 ``decode``, ``encode_prompts``, ``latent_shape``, ``unconditional``, ``image_size``.
 """
 from __future__ import annotations
@@ -112,7 +112,8 @@ class LatentTask:
                                           subkey=self.config.model.teacher_subkey or None)
         config, params = unet_sd.load_unet_sd(path)
         if config != self.network_config:
-            raise weights.WeightsError(f"teacher UNet config at {path} changed while loading")
+            raise weights.WeightsError(f"teacher UNet config at {path} differs from the one this task was built "
+                                       f"from (the folder changed since)")
         return params
 
     def abstract_params(self):

@@ -84,7 +84,7 @@ def sample_recipe(config, workdir: str, prompts: list[str] | None) -> list[str]:
     task = build_task(config)
     if cfg.model not in RECIPE_MODELS:
         raise ValueError(f"config.sample.model={cfg.model!r}; expected one of {RECIPE_MODELS}")
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.num_devices)
+    mesh = sharding.mesh_from_config(config)
     if cfg.model == "student":
         path = distill.stage_dirs(workdir).params
         if not checkpoint.params_exist(path):
