@@ -17,6 +17,44 @@ def _optimizer(lr: float, *, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=0.0,
                 grad_clip=grad_clip, lr_warmup_steps=lr_warmup_steps)
 
 
+def _prepare_fields(kind: str) -> dict:
+    """--mode=prepare_data: images (+ captions) -> latent array_record shards (data/prepare.py)."""
+    return dict(kind=kind, input=placeholder(str), output=placeholder(str), vae=placeholder(str),
+                text_encoder=placeholder(str), tokenizer=placeholder(str), image_size=placeholder(int),
+                batch_size=64, examples_per_shard=1024, latent_dtype="float32", image_column="image",
+                caption_column="caption", num_workers=8)
+
+
+def latent_recipe_base(name: str, data_kind: str) -> ml_collections.ConfigDict:
+    """Fields every latent recipe (configs/celebahq256.py, configs/t2i_sd15.py) shares; each
+    recipe sets its own values of SCFLOW_SPEC.md section 7 on top. Paths are placeholders:
+    a stage that needs one and finds it unset names the field."""
+    default = get_config()
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    # Mesh, multi-host and precision groups as in the embedded default (see there).
+    c.mesh, c.distributed, c.precision = default.mesh, default.distributed, default.precision
+    c.data = dict(name=name, path=placeholder(str),  # prepared latent dataset (data.prepare.output)
+                  image_size=256, hflip=True, prepare=_prepare_fields(data_kind))
+    # remat: none | full | a jax.checkpoint_policies name (precision.py); per-block in the
+    # UNets, so "full" is diffusers-style gradient checkpointing.
+    c.model = dict(teacher_path=placeholder(str), vae_path=placeholder(str), remat="none")
+    c.scflow = dict(huber_c=0.01, lambda_con=1.0, lambda_rf=0.1, lambda_gan=0.1, lambda_inv=0.1,
+                    target_ema=0.9, eval_ema=0.9999, use_teacher=True, sigmoid_head=True)
+    c.sample = dict(model="student", num_steps=(1, 2, 4), sampler="euler", guidance=1.0,
+                    batch_size=16, num_images=64, prompts=(), prompts_file=placeholder(str),
+                    num_per_prompt=4)
+    c.export = dict(output_dir=placeholder(str))  # default <workdir>/export
+    # --mode=evaluate (evaluation/real_eval.py; its EVAL_DEFAULTS lists the fields).
+    c.eval = dict(num_samples=50_000, batch_size=64, student_steps=(1, 2, 4), teacher_steps=(),
+                  teacher_guidance=1.0, student_params="", fid_reference=placeholder(str),
+                  clip_path=placeholder(str), prompts_file=placeholder(str), write_images=False,
+                  save_every=10)
+    c.fid = dict(inception_path=placeholder(str), images_dir=placeholder(str),
+                 output_npz=placeholder(str), batch_size=placeholder(int))
+    return c
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -37,11 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.precision = dict(param_dtype="float32", compute_dtype="float32")
 
     c.data = dict(name="digits", heldout_fraction=0.2)
-    # --mode=prepare_data: images (+ captions) -> latent array_record shards (scflow_jax/data/prepare.py).
-    c.data.prepare = dict(kind="latents", input=placeholder(str), output=placeholder(str), vae=placeholder(str),
-                          text_encoder=placeholder(str), tokenizer=placeholder(str), image_size=placeholder(int),
-                          batch_size=64, examples_per_shard=1024, latent_dtype="float32", image_column="image",
-                          caption_column="caption", num_workers=8)
+    c.data.prepare = _prepare_fields("latents")
 
     # Frozen CLIP-architecture text encoder with a seeded random init (nothing to download).
     c.text = dict(max_length=8, hidden_size=32, num_layers=2, num_heads=2,

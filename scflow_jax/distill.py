@@ -17,7 +17,6 @@ import jax.numpy as jnp
 from absl import logging
 
 from scflow_jax import checkpoint, precision, sharding, teacher, train_state, trainer
-from scflow_jax.data.pipeline import InMemoryBatches
 from scflow_jax.losses import scflow
 from scflow_jax.tasks import Task, build_task
 
@@ -73,7 +72,10 @@ def validate_distill_config(config) -> None:
 
 def load_teacher_params(config, workdir: str, task: Task, mesh, rules=None):
     """The frozen teacher, checked name by name against the student's architecture and
-    placed with the student's parameter shardings (FSDP rules)."""
+    placed with the student's parameter shardings (FSDP rules): a pretrained checkpoint
+    (recipes, through the task's converter) or the train_teacher stage's export (digits)."""
+    if task.pretrained_teacher:
+        return _place(task.load_teacher_params(), mesh, rules)
     path = teacher_params_path(config, workdir)
     if not checkpoint.params_exist(path):
         raise FileNotFoundError(
@@ -85,10 +87,16 @@ def load_teacher_params(config, workdir: str, task: Task, mesh, rules=None):
                                   what="teacher parameters")
 
 
+def _place(host_params, mesh, rules):
+    return jax.device_put(host_params, sharding.state_shardings(
+        jax.eval_shape(lambda: host_params), mesh, rules))
+
+
 def networks(task: Task) -> scflow.SCFlowNetworks:
     """Student, target and teacher share the task's flow network; D is the task's."""
     return scflow.SCFlowNetworks(velocity_fn=task.velocity_fn,
-                                 teacher_velocity_fn=task.velocity_fn, disc_fn=task.disc_fn)
+                                 teacher_velocity_fn=task.velocity_fn, disc_fn=task.disc_fn,
+                                 disc_takes_time=task.disc_takes_time)
 
 
 def make_train_step(nets: scflow.SCFlowNetworks, cfg, optimizer, disc_optimizer, root_key,
@@ -193,7 +201,7 @@ class DistillSetup:
     frozen: dict             # teacher_params, null_cond: step inputs never updated
     jitted_step: Any         # the jitted (state, batch, frozen) -> (state, metrics)
     train_step: Callable     # (state, global batch) -> (state, metrics)
-    data: InMemoryBatches    # yields this process's rows of each global batch
+    data: Any                # .batch(step): this process's rows of each global batch
 
 
 def build_distill(config, workdir: str, teacher_params=None) -> DistillSetup:
@@ -205,26 +213,27 @@ def build_distill(config, workdir: str, teacher_params=None) -> DistillSetup:
     sharding.check_global_batch(cfg.batch_size, mesh, "config.distill.batch_size")
     rules = sharding.ShardingRules.from_config(config)
     task = precision.configure_task(build_task(config), config)
+    data = task.batches(cfg.batch_size, seed=config.seed + 1,
+                        process_rows=sharding.process_batch_indices(mesh, cfg.batch_size))
     if teacher_params is None:
         teacher_params = load_teacher_params(config, workdir, task, mesh, rules)
     else:
-        teacher_params = jax.device_put(teacher_params, sharding.state_shardings(
-            jax.eval_shape(lambda: teacher_params), mesh, rules))
+        teacher_params = _place(teacher_params, mesh, rules)
     optimizer = train_state.make_optimizer(cfg.optimizer)
     disc_optimizer = train_state.make_optimizer(config.disc.optimizer)
     disc_key, root_key = jax.random.split(
         jax.random.fold_in(jax.random.PRNGKey(config.seed), 2))
 
+    null_cond = task.null_cond  # (recipes: encoded by the text encoder, outside any trace)
+    init_disc = functools.partial(task.init_disc_params, teacher_params=teacher_params)
     state, abstract, shardings = trainer.init_state(
-        functools.partial(init_distill_state, task.init_disc_params, teacher_params, optimizer,
+        functools.partial(init_distill_state, init_disc, teacher_params, optimizer,
                           disc_optimizer, disc_key), mesh, rules)
     frozen = {"teacher_params": teacher_params,
-              "null_cond": sharding.put_replicated(jnp.asarray(task.null_cond), mesh)}
+              "null_cond": None if null_cond is None
+              else sharding.put_replicated(jnp.asarray(null_cond), mesh)}
     step = make_train_step(networks(task), config.scflow, optimizer, disc_optimizer, root_key,
                            out_shardings=(shardings, sharding.replicated(mesh)))
-    data = InMemoryBatches({k: task.train[k] for k in ("image", "cond")}, cfg.batch_size,
-                           seed=config.seed + 1,
-                           process_rows=sharding.process_batch_indices(mesh, cfg.batch_size))
     return DistillSetup(mesh=mesh, task=task, state=state, abstract_state=abstract,
                         state_shardings=shardings, frozen=frozen, jitted_step=step,
                         train_step=lambda s, b: step(s, b, frozen), data=data)
@@ -244,8 +253,8 @@ def distill(config, workdir: str):
         state=setup.state, abstract_state=setup.abstract_state,
         state_shardings=setup.state_shardings, train_step=setup.train_step,
         batch_fn=setup.data.batch, mesh=setup.mesh,
-        sample_images=_ema_grid(setup.task.grid_sampler(config.seed, num_steps=1), setup.mesh),
-        grid_rows=len(setup.task.prompts) - 1)
+        sample_images=_ema_grid(setup.task.grid_sampler(config.seed, num_steps=1), setup.mesh)
+        if cfg.sample_every else None, grid_rows=setup.task.grid_rows)
     if not result.preempted:
         checkpoint.save_params(stage_dirs(workdir).params, result.state.ema_params)
         logging.info("[distill] done: student (eval EMA) exported to %s",

@@ -14,7 +14,8 @@ from ml_collections import config_flags
 from scflow_jax import monitoring, trainer
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "default_config.py")
-MODES = ("all", "train_teacher", "distill", "evaluate", "sample", "fid_stats", "prepare_data")
+MODES = ("all", "train_teacher", "distill", "evaluate", "sample", "fid_stats", "prepare_data",
+         "export")
 
 config_flags.DEFINE_config_file(
     "config", _DEFAULT_CONFIG, "Config file (get_config(arg)); `path:arg` picks a variant, "
@@ -40,7 +41,7 @@ class _QuietOrbax(std_logging.Filter):
 
 def run(config, workdir: str, mode: str, prompts=(), prompts_file=None) -> int:
     """Runs ``mode``; returns the process exit code (0 also after a SIGTERM checkpoint)."""
-    from scflow_jax import distill, sample, teacher
+    from scflow_jax import distill, recipes, sample, teacher
     from scflow_jax.evaluation import digits_eval, real_eval
 
     trainer.check_workdir_writable(workdir)
@@ -56,9 +57,20 @@ def run(config, workdir: str, mode: str, prompts=(), prompts_file=None) -> int:
     }
     if mode == "sample":
         # Prompts given on the command line (flags or a file) replace the config's list.
+        prompts_file = prompts_file or config.sample.get("prompts_file")
         given = list(prompts) or ([] if prompts_file else list(config.sample.prompts))
-        all_prompts = sample.read_prompts(given, prompts_file)
-        sample.sample_prompts(config, workdir, all_prompts)
+        if not recipes.is_recipe(config):
+            sample.sample_prompts(config, workdir, sample.read_prompts(given, prompts_file))
+        elif recipes.build_recipe_task(config).unconditional:
+            sample.sample_recipe(config, workdir, None)
+        else:
+            sample.sample_recipe(config, workdir, sample.read_prompts(given, prompts_file))
+        return 0
+    if mode == "export":
+        if not recipes.is_recipe(config):
+            raise ValueError("--mode=export writes a recipe's student in its teacher's format; "
+                             f"config.data.name={config.data.name!r} is not a recipe")
+        logging.info("[export] student written to %s", recipes.export_student(config, workdir))
         return 0
     if mode == "fid_stats":
         from scflow_jax.evaluation import fid
@@ -68,7 +80,9 @@ def run(config, workdir: str, mode: str, prompts=(), prompts_file=None) -> int:
         from scflow_jax.data import prepare
         prepare.prepare_from_config(config)
         return 0
-    order = list(stages) if mode == "all" else [mode]
+    order = [mode] if mode != "all" else [
+        # A recipe distills a pretrained teacher: nothing to train first.
+        name for name in stages if not (name == "train_teacher" and recipes.is_recipe(config))]
     for name in order:
         fn, is_done = stages[name]
         if mode == "all" and is_done(workdir):

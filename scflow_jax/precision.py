@@ -82,7 +82,9 @@ def configure_module(module: nn.Module, *, dtype: Any, remat: str) -> nn.Module:
     policy = remat_policy(remat)
     cls = type(module)
     if "remat" in fields:
-        fields["remat"] = remat
+        # Modules with a boolean per-block switch (the SD UNet, the UNet discriminator)
+        # rematerialise their blocks fully; the others take the policy name.
+        fields["remat"] = (remat != "none") if isinstance(fields["remat"], bool) else remat
     elif policy is not None:
         cls = nn.remat(cls, policy=policy)
     return cls(**fields)

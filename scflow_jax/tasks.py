@@ -1,15 +1,30 @@
 """Builds what every stage needs from a config: data, conditioning, networks.
 
-Only the embedded default (``config.data.name == "digits"``) exists so far. Its prompts are
-encoded once by the frozen text encoder into a condition table; examples carry their row of
-it, exactly as a real text-to-image dataset carries precomputed CLIP hidden states.
+``build_task(config)`` dispatches on ``config.data.name``: the embedded default ``digits``
+(``Task`` below) or one of the latent recipes of ``recipes.py`` (``celebahq256``,
+``t2i_sd15``). Both provide what the stages use:
+
+    velocity_fn(params, t, x, cond)       the flow network, project convention (flows.py)
+    disc_fn(disc_params, x, cond[, t])    D; ``disc_takes_time``: it also takes the input's time
+    init_disc_params(rng, teacher_params) D's initial parameters
+    null_cond                             the empty prompt's condition (None: unconditional)
+    pretrained_teacher                    True: ``load_teacher_params()`` reads a checkpoint;
+                                          False: the teacher is trained by --mode=train_teacher
+    load_flow_params(path, mesh, what)    a stage's exported flow parameters
+    batches(global_batch, seed, process_rows)  a source with ``.batch(step)`` (pure in
+                                          (seed, step)) yielding this process's rows
+    grid_sampler(seed, num_steps), grid_rows   monitoring image grids
+
+The digits prompts are encoded once by the frozen text encoder into a condition table;
+examples carry their row of it, exactly as a real text-to-image dataset carries precomputed
+CLIP hidden states.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import json
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +33,7 @@ import numpy as np
 
 from scflow_jax import checkpoint, sampling, sharding
 from scflow_jax.data import digits
+from scflow_jax.data.pipeline import InMemoryBatches
 from scflow_jax.data.tokenizer import WordTokenizer
 from scflow_jax.models import clip, discriminators, small
 
@@ -33,12 +49,24 @@ class Task:
     model: Any                            # the flow network (teacher, student, target, EMA)
     discriminator: Any
 
+    pretrained_teacher: ClassVar[bool] = False
+    disc_takes_time: ClassVar[bool] = False
+    unconditional: ClassVar[bool] = False
+
     @property
     def null_cond(self) -> np.ndarray:
         return self.cond_table[-1]
 
     def conditions(self, labels: np.ndarray) -> np.ndarray:
         return self.cond_table[np.asarray(labels)]
+
+    def batches(self, global_batch: int, seed: int, process_rows=None) -> InMemoryBatches:
+        return InMemoryBatches({k: self.train[k] for k in ("image", "cond")}, global_batch,
+                               seed=seed, process_rows=process_rows)
+
+    @property
+    def grid_rows(self) -> int:
+        return len(self.prompts) - 1
 
     def velocity_fn(self, params, t, x, cond):
         """The network in the project convention (flows.py): F(t, x, c) ~ z1 - z0."""
@@ -72,7 +100,8 @@ class Task:
         pooled = jnp.mean(cond, axis=1) if self.discriminator.cond_dim else None
         return self.discriminator.apply({"params": disc_params}, x, pooled)
 
-    def init_disc_params(self, rng) -> Any:
+    def init_disc_params(self, rng, teacher_params=None) -> Any:
+        del teacher_params  # D starts random
         b = 4
         x = jnp.zeros((b,) + self.image_shape, jnp.float32)
         pooled = jnp.zeros((b, self.cond_table.shape[-1]), jnp.float32)
@@ -119,10 +148,15 @@ def _digits_task(config_json: str) -> Task:
                 cond_table=cond_table, prompts=prompts, model=model, discriminator=disc)
 
 
-def build_task(config) -> Task:
+def build_task(config):
+    """The ``Task`` (digits) or ``recipes.LatentTask`` of ``config.data.name``."""
+    from scflow_jax import recipes  # imports the large-model converters only when needed
+
+    if recipes.is_recipe(config):
+        return recipes.build_recipe_task(config)
     if config.data.name != "digits":
         raise ValueError(f"config.data.name={config.data.name!r} is not a known dataset; "
-                         f"expected 'digits'")
+                         f"expected one of {('digits',) + recipes.RECIPES}")
     # Only the fields that shape the task form the cache key.
     key = {k: config[k].to_dict() for k in ("data", "text", "model", "disc")}
     key["seed"] = config.seed

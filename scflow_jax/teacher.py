@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from scflow_jax import checkpoint, precision, sharding, train_state, trainer
+from scflow_jax import checkpoint, precision, recipes, sharding, train_state, trainer
 from scflow_jax.data.pipeline import InMemoryBatches
 from scflow_jax.losses import flow_matching
 from scflow_jax.tasks import Task, build_task
@@ -103,6 +103,9 @@ def make_train_step(task: Task, cfg, optimizer, mesh, root_key, state_shardings=
 
 
 def train_teacher(config, workdir: str) -> None:
+    if recipes.is_recipe(config):
+        raise ValueError(f"config.data.name={config.data.name!r} distills a pretrained teacher "
+                         f"(config.model.teacher_path): there is no train_teacher stage")
     cfg = config.teacher
     mesh = sharding.mesh_from_config(config)
     sharding.check_global_batch(cfg.batch_size, mesh, "config.teacher.batch_size")

@@ -24,10 +24,16 @@ sg = jax.lax.stop_gradient
 
 @dataclasses.dataclass(frozen=True)
 class SCFlowNetworks:
-    """The callables of one distillation: student/target share ``velocity_fn``."""
+    """The callables of one distillation: student/target share ``velocity_fn``.
+
+    ``disc_takes_time``: ``disc_fn`` is ``(params, x, cond, t)`` and is given the network time
+    of its (noised) input, t-minus (the text-to-image UNet-encoder discriminator); otherwise
+    ``(params, x, cond)``.
+    """
     velocity_fn: flows.VelocityFn
     teacher_velocity_fn: flows.VelocityFn
     disc_fn: adversarial.DiscriminatorFn | None = None
+    disc_takes_time: bool = False
 
 
 def pseudo_huber(x: jax.Array, y: jax.Array, c: float) -> jax.Array:
@@ -176,6 +182,14 @@ def generator_regression_loss(params, inputs: GeneratorInputs, z0_hat, step, *,
     return loss, terms
 
 
+def discriminator_at(nets: SCFlowNetworks, t_minus: jax.Array, cfg) -> adversarial.DiscriminatorFn:
+    """``(params, x, cond) -> logits``: D, told the time of its inputs if it takes one."""
+    if not nets.disc_takes_time:
+        return nets.disc_fn
+    t = network_time(t_minus, cfg)
+    return lambda params, x, cond: nets.disc_fn(params, x, cond, t)
+
+
 def discriminator_inputs(rng, x: jax.Array, t_minus: jax.Array, cfg) -> jax.Array:
     if not cfg.disc_noise_inputs:
         return x
@@ -189,12 +203,12 @@ def discriminator_objective(disc_params, real, fake, cond, t_minus, rng, *,
         eps = jax.random.normal(rng, real.shape, real.dtype)
         real = noised_for_discriminator(real, t_minus, eps)
         fake = noised_for_discriminator(fake, t_minus, eps)
+    disc_fn = discriminator_at(nets, t_minus, cfg)
     if cfg.r1_gamma > 0:
-        r1, real_logits = adversarial.r1_penalty(nets.disc_fn, disc_params, real, cond,
-                                                 cfg.r1_gamma)
+        r1, real_logits = adversarial.r1_penalty(disc_fn, disc_params, real, cond, cfg.r1_gamma)
     else:
-        r1, real_logits = jnp.float32(0.0), nets.disc_fn(disc_params, real, cond)
-    fake_logits = nets.disc_fn(disc_params, sg(fake), cond)
+        r1, real_logits = jnp.float32(0.0), disc_fn(disc_params, real, cond)
+    fake_logits = disc_fn(disc_params, sg(fake), cond)
     gan = adversarial.discriminator_loss(real_logits, fake_logits,
                                          sigmoid_head=cfg.sigmoid_head)
     return gan + r1, {"loss_disc": gan, "r1": r1, "d_real": jnp.mean(real_logits),
@@ -205,5 +219,6 @@ def generator_adversarial_loss(z0_hat, disc_params, cond, t_minus, rng, *,
                                nets: SCFlowNetworks, cfg):
     """``L_G = mean softplus(-D(z0_hat))`` with D frozen (gradient only to z0_hat)."""
     x = discriminator_inputs(rng, z0_hat, t_minus, cfg)
-    return adversarial.generator_loss(nets.disc_fn(sg(disc_params), x, cond),
+    disc_fn = discriminator_at(nets, t_minus, cfg)
+    return adversarial.generator_loss(disc_fn(sg(disc_params), x, cond),
                                       sigmoid_head=cfg.sigmoid_head)

@@ -1,0 +1,349 @@
+"""The latent recipes (configs/celebahq256.py, configs/t2i_sd15.py) end to end on CPU, through the real loaders.
+
+Each ``:tiny`` recipe gets tiny random weights written here in the real formats (ADM teacher: guided-diffusion-named
+``.safetensors``; SD teacher: a diffusers UNet folder via ``export_unet_sd``; VAE: a diffusers AutoencoderKL folder;
+CLIP: a transformers text-encoder folder and a BPE tokenizer), then distils a few steps, samples and exports.
+The dataset is prepared from random images by --mode=prepare_data (the tiny VAE, and CLIP for captions) and read by
+``LatentBatches``; evaluation runs ``real_eval.evaluate_recipe`` with a tiny feature extractor in place of
+Inception.
+Parity tolerance (export -> diffusers): max abs error <= 1e-4 in float32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+import clip_testlib
+from scflow_jax import distill, main, precision, recipes, sample, sharding
+from scflow_jax.evaluation import fid, frechet, real_eval
+from scflow_jax.models import clip, unet_adm, unet_sd, weights
+from scflow_jax.models.vae import VAE, VAEConfig, vae_state_dict_key
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = 1e-4  # max abs error, float32 (export parity)
+
+TINY_VAE = VAEConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, sample_size=64)
+# One cross-attention level plus the cross-attention mid block: the smallest graph of the family (compile time
+# dominates these tests).
+TINY_UNET = unet_sd.UNetSDConfig(
+    sample_size=8, block_out_channels=(16,), layers_per_block=1, cross_attention_dim=32, norm_num_groups=8,
+    attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",))
+
+
+def load_config(name: str, variant: str = "tiny"):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", os.path.join(REPO, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
+def random_params(abstract, seed: int):
+    """Random float32 parameters for a tree of shapes, in NumPy (compiling a tiny model's init costs tens of
+    seconds on a loaded CPU): fan-in-scaled normal kernels, norm scales near 1, small non-zero biases and
+    embeddings. Nothing is zero, so zero-initialised output layers do not make the tests trivial."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, spec):
+        name, shape = path[-1].key, spec.shape
+        noise = rng.standard_normal(shape).astype(np.float32)
+        if name == "kernel":
+            return noise / np.sqrt(np.prod(shape[:-1]))
+        return (1.0 + 0.05 * noise) if name == "scale" else 0.05 * noise
+
+    return jax.tree_util.tree_map_with_path(leaf, abstract)
+
+
+def _shapes(module, *inputs):
+    return jax.eval_shape(module.init, jax.random.PRNGKey(0), *inputs)["params"]
+
+
+def _write_json(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+def write_vae(folder: str) -> str:
+    params = random_params(VAE(TINY_VAE).param_shapes(), 1)
+    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(TINY_VAE).items()}
+    _write_json(os.path.join(folder, "config.json"), {"_class_name": "AutoencoderKL", **cfg})
+    weights.write_safetensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"),
+                              weights.state_dict_from_params(params, vae_state_dict_key))
+    return folder
+
+
+def write_text_encoder(folder: str, max_length: int) -> tuple[str, str]:
+    text_config = clip.CLIPTextConfig.tiny(vocab_size=len(clip_testlib.VOCAB), max_position_embeddings=max_length)
+    params = random_params(_shapes(clip.CLIPTextTransformer(text_config), jnp.zeros((1, 4), jnp.int32)), 2)
+    encoder = os.path.join(folder, "text_encoder")
+    _write_json(os.path.join(encoder, "config.json"), dataclasses.asdict(text_config))
+    weights.write_safetensors(os.path.join(encoder, "model.safetensors"), weights.state_dict_from_params(
+        params, clip.clip_key_function("text_model.")))
+    return encoder, clip_testlib.write_tokenizer(os.path.join(folder, "tokenizer"))
+
+
+def celeba_config(tmp_path):
+    config = load_config("celebahq256")
+    config.model.vae_path = write_vae(str(tmp_path / "vae"))
+    adm_config = recipes.adm_config(config, TINY_VAE.latent_channels)
+    params = random_params(_shapes(unet_adm.ADMUNet(adm_config), jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,))), 3)
+    config.model.teacher_path = str(tmp_path / "model_480.safetensors")
+    weights.write_safetensors(config.model.teacher_path, weights.state_dict_from_params(
+        params, unet_adm.torch_key))
+    return config
+
+
+def t2i_config(tmp_path):
+    config = load_config("t2i_sd15")
+    config.model.vae_path = write_vae(str(tmp_path / "vae"))
+    config.model.text_encoder_path, config.model.tokenizer_path = write_text_encoder(str(tmp_path), 16)
+    teacher = random_params(unet_sd.unet_param_shapes(TINY_UNET), 5)
+    config.model.teacher_path = unet_sd.export_unet_sd(TINY_UNET, teacher, str(tmp_path / "instaflow" / "unet"))
+    return config
+
+
+CAPTIONS = ["a cat", "the dog", "a dog", "the cat"]
+
+
+def prepare_data(config, tmp_path, n: int = 8) -> str:
+    """--mode=prepare_data on ``n`` random 64 px images (+ captions for text-to-image) with the recipe's VAE (and
+    text encoder): the prepared folder ``LatentBatches`` reads in distillation."""
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(CAPTIONS[i % len(CAPTIONS)])
+    p = config.data.prepare
+    p.input, p.output, p.vae = str(images), str(tmp_path / "prepared"), config.model.vae_path
+    if p.kind == "text_to_image":
+        p.text_encoder, p.tokenizer = config.model.text_encoder_path, config.model.tokenizer_path
+    assert main.run(config, str(tmp_path / "prepare_wd"), "prepare_data") == 0
+    config.data.path = p.output
+    return p.output
+
+
+FEATURE_DIM = 6
+
+
+def evaluate_tiny(config, task, workdir, tmp_path):
+    """--mode=evaluate's library call on the distilled student, with a tiny random feature extractor standing in
+    for Inception (real_eval's own tests cover the Inception path): returns the rows."""
+    rng = np.random.default_rng(4)
+    reference = str(tmp_path / "reference.npz")
+    frechet.save_statistics(reference, rng.normal(size=FEATURE_DIM) * 0.1, np.eye(FEATURE_DIM) * 0.05)
+    config.eval.fid_reference = reference
+    if not task.unconditional:
+        captions = tmp_path / "captions.txt"
+        captions.write_text("\n".join(CAPTIONS * (config.eval.num_samples // len(CAPTIONS))) + "\n")
+        config.eval.prompts_file = str(captions)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.num_devices)
+    size = config.data.image_size
+    w = rng.normal(size=(size * size * 3, FEATURE_DIM)).astype(np.float32) / size
+    extractor = fid.FeatureExtractor(lambda p, x: jnp.tanh(x.reshape(x.shape[0], -1) @ p), w, mesh,
+                                     config.eval.batch_size)
+    return real_eval.evaluate_recipe(config, workdir, task, feature_extractor=extractor,
+                                     feature_dim=FEATURE_DIM, mesh=mesh)
+
+
+def _check_rows(rows, config):
+    assert [(r["model"], r["steps"]) for r in rows] == [("student", s) for s in config.eval.student_steps]
+    assert all(np.isfinite(r["fid"]) and r["fid"] > 0 for r in rows)
+
+
+def _tree_max_diff(a, b) -> float:
+    return max(float(jnp.max(jnp.abs(jnp.asarray(x) - jnp.asarray(y))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _png(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+# --------------------------------------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("name", ["celebahq256", "t2i_sd15"])
+def test_configs_carry_the_published_settings(name):
+    c = load_config(name, None)
+    spec = {"celebahq256": dict(delta=0.1, tau=0.4, warm=(1000, 0, 1000), lr=(2e-5, 1e-4), wd=0.0, cfg=1.0,
+                                r1=1.0, noise=False, integer=False, batch=64, size=256),
+            "t2i_sd15": dict(delta=0.1, tau=0.1, warm=(0, 500, 500), lr=(1e-5, 1e-5), wd=1e-2, cfg=1.5, r1=0.0,
+                             noise=True, integer=True, batch=40, size=512)}[name]
+    s = c.scflow
+    assert (s.init_threshold, s.trunc_threshold) == (spec["delta"], spec["tau"])
+    assert (s.warmup_rf, s.warmup_gan, s.warmup_inv) == spec["warm"]
+    assert (c.distill.optimizer.learning_rate, c.disc.optimizer.learning_rate) == spec["lr"]
+    assert c.distill.optimizer.weight_decay == c.disc.optimizer.weight_decay == spec["wd"]
+    assert (s.target_ema, s.eval_ema, s.teacher_cfg, s.r1_gamma) == (0.9, 0.9999, spec["cfg"], spec["r1"])
+    assert (s.disc_noise_inputs, s.integer_timesteps) == (spec["noise"], spec["integer"])
+    assert (c.distill.batch_size, c.data.image_size) == (spec["batch"], spec["size"])
+    assert c.model.teacher_path is None and c.model.vae_path is None and c.data.path is None
+    if name == "celebahq256":
+        assert recipes.adm_config(c, 4) == unet_adm.ADMConfig.lfm_celeba256()
+        assert (c.disc.channel_base, c.disc.channel_max) == (16384, 512)
+    else:
+        assert (c.disc.head_channels, c.disc.head_groups) == (256, 32)
+        assert (c.precision.compute_dtype, c.precision.param_dtype, c.model.remat) == ("bfloat16", "float32",
+                                                                                        "full")
+
+
+def test_missing_paths_and_bad_resolution_name_the_field(tmp_path):
+    config = load_config("celebahq256")
+    with pytest.raises(ValueError, match=r"config\.model\.vae_path is not set"):
+        recipes.build_recipe_task(config)
+    config.model.vae_path = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"config\.model\.vae_path="):
+        recipes.build_recipe_task(config)
+    config.model.vae_path = write_vae(str(tmp_path / "vae"))
+    task = recipes.build_recipe_task(config)
+    with pytest.raises(ValueError, match=r"config\.model\.teacher_path is not set"):
+        task.load_teacher_params()
+    with pytest.raises(ValueError, match=r"config\.data\.path is not set"):
+        task.batches(4, seed=0)
+    config.data.image_size = 60
+    with pytest.raises(ValueError, match=r"config\.data\.image_size=60 .* factor 8"):
+        recipes.build_recipe_task(config)
+    t2i = load_config("t2i_sd15")
+    t2i.model.vae_path = config.model.vae_path
+    with pytest.raises(ValueError, match=r"config\.model\.teacher_path is not set"):
+        recipes.build_recipe_task(t2i)
+
+
+def test_prompts_file_with_empty_lines_names_them(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a cat\n\nthe dog\n  \na dog\n")
+    with pytest.raises(ValueError, match=r"empty line\(s\) 2, 4 "):
+        sample.read_prompts([], str(path))
+    path.write_text("a cat\nthe dog\n")
+    assert sample.read_prompts(["a dog"], str(path)) == ["a dog", "a cat", "the dog"]
+
+
+# --------------------------------------------------------------------------------------------------------- celeba
+@pytest.mark.slow
+def test_celebahq256_tiny_distill_sample_export(tmp_path):
+    config = celeba_config(tmp_path)
+    task = recipes.build_recipe_task(config)
+    assert task.unconditional and task.null_cond is None and task.latent_shape == (8, 8, 4)
+    teacher = task.load_teacher_params()
+    prepare_data(config, tmp_path)
+    workdir = str(tmp_path / "run")
+    result = distill.distill(config, workdir)
+    assert int(result.state.step) == config.distill.num_steps
+    student = result.state.ema_params
+    assert 0 < _tree_max_diff(student, teacher) < 1.0  # moved, and only a little (eval EMA 0.9999)
+
+    assert main.run(config, workdir, "sample") == 0
+    for steps in config.sample.num_steps:
+        out = os.path.join(workdir, "samples", f"student_euler_{steps}steps")
+        files = sorted(f for f in os.listdir(out) if f != "grid.png")
+        assert files == [f"{i:05d}.png" for i in range(config.sample.num_images)]
+        assert _png(os.path.join(out, files[0])).shape == (64, 64, 3)
+        assert os.path.isfile(os.path.join(out, "grid.png"))
+
+    assert main.run(config, workdir, "export") == 0
+    exported = unet_adm.load_unet_adm(os.path.join(workdir, "export", "model.safetensors"),
+                                      task.network_config)
+    assert _tree_max_diff(exported, student) == 0.0
+    _check_rows(evaluate_tiny(config, task, workdir, tmp_path), config)
+
+    other = load_config("celebahq256")
+    other.model.vae_path, other.data.path, other.data.image_size = config.model.vae_path, config.data.path, 128
+    with pytest.raises(ValueError, match=r"holds latents of shape \(8, 8, 4\).*image_size=128"):
+        recipes.build_recipe_task(other).batches(4, seed=0)
+
+
+def test_recipe_has_no_teacher_training_stage(tmp_path):
+    config = celeba_config(tmp_path)
+    with pytest.raises(ValueError, match="pretrained teacher"):
+        main.run(config, str(tmp_path / "run"), "train_teacher")
+
+
+# --------------------------------------------------------------------------------------------------------- t2i
+@pytest.fixture(scope="module")
+def t2i_assets(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("t2i")
+    config = t2i_config(tmp_path)
+    return config, recipes.build_recipe_task(config), tmp_path
+
+
+@pytest.mark.slow
+def test_t2i_tiny_distill_sample_export(t2i_assets, tmp_path):
+    config, task, _ = t2i_assets
+    prepare_data(config, tmp_path)
+    workdir = str(tmp_path / "run")
+    result = distill.distill(config, workdir)
+    assert not task.unconditional and task.latent_shape == (8, 8, 4)
+    np.testing.assert_allclose(task.null_cond, task.encode_prompts([""])[0])
+    assert int(result.state.step) == config.distill.num_steps
+    assert _tree_max_diff(result.state.ema_params, task.load_teacher_params()) > 0
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\nthe dog\na dog\n")
+    config.sample.prompts_file = str(prompts)
+    assert main.run(config, workdir, "sample") == 0
+    out = os.path.join(workdir, "samples", "student_euler_1steps")
+    per = config.sample.num_per_prompt
+    assert sorted(os.listdir(out)) == sorted(["grid.png", "prompts.txt"] + [
+        f"{i:03d}_{j:02d}.png" for i in range(3) for j in range(per)])
+    grid = _png(os.path.join(out, "grid.png"))
+    assert grid.shape == (3 * 65 + 1, per * 65 + 1, 3)
+
+    assert main.run(config, workdir, "export") == 0
+    loaded_config, exported = unet_sd.load_unet_sd(os.path.join(workdir, "export", "unet"))
+    assert loaded_config == TINY_UNET
+    assert _tree_max_diff(exported, result.state.ema_params) == 0.0
+    _check_rows(evaluate_tiny(config, task, workdir, tmp_path), config)
+
+
+@pytest.mark.parity
+def test_t2i_export_matches_diffusers(t2i_assets, tmp_path):
+    """Teacher folder -> load_unet_sd -> export_unet_sd (what --mode=export writes) -> diffusers."""
+    import torch
+    from diffusers import UNet2DConditionModel as TorchUNet
+
+    config, task, _ = t2i_assets
+    folder = unet_sd.export_unet_sd(task.network_config, task.load_teacher_params(), str(tmp_path / "unet"))
+    _, params = unet_sd.load_unet_sd(folder)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+    t = np.array([999.0, 250.0], np.float32)
+    cond = task.encode_prompts(["a cat", "the dog"])
+    ours = np.asarray(jax.jit(unet_sd.make_unet_apply(task.network_config))(params, x, t, cond))
+    model = TorchUNet.from_pretrained(folder).eval()
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t),
+                       encoder_hidden_states=torch.from_numpy(np.array(cond))).sample.numpy().transpose(0, 2, 3, 1)
+    err = float(np.max(np.abs(ours - theirs)))
+    assert np.abs(theirs).max() > 0.1 and err <= TOL, err
+
+
+def test_t2i_discriminator_starts_from_the_teacher_encoder(t2i_assets):
+    config, task, _ = t2i_assets
+    teacher = task.load_teacher_params()
+    params = jax.jit(task.init_disc_params)(jax.random.PRNGKey(0), teacher)
+    assert _tree_max_diff(params["unet"], unet_sd.encoder_params(teacher)) == 0.0
+    assert set(params) == {"unet", "head_down", "head_conv", "head_norm", "head_out"}
+    assert params["head_down"]["kernel"].shape == (4, 4, TINY_UNET.block_out_channels[-1], 16)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((3,) + task.latent_shape), jnp.float32)
+    cond = jnp.asarray(task.encode_prompts(["a cat", "the dog", ""]))
+    t = jnp.array([0.1, 0.5, 0.9])
+    disc_fn = jax.jit(task.disc_fn)
+    logits = disc_fn(params, x, cond, t)
+    assert logits.shape == (3,) and logits.dtype == jnp.float32
+    assert len(set(np.asarray(logits).round(6))) == 3  # depends on each sample
+    assert float(jnp.abs(disc_fn(params, x, cond, t[::-1]) - logits).max()) > 0  # and on its time
+    # The recipe's bf16 compute with per-block remat (configs/t2i_sd15.py): same parameter tree, close logits.
+    full = load_config("t2i_sd15", None)
+    configured = precision.configure_task(task, full)
+    for module in (configured.model, configured.discriminator):
+        assert module.dtype == jnp.bfloat16 and module.remat is True
+    low_logits = jax.jit(configured.disc_fn)(params, x, cond, t)
+    assert low_logits.dtype == jnp.float32
+    np.testing.assert_allclose(low_logits, logits, atol=0.1)
