@@ -31,6 +31,7 @@ def machine() -> dict:
     return {"platform": dev.platform, "device_kind": dev.device_kind,
             "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
             "processor": platform.processor() or platform.machine(),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__")
             else __import__("jaxlib").__version__}
 

@@ -11,6 +11,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from scflow_jax import xla_cpu  # noqa: E402
+
+xla_cpu.apply_defaults()  # the CLI's XLA:CPU settings, before JAX starts
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -99,7 +99,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   optimizer=_optimizer(1e-4))
 
     c.distill = dict(
-        num_steps=300, batch_size=32,
+        num_steps=1000, batch_size=32,
         teacher_params="",  # default: <workdir>/teacher/params
         grad_accum_steps=1,  # only 1 is supported (see distill.validate_distill_config)
         optimizer=_optimizer(2e-4, grad_clip=1.0),

@@ -104,6 +104,8 @@ def main(argv):
     logging.get_absl_handler().addFilter(_QuietOrbax())
     logging.set_verbosity(logging.INFO)
     config = flags.FLAGS.config
+    from scflow_jax import xla_cpu
+    xla_cpu.apply_defaults()  # before any JAX backend exists
     distributed_cfg = config.get("distributed") or {}
     if flags.FLAGS.multihost or distributed_cfg.get("enabled", False):
         # Before anything creates a JAX backend: the cluster decides which devices exist.

@@ -11,6 +11,9 @@ import tempfile
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+from scflow_jax import xla_cpu  # noqa: E402
+
+xla_cpu.apply_defaults()  # the same XLA:CPU settings as the CLI; children inherit XLA_FLAGS
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
