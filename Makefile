@@ -8,9 +8,10 @@ WORKDIR ?= runs/demo
 # pytorch-fid needs torchvision; 2.14.1/0.29.1 are the matching pair this project's machines carry
 # on disk (PyPI's torchvision does not load beside the 2.13.0 CPU file). Any torch >= 2.5 works.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-PYTEST_ARGS ?=
+# Two workers: the suite is compile-bound and the machines have 2 cores.
+PYTEST_ARGS ?= -n 2
 
-.PHONY: demo test install install-test benchmark clean
+.PHONY: demo test test-heavy install install-test benchmark clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -30,9 +31,13 @@ install-test: $(VENV)/.installed-test
 demo: $(VENV)/.installed
 	$(PY) -m scflow_jax.main --config=configs/default.py --workdir=$(WORKDIR)
 
-## test: the whole CPU test suite (parity tests included)
+## test: the CPU test suite (parity tests included), all but the `heavy` runs
 test: $(VENV)/.installed-test
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not heavy" $(PYTEST_ARGS)
+
+## test-heavy: the minutes-long end-to-end runs (two real processes, the SD 1.5 recipe)
+test-heavy: $(VENV)/.installed-test
+	$(PY) -m pytest -m heavy $(PYTEST_ARGS)
 
 benchmark: $(VENV)/.installed
 	$(PY) benchmarks/default_speed.py

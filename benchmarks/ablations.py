@@ -12,6 +12,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from scflow_jax import xla_cpu  # noqa: E402
+
+xla_cpu.apply_defaults()  # the CLI's XLA:CPU settings, before JAX starts
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -225,10 +225,11 @@ def build_distill(config, workdir: str, teacher_params=None) -> DistillSetup:
         jax.random.fold_in(jax.random.PRNGKey(config.seed), 2))
 
     null_cond = task.null_cond  # (recipes: encoded by the text encoder, outside any trace)
-    init_disc = functools.partial(task.init_disc_params, teacher_params=teacher_params)
-    state, abstract, shardings = trainer.init_state(
-        functools.partial(init_distill_state, init_disc, teacher_params, optimizer,
-                          disc_optimizer, disc_key), mesh, rules)
+    def init_fn(teacher):
+        init_disc = functools.partial(task.init_disc_params, teacher_params=teacher)
+        return init_distill_state(init_disc, teacher, optimizer, disc_optimizer, disc_key)
+
+    state, abstract, shardings = trainer.init_state(init_fn, mesh, rules, teacher_params)
     frozen = {"teacher_params": teacher_params,
               "null_cond": None if null_cond is None
               else sharding.put_replicated(jnp.asarray(null_cond), mesh)}

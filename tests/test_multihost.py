@@ -315,6 +315,7 @@ def _reference_run(config, workdir):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_two_processes_match_one_process(tmp_path):
     teacher_path = str(tmp_path / "teacher_params")
     _teacher_export(teacher_path)

@@ -274,6 +274,7 @@ def t2i_assets(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_t2i_tiny_distill_sample_export(t2i_assets, tmp_path):
     config, task, _ = t2i_assets
     prepare_data(config, tmp_path)
