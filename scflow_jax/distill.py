@@ -204,15 +204,16 @@ class DistillSetup:
     data: Any                # .batch(step): this process's rows of each global batch
 
 
-def build_distill(config, workdir: str, teacher_params=None) -> DistillSetup:
+def build_distill(config, workdir: str, teacher_params=None, task: Task | None = None) -> DistillSetup:
     """Mesh, task, sharded state, step and data of the distill stage. ``teacher_params``
-    (a host tree) replaces loading the teacher export, e.g. for benchmarks."""
+    (a host tree) replaces loading the teacher export, and ``task`` the config's task (e.g. a
+    random-weight recipe task without files), both for benchmarks."""
     cfg = config.distill
     validate_distill_config(config)
     mesh = sharding.mesh_from_config(config)
     sharding.check_global_batch(cfg.batch_size, mesh, "config.distill.batch_size")
     rules = sharding.ShardingRules.from_config(config)
-    task = precision.configure_task(build_task(config), config)
+    task = precision.configure_task(task if task is not None else build_task(config), config)
     data = task.batches(cfg.batch_size, seed=config.seed + 1,
                         process_rows=sharding.process_batch_indices(mesh, cfg.batch_size))
     if teacher_params is None:

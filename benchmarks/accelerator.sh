@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Every accelerator figure of the project in one call on one GPU, in under 8 minutes:
+#   1. peak       a large bf16 matmul (the device's usable matrix rate, the MFU yardstick beside the datasheet)
+#   2. generate   SD 1.5 1-step 512 px generation (UNet + VAE decode, bf16): images/s at batch 32, latency at batch 1
+#   3. t2i        the SD 1.5 recipe's SCFlow distillation step (bf16, remat, batch 20): step time, memory, MFU
+#   4. issue 8    benchmarks/distill_step.py: the side-by-side latent CelebA-HQ work, then its --full size
+# Each part runs in its own process under its own time limit, so one that fails or overruns costs only itself.
+# The figures are appended to benchmarks/results.json (with the device and versions) and copied to $OUT.
+#
+# Usage (repository root; jax with CUDA, flax, optax, orbax-checkpoint, ml_collections, clu installed):
+#   bash benchmarks/accelerator.sh                   # BUDGET_S=470 seconds in all; OUT=benchmarks/accelerator_out
+#   PARTS="generate t2i" bash benchmarks/accelerator.sh
+#   SMOKE=1 JAX_PLATFORMS=cpu bash benchmarks/accelerator.sh   # tiny sizes: checks the wiring, figures mean nothing
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/accelerator_out}
+PY=${PYTHON:-python3}
+BUDGET_S=${BUDGET_S:-470}
+PARTS=${PARTS:-"peak generate t2i issue8 issue8_full"}
+export PYTHONUNBUFFERED=1 JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# The t2i step holds ~30 GB of state (fp32 student, Adam, EMAs, teacher, D) plus activations.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+SMALL=() REPEATS=()
+if [[ ${SMOKE:-0} == 1 ]]; then SMALL=(--tiny --no_record) REPEATS=(--repeats=2 --warmup=1 --no-record); fi
+mkdir -p "$OUT"
+deadline=$((SECONDS + BUDGET_S))
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || echo "no nvidia-smi"; } \
+  >"$OUT/device.txt" 2>&1
+"$PY" -c 'import jax, jaxlib, flax, optax, sys; print("python", sys.version.split()[0], "jax", jax.__version__,
+"jaxlib", jaxlib.__version__, "flax", flax.__version__, "optax", optax.__version__, jax.devices())' \
+  >>"$OUT/device.txt" 2>&1
+cat "$OUT/device.txt"
+
+# part NAME LIMIT_S COMMAND...: runs COMMAND with at most LIMIT_S seconds (fewer if the budget is short).
+part() {
+  local name=$1 limit=$2; shift 2
+  case " $PARTS " in *" $name "*) ;; *) return 0 ;; esac
+  local left=$((deadline - SECONDS))
+  if ((left < 30)); then echo "== $name: skipped, ${left}s of the budget left"; return 0; fi
+  ((limit > left)) && limit=$left
+  echo "== $name (at most ${limit}s)"
+  local start=$SECONDS
+  timeout --kill-after=10 "$limit" "$PY" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: exit $rc after $((SECONDS - start))s"
+  grep -E '^\{' "$OUT/$name.log" | tail -n 1 | cut -c1-1500
+  ((rc == 0)) || tail -n 15 "$OUT/$name.log"
+  return $rc
+}
+
+part peak 60 benchmarks/t2i_speed.py --part=peak "${SMALL[@]}"
+part generate 150 benchmarks/t2i_speed.py --part=generate --batch_sizes=1,32 "${SMALL[@]}"
+part t2i 300 benchmarks/t2i_speed.py --part=distill --batch=20 "${SMALL[@]}" ||
+  PARTS="$PARTS t2i_b8" part t2i_b8 240 benchmarks/t2i_speed.py --part=distill --batch=8 "${SMALL[@]}"
+part issue8 120 benchmarks/distill_step.py "${REPEATS[@]}"
+part issue8_full 150 benchmarks/distill_step.py --full "${REPEATS[@]}"
+cp benchmarks/results.json "$OUT/results.json"

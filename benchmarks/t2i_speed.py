@@ -1,0 +1,288 @@
+"""Speed of the SD 1.5 text-to-image recipe on the devices present: the SCFlow distillation step
+(time, examples/s, memory, MFU) and 1-step 512 px generation (UNet + VAE decode: images/s, latency).
+
+Both parts run the recipe's own code (``configs/t2i_sd15.py``: bf16 compute over float32 master
+weights, full remat, teacher CFG 1.5 against the empty prompt, the teacher-encoder discriminator
+on noised inputs) on random weights and random data, so no checkpoint or dataset is needed: the
+networks have SD 1.5's architecture (UNet ~860M parameters, VAE decoder ~50M), the text states
+are random [77, 768] arrays in place of CLIP's. Every SCFlow term is on (warm-ups set to 0).
+
+Usage:
+  python benchmarks/t2i_speed.py --part=generate [--batch_sizes=1,32] [--dtype=bfloat16]
+  python benchmarks/t2i_speed.py --part=distill [--batch=20] [--steps=5]
+  python benchmarks/t2i_speed.py --part=peak        (a bf16 matmul: the device's usable peak)
+  --tiny: tiny networks at 64 px, a CPU smoke run whose figures mean nothing.
+
+MFU = model FLOPs / time / peak. Model FLOPs are XLA's count of the step lowered WITHOUT remat
+(what the algorithm needs); the compiled step's count (with the recomputation) is reported as
+``hardware_gflop``. The peak is --peak_tflops, else the dense bf16 datasheet figure of a known
+device (``DATASHEET_BF16_TFLOPS``); --part=peak measures what a large matmul reaches. Prints one
+JSON line per part and appends it to benchmarks/results.json unless --no_record.
+``benchmarks/accelerator.sh`` runs all parts on one GPU in one call.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from scflow_jax import xla_cpu  # noqa: E402
+
+xla_cpu.apply_defaults()  # the CLI's XLA:CPU settings, before JAX starts
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from common import record, time_calls  # noqa: E402
+from scflow_jax import distill, precision, recipes, sampling, sharding, train_state  # noqa: E402
+from scflow_jax.models import clip, unet_discriminator, unet_sd  # noqa: E402
+from scflow_jax.models.vae import VAE, VAEConfig  # noqa: E402
+
+# Dense bf16 matrix peak per device (vendor datasheets, TFLOP/s), matched against device_kind.
+DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5 lite": 197.0,
+                         "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v4": 275.0}
+TEXT_TOKENS, TEXT_DIM = 77, 768
+
+TINY_UNET = unet_sd.UNetSDConfig(
+    sample_size=8, block_out_channels=(32, 32), layers_per_block=1, cross_attention_dim=TEXT_DIM,
+    norm_num_groups=8, attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+TINY_VAE = VAEConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, sample_size=64)
+
+
+@dataclasses.dataclass(eq=False)
+class RandomT2ITask(recipes.LatentTask):
+    """The text-to-image recipe's task on random data, with no files: random text states stand in
+    for CLIP's (same shape), and each batch is random latents with random text states."""
+
+    @property
+    def _text_encoder(self):  # only its config is used (the discriminator's condition shape)
+        return clip.CLIPTextConfig(), None, None
+
+    @property
+    def null_cond(self):
+        return np.random.default_rng(7).standard_normal((TEXT_TOKENS, TEXT_DIM)).astype(np.float32)
+
+    def batches(self, global_batch: int, seed: int, process_rows=None):
+        rows = np.arange(global_batch) if process_rows is None else np.asarray(process_rows)
+        return RandomBatches(rows, self.latent_shape, seed)
+
+
+@dataclasses.dataclass
+class RandomBatches:
+    rows: np.ndarray
+    latent_shape: tuple
+    seed: int
+
+    def batch(self, step: int) -> dict:
+        rng = np.random.default_rng([self.seed, step])
+        n = len(self.rows)
+        return {"image": rng.standard_normal((n,) + tuple(self.latent_shape), np.float32),
+                "cond": rng.standard_normal((n, TEXT_TOKENS, TEXT_DIM), np.float32)}
+
+
+def recipe_config(tiny: bool, batch: int):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
+    import t2i_sd15  # noqa: E402
+
+    config = t2i_sd15.get_config()
+    if tiny:
+        config.data.image_size = 64
+        config.disc.update(dict(head_channels=16, head_groups=4))
+    # Steady state: every term on (the recipe warms the GAN and inverse terms up for 500 steps).
+    config.scflow.update(dict(warmup_rf=0, warmup_gan=0, warmup_inv=0))
+    config.distill.batch_size = batch
+    config.mesh.num_devices = -1
+    return config
+
+
+def random_task(config, tiny: bool) -> RandomT2ITask:
+    unet_config, vae_config = (TINY_UNET, TINY_VAE) if tiny else (unet_sd.UNetSDConfig(), VAEConfig())
+    side = config.data.image_size // vae_config.downsample_factor
+    disc = unet_discriminator.UNetDiscriminator(
+        unet_config, head_channels=config.disc.head_channels, head_groups=config.disc.head_groups)
+    return RandomT2ITask(config=config, latent_shape=(side, side, vae_config.latent_channels),
+                         vae_config=vae_config, network_config=unet_config,
+                         model=unet_sd.UNet2DConditionModel(unet_config), discriminator=disc)
+
+
+def random_unet_params(config: unet_sd.UNetSDConfig, seed: int = 0):
+    """Random UNet weights on the device, with no zero layers (a zero output layer would make the
+    loss terms trivially zero, which XLA could simplify away)."""
+    def init(key):
+        params = unet_sd.init_unet_sd(config, key)
+        leaves, tree = jax.tree.flatten(params)
+        keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+        return jax.tree.unflatten(tree, [x + 0.02 * jax.random.normal(k, x.shape, x.dtype)
+                                         for x, k in zip(leaves, keys)])
+    return jax.jit(init)(jax.random.PRNGKey(seed))
+
+
+def flops(stage) -> float:
+    """XLA's FLOP count of a Lowered or Compiled program (a dict, or a list of dicts on old jax)."""
+    cost = stage.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        return float(sum(c.get("flops", 0.0) for c in cost if c))
+    return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def peak_tflops(args) -> tuple[float | None, str]:
+    if args.peak_tflops > 0:
+        return args.peak_tflops, "--peak_tflops"
+    kind = jax.devices()[0].device_kind
+    for name, value in DATASHEET_BF16_TFLOPS.items():
+        if name.lower() in kind.lower():
+            return value, f"datasheet dense bf16 ({name})"
+    return None, f"unknown device {kind!r}: pass --peak_tflops"
+
+
+def device_memory() -> dict:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    keys = ("peak_bytes_in_use", "bytes_in_use", "bytes_limit")
+    return {k: stats[k] for k in keys if k in stats} or {"note": "no memory_stats on this backend"}
+
+
+def with_mfu(result: dict, model_flops: float, seconds: float, args) -> dict:
+    peak, source = peak_tflops(args)
+    result["achieved_tflops"] = model_flops / seconds / 1e12
+    result["peak_tflops"], result["peak_source"] = peak, source
+    result["mfu"] = None if peak is None else model_flops / seconds / (peak * 1e12)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def run_peak(args) -> dict:
+    """A large bf16 matmul chain: what the device's matrix units reach through XLA."""
+    n = 256 if args.tiny else 8192
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.bfloat16)
+    matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+    t = time_calls(lambda: matmul(a, b), warmup=3, repeats=20)
+    return {"part": "peak", "matmul_n": n, **t, "bf16_matmul_tflops": 2 * n ** 3 / t["median_s"] / 1e12}
+
+
+def run_generate(args) -> dict:
+    """1-step generation: one UNet call (the student's Euler step from t = 1) and the VAE decode, in one
+    program. Parameters are cast to the compute dtype once, as a deployment would."""
+    config = recipe_config(args.tiny, batch=1)
+    task = random_task(config, args.tiny)
+    task = dataclasses.replace(task, model=precision.configure_module(
+        task.model, dtype=jnp.dtype(args.dtype), remat="none"))
+    vae = VAE(task.vae_config, dtype=jnp.dtype(args.dtype))
+    cast = jax.jit(lambda tree: jax.tree.map(lambda x: x.astype(args.dtype), tree))
+    unet_params = cast(random_unet_params(task.network_config))
+    vae_params = cast(jax.jit(vae.init)(jax.random.PRNGKey(2)))
+
+    @jax.jit
+    def generate(unet_params, vae_params, z1, cond):
+        latents = sampling.sample(task.velocity_fn, unet_params, z1, cond, num_steps=1)
+        return vae.latents_to_images(vae_params, latents.astype(jnp.float32))
+
+    out = {"part": "generate", "tiny": args.tiny, "dtype": args.dtype,
+           "image_px": config.data.image_size, "latent_shape": list(task.latent_shape),
+           "unet_params": train_state.count_params(unet_params),
+           "vae_decoder_params": train_state.count_params(vae_params["decoder"])
+           + train_state.count_params(vae_params["post_quant_conv"]), "batches": []}
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        rng = np.random.default_rng(batch)
+        z1 = jnp.asarray(rng.standard_normal((batch,) + task.latent_shape, np.float32))
+        cond = jnp.asarray(rng.standard_normal((batch, TEXT_TOKENS, TEXT_DIM), np.float32))
+        start = time.perf_counter()
+        compiled = generate.lower(unet_params, vae_params, z1, cond).compile()
+        entry = {"batch": batch, "compile_s": time.perf_counter() - start}
+        images = compiled(unet_params, vae_params, z1, cond)
+        if not bool(jnp.all(jnp.isfinite(images))):
+            raise FloatingPointError(f"generation at batch {batch} gave non-finite images")
+        entry.update(time_calls(lambda: compiled(unet_params, vae_params, z1, cond),
+                                warmup=2, repeats=args.repeats))
+        entry["images_per_s"] = batch / entry["median_s"]
+        entry["ms_per_batch"] = 1e3 * entry["median_s"]
+        with_mfu(entry, flops(compiled), entry["median_s"], args)
+        entry["gflop_per_image"] = flops(compiled) / batch / 1e9
+        print(json.dumps(entry), flush=True)
+        out["batches"].append(entry)
+    out["memory"] = device_memory()
+    return out
+
+
+def run_distill(args) -> dict:
+    """The recipe's distillation step (D step + G step + updates + EMAs) at --batch per step."""
+    config = recipe_config(args.tiny, batch=args.batch)
+    task = random_task(config, args.tiny)
+    teacher = random_unet_params(task.network_config)
+    start = time.perf_counter()
+    setup = distill.build_distill(config, workdir="", teacher_params=teacher, task=task)
+    init_s = time.perf_counter() - start
+    batches = [sharding.shard_batch(setup.data.batch(s), setup.mesh) for s in range(2)]
+
+    start = time.perf_counter()
+    compiled = setup.jitted_step.lower(setup.state, batches[0], setup.frozen).compile()
+    compile_s = time.perf_counter() - start
+
+    state, times = setup.state, []
+    for i in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batches[i % len(batches)], setup.frozen)
+        jax.block_until_ready((state, metrics))
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    metrics = jax.device_get(metrics)
+    if not all(np.isfinite(v) for v in jax.tree.leaves(metrics)):
+        raise FloatingPointError(f"non-finite step metrics: {metrics}")
+    step_s = float(np.median(times))
+    out = {"part": "distill", "tiny": args.tiny, "batch": args.batch,
+           "compute_dtype": config.precision.compute_dtype, "remat": config.model.remat,
+           "student_params": train_state.count_params(setup.state.params),
+           "disc_params": train_state.count_params(setup.state.disc_params),
+           "state_init_s": init_s, "compile_s": compile_s, "steps_timed": len(times),
+           "step_s_median": step_s, "step_s_min": min(times), "examples_per_s": args.batch / step_s,
+           "hardware_gflop": flops(compiled) / 1e9,
+           "loss_terms": {k: float(v) for k, v in metrics.items()}, "memory": device_memory()}
+    print(json.dumps(out), flush=True)  # the timings, should the FLOP count below run out of time
+
+    # Model FLOPs: the same step lowered without remat (lowering only; no compile, no memory).
+    plain = recipe_config(args.tiny, batch=args.batch)
+    plain.model.remat = "none"
+    plain_task = precision.configure_task(random_task(plain, args.tiny), plain)
+    plain_step = distill.make_train_step(
+        distill.networks(plain_task), plain.scflow, train_state.make_optimizer(plain.distill.optimizer),
+        train_state.make_optimizer(plain.disc.optimizer), jax.random.PRNGKey(0))
+    abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)  # noqa: E731
+    model_flops = flops(plain_step.lower(abstract(setup.state), abstract(batches[0]), abstract(setup.frozen)))
+
+    out["model_gflop"] = model_flops / 1e9
+    out["hfu"] = flops(compiled) / step_s / (peak_tflops(args)[0] or np.inf) / 1e12
+    return with_mfu(out, model_flops, step_s, args)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", required=True, choices=["generate", "distill", "peak"])
+    parser.add_argument("--tiny", action="store_true", help="tiny networks at 64 px (CPU smoke run)")
+    parser.add_argument("--batch_sizes", default="1,32", help="generate: comma-separated batch sizes")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="generate: compute dtype")
+    parser.add_argument("--batch", type=int, default=20, help="distill: global batch (the recipe: 20 per GPU)")
+    parser.add_argument("--steps", type=int, default=5, help="distill: timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="distill: untimed steps after compiling")
+    parser.add_argument("--repeats", type=int, default=10, help="generate: timed calls per batch size")
+    parser.add_argument("--peak_tflops", type=float, default=0.0, help="one device's peak for MFU")
+    parser.add_argument("--no_record", action="store_true", help="print only")
+    args = parser.parse_args(argv)
+    result = {"peak": run_peak, "generate": run_generate, "distill": run_distill}[args.part](args)
+    if args.no_record:
+        print(json.dumps(result), flush=True)
+    else:
+        record(f"t2i_speed_{args.part}", result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
