@@ -16,16 +16,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import record, time_calls  # noqa: E402
+from common import record, time_calls, xla_flops  # noqa: E402
 from scflow_jax.evaluation import inception  # noqa: E402
-
-
-def compiled_flops(compiled) -> float:
-    """Total FLOPs from ``cost_analysis()``, which is a dict on new jax and a list of dicts on older ones."""
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, dict):
-        analysis = [analysis]
-    return float(sum(a.get("flops", 0.0) for a in analysis or []))
 
 
 def main(argv=None):
@@ -40,8 +32,9 @@ def main(argv=None):
     images = jnp.asarray(np.random.default_rng(0).random(
         (args.batch, inception.INCEPTION_SIZE, inception.INCEPTION_SIZE, 3), dtype=np.float32))
     fn = jax.jit(lambda p, x: model.apply({"params": p}, x))
-    compiled = fn.lower(params, images).compile()
-    flops = compiled_flops(compiled)
+    lowered = fn.lower(params, images)
+    compiled = lowered.compile()
+    flops = xla_flops(lowered)
     out = {"batch": args.batch, "input": [inception.INCEPTION_SIZE] * 2, "dtype": "float32",
            "xla_flops_per_image": flops / args.batch}
     if not args.flops_only:

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from common import machine, record  # noqa: E402
+from common import machine, record, xla_flops  # noqa: E402
 from scflow_jax import distill, distributed, sharding, train_state  # noqa: E402
 from scflow_jax.tasks import build_task  # noqa: E402
 
@@ -49,13 +49,6 @@ def random_teacher(task, seed: int = 0):
     keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
     return jax.tree.unflatten(tree, [np.asarray(x + 0.02 * jax.random.normal(k, x.shape))
                                      for x, k in zip(leaves, keys)])
-
-
-def flops_of(compiled) -> float | None:
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
-        analysis = analysis[0] if analysis else None
-    return float(analysis["flops"]) if analysis and "flops" in analysis else None
 
 
 def peak_memory() -> dict:
@@ -80,9 +73,10 @@ def main(argv):
                for s in range(min(4, FLAGS.steps + FLAGS.warmup))]
 
     start = time.perf_counter()
-    compiled = setup.jitted_step.lower(setup.state, batches[0], setup.frozen).compile()
+    lowered = setup.jitted_step.lower(setup.state, batches[0], setup.frozen)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - start
-    flops = flops_of(compiled)
+    flops = xla_flops(lowered)
 
     state, times = setup.state, []
     for i in range(FLAGS.warmup + FLAGS.steps):

@@ -14,8 +14,8 @@ Usage:
   --tiny: tiny networks at 64 px, a CPU smoke run whose figures mean nothing.
 
 MFU = model FLOPs / time / peak. Model FLOPs are XLA's count of the step lowered WITHOUT remat
-(what the algorithm needs); the compiled step's count (with the recomputation) is reported as
-``hardware_gflop``. The peak is --peak_tflops, else the dense bf16 datasheet figure of a known
+(what the algorithm needs); the count with the recomputation is reported as ``hardware_gflop``
+(both from the lowered program: on a GPU the compiled one's count omits cuDNN's convolutions). The peak is --peak_tflops, else the dense bf16 datasheet figure of a known
 device (``DATASHEET_BF16_TFLOPS``); --part=peak measures what a large matmul reaches. Prints one
 JSON line per part and appends it to benchmarks/results.json unless --no_record.
 ``benchmarks/accelerator.sh`` runs all parts on one GPU in one call.
@@ -38,7 +38,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import record, time_calls  # noqa: E402
+from common import random_params, record, time_calls, xla_flops  # noqa: E402
 from scflow_jax import distill, precision, recipes, sampling, sharding, train_state  # noqa: E402
 from scflow_jax.models import clip, unet_discriminator, unet_sd  # noqa: E402
 from scflow_jax.models.vae import VAE, VAEConfig  # noqa: E402
@@ -47,6 +47,12 @@ from scflow_jax.models.vae import VAE, VAEConfig  # noqa: E402
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5 lite": 197.0,
                          "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v4": 275.0}
 TEXT_TOKENS, TEXT_DIM = 77, 768
+_START = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    """A timestamped line on stderr: where a slow part spends its time (compiles run for minutes)."""
+    print(f"[{time.perf_counter() - _START:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 TINY_UNET = unet_sd.UNetSDConfig(
     sample_size=8, block_out_channels=(32, 32), layers_per_block=1, cross_attention_dim=TEXT_DIM,
@@ -111,26 +117,6 @@ def random_task(config, tiny: bool) -> RandomT2ITask:
                          model=unet_sd.UNet2DConditionModel(unet_config), discriminator=disc)
 
 
-def random_unet_params(config: unet_sd.UNetSDConfig, seed: int = 0):
-    """Random UNet weights on the device, with no zero layers (a zero output layer would make the
-    loss terms trivially zero, which XLA could simplify away)."""
-    def init(key):
-        params = unet_sd.init_unet_sd(config, key)
-        leaves, tree = jax.tree.flatten(params)
-        keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
-        return jax.tree.unflatten(tree, [x + 0.02 * jax.random.normal(k, x.shape, x.dtype)
-                                         for x, k in zip(leaves, keys)])
-    return jax.jit(init)(jax.random.PRNGKey(seed))
-
-
-def flops(stage) -> float:
-    """XLA's FLOP count of a Lowered or Compiled program (a dict, or a list of dicts on old jax)."""
-    cost = stage.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        return float(sum(c.get("flops", 0.0) for c in cost if c))
-    return float(cost.get("flops", 0.0)) if cost else 0.0
-
-
 def peak_tflops(args) -> tuple[float | None, str]:
     if args.peak_tflops > 0:
         return args.peak_tflops, "--peak_tflops"
@@ -176,9 +162,13 @@ def run_generate(args) -> dict:
     task = dataclasses.replace(task, model=precision.configure_module(
         task.model, dtype=jnp.dtype(args.dtype), remat="none"))
     vae = VAE(task.vae_config, dtype=jnp.dtype(args.dtype))
-    cast = jax.jit(lambda tree: jax.tree.map(lambda x: x.astype(args.dtype), tree))
-    unet_params = cast(random_unet_params(task.network_config))
-    vae_params = cast(jax.jit(vae.init)(jax.random.PRNGKey(2)))
+    # On the host (NumPy, ml_dtypes' bfloat16): a device program for ~700 casts would compile for long.
+    cast = lambda tree: jax.device_put(jax.tree.map(lambda x: x.astype(jnp.dtype(args.dtype)), tree))  # noqa: E731
+    progress("initialising the UNet and VAE")
+    unet_params = cast(random_params(unet_sd.unet_param_shapes(task.network_config)))
+    vae_params = cast(random_params(vae.param_shapes(), seed=2))
+    jax.block_until_ready((unet_params, vae_params))
+    progress("initialised")
 
     @jax.jit
     def generate(unet_params, vae_params, z1, cond):
@@ -195,8 +185,10 @@ def run_generate(args) -> dict:
         z1 = jnp.asarray(rng.standard_normal((batch,) + task.latent_shape, np.float32))
         cond = jnp.asarray(rng.standard_normal((batch, TEXT_TOKENS, TEXT_DIM), np.float32))
         start = time.perf_counter()
-        compiled = generate.lower(unet_params, vae_params, z1, cond).compile()
+        lowered = generate.lower(unet_params, vae_params, z1, cond)
+        compiled = lowered.compile()
         entry = {"batch": batch, "compile_s": time.perf_counter() - start}
+        progress(f"batch {batch}: compiled in {entry['compile_s']:.1f}s")
         images = compiled(unet_params, vae_params, z1, cond)
         if not bool(jnp.all(jnp.isfinite(images))):
             raise FloatingPointError(f"generation at batch {batch} gave non-finite images")
@@ -204,8 +196,8 @@ def run_generate(args) -> dict:
                                 warmup=2, repeats=args.repeats))
         entry["images_per_s"] = batch / entry["median_s"]
         entry["ms_per_batch"] = 1e3 * entry["median_s"]
-        with_mfu(entry, flops(compiled), entry["median_s"], args)
-        entry["gflop_per_image"] = flops(compiled) / batch / 1e9
+        with_mfu(entry, xla_flops(lowered), entry["median_s"], args)
+        entry["gflop_per_image"] = xla_flops(lowered) / batch / 1e9
         print(json.dumps(entry), flush=True)
         out["batches"].append(entry)
     out["memory"] = device_memory()
@@ -216,15 +208,20 @@ def run_distill(args) -> dict:
     """The recipe's distillation step (D step + G step + updates + EMAs) at --batch per step."""
     config = recipe_config(args.tiny, batch=args.batch)
     task = random_task(config, args.tiny)
-    teacher = random_unet_params(task.network_config)
+    progress("initialising the teacher")
+    teacher = random_params(unet_sd.unet_param_shapes(task.network_config))
+    progress("building the distillation state")
     start = time.perf_counter()
     setup = distill.build_distill(config, workdir="", teacher_params=teacher, task=task)
     init_s = time.perf_counter() - start
+    progress(f"state built in {init_s:.1f}s; compiling the step")
     batches = [sharding.shard_batch(setup.data.batch(s), setup.mesh) for s in range(2)]
 
     start = time.perf_counter()
-    compiled = setup.jitted_step.lower(setup.state, batches[0], setup.frozen).compile()
+    lowered = setup.jitted_step.lower(setup.state, batches[0], setup.frozen)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - start
+    progress(f"step compiled in {compile_s:.1f}s")
 
     state, times = setup.state, []
     for i in range(args.warmup + args.steps):
@@ -243,7 +240,7 @@ def run_distill(args) -> dict:
            "disc_params": train_state.count_params(setup.state.disc_params),
            "state_init_s": init_s, "compile_s": compile_s, "steps_timed": len(times),
            "step_s_median": step_s, "step_s_min": min(times), "examples_per_s": args.batch / step_s,
-           "hardware_gflop": flops(compiled) / 1e9,
+           "hardware_gflop": xla_flops(lowered) / 1e9,
            "loss_terms": {k: float(v) for k, v in metrics.items()}, "memory": device_memory()}
     print(json.dumps(out), flush=True)  # the timings, should the FLOP count below run out of time
 
@@ -255,10 +252,10 @@ def run_distill(args) -> dict:
         distill.networks(plain_task), plain.scflow, train_state.make_optimizer(plain.distill.optimizer),
         train_state.make_optimizer(plain.disc.optimizer), jax.random.PRNGKey(0))
     abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)  # noqa: E731
-    model_flops = flops(plain_step.lower(abstract(setup.state), abstract(batches[0]), abstract(setup.frozen)))
+    model_flops = xla_flops(plain_step.lower(abstract(setup.state), abstract(batches[0]), abstract(setup.frozen)))
 
     out["model_gflop"] = model_flops / 1e9
-    out["hfu"] = flops(compiled) / step_s / (peak_tflops(args)[0] or np.inf) / 1e12
+    out["hfu"] = xla_flops(lowered) / step_s / (peak_tflops(args)[0] or np.inf) / 1e12
     return with_mfu(out, model_flops, step_s, args)
 
 

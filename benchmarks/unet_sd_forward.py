@@ -20,19 +20,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import record, time_calls  # noqa: E402
+from common import record, time_calls, xla_flops  # noqa: E402
 from scflow_jax.models import unet_sd  # noqa: E402
 
 LATENT_SIDES = (64, 32)
 TEXT_TOKENS, TEXT_DIM = 77, 768
-
-
-def flops_of(compiled) -> float:
-    """Total FLOPs from ``cost_analysis()``, which is a dict or (older jax) a list with one dict per program."""
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, dict):
-        analysis = [analysis]
-    return float(sum(a.get("flops", 0.0) for a in analysis if a))
 
 
 def main():
@@ -57,9 +49,10 @@ def main():
                   jax.ShapeDtypeStruct((args.batch,), jnp.float32),
                   jax.ShapeDtypeStruct((args.batch, TEXT_TOKENS, TEXT_DIM), jnp.float32))
         start = time.perf_counter()
-        compiled = forward.lower(param_shapes, *shapes).compile()
+        lowered = forward.lower(param_shapes, *shapes)
+        compiled = lowered.compile()
         entry = {"latent": [side, side], "compile_s": time.perf_counter() - start}
-        entry["flops"] = flops_of(compiled)
+        entry["flops"] = xla_flops(lowered)
         entry["gflops_per_sample"] = entry["flops"] / args.batch / 1e9
         if params is not None:
             rng = np.random.default_rng(0)

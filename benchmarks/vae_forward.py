@@ -18,16 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from common import record, time_calls  # noqa: E402
+from common import record, time_calls, xla_flops  # noqa: E402
 from scflow_jax.models.vae import VAE, VAEConfig  # noqa: E402
-
-
-def xla_flops(compiled) -> float:
-    """Total FLOPs of a compiled program; ``cost_analysis()`` is a dict on new jax, a list of dicts on old."""
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        return float(sum(c.get("flops", 0.0) for c in cost))
-    return float(cost.get("flops", 0.0))
 
 
 def main(argv=None):
@@ -48,10 +40,11 @@ def main(argv=None):
     for s in (int(v) for v in args.sizes.split(",")):
         z = jax.random.normal(jax.random.PRNGKey(1), (args.batch, s, s, vae.config.latent_channels))
         start = time.perf_counter()
-        compiled = decode.lower(params, z).compile()
+        lowered = decode.lower(params, z)
+        compiled = lowered.compile()
         entry = {"latent": [vae.config.latent_channels, s, s], "image_px": s * vae.config.downsample_factor,
                  "batch": args.batch, "dtype": args.dtype, "compile_s": time.perf_counter() - start,
-                 "gflops_per_sample": xla_flops(compiled) / 1e9 / args.batch}
+                 "gflops_per_sample": xla_flops(lowered) / 1e9 / args.batch}
         if not args.flops_only:
             entry.update(time_calls(lambda: compiled(params, z), warmup=2, repeats=args.repeats))
         print(entry, flush=True)

@@ -8,7 +8,8 @@ ADM UNet forward of batch 64 went from 0.44 s to 0.27 s and the SCFlow iteration
 
 The flag is experimental: an XLA that does not know it aborts the process at start-up. So it is
 added only after a child interpreter has started a CPU backend with it, and never when the user
-already sets it (or sets ``SCFLOW_XLA_CPU_DEFAULTS=0``). It only affects CPU code; GPU and TPU
+already sets it (or sets ``SCFLOW_XLA_CPU_DEFAULTS=0``), nor when ``JAX_PLATFORMS`` names only
+other platforms (``cuda``, ``tpu``: no probe is started). It only affects CPU code; GPU and TPU
 runs are unchanged.
 """
 from __future__ import annotations
@@ -34,6 +35,9 @@ def apply_defaults(environ=os.environ) -> bool:
     """Adds the project's XLA:CPU flags to ``XLA_FLAGS``; returns whether it did. Call it before
     the first JAX computation of the process."""
     if environ.get("SCFLOW_XLA_CPU_DEFAULTS", "1") == "0":
+        return False
+    platforms = environ.get("JAX_PLATFORMS", "")
+    if platforms and "cpu" not in platforms.lower().split(","):
         return False
     current = environ.get("XLA_FLAGS", "")
     if "xla_cpu_experimental_ynn_fusion_type" in current or not _supported(YNN_FUSIONS_OFF):

@@ -14,6 +14,14 @@ def test_opt_out_and_user_setting_are_respected():
     assert env["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=dot"
 
 
+def test_accelerator_only_runs_are_left_alone(monkeypatch):
+    monkeypatch.setattr(xla_cpu, "_supported", lambda flag: True)  # would add it, were CPU in use
+    env = {"JAX_PLATFORMS": "cuda", "XLA_FLAGS": "--a=1"}
+    assert not xla_cpu.apply_defaults(env) and env["XLA_FLAGS"] == "--a=1"
+    env = {"JAX_PLATFORMS": "cuda,cpu"}
+    assert xla_cpu.apply_defaults(env) and env["XLA_FLAGS"] == xla_cpu.YNN_FUSIONS_OFF
+
+
 def test_added_exactly_when_this_xla_accepts_it():
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     added = xla_cpu.apply_defaults(env)

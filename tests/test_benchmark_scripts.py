@@ -1,0 +1,42 @@
+"""The accelerator benchmark (benchmarks/t2i_speed.py) runs end to end on tiny networks, so the script that
+measures on a lent GPU is known to work before the GPU time is spent. Heavy: about two minutes of compiling."""
+import math
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import t2i_speed  # noqa: E402
+
+from scflow_jax import train_state  # noqa: E402
+from scflow_jax.models import unet_sd  # noqa: E402
+
+
+@pytest.mark.heavy
+def test_generate_part_times_unet_and_vae_decode():
+    out = t2i_speed.main(["--part=generate", "--tiny", "--no_record", "--batch_sizes=1,2", "--repeats=2",
+                          "--peak_tflops=1"])
+    expected_unet = train_state.count_params(unet_sd.unet_param_shapes(t2i_speed.TINY_UNET))
+    assert out["unet_params"] == expected_unet and out["image_px"] == 64
+    assert [b["batch"] for b in out["batches"]] == [1, 2]
+    for entry in out["batches"]:
+        assert entry["median_s"] > 0 and entry["images_per_s"] == pytest.approx(entry["batch"] / entry["median_s"])
+        # UNet + decoder of a 64 px image: well over the UNet's share alone, and the same per image at any batch.
+        assert entry["gflop_per_image"] > 0.01
+        assert entry["mfu"] == pytest.approx(entry["achieved_tflops"] / 1.0)
+    assert out["batches"][0]["gflop_per_image"] == pytest.approx(out["batches"][1]["gflop_per_image"], rel=0.02)
+
+
+@pytest.mark.heavy
+def test_distill_part_runs_the_recipe_step_with_every_term():
+    out = t2i_speed.main(["--part=distill", "--tiny", "--no_record", "--batch=8", "--steps=1", "--warmup=0",
+                          "--peak_tflops=1"])
+    assert out["compute_dtype"] == "bfloat16" and out["remat"] == "full"
+    terms = out["loss_terms"]
+    assert all(math.isfinite(v) for v in terms.values())
+    # Warm-ups are off: the GAN, reflow and inverse terms are all live (non-zero).
+    assert all(abs(terms[k]) > 0 for k in ("loss_con", "loss_rf", "loss_gan", "loss_inv", "loss_disc"))
+    # Remat recomputes forwards: the program with it does strictly more work than the model needs.
+    assert out["hardware_gflop"] > out["model_gflop"] > 0
+    assert out["mfu"] == pytest.approx(out["model_gflop"] / 1e3 / out["step_s_median"])
