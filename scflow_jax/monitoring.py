@@ -2,9 +2,12 @@
 
 TensorBoard files are written with tensorboardX (no TensorFlow in the core install; see
 ARCHITECTURE.md). Only process 0 writes, so a multi-host run produces one set of files.
+Output files (JSON, PNG and the bytes of any other file) are written atomically through
+etils.epath, so a workdir may be local or a ``gs://`` bucket.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -13,6 +16,7 @@ from typing import Mapping
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 
 
 def is_main_process() -> bool:
@@ -67,20 +71,45 @@ def image_grid(images: np.ndarray, rows: int, upscale: int = 1, pad: int = 1) ->
     return grid
 
 
-def save_png(path: str, grid: np.ndarray) -> None:
+def is_remote(path) -> bool:
+    """A URL such as ``gs://bucket/run`` rather than a local path (checkpoint.absolute's test)."""
+    return "://" in os.fspath(path)
+
+
+def write_bytes_atomic(path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` (local or ``gs://``, through etils.epath) so that readers
+    never see half a file.
+
+    Local paths: a temporary file in the same folder, then a rename over the target (atomic
+    on POSIX). Object stores (GCS): one object write is atomic already (the new object
+    becomes visible only once its upload completes) and a rename there is a copy plus a
+    delete, so the object is written in place; object stores have no folders to create."""
+    target = epath.Path(path)
+    if is_remote(path):
+        target.write_bytes(data)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path, obj) -> None:
+    """``obj`` as indented JSON, written atomically (``write_bytes_atomic``)."""
+    write_bytes_atomic(path, json.dumps(obj, indent=2).encode("utf-8"))
+
+
+def save_png(path, grid: np.ndarray) -> None:
+    """A uint8 [H, W, C] image (C = 1 or 3) as a PNG file, local or ``gs://``."""
     from PIL import Image
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
-
-
-def write_json_atomic(path: str, obj) -> None:
-    """Writes JSON via a temporary file and rename, so readers never see half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buffer, format="PNG")
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def format_duration(seconds: float) -> str:

@@ -31,6 +31,12 @@ def _precision(config, field: str) -> str:
     return (config.get("precision") or {}).get(field, "float32")
 
 
+def remat_name(config) -> str:
+    """config.model.remat; configs without it (e.g. an evaluation of an injected task) keep
+    every activation."""
+    return (config.get("model") or {}).get("remat", "none")
+
+
 def compute_dtype(config) -> Any:
     name = _precision(config, "compute_dtype")
     if name not in COMPUTE_DTYPES:
@@ -47,7 +53,7 @@ def validate(config) -> None:
             f"moments and EMAs are kept in float32 (an EMA at rate 0.9999 does not move in "
             f"bfloat16); use compute_dtype='bfloat16' for bfloat16 compute")
     compute_dtype(config)
-    remat_policy(config.model.get("remat", "none"))
+    remat_policy(remat_name(config))
 
 
 def remat_policy(name: str):
@@ -95,7 +101,7 @@ def configure_task(task, config):
     and remat settings (the parameter trees are unchanged)."""
     validate(config)
     dtype = compute_dtype(config)
-    remat = config.model.get("remat", "none")
+    remat = remat_name(config)
     if dtype == jnp.float32 and remat == "none":
         return task
     return dataclasses.replace(

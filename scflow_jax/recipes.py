@@ -188,15 +188,7 @@ class LatentTask:
         path = required_path(self.config, "data.path", "prepared latent dataset (--mode=prepare_data)")
         from scflow_jax.data.latents import LatentBatches  # the data-preparation module
 
-        data = LatentBatches(path, global_batch, seed, hflip=self.config.data.hflip)
-        if process_rows is not None:
-            # LatentBatches gives each process a contiguous slice of the global batch.
-            per = global_batch // jax.process_count()
-            if not np.array_equal(process_rows, np.arange(jax.process_index() * per,
-                                                          (jax.process_index() + 1) * per)):
-                raise NotImplementedError(
-                    "this mesh's devices hold non-contiguous rows of the batch, which LatentBatches "
-                    "cannot serve yet (it slices contiguously); use config.mesh.fsdp=1 across processes")
+        data = LatentBatches(path, global_batch, seed, hflip=self.config.data.hflip, process_rows=process_rows)
         if data.scaling_factor != self.vae_config.scaling_factor:
             raise ValueError(f"config.data.path={path} was prepared with latent scaling factor "
                              f"{data.scaling_factor}, but the VAE at config.model.vae_path scales by "

@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from scflow_jax import checkpoint, distill, monitoring, sampling, sharding
+from scflow_jax import checkpoint, distill, monitoring, precision, sampling, sharding
 from scflow_jax.data import digits
 from scflow_jax.data.tokenizer import WordTokenizer
 from scflow_jax.evaluation import generate, prompts as prompts_lib
@@ -34,11 +33,32 @@ def read_prompts(prompts, prompts_file: str | None) -> list[str]:
     return out
 
 
+def _load_task(config):
+    """The config's task computing in its ``config.precision`` dtype (parameters stay float32)."""
+    return precision.configure_task(build_task(config), config)
+
+
+def _write_outputs(out_dir: str, names: list[str], images: np.ndarray, grid: np.ndarray,
+                   prompts: list[str] | None) -> None:
+    """One PNG per sample, ``grid.png`` and ``prompts.txt`` (local or gs://), by process 0 only."""
+    if not monitoring.is_main_process():
+        return
+    for name, image in zip(names, images):
+        monitoring.save_png(os.path.join(out_dir, name), monitoring.to_uint8(image))
+    monitoring.save_png(os.path.join(out_dir, "grid.png"), grid)
+    if prompts:
+        monitoring.write_bytes_atomic(os.path.join(out_dir, "prompts.txt"),
+                                      ("\n".join(prompts) + "\n").encode("utf-8"))
+
+
 def sample_prompts(config, workdir: str, prompts: list[str]) -> str:
-    """Writes ``<workdir>/samples/<model>_<steps>steps/`` with one PNG per sample and a grid."""
+    """Writes ``<workdir>/samples/<model>_<steps>steps/`` with one PNG per sample and a grid.
+
+    Every process computes the same noise and conditions; each feeds its own rows of the batch
+    (padded to a multiple of the device count) and gets every image back."""
     cfg = config.sample
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.num_devices)
-    task = build_task(config)
+    mesh = sharding.mesh_from_config(config)
+    task = _load_task(config)
     WordTokenizer(digits.vocabulary(), config.text.max_length)(prompts)  # validates words
     if cfg.model == "student":
         path = distill.stage_dirs(workdir).params
@@ -53,21 +73,17 @@ def sample_prompts(config, workdir: str, prompts: list[str]) -> str:
     cond_table = encode_prompts(config, prompts + [""])
     per = cfg.num_per_prompt
     cond = np.repeat(cond_table[:-1], per, axis=0)
-    z1 = jax.random.normal(jax.random.PRNGKey(config.seed), (len(cond),) + task.image_shape)
+    z1 = np.asarray(jax.random.normal(jax.random.PRNGKey(config.seed), (len(cond),) + task.image_shape))
+    batch = sharding.shard_global_batch(
+        sharding.pad_batch({"z1": z1, "cond": cond}, sharding.padded_size(len(cond), mesh)), mesh)
     images = jax.jit(lambda p, z, c, n: sampling.sample(
         task.velocity_fn, p, z, c, num_steps=cfg.num_steps, method=cfg.sampler,
-        null_cond=n, guidance=cfg.guidance))(params, z1, jnp.asarray(cond),
-                                             jnp.asarray(cond_table[-1]))
-    images = np.asarray(images)
+        null_cond=n, guidance=cfg.guidance))(params, batch["z1"], batch["cond"],
+                                             sharding.put_replicated(cond_table[-1], mesh))
+    images = sharding.to_host(images)[:len(cond)]
     out_dir = os.path.join(workdir, "samples", f"{cfg.model}_{cfg.sampler}_{cfg.num_steps}steps")
-    if monitoring.is_main_process():
-        for i, image in enumerate(images):
-            monitoring.save_png(os.path.join(out_dir, f"{i // per:03d}_{i % per:02d}.png"),
-                                monitoring.to_uint8(image))
-        monitoring.save_png(os.path.join(out_dir, "grid.png"),
-                            monitoring.image_grid(images, rows=len(prompts), upscale=4))
-        with open(os.path.join(out_dir, "prompts.txt"), "w") as f:
-            f.write("\n".join(prompts) + "\n")
+    _write_outputs(out_dir, [f"{i // per:03d}_{i % per:02d}.png" for i in range(len(images))], images,
+                   monitoring.image_grid(images, rows=len(prompts), upscale=4), prompts)
     logging.info("[sample] %d images from %d prompts written to %s", len(images), len(prompts),
                  out_dir)
     return out_dir
@@ -79,12 +95,15 @@ def sample_recipe(config, workdir: str, prompts: list[str] | None) -> list[str]:
     written to ``<workdir>/samples/<model>_<N>steps/`` (one PNG per sample, ``grid.png``, and
     ``prompts.txt``). Text-to-image: ``num_per_prompt`` samples per prompt, without guidance
     (``config.sample.guidance``, 1 for the student); unconditional: ``num_images`` samples.
-    Returns the output folders."""
+    Batches of ``config.sample.batch_size`` (a multiple of the device count) are split over the
+    mesh (``generate.ShardedSampler``, as in evaluation), so a sample is the image the
+    evaluation of the same model, seed and step count scores. Returns the output folders."""
     cfg = config.sample
-    task = build_task(config)
+    task = _load_task(config)
     if cfg.model not in RECIPE_MODELS:
         raise ValueError(f"config.sample.model={cfg.model!r}; expected one of {RECIPE_MODELS}")
     mesh = sharding.mesh_from_config(config)
+    sharding.check_global_batch(cfg.batch_size, mesh, "config.sample.batch_size")
     if cfg.model == "student":
         path = distill.stage_dirs(workdir).params
         if not checkpoint.params_exist(path):
@@ -106,31 +125,18 @@ def sample_recipe(config, workdir: str, prompts: list[str] | None) -> list[str]:
         num, rows = len(prompts) * per, len(prompts)
         cond = np.repeat(task.encode_prompts(prompts), per, axis=0)
         names = [f"{i // per:03d}_{i % per:02d}.png" for i in range(num)]
-    null_cond = None if task.null_cond is None else jnp.asarray(task.null_cond)
     steps = cfg.num_steps if isinstance(cfg.num_steps, (tuple, list)) else (cfg.num_steps,)
-    # One program for every step count (a traced trip count).
-    run = jax.jit(lambda p, z1, c, n, num_steps: sampling.sample(
-        task.velocity_fn, p, z1, c, num_steps=num_steps, method=cfg.sampler, null_cond=n,
-        guidance=cfg.guidance))
     out_dirs = []
     for num_steps in steps:
-        images = []
-        for start in range(0, num, cfg.batch_size):
-            count = min(cfg.batch_size, num - start)
-            z1 = generate.sample_noise(config.seed, jnp.arange(start, start + count), task.latent_shape)
-            c = None if cond is None else jnp.asarray(cond[start:start + count])
-            latents = run(params, z1, c, null_cond, jnp.int32(num_steps))
-            images.append(np.asarray(task.decode(latents)))
-        images = np.concatenate(images)
+        sampler = generate.ShardedSampler(
+            generate.euler_sample_fn(task.velocity_fn, num_steps=num_steps, guidance=cfg.guidance,
+                                     method=cfg.sampler),
+            params, latent_shape=task.latent_shape, seed=config.seed, batch_size=cfg.batch_size, mesh=mesh,
+            null_cond=task.null_cond, decode=task.decode, field="config.sample.batch_size")
+        images = generate.generate_images(sampler, num_samples=num,
+                                          cond_fn=None if cond is None else lambda idx: cond[idx])
         out_dir = os.path.join(workdir, "samples", f"{cfg.model}_{cfg.sampler}_{num_steps}steps")
-        if monitoring.is_main_process():
-            for name, image in zip(names, images):
-                monitoring.save_png(os.path.join(out_dir, name), monitoring.to_uint8(image))
-            monitoring.save_png(os.path.join(out_dir, "grid.png"),
-                                monitoring.image_grid(images, rows=rows))
-            if prompts:
-                with open(os.path.join(out_dir, "prompts.txt"), "w") as f:
-                    f.write("\n".join(prompts) + "\n")
+        _write_outputs(out_dir, names, images, monitoring.image_grid(images, rows=rows), prompts)
         logging.info("[sample] %d images at %d steps written to %s", num, num_steps, out_dir)
         out_dirs.append(out_dir)
     return out_dirs

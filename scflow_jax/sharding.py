@@ -217,6 +217,42 @@ def shard_batch(local_batch: dict, mesh) -> dict:
             for k, v in local_batch.items()}
 
 
+def shard_global_batch(batch: Any, mesh) -> Any:
+    """Host arrays that every process holds in full (a whole global batch: sampling noise,
+    sample indices, conditions) -> global arrays split over the batch axes.
+
+    Each process copies only the rows of its own devices (those of process_batch_indices),
+    so the same call works with one process or many; ``shard_batch`` is the form for data
+    loaders that read only their own rows. Leading dimensions must be a multiple of the
+    mesh size (``pad_batch``)."""
+    target = batch_sharding(mesh)
+
+    def one(x):
+        x = np.asarray(x)
+        if not x.ndim or x.shape[0] % mesh.devices.size:
+            raise ValueError(f"a global batch of shape {x.shape} does not split over the "
+                             f"{mesh.devices.size} devices of the mesh (pad it with pad_batch)")
+        return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
+    return jax.tree.map(one, batch)
+
+
+def pad_batch(batch: Any, size: int) -> Any:
+    """Every array of ``batch`` with copies of its last row appended up to ``size`` rows (a
+    short batch in a compiled shape, or a multiple of the device count); callers drop the
+    rows past the original count."""
+    def one(x):
+        x = np.asarray(x)
+        if not 1 <= len(x) <= size:
+            raise ValueError(f"cannot pad a batch of {len(x)} rows to {size} rows")
+        return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)]) if len(x) < size else x
+    return jax.tree.map(one, batch)
+
+
+def padded_size(num_rows: int, mesh) -> int:
+    """``num_rows`` rounded up to a multiple of the mesh's device count."""
+    return -(-num_rows // mesh.devices.size) * mesh.devices.size
+
+
 def put_replicated(tree: Any, mesh) -> Any:
     """Places host values (e.g. the null-prompt embedding) replicated on the mesh."""
     return jax.device_put(tree, replicated(mesh))

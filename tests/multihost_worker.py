@@ -1,10 +1,15 @@
-"""One process of the two-process test (tests/test_multihost.py); not a test module.
+"""One process of the two-process tests (tests/test_multihost.py); not a test module.
 
 Usage: python tests/multihost_worker.py SPEC_JSON, where SPEC_JSON holds process_id,
-num_processes, port, workdir, out (result file of this process) and overrides (dotted
-config fields). Joins the cluster through scflow_jax.distributed, runs the real distill
-stage (trainer loop, collective Orbax checkpoints, process-0 logging) and records every
-step's metrics.
+num_processes, port, workdir, out (result file of this process), overrides (dotted
+config fields) and job. Joins the cluster through scflow_jax.distributed, then
+
+* job "distill" (default): runs the real distill stage (trainer loop, collective Orbax
+  checkpoints, process-0 logging) and records every step's metrics;
+* job "generate": runs the sample stage (``sample.sample_prompts``) on the prompts
+  ``prompts`` and the evaluation sampler (``digits_eval.generate``) on ``num_samples``
+  samples of the teacher at ``config.distill.teacher_params``, and records the images
+  this process got back and the files it wrote.
 """
 import dataclasses
 import json
@@ -31,6 +36,8 @@ def main(spec_path: str) -> None:
     config.distributed.process_id = spec["process_id"]
     config.distributed.initialization_timeout = 120
     distributed.initialize(config.distributed)
+    if spec.get("job", "distill") == "generate":
+        return generate(spec, config, jax_distributed.global_state.client)
 
     recorded = []
     build = distill.build_distill
@@ -59,6 +66,49 @@ def main(spec_path: str) -> None:
         json.dump({"process_index": jax.process_index(), "process_count": jax.process_count(),
                    "device_count": jax.device_count(), "metrics": recorded,
                    "param_sum": float(sum(abs(x).sum() for x in jax.tree.leaves(params)))}, f)
+
+
+def generate(spec: dict, config, client) -> None:
+    import jax
+    import numpy as np
+
+    from scflow_jax import monitoring, sample, sharding
+    from scflow_jax.evaluation import digits_eval
+    from scflow_jax.tasks import build_task
+
+    # Gloo gives up on a collective after 30 s, and one process may still be compiling that
+    # long after the other reaches a gather: meet at a barrier outside gloo before each.
+    gathers = []
+    to_host = sharding.to_host
+
+    def synced_to_host(array):
+        gathers.append(list(array.shape))  # the global batch as computed (padding included)
+        client.wait_at_barrier(f"gather_{len(gathers)}", 600_000)
+        return to_host(array)
+
+    written = []
+    save_png = monitoring.save_png
+
+    def recording_save_png(path, grid):
+        written.append(path)
+        save_png(path, grid)
+
+    sharding.to_host, monitoring.save_png = synced_to_host, recording_save_png
+    out_dir = sample.sample_prompts(config, spec["workdir"], spec["prompts"])
+
+    task = build_task(config)
+    mesh = sharding.mesh_from_config(config)
+    params = task.load_flow_params(config.distill.teacher_params, mesh, "teacher parameters")
+    n = spec["num_samples"]
+    images = digits_eval.generate(
+        task, params, digits_eval.per_sample_noise(config.seed, n, task.image_shape),
+        digits_eval.prompted_labels(n), num_steps=2, guidance=1.5,
+        batch_size=config.eval.batch_size, mesh=mesh)
+    np.save(spec["out"] + ".npy", images)
+    with open(spec["out"], "w") as f:
+        json.dump({"process_index": jax.process_index(), "process_count": jax.process_count(),
+                   "device_count": jax.device_count(), "out_dir": out_dir,
+                   "written": written, "gathers": gathers}, f)
 
 
 if __name__ == "__main__":

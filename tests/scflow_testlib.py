@@ -301,3 +301,22 @@ def shared_run() -> SharedRun:
         distill_state=captured["distill"][0], distill_preempted=captured["distill"][1],
         eval_rows=captured["evaluate"], stage_calls=calls)
     return _SHARED["run"]
+
+
+class SamplerReached(Exception):
+    """Raised by ``stop_at_sampler``'s spy where a stage starts sampling (nothing compiles)."""
+
+
+def stop_at_sampler(monkeypatch) -> list:
+    """Makes ``sampling.sample`` record the compute dtype of the network it integrates and
+    stop the stage (SamplerReached); returns the recorded dtypes."""
+    from scflow_jax import sampling
+
+    seen = []
+
+    def spy(velocity_fn, *args, **kwargs):
+        seen.append(velocity_fn.__self__.model.dtype)  # the task whose network is sampled
+        raise SamplerReached
+
+    monkeypatch.setattr(sampling, "sample", spy)
+    return seen

@@ -340,6 +340,23 @@ def test_latent_batches_per_process_slices(latent_data, monkeypatch):
         LatentBatches(output, 3, seed=1)
 
 
+def test_latent_batches_interleaved_process_rows_make_the_global_batch(latent_data, monkeypatch):
+    _, output, _ = latent_data
+    whole = LatentBatches(output, 4, seed=1)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)  # explicit rows override the default slice
+    rows = ([0, 2], [3, 1])  # two processes, rows interleaved (and not sorted)
+    parts = [LatentBatches(output, 4, seed=1, process_rows=r) for r in rows]
+    for step in (0, 1, 5):
+        want = whole.batch(step)["image"]
+        got = np.full_like(want, np.nan)
+        for r, part in zip(rows, parts):
+            np.testing.assert_array_equal(part.local_indices(step), whole.local_indices(step)[r])
+            got[r] = part.batch(step)["image"]
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match=r"process_rows holds rows outside the global batch of 4"):
+        LatentBatches(output, 4, seed=1, process_rows=[2, 4])
+
+
 def test_text_to_image_batches_carry_cond(tmp_path, models):
     images = _write_folder(tmp_path / "images", corrupt=False)
     prepare.prepare("text_to_image", images, str(tmp_path / "out"), models["vae"], models["text_encoder"],

@@ -4,7 +4,9 @@ The two-process test starts two real JAX processes on localhost (CPU collectives
 gloo), each with 2 fake devices, on a (data=2, fsdp=2) mesh, and checks that they reach the
 same losses and parameters as one process with 4 devices and pure data parallelism.
 Tolerances: 1e-5 on losses and metrics (reductions run in a different order on different
-meshes), 1e-4 on parameters after several Adam steps.
+meshes), 1e-4 on parameters after several Adam steps. A second two-process test runs the
+sample stage and the evaluation sampler: the same images as one process (1e-6), gathered
+to both processes, files written by process 0 only.
 """
 import glob
 import json
@@ -19,11 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from PIL import Image
 
 import scflow_testlib as lib
-from scflow_jax import (checkpoint, distill, distributed, precision, sharding, teacher,
+from scflow_jax import (checkpoint, distill, distributed, precision, sample, sharding, teacher,
                         train_state, trainer)
 from scflow_jax.data.pipeline import InMemoryBatches
+from scflow_jax.evaluation import digits_classifier, digits_eval
 from scflow_jax.losses import flow_matching
 from scflow_jax.tasks import build_task
 
@@ -168,6 +172,65 @@ def test_process_rows_cover_the_global_batch_in_one_process():
     np.testing.assert_array_equal(sharding.to_host(x), np.arange(16.0))
 
 
+def test_host_batch_every_process_holds_is_split_into_each_devices_rows():
+    mesh = sharding.make_mesh(2, -1, 4)
+    batch = {"x": np.arange(16.0), "c": np.arange(32).reshape(16, 2), "none": None}
+    out = sharding.shard_global_batch(batch, mesh)
+    assert out["none"] is None
+    for name in ("x", "c"):
+        assert out[name].sharding == sharding.batch_sharding(mesh)
+        for shard in out[name].addressable_shards:  # a device holds exactly its own rows
+            np.testing.assert_array_equal(np.asarray(shard.data), batch[name][shard.index])
+        np.testing.assert_array_equal(sharding.to_host(out[name]), batch[name])
+    # The same arrays as a loader that reads only this process's rows.
+    rows = sharding.process_batch_indices(mesh, 16)
+    loaded = sharding.shard_batch({"x": batch["x"][rows]}, mesh)["x"]
+    assert loaded.sharding == out["x"].sharding
+    np.testing.assert_array_equal(sharding.to_host(loaded), sharding.to_host(out["x"]))
+
+    with pytest.raises(ValueError, match=r"a global batch of shape \(12,\) does not split over "
+                                         r"the 8 devices of the mesh \(pad it with pad_batch\)"):
+        sharding.shard_global_batch({"x": np.arange(12.0)}, mesh)
+
+
+def test_pad_batch_repeats_the_last_row_up_to_the_device_multiple():
+    mesh = sharding.make_mesh(-1, 8)
+    assert [sharding.padded_size(n, mesh) for n in (1, 8, 9, 16)] == [8, 8, 16, 16]
+    padded = sharding.pad_batch({"x": np.arange(9), "c": np.arange(18).reshape(9, 2)}, 16)
+    np.testing.assert_array_equal(padded["x"], list(range(9)) + [8] * 7)
+    np.testing.assert_array_equal(padded["c"][9:], np.repeat([[16, 17]], 7, axis=0))
+    assert sharding.pad_batch({"x": np.arange(8)}, 8)["x"].tolist() == list(range(8))
+    with pytest.raises(ValueError, match="cannot pad a batch of 9 rows to 8 rows"):
+        sharding.pad_batch({"x": np.arange(9)}, 8)
+
+
+@pytest.mark.parametrize("rows,match", [
+    ([0, 4], r"process_rows holds rows outside the global batch of 4: \[4\]"),
+    ([1, 1], r"process_rows repeats rows: \[1, 1\]"),
+    ([], r"process_rows must be a non-empty 1-D array of row indices"),
+    ([[0, 1]], r"process_rows must be a non-empty 1-D array of row indices"),
+])
+def test_bad_process_rows_are_named(rows, match):
+    with pytest.raises(ValueError, match=match):
+        InMemoryBatches({"x": np.arange(8)}, 4, seed=0, process_rows=rows)
+
+
+def test_sample_stage_gives_the_same_images_on_1_and_8_devices(tmp_path):
+    """9 samples: one device computes them as one batch, 8 devices as 16 rows (the last one
+    repeated), each device its own 2; the PNGs must not change."""
+    prompts = ["a handwritten digit one", "a handwritten digit seven", "a handwritten digit two"]
+    teacher_path = str(tmp_path / "teacher")
+    _teacher_export(teacher_path)
+    pngs = {}
+    for devices in (1, 8):
+        config = lib.make_config(num_devices=devices, **{
+            "sample.model": "teacher", "sample.num_per_prompt": 3,
+            "distill.teacher_params": teacher_path})
+        out = sample.sample_prompts(config, str(tmp_path / f"wd{devices}"), prompts)
+        pngs[devices] = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)}
+    assert len(pngs[1]) == 9 + 2 and pngs[1] == pngs[8]
+
+
 # ----------------------------------------------------------------- gradient accumulation
 def test_teacher_grad_accumulation_averages_strided_microbatches():
     config = lib.make_config(num_devices=8, teacher__grad_accum_steps=2,
@@ -228,6 +291,21 @@ def test_precision_and_remat_reach_the_networks(tiny_config):
     assert "remat" in jaxpr and "bf16" in jaxpr
     plain = str(jax.make_jaxpr(lambda p: task.velocity_fn(p, t, x, cond))(params))
     assert "remat" not in plain and "bf16" not in plain
+
+
+def test_bf16_compute_reaches_the_sample_and_evaluate_samplers(tmp_path, monkeypatch):
+    teacher_path = str(tmp_path / "teacher")
+    _teacher_export(teacher_path)
+    config = lib.make_config(**{"precision.compute_dtype": "bfloat16", "sample.model": "teacher",
+                                "distill.teacher_params": teacher_path})
+    seen = lib.stop_at_sampler(monkeypatch)
+    with pytest.raises(lib.SamplerReached):
+        sample.sample_prompts(config, str(tmp_path / "wd"), ["a handwritten digit one"])
+    monkeypatch.setattr(digits_classifier, "load_or_train_classifier", lambda *a, **k: None)
+    monkeypatch.setattr(digits_classifier, "reference_statistics", lambda *a, **k: None)
+    with pytest.raises(lib.SamplerReached):
+        digits_eval.evaluate(config, str(tmp_path / "wd"))
+    assert seen == [jnp.bfloat16, jnp.bfloat16]
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -314,6 +392,45 @@ def _reference_run(config, workdir):
     return recorded
 
 
+def _start_workers(tmp_path, job: str, overrides: dict, **spec_fields) -> list:
+    """Two tests/multihost_worker.py processes running ``job``, each with 2 CPU devices, on
+    a (data=2, fsdp=2) mesh; returns (process, result file) pairs."""
+    port = free_port()
+    env = lib.subprocess_env()
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
+        "--xla_force_host_platform_device_count=8", "--xla_force_host_platform_device_count=2")
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    procs = []
+    for i in range(2):
+        out = str(tmp_path / f"out{i}.json")
+        spec = {"process_id": i, "num_processes": 2, "port": port, "out": out, "job": job,
+                "workdir": str(tmp_path / "multi"), **spec_fields,
+                "overrides": {**lib.OVERRIDES, **overrides, "mesh.num_devices": -1,
+                              "mesh.data": 2, "mesh.fsdp": 2}}
+        spec_path = tmp_path / f"spec{i}.json"
+        spec_path.write_text(json.dumps(spec))
+        procs.append((subprocess.Popen(
+            [sys.executable, os.path.join(REPO, "tests", "multihost_worker.py"), str(spec_path)],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), out))
+    return procs
+
+
+def _finish_workers(procs) -> list[dict]:
+    """Waits for the workers; their result files, in process order."""
+    logs = []
+    for p, _ in procs:
+        try:
+            logs.append(p.communicate(timeout=600)[0])
+        finally:
+            p.kill()
+    for (p, _), log in zip(procs, logs):
+        assert p.returncode == 0, log[-4000:]
+    results = [json.load(open(out)) for _, out in procs]
+    assert [r["process_index"] for r in results] == [0, 1]
+    assert all(r["process_count"] == 2 and r["device_count"] == 4 for r in results)
+    return results
+
+
 @pytest.mark.slow
 @pytest.mark.heavy
 def test_two_processes_match_one_process(tmp_path):
@@ -322,24 +439,7 @@ def test_two_processes_match_one_process(tmp_path):
     overrides = {**OVERRIDES, "distill.teacher_params": teacher_path}
 
     # Two processes x 2 devices, FSDP inside each process, data parallel across them.
-    port = free_port()
-    env = lib.subprocess_env()
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
-        "--xla_force_host_platform_device_count=8", "--xla_force_host_platform_device_count=2")
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    procs, outs = [], []
-    for i in range(2):
-        out = str(tmp_path / f"out{i}.json")
-        spec = {"process_id": i, "num_processes": 2, "port": port, "out": out,
-                "workdir": str(tmp_path / "multi"),
-                "overrides": {**lib.OVERRIDES, **overrides, "mesh.num_devices": -1,
-                              "mesh.data": 2, "mesh.fsdp": 2}}
-        spec_path = tmp_path / f"spec{i}.json"
-        spec_path.write_text(json.dumps(spec))
-        procs.append(subprocess.Popen(
-            [sys.executable, os.path.join(REPO, "tests", "multihost_worker.py"), str(spec_path)],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        outs.append(out)
+    procs = _start_workers(tmp_path, "distill", overrides)
 
     # Meanwhile: one process, 4 devices, pure data parallelism, the same global batch.
     config = lib.make_config(num_devices=4)
@@ -347,17 +447,7 @@ def test_two_processes_match_one_process(tmp_path):
         lib.set_field(config, k, v)
     reference = _reference_run(config, str(tmp_path / "single"))
 
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=600)[0])
-        finally:
-            p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
-    results = [json.load(open(o)) for o in outs]
-    assert [r["process_index"] for r in results] == [0, 1]
-    assert all(r["process_count"] == 2 and r["device_count"] == 4 for r in results)
+    results = _finish_workers(procs)
 
     assert len(reference) == 3
     for r in results:
@@ -382,6 +472,58 @@ def test_two_processes_match_one_process(tmp_path):
     multi = distill.stage_dirs(str(tmp_path / "multi"))
     assert checkpoint.Checkpointer(multi.checkpoints).all_steps() == [2, 3]
     assert len(glob.glob(os.path.join(multi.tensorboard, "events.out.tfevents.*"))) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_two_processes_sample_and_generate_like_one_process(tmp_path):
+    """The sample stage and the evaluation sampler in two processes (each feeding its own rows
+    of host batches every process holds, results gathered to both, files written by process
+    0 only) give the images of one process with 4 devices."""
+    teacher_path = str(tmp_path / "teacher_params")
+    _teacher_export(teacher_path)
+    prompts = ["a handwritten digit one", "a handwritten digit seven", "a handwritten digit two"]
+    # 3 prompts x 3 = 9 samples, padded to 12 for 4 devices; 12 evaluation samples in
+    # batches of 8 leave a ragged last batch.
+    overrides = {"distill.teacher_params": teacher_path, "sample.model": "teacher",
+                 "sample.num_per_prompt": 3, "eval.batch_size": 8}
+    num_samples = 12
+    procs = _start_workers(tmp_path, "generate", overrides, prompts=prompts,
+                           num_samples=num_samples)
+
+    config = lib.make_config(num_devices=4)
+    for k, v in overrides.items():
+        lib.set_field(config, k, v)
+    single_dir = sample.sample_prompts(config, str(tmp_path / "single"), prompts)
+    task = build_task(config)
+    mesh = sharding.mesh_from_config(config)
+    want = digits_eval.generate(
+        task, task.load_flow_params(teacher_path, mesh, "teacher"),
+        digits_eval.per_sample_noise(config.seed, num_samples, task.image_shape),
+        digits_eval.prompted_labels(num_samples), num_steps=2, guidance=1.5, batch_size=8,
+        mesh=mesh)
+
+    results = _finish_workers(procs)
+    for r, (_, out) in zip(results, procs):
+        got = np.load(out + ".npy")  # every process holds every sample
+        assert got.shape == want.shape == (num_samples,) + task.image_shape
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    # Each process computed its rows of one global batch (not a copy of the whole batch):
+    # sample: 9 rows padded to 12; evaluation: two batches of 8.
+    shape = list(task.image_shape)
+    assert results[0]["gathers"] == results[1]["gathers"] == [[12] + shape, [8] + shape,
+                                                              [8] + shape]
+    multi_dir = results[0]["out_dir"]
+    names = sorted(os.listdir(single_dir))
+    assert sorted(os.listdir(multi_dir)) == names and len(names) == 9 + 2  # + grid, prompts
+    assert sorted(os.path.basename(p) for p in results[0]["written"]) == sorted(
+        n for n in names if n.endswith(".png"))
+    assert results[1]["written"] == []  # process 1 writes no file
+    for name in names:
+        if name.endswith(".png"):
+            a, b = (np.asarray(Image.open(os.path.join(d, name)), np.int32)
+                    for d in (single_dir, multi_dir))
+            assert np.abs(a - b).max() <= 1, name  # float rounding may move one uint8 level
 
 
 # ------------------------------------------------------------------------ launch scripts

@@ -212,7 +212,7 @@ def test_images_do_not_depend_on_device_count_or_batch_size_and_a_ragged_batch_i
         np.testing.assert_allclose(images, reference, rtol=0, atol=1e-6)
     # Sample 10 alone (its own batch, padded) is the same image as inside a full run.
     sampler = _sampler(params, task, devices=8, batch_size=8, steps=2, guidance=1.5)
-    alone = generate.to_host(sampler(np.asarray([10]), cond_fn([10])))[:1]
+    alone = sharding.to_host(sampler(np.asarray([10]), cond_fn([10])))[:1]
     np.testing.assert_allclose(alone[0], reference[10], rtol=0, atol=1e-6)
     # Guidance and step count change the images (the program really uses them).
     plain = generate.generate_images(_sampler(params, task, devices=8, batch_size=8, steps=2), num_samples=11,

@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 import clip_testlib
+import scflow_testlib
 from scflow_jax import distill, main, precision, recipes, sample, sharding
 from scflow_jax.evaluation import fid, frechet, real_eval
 from scflow_jax.models import clip, unet_adm, unet_sd, weights
@@ -263,6 +264,42 @@ def test_recipe_has_no_teacher_training_stage(tmp_path):
     config = celeba_config(tmp_path)
     with pytest.raises(ValueError, match="pretrained teacher"):
         main.run(config, str(tmp_path / "run"), "train_teacher")
+
+
+def test_bf16_compute_reaches_the_recipe_sample_and_evaluate_samplers(tmp_path, monkeypatch):
+    config = celeba_config(tmp_path)
+    config.precision.compute_dtype = "bfloat16"
+    config.sample.model = "teacher"
+    seen = scflow_testlib.stop_at_sampler(monkeypatch)
+    with pytest.raises(scflow_testlib.SamplerReached):
+        sample.sample_recipe(config, str(tmp_path / "run"), None)
+    reference = str(tmp_path / "reference.npz")
+    frechet.save_statistics(reference, np.zeros(FEATURE_DIM), np.eye(FEATURE_DIM))
+    config.eval.update(fid_reference=reference, student_steps=(), teacher_steps=(1,))
+    with pytest.raises(scflow_testlib.SamplerReached):
+        real_eval.evaluate_recipe(config, str(tmp_path / "run"), recipes.build_recipe_task(config),
+                                  feature_extractor=lambda x: x, feature_dim=FEATURE_DIM)
+    assert seen == [jnp.bfloat16, jnp.bfloat16]
+
+
+def test_latent_task_serves_any_process_rows(tmp_path, monkeypatch):
+    """The batch source gets the rows the mesh places on this process, contiguous or not."""
+    from scflow_jax.data import latents
+
+    config = celeba_config(tmp_path)
+    config.data.path = str(tmp_path)
+    task = recipes.build_recipe_task(config)
+
+    class Source:  # a prepared dataset that matches the task
+        scaling_factor, latent_shape = task.vae_config.scaling_factor, task.latent_shape
+        metadata = {"kind": "latents"}
+
+        def __init__(self, path, global_batch, seed, *, hflip, process_rows):
+            self.process_rows = process_rows
+
+    monkeypatch.setattr(latents, "LatentBatches", Source)
+    rows = np.array([0, 2, 4, 6])  # interleaved with another process's 1, 3, 5, 7
+    assert task.batches(8, seed=0, process_rows=rows).process_rows is rows
 
 
 # --------------------------------------------------------------------------------------------------------- t2i

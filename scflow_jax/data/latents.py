@@ -98,20 +98,25 @@ class LatentBatches:
     """Step-indexed training batches of a prepared dataset (the ``InMemoryBatches`` contract).
 
     ``batch(step)`` -> ``{"image": float32 [B_local, h, w, c]}`` plus ``"cond": float32 [B_local, L, D]`` for
-    ``text_to_image`` data, where ``B_local = global_batch / process_count``. The example order (an epoch-wise
-    permutation seeded by ``(seed, epoch)``) and the per-process slice are ``InMemoryBatches``'s, applied to the
-    example indices.
+    ``text_to_image`` data, holding the rows ``process_rows`` of the global batch (``sharding.process_batch_indices``:
+    the rows the mesh places on this process's devices, contiguous or not); by default the ``process_index``-th
+    contiguous slice of ``global_batch / process_count`` rows. The example order (an epoch-wise permutation seeded
+    by ``(seed, epoch)``) and the row selection are ``InMemoryBatches``'s, applied to the example indices; an
+    example's latent noise and flip depend on ``(seed, step, example index)`` only, so the processes' rows together
+    are exactly the global batch a single process would load.
     """
 
-    def __init__(self, data_dir: str, global_batch: int, seed: int, *, hflip: bool = True):
+    def __init__(self, data_dir: str, global_batch: int, seed: int, *, hflip: bool = True,
+                 process_rows: np.ndarray | None = None):
         import jax
 
         self.dataset = LatentDataset(data_dir)
         self.metadata = self.dataset.metadata
-        if global_batch % jax.process_count():
+        if process_rows is None and global_batch % jax.process_count():
             raise ValueError(f"global batch {global_batch} is not divisible by the number of processes "
                              f"({jax.process_count()})")
-        self._order = InMemoryBatches({"index": np.arange(len(self.dataset))}, global_batch, seed)
+        self._order = InMemoryBatches({"index": np.arange(len(self.dataset))}, global_batch, seed,
+                                      process_rows=process_rows)
         self.global_batch = global_batch
         self.num_examples = self._order.num_examples
         self.steps_per_epoch = self._order.steps_per_epoch

@@ -12,6 +12,21 @@ import jax
 import numpy as np
 
 
+def check_process_rows(process_rows, global_batch: int) -> np.ndarray:
+    """``process_rows`` as an integer array, after checking it names distinct rows of a global
+    batch of ``global_batch`` (a wrong list would silently feed wrong or repeated examples)."""
+    rows = np.asarray(process_rows)
+    if rows.ndim != 1 or not len(rows) or not np.issubdtype(rows.dtype, np.integer):
+        raise ValueError(f"process_rows must be a non-empty 1-D array of row indices, got "
+                         f"{rows.dtype} array of shape {rows.shape}")
+    if rows.min() < 0 or rows.max() >= global_batch:
+        raise ValueError(f"process_rows holds rows outside the global batch of {global_batch}: "
+                         f"{rows[(rows < 0) | (rows >= global_batch)].tolist()}")
+    if len(np.unique(rows)) != len(rows):
+        raise ValueError(f"process_rows repeats rows: {rows.tolist()}")
+    return rows
+
+
 class InMemoryBatches:
     def __init__(self, arrays: dict[str, np.ndarray], global_batch: int, seed: int,
                  process_rows: np.ndarray | None = None):
@@ -29,7 +44,7 @@ class InMemoryBatches:
             per_process = global_batch // jax.process_count()
             process_rows = np.arange(jax.process_index() * per_process,
                                      (jax.process_index() + 1) * per_process)
-        self.process_rows = np.asarray(process_rows)
+        self.process_rows = check_process_rows(process_rows, global_batch)
         self.steps_per_epoch = self.num_examples // global_batch
         self._perm_epoch, self._perm = -1, None
 

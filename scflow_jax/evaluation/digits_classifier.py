@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from typing import Any, Mapping
 
@@ -31,7 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 
+from scflow_jax import monitoring
 from scflow_jax.evaluation.frechet import feature_statistics, frechet_distance
 
 __all__ = [
@@ -293,19 +294,6 @@ def _data_fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write(path: str, payload: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
-        raise
-
-
 def load_or_train_classifier(
     cache_dir: str | os.PathLike,
     images: Any,
@@ -322,8 +310,8 @@ def load_or_train_classifier(
     reused only if its recorded configuration (seed, steps, batch size, learning
     rate, noise, feature dim) and data fingerprint match this call; otherwise the
     classifier is retrained and the cache overwritten. Both files are written
-    atomically (temp file in ``cache_dir`` + ``os.replace``), weights first, so an
-    interrupted write never pairs new metadata with old weights.
+    atomically (``monitoring.write_bytes_atomic``; ``cache_dir`` may be ``gs://``),
+    weights first, so an interrupted write never pairs new metadata with old weights.
     ``train_kwargs`` are passed to ``train_digit_classifier``.
     """
     images = _as_images(images)
@@ -345,11 +333,10 @@ def load_or_train_classifier(
     weights_path = os.path.join(cache_dir, CLASSIFIER_FILENAME)
     meta_path = os.path.join(cache_dir, METADATA_FILENAME)
 
-    if os.path.exists(weights_path):
+    if epath.Path(weights_path).exists():
         reason = None
         try:
-            with open(meta_path, "r", encoding="utf-8") as handle:
-                meta = json.load(handle)
+            meta = json.loads(epath.Path(meta_path).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             meta, reason = None, f"{meta_path} is missing or unreadable"
         if meta is not None:
@@ -362,8 +349,7 @@ def load_or_train_classifier(
         if reason is None:
             template = _init_variables(config["seed"], config["feature_dim"])
             try:
-                with open(weights_path, "rb") as handle:
-                    params = flax.serialization.from_bytes(template, handle.read())
+                params = flax.serialization.from_bytes(template, epath.Path(weights_path).read_bytes())
                 return jax.device_get(params)
             except Exception as err:  # corrupt / incompatible file: retrain below
                 reason = f"could not load {weights_path}: {err}"
@@ -384,9 +370,8 @@ def load_or_train_classifier(
     logits, _ = classify(params, images)
     train_accuracy = float(np.mean(np.argmax(logits, axis=-1) == labels))
 
-    os.makedirs(cache_dir, exist_ok=True)
-    _atomic_write(weights_path, flax.serialization.to_bytes(params))
+    monitoring.write_bytes_atomic(weights_path, flax.serialization.to_bytes(params))
     meta = dict(config, train_accuracy=train_accuracy, num_train=int(images.shape[0]),
                 train_seconds=round(train_seconds, 3))
-    _atomic_write(meta_path, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    monitoring.write_bytes_atomic(meta_path, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     return params

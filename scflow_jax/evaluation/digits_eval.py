@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 
-from scflow_jax import checkpoint, distill, monitoring, sampling, sharding
+from scflow_jax import checkpoint, distill, monitoring, precision, sampling, sharding
 from scflow_jax.data import digits
 from scflow_jax.evaluation import digits_classifier
 from scflow_jax.tasks import Task, build_task
@@ -58,20 +59,20 @@ def _sampler(task: Task, guidance: float):
 def generate(task: Task, params, noise: np.ndarray, labels: np.ndarray, *, num_steps: int,
              guidance: float, batch_size: int, mesh) -> np.ndarray:
     """Runs the sampler over all samples in sharded batches; a ragged last batch is padded
-    and the padding dropped, so exactly ``len(noise)`` samples come back."""
+    and the padding dropped, so exactly ``len(noise)`` samples come back.
+
+    Every process passes the same ``noise`` and ``labels``, feeds its own rows of each batch
+    and gets all ``len(noise)`` images back."""
     run = _sampler(task, float(guidance))
     null = sharding.put_replicated(jnp.asarray(task.null_cond), mesh)
     out = []
     for start in range(0, len(noise), batch_size):
         z1 = noise[start:start + batch_size]
-        cond = task.conditions(labels[start:start + batch_size])
-        n = len(z1)
-        if n < batch_size:
-            z1 = np.concatenate([z1, np.zeros((batch_size - n,) + z1.shape[1:], z1.dtype)])
-            cond = np.concatenate([cond, np.repeat(cond[:1], batch_size - n, axis=0)])
-        batch = sharding.shard_batch({"z1": z1, "cond": cond}, mesh)
+        batch = sharding.pad_batch({"z1": z1, "cond": task.conditions(labels[start:start + batch_size])},
+                                   batch_size)
+        batch = sharding.shard_global_batch(batch, mesh)
         images = run(params, batch["z1"], batch["cond"], null, jnp.int32(num_steps))
-        out.append(np.asarray(images)[:n])
+        out.append(sharding.to_host(images)[:len(z1)])
     return np.concatenate(out)
 
 
@@ -102,11 +103,11 @@ def format_table(rows: list[dict]) -> str:
 
 def evaluate(config, workdir: str) -> list[dict]:
     cfg = config.eval
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.num_devices)
+    mesh = sharding.mesh_from_config(config)
     sharding.check_global_batch(cfg.batch_size, mesh, "config.eval.batch_size")
     if cfg.num_samples < 2:
         raise ValueError(f"config.eval.num_samples={cfg.num_samples} must be >= 2")
-    task = build_task(config)
+    task = precision.configure_task(build_task(config), config)
     teacher_path = distill.teacher_params_path(config, workdir)
     student_path = distill.stage_dirs(workdir).params
     models = []
@@ -156,5 +157,5 @@ def evaluate(config, workdir: str) -> list[dict]:
 
 
 def is_done(workdir: str) -> bool:
-    return os.path.isfile(results_path(workdir))
+    return epath.Path(results_path(workdir)).is_file()
 

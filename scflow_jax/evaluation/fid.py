@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from scflow_jax import monitoring, sharding
 from scflow_jax.evaluation import frechet, inception
@@ -63,29 +64,19 @@ class FeatureExtractor:
     def __init__(self, apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, mesh: jax.sharding.Mesh,
                  batch_size: int, *, field: str = "batch_size"):
         self.batch_size = int(batch_size)
-        self._local_batch = sharding.check_global_batch(self.batch_size, mesh, field)
-        self._batch_sharding = sharding.batch_sharding(mesh)
+        sharding.check_global_batch(self.batch_size, mesh, field)
+        self._mesh = mesh
+        batch_sharding = sharding.batch_sharding(mesh)
         self._params = sharding.put_replicated(params, mesh)
-        self._fn = jax.jit(apply_fn, in_shardings=(sharding.replicated(mesh), self._batch_sharding),
-                           out_shardings=self._batch_sharding)
-        # This process's rows of a global batch (contiguous): where the mesh puts its devices, which need not
-        # be process_index * local_batch. Padded rows must land where the slicing below expects them.
-        index = self._batch_sharding.addressable_devices_indices_map((self.batch_size,))
-        self._local_start = min(rows[0].start or 0 for rows in index.values())
+        self._fn = jax.jit(apply_fn, in_shardings=(sharding.replicated(mesh), batch_sharding),
+                           out_shardings=batch_sharding)
 
     def _one_batch(self, chunk: np.ndarray) -> np.ndarray:
         n = chunk.shape[0]
-        if n < self.batch_size:
-            # Zero rows fill the compiled shape; they are sliced off below and never reach the statistics.
-            pad = np.zeros((self.batch_size - n,) + chunk.shape[1:], chunk.dtype)
-            chunk = np.concatenate([chunk, pad])
-        local = chunk[self._local_start:self._local_start + self._local_batch]
-        images = jax.make_array_from_process_local_data(self._batch_sharding, local)
-        features = self._fn(self._params, images)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            features = multihost_utils.process_allgather(features, tiled=True)
-        return np.asarray(features, dtype=np.float32)[:n]
+        # Copies of the last image fill the compiled shape; they are sliced off below and never reach the
+        # statistics.
+        images = sharding.shard_global_batch(sharding.pad_batch(chunk, self.batch_size), self._mesh)
+        return sharding.to_host(self._fn(self._params, images)).astype(np.float32)[:n]
 
     def __call__(self, images: Any) -> np.ndarray:
         images = np.asarray(images, dtype=np.float32)
@@ -137,9 +128,9 @@ class FIDAccumulator:
                           fingerprint: str = "") -> "FIDAccumulator":
         """Resumes from ``state_path`` if it exists, else starts empty."""
         acc = cls(dim, state_path=state_path, save_every=save_every, fingerprint=fingerprint)
-        if not os.path.exists(state_path):
+        if not epath.Path(state_path).exists():
             return acc
-        with np.load(state_path, allow_pickle=False) as data:
+        with frechet.read_npz(state_path) as data:
             missing = [k for k in cls._KEYS if k not in data.files]
             if missing:
                 raise ValueError(f"FID accumulator state {state_path} is missing key(s) {missing}; "
@@ -291,7 +282,7 @@ def fid_stats(config, workdir: str) -> tuple[np.ndarray, np.ndarray]:
     ``config.fid.output_npz``; progress is checkpointed in ``<workdir>/fid_stats/`` and resumed."""
     validate_fid_stats_config(config)
     fid = config.fid
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.num_devices)
+    mesh = sharding.mesh_from_config(config)
     mu, sigma = image_folder_statistics(
         fid.inception_path, fid.images_dir, fid.batch_size, mesh=mesh,
         state_path=os.path.join(workdir, "fid_stats", "accumulator.npz"), field="config.fid.batch_size")

@@ -16,13 +16,16 @@ archives holding ``mu`` and ``sigma``.
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
-import tempfile
 from typing import Any, Mapping
 
 import numpy as np
 import scipy.linalg
+from etils import epath
+
+from scflow_jax import monitoring
 
 __all__ = [
     "feature_statistics",
@@ -31,6 +34,7 @@ __all__ = [
     "save_statistics",
     "load_statistics",
     "write_npz_atomic",
+    "read_npz",
 ]
 
 logger = logging.getLogger(__name__)
@@ -282,28 +286,25 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 
 
 # ---------------------------------------------------------------------- file I/O
 def write_npz_atomic(path: str | os.PathLike, **arrays: Any) -> None:
-    """``np.savez(path, **arrays)`` written to a temporary file in the same directory, then ``os.replace``d,
-    so a reader (or a resumed run after a crash) sees either the old file or the complete new one."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
-        raise
+    """``np.savez`` of ``arrays`` at exactly ``path`` (local or ``gs://``), written atomically
+    (``monitoring.write_bytes_atomic``), so a reader (or a resumed run after a crash) sees either the old file
+    or the complete new one."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    monitoring.write_bytes_atomic(path, buffer.getvalue())
+
+
+def read_npz(path: str | os.PathLike) -> np.lib.npyio.NpzFile:
+    """An ``.npz`` file written by ``write_npz_atomic``, local or ``gs://`` (read whole, through etils.epath)."""
+    return np.load(io.BytesIO(epath.Path(path).read_bytes()), allow_pickle=False)
 
 
 def save_statistics(path: str | os.PathLike, mu: Any, sigma: Any) -> None:
     """Write ``mu`` [D] and ``sigma`` [D, D] (float64) to an ``.npz`` at exactly ``path``.
 
-    Uses the pytorch-fid key names (``mu``, ``sigma``). The write is atomic (a
-    temporary file in the same directory, then ``os.replace``), and ``path`` is
-    used verbatim: no ``.npz`` suffix is appended.
+    Uses the pytorch-fid key names (``mu``, ``sigma``). The write is atomic
+    (``write_npz_atomic``), and ``path`` is used verbatim: no ``.npz`` suffix is
+    appended.
     """
     mu = np.atleast_1d(np.asarray(mu, dtype=np.float64))
     sigma = np.atleast_2d(np.asarray(sigma, dtype=np.float64))

@@ -1,4 +1,4 @@
-"""Sharded, seed-stable sample generation for evaluation.
+"""Sharded, seed-stable sample generation for evaluation and the latent recipes' sample stage.
 
 Sample i starts from ``z1_i = normal(fold_in(PRNGKey(seed), i), latent_shape)``, drawn inside the compiled
 program from the sample's index. Its image therefore depends on (seed, i) and the model only: not on the batch
@@ -8,9 +8,11 @@ batch may be short. It is padded to the compiled size (copies of its last sample
 on the way out: exactly N samples come back and nothing recompiles.
 
 ``ShardedSampler`` is one compiled program per (model, step count, guidance): ``params`` are an argument (not
-baked into the program as constants), the batch is split over the mesh's ``data`` axis, and the task's
-``decode`` (latents -> images) runs on the sharded output. ``generate_images`` collects a whole run on the host
-for small jobs; the FID/CLIP evaluation (real_eval.py) consumes batches one by one instead.
+baked into the program as constants), the batch is split over the mesh's batch axes (each process feeds only
+its own devices' rows: ``sharding.shard_global_batch``), and the task's ``decode`` (latents -> images) runs on
+the sharded output. ``generate_images`` collects a whole run on every process's host (``sharding.to_host``) for
+small jobs such as ``--mode=sample``; the FID/CLIP evaluation (real_eval.py) consumes batches one by one
+instead.
 """
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ import numpy as np
 
 from scflow_jax import monitoring, sampling, sharding
 
-__all__ = ["sample_noise", "euler_sample_fn", "ShardedSampler", "num_batches", "batch_indices", "global_array",
-           "to_host", "generate_images", "write_pngs"]
+__all__ = ["sample_noise", "euler_sample_fn", "ShardedSampler", "num_batches", "batch_indices", "generate_images",
+           "write_pngs"]
 
 # sample_fn(params, z1 [B, *latent_shape], cond [B, ...] or None, null_cond or None) -> latents, traceable.
 SampleFn = Callable[[Any, jax.Array, Any, Any], jax.Array]
@@ -55,21 +57,6 @@ def batch_indices(batch: int, num_samples: int, batch_size: int) -> np.ndarray:
     return np.arange(batch * batch_size, min((batch + 1) * batch_size, num_samples), dtype=np.int32)
 
 
-def global_array(host: np.ndarray, sharding_: jax.sharding.Sharding) -> jax.Array:
-    """A global array from a host array every process holds in full (a small batch of indices, conditions or
-    token ids); each device takes its own slice."""
-    host = np.asarray(host)
-    return jax.make_array_from_callback(host.shape, sharding_, lambda index: host[index])
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-    """A global array on every process's host (gathered across processes in a multi-process run)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
-
-
 class ShardedSampler:
     """``sampler(indices, cond) -> images [batch_size, ...]`` (a global array split over ``data``; rows past
     ``len(indices)`` are padding to drop).
@@ -84,7 +71,7 @@ class ShardedSampler:
                  decode: Optional[Callable[[jax.Array], jax.Array]] = None, field: str = "batch_size"):
         sharding.check_global_batch(batch_size, mesh, field)
         self.batch_size = int(batch_size)
-        self._sharding = sharding.batch_sharding(mesh)
+        self._mesh = mesh
         self._params = params
         self._null = None if null_cond is None else sharding.put_replicated(np.asarray(null_cond), mesh)
         self._decode = decode
@@ -93,25 +80,19 @@ class ShardedSampler:
         def program(params, indices, cond, null_cond):
             return sample_fn(params, sample_noise(seed, indices, shape), cond, null_cond)
 
-        self._program = jax.jit(program, out_shardings=self._sharding)
+        self._program = jax.jit(program, out_shardings=sharding.batch_sharding(mesh))
 
     def __call__(self, indices: np.ndarray, cond: Optional[np.ndarray] = None) -> jax.Array:
         indices = np.asarray(indices, np.int32)
         n = len(indices)
         if not 1 <= n <= self.batch_size:
             raise ValueError(f"a batch holds 1..{self.batch_size} samples, got {n}")
-        pad = self.batch_size - n
-        if pad:  # copies of the last sample fill the compiled shape; callers keep the first n rows
-            indices = np.concatenate([indices, np.repeat(indices[-1:], pad)])
-        device_cond = None
-        if cond is not None:
-            cond = np.asarray(cond)
-            if cond.shape[0] != n:
-                raise ValueError(f"{n} sample indices but {cond.shape[0]} conditions")
-            if pad:
-                cond = np.concatenate([cond, np.repeat(cond[-1:], pad, axis=0)])
-            device_cond = global_array(cond, self._sharding)
-        latents = self._program(self._params, global_array(indices, self._sharding), device_cond, self._null)
+        if cond is not None and len(cond) != n:
+            raise ValueError(f"{n} sample indices but {len(cond)} conditions")
+        # Copies of the last sample fill the compiled shape; callers keep the first n rows.
+        batch = sharding.shard_global_batch(sharding.pad_batch(
+            {"indices": indices, "cond": cond}, self.batch_size), self._mesh)
+        latents = self._program(self._params, batch["indices"], batch["cond"], self._null)
         return latents if self._decode is None else self._decode(latents)
 
 
@@ -124,7 +105,7 @@ def generate_images(sampler: ShardedSampler, *, num_samples: int,
     out = []
     for b in range(num_batches(num_samples, sampler.batch_size)):
         idx = batch_indices(b, num_samples, sampler.batch_size)
-        out.append(to_host(sampler(idx, None if cond_fn is None else cond_fn(idx)))[:len(idx)])
+        out.append(sharding.to_host(sampler(idx, None if cond_fn is None else cond_fn(idx)))[:len(idx)])
     return np.concatenate(out)
 
 
@@ -132,6 +113,5 @@ def write_pngs(folder: str, indices: Sequence[int], images: np.ndarray) -> None:
     """``<folder>/<index:06d>.png`` for each image in [-1, 1] (main process only)."""
     if not monitoring.is_main_process():
         return
-    os.makedirs(folder, exist_ok=True)
     for i, image in zip(indices, monitoring.to_uint8(images)):
         monitoring.save_png(os.path.join(folder, f"{int(i):06d}.png"), image)

@@ -36,8 +36,9 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 
-from scflow_jax import checkpoint, distill, monitoring, sharding
+from scflow_jax import checkpoint, distill, monitoring, precision, sharding
 from scflow_jax.evaluation import digits_eval, fid, frechet, generate, inception, prompts as prompts_lib
 from scflow_jax.evaluation.clip_score import CLIPScoreAccumulator, clip_cosines
 
@@ -90,8 +91,8 @@ class RowAccumulator(fid.FIDAccumulator):
     def restore_or_create(cls, state_path: str, dim: int | None = None, *, save_every: int = 0,
                           fingerprint: str = "") -> "RowAccumulator":
         acc = super().restore_or_create(state_path, dim, save_every=save_every, fingerprint=fingerprint)
-        if os.path.exists(state_path):
-            with np.load(state_path, allow_pickle=False) as data:
+        if epath.Path(state_path).exists():
+            with frechet.read_npz(state_path) as data:
                 missing = [k for k in cls._CLIP_KEYS if k not in data.files]
                 if missing:
                     raise ValueError(f"evaluation state {state_path} is missing key(s) {missing}; delete it to "
@@ -180,10 +181,9 @@ def upsert_results(workdir: str, rows: list[dict]) -> list[dict]:
     ``row`` name and keeping every other row; returns the file's new content."""
     path = digits_eval.results_path(workdir)
     existing = []
-    if os.path.exists(path):
+    if epath.Path(path).exists():
         try:
-            with open(path) as f:
-                existing = json.load(f)
+            existing = json.loads(epath.Path(path).read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON ({e}); move it away to start a new results file") from None
         if not isinstance(existing, list):
@@ -208,13 +208,13 @@ class _CLIPScorer:
         self.clip, params = load_clip(clip_path)
         self.params = sharding.put_replicated(params, mesh)
         self.tokenizer = load_clip_tokenizer(clip_path, max_length=self.clip.config.text.max_position_embeddings)
-        self._sharding = sharding.batch_sharding(mesh)
+        self._mesh = mesh
 
     def __call__(self, images: jax.Array, captions: list[str]) -> np.ndarray:
         n, batch = len(captions), images.shape[0]
         ids, mask = self.tokenizer(captions + captions[-1:] * (batch - n))
-        ids, mask = (generate.global_array(a, self._sharding) for a in (ids, mask))
-        return generate.to_host(clip_cosines(self.clip, self.params, images, ids, mask))[:n]
+        text = sharding.shard_global_batch({"ids": ids, "mask": mask}, self._mesh)
+        return sharding.to_host(clip_cosines(self.clip, self.params, images, text["ids"], text["mask"]))[:n]
 
 
 def _fingerprint(**fields) -> str:
@@ -239,7 +239,8 @@ def evaluate_recipe(config, workdir: str, task, *,
     (tests use a tiny one; ``feature_dim`` is its D, default Inception's 2048) and is fingerprinted as
     ``injected``.
     """
-    mesh = mesh or sharding.make_mesh(config.mesh.data, config.mesh.num_devices)
+    mesh = mesh or sharding.mesh_from_config(config)
+    task = precision.configure_task(task, config)  # compute dtype (bf16) of the sampled network
     validate_eval_config(config, task, mesh, has_extractor=feature_extractor is not None)
     get = functools.partial(_eval_field, config)
     batch_size, seed = int(get("batch_size")), int(config.seed)
@@ -345,7 +346,7 @@ def _run_row(name, sampler, acc, total_batches, num_samples, cond_fn, captions, 
     for b in range(start, total_batches):
         indices = generate.batch_indices(b, num_samples, sampler.batch_size)
         images = sampler(indices, cond_fn(indices))  # [batch_size, ...] sharded, padding rows last
-        host = generate.to_host(images)[:len(indices)].astype(np.float32)
+        host = sharding.to_host(images)[:len(indices)].astype(np.float32)
         features = None if extract is None else extract((host + 1.0) / 2.0)
         cosines = None if score is None else score(images, [captions[i] for i in indices])
         if image_dir:
@@ -392,4 +393,4 @@ def _complete_path(workdir: str) -> str:
 
 def is_done(workdir: str) -> bool:
     """Every row of a run finished (results.json alone also holds the rows of an interrupted one)."""
-    return os.path.isfile(_complete_path(workdir))
+    return epath.Path(_complete_path(workdir)).is_file()
