@@ -24,6 +24,8 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
+    # gs:// workdirs: etils.epath (outputs, Orbax's metadata) reaches GCS through gcsfs when TensorFlow is absent.
+    "gcs": ["gcsfs"],
     # PyTorch reference implementations, used only by parity tests and by the .pth converters.
     "parity": ["torch>=2.5", "torchvision>=0.20", "diffusers>=0.31", "transformers>=4.46", "pytorch-fid>=0.3.0"],
 }

@@ -10,11 +10,11 @@ usage() {
 Usage: $(basename "$0") [--name NAME] [--zone ZONE] [--project ID] [--extras EXTRAS]
   Copies the repository (git-tracked files) to ~/$REPO_DIR on every worker and runs
   'pip install -e .[EXTRAS]' plus jax[tpu] in ~/$VENV_DIR.
-  --extras    pip extras of this package to install (default: none)
+  --extras    pip extras of this package to install (default: gcs, for gs:// workdirs)
 USAGE
 }
 
-EXTRAS=""
+EXTRAS="[gcs]"  # the workdir lives on a gs:// bucket
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --name) TPU_NAME="$2"; shift 2 ;;
