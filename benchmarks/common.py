@@ -27,6 +27,20 @@ def time_calls(fn, *, warmup: int, repeats: int) -> dict:
             "mean_s": statistics.fmean(times)}
 
 
+def time_train_steps(compiled_step, state, batches: list, frozen, *, warmup: int, steps: int):
+    """Runs ``warmup + steps`` iterations of a compiled ``(state, batch, frozen) -> (state, metrics)``
+    step, cycling through ``batches``; returns the final state, the last metrics and the seconds of
+    each timed step (the state is threaded through, as in training)."""
+    times, metrics = [], None
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        state, metrics = compiled_step(state, batches[i % len(batches)], frozen)
+        jax.block_until_ready((state, metrics))
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return state, metrics, times
+
+
 def xla_flops(lowered) -> float:
     """XLA's FLOP count of a jitted program's ``Lowered`` stage (``jax.jit(f).lower(...)``).
 

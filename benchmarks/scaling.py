@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from common import machine, record, xla_flops  # noqa: E402
+from common import machine, record, time_train_steps, xla_flops  # noqa: E402
 from scflow_jax import distill, distributed, sharding, train_state  # noqa: E402
 from scflow_jax.tasks import build_task  # noqa: E402
 
@@ -76,15 +76,12 @@ def main(argv):
     lowered = setup.jitted_step.lower(setup.state, batches[0], setup.frozen)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
-    flops = xla_flops(lowered)
+    # The lowered program is the global one (before SPMD partitioning): its FLOPs split evenly
+    # over the devices (data parallel and FSDP both compute every example once).
+    flops = xla_flops(lowered) / jax.device_count()
 
-    state, times = setup.state, []
-    for i in range(FLAGS.warmup + FLAGS.steps):
-        start = time.perf_counter()
-        state, metrics = compiled(state, batches[i % len(batches)], setup.frozen)
-        jax.block_until_ready((state, metrics))
-        if i >= FLAGS.warmup:
-            times.append(time.perf_counter() - start)
+    state, _, times = time_train_steps(compiled, setup.state, batches, setup.frozen,
+                                       warmup=FLAGS.warmup, steps=FLAGS.steps)
     step_s = statistics.median(times)
 
     mesh = setup.mesh
@@ -98,7 +95,6 @@ def main(argv):
         "compile_s": compile_s, "steps_timed": len(times),
         "step_s_median": step_s, "step_s_min": min(times),
         "examples_per_s": batch_size / step_s,
-        # The compiled program is the per-device one (after SPMD partitioning).
         "flops_per_step_per_device": flops,
         "memory": peak_memory(),
     }

@@ -38,7 +38,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import random_params, record, time_calls, xla_flops  # noqa: E402
+from common import random_params, record, time_calls, time_train_steps, xla_flops  # noqa: E402
 from scflow_jax import distill, precision, recipes, sampling, sharding, train_state  # noqa: E402
 from scflow_jax.models import clip, unet_discriminator, unet_sd  # noqa: E402
 from scflow_jax.models.vae import VAE, VAEConfig  # noqa: E402
@@ -133,11 +133,14 @@ def device_memory() -> dict:
     return {k: stats[k] for k in keys if k in stats} or {"note": "no memory_stats on this backend"}
 
 
-def with_mfu(result: dict, model_flops: float, seconds: float, args) -> dict:
+def with_mfu(result: dict, model_flops: float, seconds: float, args, devices: int = 1) -> dict:
+    """Adds achieved TFLOP/s per device and MFU; ``model_flops`` is the global (lowered) program's count,
+    which data parallelism and FSDP split evenly over the ``devices`` of the mesh."""
     peak, source = peak_tflops(args)
-    result["achieved_tflops"] = model_flops / seconds / 1e12
+    per_device = model_flops / devices / seconds
+    result["achieved_tflops_per_device"] = per_device / 1e12
     result["peak_tflops"], result["peak_source"] = peak, source
-    result["mfu"] = None if peak is None else model_flops / seconds / (peak * 1e12)
+    result["mfu"] = None if peak is None else per_device / (peak * 1e12)
     return result
 
 
@@ -223,13 +226,8 @@ def run_distill(args) -> dict:
     compile_s = time.perf_counter() - start
     progress(f"step compiled in {compile_s:.1f}s")
 
-    state, times = setup.state, []
-    for i in range(args.warmup + args.steps):
-        start = time.perf_counter()
-        state, metrics = compiled(state, batches[i % len(batches)], setup.frozen)
-        jax.block_until_ready((state, metrics))
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
+    _, metrics, times = time_train_steps(compiled, setup.state, batches, setup.frozen,
+                                         warmup=args.warmup, steps=args.steps)
     metrics = jax.device_get(metrics)
     if not all(np.isfinite(v) for v in jax.tree.leaves(metrics)):
         raise FloatingPointError(f"non-finite step metrics: {metrics}")
@@ -255,8 +253,9 @@ def run_distill(args) -> dict:
     model_flops = xla_flops(plain_step.lower(abstract(setup.state), abstract(batches[0]), abstract(setup.frozen)))
 
     out["model_gflop"] = model_flops / 1e9
-    out["hfu"] = xla_flops(lowered) / step_s / (peak_tflops(args)[0] or np.inf) / 1e12
-    return with_mfu(out, model_flops, step_s, args)
+    out["hfu"] = xla_flops(lowered) / setup.mesh.size / step_s / (peak_tflops(args)[0] or np.inf) / 1e12
+    out["devices"] = setup.mesh.size
+    return with_mfu(out, model_flops, step_s, args, devices=setup.mesh.size)
 
 
 def main(argv=None):
