@@ -8,24 +8,13 @@ the velocity ``z1 - z0`` (see flows.py); no wrapper is needed.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-
-def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0,
-                       scale: float = 1000.0) -> jax.Array:
-    """Sinusoidal features of ``scale*t``: t in [0, 1] spread over the usual 0..1000 range."""
-    half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-    args = (scale * t.astype(jnp.float32))[:, None] * freqs[None]
-    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-    if dim % 2:
-        emb = jnp.pad(emb, ((0, 0), (0, 1)))
-    return emb
+from scflow_jax.models.timestep import sinusoidal_embedding
 
 
 def _groups(channels: int, preferred: int = 32) -> int:
@@ -90,7 +79,7 @@ class SmallUNet(nn.Module):
     def __call__(self, x, t, context):
         """x [B, H, W, C], t [B] in [0, 1], context [B, L, D] -> velocity [B, H, W, out]."""
         temb_dim = 4 * self.channels
-        temb = timestep_embedding(t, self.channels)
+        temb = sinusoidal_embedding(1000.0 * t, self.channels)  # t in [0, 1] over the usual 0..1000
         temb = nn.Dense(temb_dim, dtype=self.dtype)(temb)
         temb = nn.Dense(temb_dim, dtype=self.dtype)(nn.silu(temb))
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from scflow_jax.models import weights
 from scflow_jax.models.weights import WeightsError
-from scflow_jax.models.small import timestep_embedding
+from scflow_jax.models.timestep import sinusoidal_embedding
 
 __all__ = ["ADMConfig", "ADMUNet", "torch_key", "adm_params_from_state_dict", "load_unet_adm"]
 
@@ -257,7 +257,7 @@ class ADMUNet(nn.Module):
 
         emb_dim = 4 * cfg.model_channels
         dense = lambda n, name: nn.Dense(n, dtype=dt, kernel_init=_torch_default_kernel, name=name)
-        emb = timestep_embedding(t, cfg.model_channels, scale=1.0).astype(dt)
+        emb = sinusoidal_embedding(t, cfg.model_channels).astype(dt)
         emb = dense(emb_dim, "time_embed_2")(nn.silu(dense(emb_dim, "time_embed_0")(emb)))
         if cfg.num_classes is not None:
             emb = emb + nn.Embed(cfg.num_classes, emb_dim, dtype=dt, embedding_init=nn.initializers.normal(1.0),

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
@@ -47,11 +46,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from scflow_jax.models import weights
+from scflow_jax.models.timestep import sinusoidal_embedding
 
 __all__ = [
     "UNetSDConfig",
     "UNet2DConditionModel",
-    "timestep_embedding",
     "init_unet_sd",
     "unet_param_shapes",
     "encoder_params",
@@ -236,22 +235,6 @@ class UNetSDConfig:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Building blocks (names of submodules = diffusers attribute names)
-
-
-def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool, freq_shift: float,
-                       max_period: float = 10000.0) -> jax.Array:
-    """diffusers' ``get_timestep_embedding`` (float32): [sin | cos] of ``t * exp(-log(max_period) * k / (half -
-    freq_shift))``, swapped to [cos | sin] with ``flip_sin_to_cos``, zero-padded to an odd ``dim``."""
-    half = dim // 2
-    # The frequency table is computed in float64 and rounded once, which matches torch's float32 exp to the ulp
-    # (a 1-ulp difference times t = 1000 would already move the sines by ~1e-4).
-    freqs = np.exp(-math.log(max_period) * np.arange(half, dtype=np.float64) / (half - freq_shift))
-    args = timesteps.astype(jnp.float32)[:, None] * jnp.asarray(freqs, jnp.float32)[None]
-    sin, cos = jnp.sin(args), jnp.cos(args)
-    emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
-    if dim % 2:
-        emb = jnp.pad(emb, ((0, 0), (0, 1)))
-    return emb
 
 
 class TimestepEmbedding(nn.Module):
@@ -525,8 +508,8 @@ class UNet2DConditionModel(nn.Module):
         cfg = self.config
         self._check_inputs(sample, encoder_hidden_states)
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (sample.shape[0],))
-        t_emb = timestep_embedding(timesteps, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
-                                   freq_shift=cfg.freq_shift)
+        t_emb = sinusoidal_embedding(timesteps, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
+                                     freq_shift=cfg.freq_shift)
         temb = self.time_embedding(t_emb.astype(self.dtype))
         context = encoder_hidden_states.astype(self.dtype)
         x = sample.astype(self.dtype)
