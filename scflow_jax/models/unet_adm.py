@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scflow_jax.models import weights
+from scflow_jax.models import channel_ops, weights
 from scflow_jax.models.weights import WeightsError
 from scflow_jax.models.timestep import sinusoidal_embedding
 
@@ -123,15 +123,13 @@ class ADMConfig:
 def _group_norm(x, num_groups, dtype, name):
     """guided-diffusion's GroupNorm32 (eps 1e-5) computed in float32, returned in the compute dtype. Called inside
     a compact method, so its scale/bias sit directly under ``name`` (torch ``<name>.weight``/``.bias``)."""
-    y = nn.GroupNorm(num_groups=num_groups, epsilon=1e-5, dtype=jnp.float32, use_fast_variance=False,
-                     name=name)(x.astype(jnp.float32))
-    return y.astype(dtype)
+    return channel_ops.GroupNorm(num_groups=num_groups, epsilon=1e-5, name=name)(x).astype(dtype)
 
 
 def _conv(features, kernel, dtype, name, *, strides=1, zero=False):
     pad = (kernel - 1) // 2
-    return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=((pad, pad), (pad, pad)),
-                   dtype=dtype, kernel_init=_zeros if zero else _torch_default_kernel, name=name)
+    return channel_ops.Conv(features, (kernel, kernel), strides=(strides, strides), padding=((pad, pad), (pad, pad)),
+                            dtype=dtype, kernel_init=_zeros if zero else _torch_default_kernel, name=name)
 
 
 def _upsample_nearest(x):
@@ -197,7 +195,7 @@ class AttentionBlock(nn.Module):
         b, height, width, c = x.shape
         tokens = x.reshape(b, height * width, c)
         normed = _group_norm(tokens, self.num_groups, self.dtype, "norm")
-        qkv = nn.Conv(3 * c, (1,), dtype=self.dtype, kernel_init=_torch_default_kernel, name="qkv")(normed)
+        qkv = channel_ops.Conv(3 * c, (1,), dtype=self.dtype, kernel_init=_torch_default_kernel, name="qkv")(normed)
         head_ch = c // self.num_heads
         if self.new_order:
             q, k, v = jnp.moveaxis(qkv.reshape(b, height * width, 3, self.num_heads, head_ch), 2, 0)
@@ -206,7 +204,7 @@ class AttentionBlock(nn.Module):
         logits = jnp.einsum("bthc,bshc->bhts", q, k).astype(jnp.float32) / np.sqrt(head_ch)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         a = jnp.einsum("bhts,bshc->bthc", probs, v).reshape(b, height * width, c)
-        h = nn.Conv(c, (1,), dtype=self.dtype, kernel_init=_zeros, name="proj_out")(a)
+        h = channel_ops.Conv(c, (1,), dtype=self.dtype, kernel_init=_zeros, name="proj_out")(a)
         return (tokens + h).reshape(b, height, width, c)
 
 
