@@ -64,16 +64,27 @@ def benchmark_setup(full: bool):
     return unet_config, disc, (latent_hw, latent_hw, 4), 32, cfg
 
 
-def build(full: bool, mesh):
-    unet_config, disc, latent_shape, batch_size, cfg = benchmark_setup(full)
+def build(full: bool, mesh, setup=None, perturb: float = 0.0):
+    """The networks, state, jitted step, batch and frozen inputs of the benchmark work (``setup``: another
+    ``benchmark_setup``-shaped tuple, e.g. a tiny one for tests). ``perturb`` > 0 adds that much noise to the
+    initial weights, so that no layer starts at zero and every loss term depends on every layer."""
+    unet_config, disc, latent_shape, batch_size, cfg = setup or benchmark_setup(full)
     unet = ADMUNet(unet_config)
     velocity_fn = flows.wrap_lfm_flow(lambda p, x, t, c: unet.apply({"params": p}, x, t))
     nets = scflow.SCFlowNetworks(
         velocity_fn=velocity_fn, teacher_velocity_fn=velocity_fn,
         disc_fn=lambda p, x, c: disc.apply({"params": p}, x))
     x_init = jnp.zeros((2,) + latent_shape, jnp.float32)
-    teacher_params = jax.jit(lambda k: unet.init(k, x_init, jnp.zeros((2,)))["params"])(
-        jax.random.PRNGKey(0))
+
+    def init_teacher(key):
+        params = unet.init(key, x_init, jnp.zeros((2,)))["params"]
+        if perturb <= 0:
+            return params
+        leaves, tree = jax.tree.flatten(params)
+        noise = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+        return jax.tree.unflatten(tree, [x + perturb * jax.random.normal(k, x.shape) for x, k in zip(leaves, noise)])
+
+    teacher_params = jax.jit(init_teacher)(jax.random.PRNGKey(0))
     teacher_params = sharding.put_replicated(teacher_params, mesh)
     init_disc = lambda k: disc.init(k, x_init)["params"]  # noqa: E731
     opt = train_state.make_optimizer(ml_collections.ConfigDict(dict(
