@@ -54,6 +54,7 @@ def progress(message: str) -> None:
     """A timestamped line on stderr: where a slow part spends its time (compiles run for minutes)."""
     print(f"[{time.perf_counter() - _START:7.1f}s] {message}", file=sys.stderr, flush=True)
 
+
 TINY_UNET = unet_sd.UNetSDConfig(
     sample_size=8, block_out_channels=(32, 32), layers_per_block=1, cross_attention_dim=TEXT_DIM,
     norm_num_groups=8, attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
