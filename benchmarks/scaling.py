@@ -7,9 +7,9 @@ Usage:
 
 Reports per-step time (median of --steps timed steps after --warmup), examples/s, peak memory
 (device memory_stats where the backend has them, else this process's peak RSS), the FLOPs of
-the compiled step from XLA's cost analysis, and MFU = FLOPs per device / step time /
+the step from XLA's cost analysis of the lowered program (common.xla_flops), and MFU = FLOPs per device / step time /
 (--peak-tflops x 1e12), --peak-tflops being one device's peak (e.g. 197 for a TPU v5e chip
-in bf16, 989 for an H100 SXM in dense bf16). The teacher is a perturbed random init, so no
+in bf16, 989 for an H100 SXM in dense bf16). The teacher is random (drawn on the host), so no
 trained teacher is needed. --record appends the result to benchmarks/results.json.
 """
 from __future__ import annotations
@@ -23,11 +23,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from common import machine, record, time_train_steps, xla_flops  # noqa: E402
+from common import machine, random_params, record, time_train_steps, xla_flops  # noqa: E402
 from scflow_jax import distill, distributed, sharding, train_state  # noqa: E402
 from scflow_jax.tasks import build_task  # noqa: E402
 
@@ -39,16 +38,6 @@ flags.DEFINE_float("peak-tflops", 0.0, "one device's peak TFLOP/s for MFU (0: no
 flags.DEFINE_bool("record", False, "append the result to benchmarks/results.json")
 flags.DEFINE_bool("multihost", False, "jax.distributed.initialize first (config.distributed)")
 FLAGS = flags.FLAGS
-
-
-def random_teacher(task, seed: int = 0):
-    """A random teacher with non-zero output layers (zero-initialised layers would make the
-    step's terms trivially zero, which XLA can simplify away)."""
-    params = task.init_params(jax.random.PRNGKey(seed))
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-    return jax.tree.unflatten(tree, [np.asarray(x + 0.02 * jax.random.normal(k, x.shape))
-                                     for x, k in zip(leaves, keys)])
 
 
 def peak_memory() -> dict:
@@ -67,7 +56,9 @@ def main(argv):
     if FLAGS.multihost or config.distributed.enabled:
         distributed.initialize(config.distributed)
     task = build_task(config)
-    setup = distill.build_distill(config, workdir="", teacher_params=random_teacher(task))
+    # A random teacher drawn on the host (no zero layer, no device program to compile).
+    teacher = random_params(jax.eval_shape(task.init_params, jax.random.PRNGKey(0)))
+    setup = distill.build_distill(config, workdir="", teacher_params=teacher)
     batch_size = config.distill.batch_size
     batches = [sharding.shard_batch(setup.data.batch(s), setup.mesh)
                for s in range(min(4, FLAGS.steps + FLAGS.warmup))]
