@@ -7,8 +7,8 @@ Usage:
 
 Reports per-step time (median of --steps timed steps after --warmup), examples/s, peak memory
 (device memory_stats where the backend has them, else this process's peak RSS), the FLOPs of
-the step from XLA's cost analysis of the lowered program (common.xla_flops), and MFU = FLOPs per device / step time /
-(--peak-tflops x 1e12), --peak-tflops being one device's peak (e.g. 197 for a TPU v5e chip
+the step (XLA's cost analysis of the lowered program, common.xla_flops), and MFU = FLOPs per
+device / step time / (--peak-tflops x 1e12), --peak-tflops being one device's peak (e.g. 197 for a TPU v5e chip
 in bf16, 989 for an H100 SXM in dense bf16). The teacher is random (drawn on the host), so no
 trained teacher is needed. --record appends the result to benchmarks/results.json.
 """
