@@ -8,6 +8,20 @@ VENV_DIR="${VENV_DIR:-scflow_venv}"       # virtual environment on every worker 
 
 die() { echo "error: $*" >&2; exit 1; }
 
+# Takes the options every script shares (--name, --zone, --project VALUE) off the front of "$@":
+# returns 0 when "$1" was one of them (the caller then shifts 2), 1 when it is not.
+take_common_option() {
+  case "$1" in
+    --name | --zone | --project) [[ $# -ge 2 && "$2" != --* ]] || die "$1 needs a value" ;;
+    *) return 1 ;;
+  esac
+  case "$1" in
+    --name) TPU_NAME="$2" ;;
+    --zone) ZONE="$2" ;;
+    --project) PROJECT="$2" ;;
+  esac
+}
+
 require_project() {
   [[ -n "$PROJECT" ]] || die "no GCP project: pass --project or run 'gcloud config set project ID'"
 }

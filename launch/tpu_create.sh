@@ -21,10 +21,8 @@ USAGE
 
 TYPE="v4-8"; VERSION="tpu-ubuntu2204-base"; SPOT=(); WAIT=1
 while [[ $# -gt 0 ]]; do
+  if take_common_option "$@"; then shift 2; continue; fi
   case "$1" in
-    --name) TPU_NAME="$2"; shift 2 ;;
-    --zone) ZONE="$2"; shift 2 ;;
-    --project) PROJECT="$2"; shift 2 ;;
     --type) TYPE="$2"; shift 2 ;;
     --version) VERSION="$2"; shift 2 ;;
     --spot) SPOT=(--spot); shift ;;

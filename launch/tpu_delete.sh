@@ -13,10 +13,8 @@ USAGE
 
 YES=0
 while [[ $# -gt 0 ]]; do
+  if take_common_option "$@"; then shift 2; continue; fi
   case "$1" in
-    --name) TPU_NAME="$2"; shift 2 ;;
-    --zone) ZONE="$2"; shift 2 ;;
-    --project) PROJECT="$2"; shift 2 ;;
     --yes) YES=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument: $1" ;;

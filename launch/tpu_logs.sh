@@ -16,10 +16,8 @@ USAGE
 
 WORKER=0; LINES=50; FOLLOW=""
 while [[ $# -gt 0 ]]; do
+  if take_common_option "$@"; then shift 2; continue; fi
   case "$1" in
-    --name) TPU_NAME="$2"; shift 2 ;;
-    --zone) ZONE="$2"; shift 2 ;;
-    --project) PROJECT="$2"; shift 2 ;;
     --worker) WORKER="$2"; shift 2 ;;
     --lines) LINES="$2"; shift 2 ;;
     --follow) FOLLOW="-f"; shift ;;

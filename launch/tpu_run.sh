@@ -21,12 +21,10 @@ USAGE
 
 WORKDIR=""; MODE="all"; FOREGROUND=0; EXTRA=()
 while [[ $# -gt 0 ]]; do
+  if take_common_option "$@"; then shift 2; continue; fi
   case "$1" in
     --workdir) WORKDIR="$2"; shift 2 ;;
     --mode) MODE="$2"; shift 2 ;;
-    --name) TPU_NAME="$2"; shift 2 ;;
-    --zone) ZONE="$2"; shift 2 ;;
-    --project) PROJECT="$2"; shift 2 ;;
     --foreground) FOREGROUND=1; shift ;;
     --) shift; EXTRA=("$@"); break ;;
     -h|--help) usage; exit 0 ;;

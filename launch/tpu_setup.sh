@@ -16,10 +16,8 @@ USAGE
 
 EXTRAS="[gcs]"  # the workdir lives on a gs:// bucket
 while [[ $# -gt 0 ]]; do
+  if take_common_option "$@"; then shift 2; continue; fi
   case "$1" in
-    --name) TPU_NAME="$2"; shift 2 ;;
-    --zone) ZONE="$2"; shift 2 ;;
-    --project) PROJECT="$2"; shift 2 ;;
     --extras) EXTRAS="[$2]"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument: $1" ;;

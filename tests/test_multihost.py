@@ -558,3 +558,14 @@ def test_tpu_run_requires_a_bucket_workdir():
                           capture_output=True, text=True, timeout=30,
                           env={**os.environ, "PROJECT": "p"})
     assert proc.returncode != 0 and "gs://" in proc.stderr
+
+
+@pytest.mark.parametrize("name", [s for s in SCRIPTS if s.startswith("tpu_")])
+@pytest.mark.parametrize("flag", ["--name", "--zone", "--project"])
+def test_tpu_scripts_name_a_shared_flag_given_without_value(name, flag):
+    """The options every TPU script shares (launch/common.sh) refuse a missing value by name, rather
+    than failing on an unbound variable or taking the next flag as the value."""
+    for args in ([flag], [flag, "--help"]):
+        proc = subprocess.run(["bash", os.path.join(LAUNCH, name), *args], capture_output=True, text=True,
+                              timeout=30, env={**os.environ, "PROJECT": "p"})
+        assert proc.returncode != 0 and f"{flag} needs a value" in proc.stderr, (args, proc.stderr)
