@@ -54,6 +54,18 @@ def xla_flops(lowered) -> float:
     return float(sum(c.get("flops", 0.0) for c in cost or [] if c))
 
 
+def matmul_rate(dtype, n: int, *, warmup: int = 3, repeats: int = 20) -> dict:
+    """Timing of one n x n x n matmul in ``dtype`` through XLA (default precision, accumulating in
+    float32, as the benchmarked programs run) and its FLOP rate: what the device's matrix units
+    reach, the ceiling for work made of convolutions and matmuls."""
+    import jax.numpy as jnp
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
+    matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(dtype))
+    t = time_calls(lambda: matmul(a, b), warmup=warmup, repeats=repeats)
+    return {"matmul_n": n, **t, "gflop_s": 2 * n ** 3 / t["median_s"] / 1e9}
+
+
 def machine() -> dict:
     dev = jax.devices()[0]
     return {"platform": dev.platform, "device_kind": dev.device_kind,

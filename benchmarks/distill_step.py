@@ -33,7 +33,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
-from common import record, time_calls, xla_flops  # noqa: E402
+from common import matmul_rate, record, time_calls, xla_flops  # noqa: E402
 from scflow_jax import distill, flows, sampling, sharding, train_state, trainer  # noqa: E402
 from scflow_jax.default_config import get_config  # noqa: E402
 from scflow_jax.losses import scflow  # noqa: E402
@@ -44,6 +44,8 @@ from scflow_jax.models.unet_adm import ADMConfig, ADMUNet  # noqa: E402
 # runs), from issue 8. Quoted beside our figures; not measured by this script.
 REFERENCE_CPU = {"iteration_median_s": [1.50, 1.62], "iteration_min_s": [1.33, 1.46],
                  "sample_1step_64_median_s": [0.15, 0.21], "sample_4step_64_median_s": [0.61, 0.66]}
+# Issue 8's goals on that machine (seconds): 1/1.5 of the reference's iteration, and the samplers'.
+GOALS_CPU = {"iteration": 1.0, "sample_1step_64": 0.10, "sample_4step_64": 0.40}
 
 
 def benchmark_setup(full: bool):
@@ -132,21 +134,36 @@ def main(argv=None):
         return metrics
 
     t = time_calls(iteration, warmup=args.warmup, repeats=args.repeats)
-    out["iteration"] = {**t, "examples_per_s": b["batch_size"] / t["median_s"]}
+    out["iteration"] = {**t, "examples_per_s": b["batch_size"] / t["median_s"],
+                        "gflop_s": out["step_gflop"] / t["median_s"]}
 
-    # Student sampling of 64 latents with the eval-EMA parameters.
+    # Student sampling of 64 latents with the eval-EMA parameters. Euler sampling is one network
+    # evaluation per step (the loop's other work is a few elementwise passes), so its FLOPs are the
+    # steps times those of one evaluation: XLA's count of the fori_loop would include the body once.
     z1 = sharding.shard_batch({"z1": jax.device_get(jax.random.normal(
         jax.random.PRNGKey(4), (64,) + b["latent_shape"]))}, mesh)["z1"]
     params = holder["state"].ema_params
+    out["network_eval_64_gflop"] = xla_flops(jax.jit(b["nets"].velocity_fn).lower(
+        params, jnp.ones((64,)), z1, None)) / 1e9
     for steps in (1, 4):
         sampler = jax.jit(functools.partial(sampling.sample, b["nets"].velocity_fn,
                                             cond=None, num_steps=steps))
         start = time.perf_counter()
         compiled_sampler = sampler.lower(params, z1).compile()
-        out[f"sample_{steps}step_64_compile_s"] = time.perf_counter() - start
-        out[f"sample_{steps}step_64"] = time_calls(lambda: compiled_sampler(params, z1),
-                                                   warmup=2, repeats=10)
+        name = f"sample_{steps}step_64"
+        out[f"{name}_compile_s"] = time.perf_counter() - start
+        t = time_calls(lambda: compiled_sampler(params, z1), warmup=2, repeats=10)
+        out[name] = {**t, "gflop_s": steps * out["network_eval_64_gflop"] / t["median_s"]}
+
+    # The yardstick: a float32 matmul on the same device, measured right after the work above.
+    # Work made of convolutions and matmuls plus elementwise passes runs below this rate.
+    out["matmul_f32"] = matmul_rate(jnp.float32, 2048 if jax.default_backend() == "cpu" else 8192)
     out["reference_pytorch_2core_cpu"] = REFERENCE_CPU
+    work_gflop = {"iteration": out["step_gflop"],
+                  "sample_1step_64": out["network_eval_64_gflop"],
+                  "sample_4step_64": 4 * out["network_eval_64_gflop"]}
+    out["goals_2core_cpu"] = {name: {"seconds": goal, "needs_gflop_s": work_gflop[name] / goal}
+                              for name, goal in GOALS_CPU.items()}
     if args.no_record:
         import json
         print(json.dumps(out), flush=True)

@@ -38,7 +38,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import random_params, record, time_calls, time_train_steps, xla_flops  # noqa: E402
+from common import matmul_rate, random_params, record, time_calls, time_train_steps, xla_flops  # noqa: E402
 from scflow_jax import distill, precision, recipes, sampling, sharding, train_state  # noqa: E402
 from scflow_jax.models import clip, unet_discriminator, unet_sd  # noqa: E402
 from scflow_jax.models.vae import VAE, VAEConfig  # noqa: E402
@@ -149,13 +149,10 @@ def with_mfu(result: dict, model_flops: float, seconds: float, args, devices: in
 
 
 def run_peak(args) -> dict:
-    """A large bf16 matmul chain: what the device's matrix units reach through XLA."""
-    n = 256 if args.tiny else 8192
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.bfloat16)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.bfloat16)
-    matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
-    t = time_calls(lambda: matmul(a, b), warmup=3, repeats=20)
-    return {"part": "peak", "matmul_n": n, **t, "bf16_matmul_tflops": 2 * n ** 3 / t["median_s"] / 1e12}
+    """A large bf16 matmul: what the device's matrix units reach through XLA."""
+    rate = matmul_rate(jnp.bfloat16, 256 if args.tiny else 8192)
+    tflops = rate.pop("gflop_s") / 1e3
+    return {"part": "peak", **rate, "bf16_matmul_tflops": tflops}
 
 
 def run_generate(args) -> dict:

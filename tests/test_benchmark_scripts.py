@@ -41,3 +41,9 @@ def test_distill_part_runs_the_recipe_step_with_every_term():
     assert out["hardware_gflop"] > out["model_gflop"] > 0
     # Eight fake devices share the global program's FLOPs.
     assert out["mfu"] == pytest.approx(out["model_gflop"] / 1e3 / 8 / out["step_s_median"])
+
+
+def test_peak_part_reports_the_matmul_rate_of_its_own_timing():
+    out = t2i_speed.main(["--part=peak", "--tiny", "--no_record"])
+    assert out["matmul_n"] == 256 and out["median_s"] > 0
+    assert out["bf16_matmul_tflops"] == pytest.approx(2 * 256 ** 3 / out["median_s"] / 1e12)
