@@ -1,7 +1,8 @@
 """Observability: a console progress line with ETA, TensorBoard scalars and image grids.
 
 TensorBoard files are written with tensorboardX (no TensorFlow in the core install; see
-ARCHITECTURE.md). Only process 0 writes, so a multi-host run produces one set of files.
+ARCHITECTURE.md), to a local or ``gs://`` logdir. Only process 0 writes, so a multi-host run
+produces one set of files.
 Output files (JSON, PNG and the bytes of any other file) are written atomically through
 etils.epath, so a workdir may be local or a ``gs://`` bucket.
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
+import tempfile
 import time
 from typing import Mapping
 
@@ -24,28 +27,83 @@ def is_main_process() -> bool:
 
 
 class MetricWriter:
-    """Scalars and images to ``logdir`` as TensorBoard event files (process 0 only)."""
+    """Scalars and images as TensorBoard event files in ``logdir`` (process 0 only), local or remote.
 
-    def __init__(self, logdir: str):
+    tensorboardX writes a local event file. For a remote ``logdir`` (``gs://...``) that file lives
+    in a temporary folder and is copied to ``logdir`` through etils.epath (as every other output),
+    at most every ``upload_every_s`` seconds and at ``close``: a preempted run loses at most that
+    much of its curves. Bucket objects cannot be appended to, so each copy rewrites the whole file;
+    once a file passes ``max_file_bytes`` the writer starts the next one, which bounds what a copy
+    sends (TensorBoard reads every event file of a folder).
+    """
+
+    def __init__(self, logdir: str, *, upload_every_s: float = 60.0, max_file_bytes: int = 16 << 20):
         self._writer = None
-        if is_main_process():
-            from tensorboardX import SummaryWriter
-            self._writer = SummaryWriter(logdir=logdir, flush_secs=30)
+        if not is_main_process():
+            return
+        self._logdir = os.fspath(logdir)
+        self._remote = is_remote(self._logdir)
+        self._upload_every_s, self._max_file_bytes = upload_every_s, max_file_bytes
+        self._local_dir = tempfile.mkdtemp(prefix="scflow_tb_") if self._remote else self._logdir
+        self._uploaded_sizes: dict[str, int] = {}
+        self._last_upload = time.monotonic()
+        self._segment = 0
+        self._open()
+
+    def _open(self) -> None:
+        from tensorboardX import SummaryWriter
+        # The suffix keeps the files of one run apart when two start within the same second.
+        self._writer = SummaryWriter(logdir=self._local_dir, flush_secs=30,
+                                     filename_suffix=f".{self._segment:04d}")
+
+    def _upload(self) -> None:
+        """Copies every local event file that changed since its last copy to the remote logdir
+        (what the writer has flushed or closed)."""
+        for name in sorted(os.listdir(self._local_dir)):
+            local = os.path.join(self._local_dir, name)
+            size = os.path.getsize(local)
+            if self._uploaded_sizes.get(name) != size:
+                with open(local, "rb") as f:
+                    write_bytes_atomic(f"{self._logdir.rstrip('/')}/{name}", f.read())
+                self._uploaded_sizes[name] = size
+        self._last_upload = time.monotonic()
+
+    def _after_write(self) -> None:
+        if not self._remote:
+            return
+        if time.monotonic() - self._last_upload < self._upload_every_s:
+            return
+        self._writer.flush()
+        self._upload()
+        if max(self._uploaded_sizes.values(), default=0) >= self._max_file_bytes:
+            self._writer.close()  # the file is complete and copied: later records go to a new one
+            self._upload()
+            for name in os.listdir(self._local_dir):
+                os.remove(os.path.join(self._local_dir, name))
+            self._uploaded_sizes.clear()
+            self._segment += 1
+            self._open()
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         if self._writer:
             for name, value in scalars.items():
                 self._writer.add_scalar(name, float(value), step)
+            self._after_write()
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
         """``images``: name -> uint8 [H, W, C]."""
         if self._writer:
             for name, image in images.items():
                 self._writer.add_image(name, image, step, dataformats="HWC")
+            self._after_write()
 
     def close(self) -> None:
         if self._writer:
             self._writer.close()
+            if self._remote:
+                self._upload()
+                shutil.rmtree(self._local_dir, ignore_errors=True)
+            self._writer = None
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

@@ -107,6 +107,54 @@ def test_json_png_and_npz_go_to_gs_as_single_objects(fake_gcs):
     assert epath.Path(f"{BUCKET}/config.json").read_text() == json.dumps({"seed": 0}, indent=2)
 
 
+def _tfrecords(data: bytes) -> list[bytes]:
+    """The records of a TFRecord file (length, its crc, payload, its crc; crcs not checked here)."""
+    import struct
+    records, at = [], 0
+    while at < len(data):
+        (length,) = struct.unpack("<Q", data[at:at + 8])
+        records.append(data[at + 12:at + 12 + length])
+        at += 12 + length + 4
+    return records
+
+
+def test_tensorboard_events_go_to_gs_in_bounded_files(fake_gcs):
+    from tensorboardX.proto import event_pb2
+
+    logdir = f"{BUCKET}/tensorboard"
+    # Copy at every write and start a new file past 200 bytes, so that a short run spans several files.
+    writer = monitoring.MetricWriter(logdir, upload_every_s=0.0, max_file_bytes=200)
+    for step in range(12):
+        writer.write_scalars(step, {"loss": 0.5 * step, "lr": 1e-4})
+    writer.write_images(12, {"samples": GRID})
+    local_dir = writer._local_dir
+    writer.close()
+
+    objects = _objects(fake_gcs)
+    assert len(objects) > 1 and all(k.startswith(f"{logdir}/events.out.tfevents.") for k in objects)
+    scalars, images = [], []
+    for data in objects.values():
+        for record in _tfrecords(data):
+            event = event_pb2.Event.FromString(record)
+            for value in event.summary.value:
+                if value.HasField("image"):
+                    images.append((event.step, value.tag))
+                else:
+                    scalars.append((value.tag, event.step, round(value.simple_value, 6)))
+    # Every record written is in exactly one of the files: nothing lost at a roll-over, nothing twice.
+    assert sorted(scalars) == sorted([("loss", s, 0.5 * s) for s in range(12)] + [("lr", s, 1e-4) for s in range(12)])
+    assert images == [(12, "samples")]
+    assert not os.path.exists(local_dir)
+
+
+def test_tensorboard_copies_wait_for_the_upload_interval(fake_gcs):
+    writer = monitoring.MetricWriter(f"{BUCKET}/tensorboard", upload_every_s=3600.0)
+    writer.write_scalars(0, {"loss": 1.0})
+    assert _objects(fake_gcs) == {}  # nothing copied before the interval...
+    writer.close()
+    assert len(_objects(fake_gcs)) == 1  # ...and everything at close
+
+
 def test_sample_folder_on_gs(fake_gcs):
     images = np.linspace(-1, 1, 2 * 4 * 4 * 1, dtype=np.float32).reshape(2, 4, 4, 1)
     out_dir = f"{BUCKET}/samples/student_euler_1steps"
