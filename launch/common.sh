@@ -5,6 +5,7 @@ ZONE="${ZONE:-us-central2-b}"
 PROJECT="${PROJECT:-$(gcloud config get-value project 2>/dev/null || true)}"
 REPO_DIR="${REPO_DIR:-scflow_jax}"        # checkout location on every worker (under ~)
 VENV_DIR="${VENV_DIR:-scflow_venv}"       # virtual environment on every worker (under ~)
+INPUTS_DIR="${INPUTS_DIR:-/var/tmp/scflow_inputs}"  # inputs copied from a bucket by tpu_inputs.sh
 
 die() { echo "error: $*" >&2; exit 1; }
 

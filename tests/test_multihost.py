@@ -528,7 +528,7 @@ def test_two_processes_sample_and_generate_like_one_process(tmp_path):
 
 # ------------------------------------------------------------------------ launch scripts
 LAUNCH = os.path.join(REPO, "launch")
-SCRIPTS = ["tpu_create.sh", "tpu_setup.sh", "tpu_run.sh", "tpu_logs.sh", "tpu_delete.sh",
+SCRIPTS = ["tpu_create.sh", "tpu_setup.sh", "tpu_inputs.sh", "tpu_run.sh", "tpu_logs.sh", "tpu_delete.sh",
            "slurm_gpu.sbatch", "common.sh"]
 
 
@@ -569,3 +569,36 @@ def test_tpu_scripts_name_a_shared_flag_given_without_value(name, flag):
         proc = subprocess.run(["bash", os.path.join(LAUNCH, name), *args], capture_output=True, text=True,
                               timeout=30, env={**os.environ, "PROJECT": "p"})
         assert proc.returncode != 0 and f"{flag} needs a value" in proc.stderr, (args, proc.stderr)
+
+
+def _with_fake_gcloud(tmp_path):
+    """An environment whose ``gcloud`` only appends its arguments (one per line, then a blank line) to a file."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "gcloud.log"
+    fake = bin_dir / "gcloud"
+    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" >> {log}\necho >> {log}\n')
+    fake.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PROJECT": "p"}, log
+
+
+def test_tpu_inputs_syncs_the_bucket_folder_on_every_worker(tmp_path):
+    env, log = _with_fake_gcloud(tmp_path)
+    proc = subprocess.run(["bash", os.path.join(LAUNCH, "tpu_inputs.sh"), "--from", "gs://b/my inputs",
+                           "--to", "/data/in", "--name", "slice"], capture_output=True, text=True, timeout=30, env=env)
+    assert proc.returncode == 0, proc.stderr
+    call = log.read_text().split("\n")
+    assert call[:5] == ["compute", "tpus", "tpu-vm", "ssh", "slice"] and "--worker=all" in call
+    command = next(a for a in call if a.startswith("--command="))[len("--command="):]
+    # The remote shell sees the folder names quoted (the space survives) and creates the target first.
+    assert command == "mkdir -p /data/in && gcloud storage rsync --recursive gs://b/my\\ inputs /data/in"
+
+
+@pytest.mark.parametrize("args, match", [(["--from", "/local/inputs"], "gs://"),
+                                         (["--from", "gs://b/in", "--to", "rel/dir"], "absolute path"),
+                                         (["--from"], "--from needs a value")])
+def test_tpu_inputs_bad_arguments_are_named(tmp_path, args, match):
+    env, log = _with_fake_gcloud(tmp_path)
+    proc = subprocess.run(["bash", os.path.join(LAUNCH, "tpu_inputs.sh"), *args], capture_output=True, text=True,
+                          timeout=30, env=env)
+    assert proc.returncode != 0 and match in proc.stderr and not log.exists()
