@@ -45,6 +45,17 @@ def compute_dtype(config) -> Any:
     return COMPUTE_DTYPES[name]
 
 
+def decode_dtype(config) -> Any:
+    """The VAE decoder's compute dtype for samples and evaluation (``config.precision.decode_dtype``).
+    float32 by default, so that image metrics stay comparable with float32 decodes; bfloat16 makes
+    the decoder, which at 512 px costs ~3x the one-step UNet, that much cheaper on accelerators."""
+    name = _precision(config, "decode_dtype")
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"config.precision.decode_dtype={name!r}; expected one of "
+                         f"{sorted(COMPUTE_DTYPES)}")
+    return COMPUTE_DTYPES[name]
+
+
 def validate(config) -> None:
     name = _precision(config, "param_dtype")
     if name not in PARAM_DTYPES:
@@ -53,6 +64,7 @@ def validate(config) -> None:
             f"moments and EMAs are kept in float32 (an EMA at rate 0.9999 does not move in "
             f"bfloat16); use compute_dtype='bfloat16' for bfloat16 compute")
     compute_dtype(config)
+    decode_dtype(config)
     remat_policy(remat_name(config))
 
 

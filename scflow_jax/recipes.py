@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from scflow_jax import checkpoint, flows, sampling, sharding
+from scflow_jax import checkpoint, flows, precision, sampling, sharding
 from scflow_jax.evaluation import generate
 from scflow_jax.models import clip, discriminators, unet_adm, unet_discriminator, unet_sd, vae as vae_lib, weights
 
@@ -132,7 +132,7 @@ class LatentTask:
     @functools.cached_property
     def _vae(self) -> tuple[vae_lib.VAE, Any]:
         path = required_path(self.config, "model.vae_path", "VAE (diffusers AutoencoderKL folder)")
-        return vae_lib.load_vae(path)
+        return vae_lib.load_vae(path, dtype=precision.decode_dtype(self.config))
 
     def decode(self, latents) -> jax.Array:
         """Scaled latents [B, h, w, c] -> images in [-1, 1], NHWC float32."""

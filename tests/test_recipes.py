@@ -217,6 +217,26 @@ def test_missing_paths_and_bad_resolution_name_the_field(tmp_path):
         recipes.build_recipe_task(t2i)
 
 
+def test_decoder_runs_in_the_configured_decode_dtype(tmp_path):
+    """config.precision.decode_dtype sets the VAE decoder's compute dtype; images stay float32 in [-1, 1] and
+    a bfloat16 decode stays close to the float32 one."""
+    config = load_config("celebahq256")
+    config.model.vae_path = write_vae(str(tmp_path / "vae"))
+    latents = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, TINY_VAE.latent_channels))
+    images = {}
+    for name in ("float32", "bfloat16"):
+        config.precision.decode_dtype = name
+        task = recipes.build_recipe_task(config)
+        assert task._vae[0].dtype == jnp.dtype(name)
+        images[name] = task.decode(latents)
+        assert images[name].dtype == jnp.float32 and images[name].shape == (2, 64, 64, 3)
+    difference = float(jnp.abs(images["bfloat16"] - images["float32"]).max())
+    assert 0 < difference < 0.1
+    config.precision.decode_dtype = "float16"
+    with pytest.raises(ValueError, match=r"config\.precision\.decode_dtype='float16'"):
+        precision.validate(config)
+
+
 def test_prompts_file_with_empty_lines_names_them(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("a cat\n\nthe dog\n  \na dog\n")
