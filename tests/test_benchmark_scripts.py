@@ -7,6 +7,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import conv_forms  # noqa: E402
 import t2i_speed  # noqa: E402
 
 from scflow_jax import train_state  # noqa: E402
@@ -47,3 +48,18 @@ def test_peak_part_reports_the_matmul_rate_of_its_own_timing():
     out = t2i_speed.main(["--part=peak", "--tiny", "--no_record"])
     assert out["matmul_n"] == 256 and out["median_s"] > 0
     assert out["bf16_matmul_tflops"] == pytest.approx(2 * 256 ** 3 / out["median_s"] / 1e12)
+
+
+@pytest.mark.parametrize("form", sorted(set(conv_forms.FORMS) - {"native"}))
+def test_conv_forms_compute_the_native_convolution_and_its_gradients(form):
+    """The speed comparisons of benchmarks/conv_forms.py are between forms of the same convolution."""
+    import jax
+    import numpy as np
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 8, 8, 5), np.float32)
+    w = rng.standard_normal((3, 3, 5, 6), np.float32)
+    ct = rng.standard_normal((2, 8, 8, 6), np.float32)
+    ref = conv_forms._fwd_bwd(conv_forms.native)(x, w, ct)
+    np.testing.assert_allclose(conv_forms.FORMS[form](x, w), conv_forms.native(x, w), rtol=1e-5, atol=1e-4)
+    for got, want in zip(jax.jit(conv_forms._fwd_bwd(conv_forms.FORMS[form]))(x, w, ct), ref):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
