@@ -9,6 +9,7 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 RESULTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
@@ -58,7 +59,6 @@ def matmul_rate(dtype, n: int, *, warmup: int = 3, repeats: int = 20) -> dict:
     """Timing of one n x n x n matmul in ``dtype`` through XLA (default precision, accumulating in
     float32, as the benchmarked programs run) and its FLOP rate: what the device's matrix units
     reach, the ceiling for work made of convolutions and matmuls."""
-    import jax.numpy as jnp
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
     matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(dtype))
