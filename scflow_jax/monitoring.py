@@ -52,37 +52,48 @@ class MetricWriter:
 
     def _open(self) -> None:
         from tensorboardX import SummaryWriter
-        # The suffix keeps the files of one run apart when two start within the same second.
-        self._writer = SummaryWriter(logdir=self._local_dir, flush_secs=30,
-                                     filename_suffix=f".{self._segment:04d}")
+        # The suffix tells the current file from finished ones, and keeps the files of one run
+        # apart when two start within the same second.
+        self._suffix = f".{self._segment:04d}"
+        self._writer = SummaryWriter(logdir=self._local_dir, flush_secs=30, filename_suffix=self._suffix)
 
-    def _upload(self) -> None:
+    def _upload(self) -> bool:
         """Copies every local event file that changed since its last copy to the remote logdir
-        (what the writer has flushed or closed)."""
-        for name in sorted(os.listdir(self._local_dir)):
-            local = os.path.join(self._local_dir, name)
-            size = os.path.getsize(local)
-            if self._uploaded_sizes.get(name) != size:
-                with open(local, "rb") as f:
-                    write_bytes_atomic(f"{self._logdir.rstrip('/')}/{name}", f.read())
-                self._uploaded_sizes[name] = size
+        (what the writer has flushed or closed); returns whether all copies succeeded. A failed
+        copy is logged and retried at the next upload: curves must not stop a training run."""
         self._last_upload = time.monotonic()
+        for name in sorted(os.listdir(self._local_dir)):
+            size = os.path.getsize(os.path.join(self._local_dir, name))
+            if self._uploaded_sizes.get(name) == size:
+                continue
+            target = f"{self._logdir.rstrip('/')}/{name}"
+            try:
+                with open(os.path.join(self._local_dir, name), "rb") as f:
+                    write_bytes_atomic(target, f.read())
+            except Exception as e:  # noqa: BLE001 (any storage error: network, permissions, quota)
+                logging.warning("could not copy TensorBoard events to %s (%s); will retry", target, e)
+                return False
+            self._uploaded_sizes[name] = size
+        return True
 
     def _after_write(self) -> None:
-        if not self._remote:
-            return
-        if time.monotonic() - self._last_upload < self._upload_every_s:
+        if not self._remote or time.monotonic() - self._last_upload < self._upload_every_s:
             return
         self._writer.flush()
-        self._upload()
-        if max(self._uploaded_sizes.values(), default=0) >= self._max_file_bytes:
-            self._writer.close()  # the file is complete and copied: later records go to a new one
-            self._upload()
-            for name in os.listdir(self._local_dir):
-                os.remove(os.path.join(self._local_dir, name))
-            self._uploaded_sizes.clear()
+        if not self._upload():
+            return
+        current = [size for name, size in self._uploaded_sizes.items() if name.endswith(self._suffix)]
+        if max(current, default=0) >= self._max_file_bytes:
+            self._writer.close()  # later records go to a new file
             self._segment += 1
             self._open()
+            self._upload()
+        # A finished file, once copied at its final size, is only needed in the bucket.
+        for name in os.listdir(self._local_dir):
+            path = os.path.join(self._local_dir, name)
+            if not name.endswith(self._suffix) and self._uploaded_sizes.get(name) == os.path.getsize(path):
+                os.remove(path)
+                del self._uploaded_sizes[name]
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         if self._writer:
@@ -101,8 +112,11 @@ class MetricWriter:
         if self._writer:
             self._writer.close()
             if self._remote:
-                self._upload()
-                shutil.rmtree(self._local_dir, ignore_errors=True)
+                if self._upload():
+                    shutil.rmtree(self._local_dir, ignore_errors=True)
+                else:
+                    logging.warning("TensorBoard events not copied to %s are kept in %s",
+                                    self._logdir, self._local_dir)
             self._writer = None
 
 

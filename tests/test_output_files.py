@@ -147,6 +147,32 @@ def test_tensorboard_events_go_to_gs_in_bounded_files(fake_gcs):
     assert not os.path.exists(local_dir)
 
 
+def test_tensorboard_copy_failures_do_not_stop_the_run_and_are_retried(fake_gcs, monkeypatch):
+    logdir = f"{BUCKET}/tensorboard"
+    writer = monitoring.MetricWriter(logdir, upload_every_s=0.0, max_file_bytes=200)
+    real_write = monitoring.write_bytes_atomic
+    outage = {"on": True}
+
+    def flaky_write(path, data):
+        if outage["on"]:
+            raise OSError("503 Service Unavailable")
+        real_write(path, data)
+
+    monkeypatch.setattr(monitoring, "write_bytes_atomic", flaky_write)
+    for step in range(6):  # past the 200-byte roll-over while nothing can be copied
+        writer.write_scalars(step, {"loss": float(step)})
+    assert _objects(fake_gcs) == {}
+    outage["on"] = False
+    for step in range(6, 12):
+        writer.write_scalars(step, {"loss": float(step)})
+    writer.close()
+
+    from tensorboardX.proto import event_pb2
+    steps = sorted(event_pb2.Event.FromString(record).step for data in _objects(fake_gcs).values()
+                   for record in _tfrecords(data) if event_pb2.Event.FromString(record).summary.value)
+    assert steps == list(range(12))  # the outage lost nothing
+
+
 def test_tensorboard_copies_wait_for_the_upload_interval(fake_gcs):
     writer = monitoring.MetricWriter(f"{BUCKET}/tensorboard", upload_every_s=3600.0)
     writer.write_scalars(0, {"loss": 1.0})
