@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -171,6 +172,16 @@ def test_tensorboard_copy_failures_do_not_stop_the_run_and_are_retried(fake_gcs,
     steps = sorted(event_pb2.Event.FromString(record).step for data in _objects(fake_gcs).values()
                    for record in _tfrecords(data) if event_pb2.Event.FromString(record).summary.value)
     assert steps == list(range(12))  # the outage lost nothing
+
+    # An outage at close: the events not copied stay on the local disk rather than being deleted.
+    late = monitoring.MetricWriter(f"{BUCKET}/late", upload_every_s=3600.0)
+    late.write_scalars(0, {"loss": 1.0})
+    outage["on"] = True
+    late.close()
+    kept = os.listdir(late._local_dir)
+    assert len(kept) == 1 and kept[0].startswith("events.out.tfevents.")
+    assert not any(k.startswith(f"{BUCKET}/late") for k in _objects(fake_gcs))
+    shutil.rmtree(late._local_dir)
 
 
 def test_tensorboard_copies_wait_for_the_upload_interval(fake_gcs):
