@@ -66,6 +66,14 @@ def benchmark_setup(full: bool):
     return unet_config, disc, (latent_hw, latent_hw, 4), 32, cfg
 
 
+def tiny_setup():
+    """A ``benchmark_setup``-shaped tuple of tiny networks of the same families (checks, not measurements)."""
+    unet = ADMConfig(in_channels=4, model_channels=16, out_channels=4, num_res_blocks=1, attention_resolutions=(2,),
+                     channel_mult=(1, 2), num_heads=2, use_scale_shift_norm=True, num_groups=8)
+    disc = StyleGANDiscriminator(resolution=8, in_channels=4, channel_base=256, channel_max=32, mbstd_group_size=4)
+    return unet, disc, (8, 8, 4), 8, benchmark_setup(full=False)[-1]
+
+
 def build(full: bool, mesh, setup=None, perturb: float = 0.0):
     """The networks, state, jitted step, batch and frozen inputs of the benchmark work (``setup``: another
     ``benchmark_setup``-shaped tuple, e.g. a tiny one for tests). ``perturb`` > 0 adds that much noise to the

@@ -1,13 +1,18 @@
 """The accelerator benchmark (benchmarks/t2i_speed.py) runs end to end on tiny networks, so the script that
-measures on a lent GPU is known to work before the GPU time is spent. Heavy: about two minutes of compiling."""
+measures on a lent GPU is known to work before the GPU time is spent. Heavy: about two minutes of compiling.
+The CPU profile (benchmarks/profile_step.py) reads XLA's programs and traces right."""
+import collections
+import json
 import math
 import os
+import subprocess
 import sys
 
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import conv_forms  # noqa: E402
+import profile_step  # noqa: E402
 import t2i_speed  # noqa: E402
 
 from scflow_jax import train_state  # noqa: E402
@@ -63,3 +68,92 @@ def test_conv_forms_compute_the_native_convolution_and_its_gradients(form):
     np.testing.assert_allclose(conv_forms.FORMS[form](x, w), conv_forms.native(x, w), rtol=1e-5, atol=1e-4)
     for got, want in zip(jax.jit(conv_forms._fwd_bwd(conv_forms.FORMS[form]))(x, w, ct), ref):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def _conv(x, w, stride=1, padding="SAME", dilation=1):
+    import jax
+    return jax.lax.conv_general_dilated(x, w, (stride, stride), padding, rhs_dilation=(dilation, dilation),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _program_flops(fn, *args):
+    """(profile_step's FLOPs over the program's operations, XLA's own count of the program)."""
+    import jax
+    lowered = jax.jit(fn).lower(*args)
+    operations = profile_step.parse_hlo(lowered.compile().as_text())
+    cost = lowered.cost_analysis()
+    return sum(op.flops for op in operations.values()), (cost if isinstance(cost, dict) else cost[0])["flops"]
+
+
+@pytest.mark.parametrize("case", ["same", "strided", "dilated_valid", "gradients", "strided_gradients", "matmul"])
+def test_profile_counts_convolution_and_matmul_flops_as_xla_does(case):
+    """Padding taps, strides, dilations and the transposed convolutions of gradients (whose inputs are
+    dilated) all change what a convolution costs; the profile's rates need XLA's own count."""
+    import jax
+    import jax.numpy as jnp
+    x, w = jnp.ones((2, 9, 9, 3)), jnp.ones((3, 3, 3, 5))
+    grads = lambda stride: lambda x, w: jax.grad(lambda x, w: _conv(x, w, stride).sum(), (0, 1))(x, w)  # noqa: E731
+    fn, args = {"same": (_conv, (x, w)),
+                "strided": (lambda x, w: _conv(x, w, 2), (x, w)),
+                "dilated_valid": (lambda x, w: _conv(x, w, 1, "VALID", 2), (x, w)),
+                "gradients": (grads(1), (x, w)),
+                "strided_gradients": (grads(2), (x, w)),
+                "matmul": (lambda a, b: jnp.tanh(a @ b), (jnp.ones((6, 4)), jnp.ones((4, 7))))}[case]
+    ours, xla = _program_flops(fn, *args)
+    assert ours > 0 and ours == pytest.approx(xla, rel=1e-6)
+
+
+def test_profile_sorts_operations_by_the_work_they_do():
+    import jax
+    import jax.numpy as jnp
+    x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
+
+    def program(x, w):
+        y = _conv(x, w)
+        return jnp.transpose(y, (3, 0, 1, 2)) * 2.0, jnp.sum(y, axis=(0, 1, 2)), jnp.exp(x) + 1.0
+
+    operations = profile_step.parse_hlo(jax.jit(program).lower(x, w).compile().as_text())
+    kinds = collections.Counter(op.category for op in operations.values())
+    assert kinds["convolution"] == 1 and kinds["reduction"] >= 1 and kinds["layout"] >= 1
+    assert kinds["elementwise"] >= 1
+    conv = next(op for op in operations.values() if op.category == "convolution")
+    assert conv.flops == 2 * 2 * 8 * 8 * 4 * 4 * 9 - 2 * 2 * 4 * 4 * (4 * 8 * 3 - 4)  # border taps skipped
+    assert "conv_general_dilated" in conv.source
+
+
+def test_profile_summary_is_per_call_and_ignores_other_programs():
+    ops = {"conv.1": profile_step.Operation("convolution", 4e9, "net/conv"),
+           "fusion.2": profile_step.Operation("layout", 0.0, "net/transpose"),
+           "fusion.3": profile_step.Operation("elementwise", 0.0, "net/silu")}
+    times = collections.Counter({"conv.1": 40e6, "fusion.2": 8e6, "fusion.3": 2e6, "other_program.7": 99e6})
+    ops["fusion.4"] = profile_step.Operation("layout", 0.0, "net/pad")
+    times["fusion.4"] = 4e6
+    out = profile_step.summarize(times, ops, calls=2, top=1)
+    cats = out["categories"]
+    assert out["core_ms_total"] == pytest.approx(27.0)
+    assert cats["convolution"]["core_ms"] == pytest.approx(20.0) and cats["convolution"]["share"] == pytest.approx(20 / 27)
+    assert cats["convolution"]["gflop_s_per_core"] == pytest.approx(4.0 / 0.020)  # 4 GFLOP per call in 20 ms
+    assert cats["matmul"]["core_ms"] == 0 and "gflop_s_per_core" not in cats["matmul"]
+    assert cats["layout"]["core_ms"] == pytest.approx(6.0) and cats["layout"]["ops"] == 2
+    assert [op["name"] for op in cats["layout"]["top_ops"]] == ["fusion.2"]  # the heavier of the two
+    assert cats["layout"]["top_ops"][0]["source"] == "net/transpose"
+
+
+@pytest.mark.heavy
+def test_profile_script_runs_on_one_core_and_accounts_for_the_iteration():
+    """On one core every operation runs to completion on the traced thread: the durations fit inside the
+    measured wall time, and the convolutions' and matmuls' FLOPs are a part of XLA's count of the program."""
+    script = os.path.join(os.path.dirname(profile_step.__file__), "profile_step.py")
+    done = subprocess.run([sys.executable, script, "--tiny", "--no-record", "--calls=1"], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["cores"] == 1 and out["config"] == "tiny"
+    for name in ("iteration", "sample_1step_64"):
+        entry = out[name]
+        assert 0.3 * entry["traced_wall_ms"] < entry["core_ms_total"] <= entry["traced_wall_ms"]
+        assert sum(c["share"] for c in entry["categories"].values()) == pytest.approx(1.0)
+        heavy = entry["categories"]["convolution"]["gflop"] + entry["categories"]["matmul"]["gflop"]
+        assert 0.5 * entry["xla_gflop"] < heavy <= entry["xla_gflop"] * 1.001
+        assert all(op["core_ms"] > 0 for c in entry["categories"].values() for op in c["top_ops"])
+        assert entry["categories"]["convolution"]["top_ops"]

@@ -15,8 +15,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import distill_step  # noqa: E402
 
 from scflow_jax import sharding  # noqa: E402
-from scflow_jax.models.discriminators import StyleGANDiscriminator  # noqa: E402
-from scflow_jax.models.unet_adm import ADMConfig  # noqa: E402
 
 EXPECTED = {  # metric@iteration (0: first step from the initial state, 1: the next)
     "d_fake@0": -0.378233135,
@@ -44,16 +42,8 @@ EXPECTED = {  # metric@iteration (0: first step from the initial state, 1: the n
 }
 
 
-def tiny_setup():
-    unet = ADMConfig(in_channels=4, model_channels=16, out_channels=4, num_res_blocks=1, attention_resolutions=(2,),
-                     channel_mult=(1, 2), num_heads=2, use_scale_shift_norm=True, num_groups=8)
-    disc = StyleGANDiscriminator(resolution=8, in_channels=4, channel_base=256, channel_max=32, mbstd_group_size=4)
-    cfg = distill_step.benchmark_setup(full=False)[-1]
-    return unet, disc, (8, 8, 4), 8, cfg
-
-
 def test_one_iteration_keeps_its_loss_values():
-    b = distill_step.build(False, sharding.make_mesh(1, 1), setup=tiny_setup(), perturb=0.05)
+    b = distill_step.build(False, sharding.make_mesh(1, 1), setup=distill_step.tiny_setup(), perturb=0.05)
     state, metrics = b["step"](b["state"], b["batch"], b["frozen"])
     _, metrics2 = b["step"](state, b["batch"], b["frozen"])
     got = {f"{k}@{i}": float(v) for i, m in enumerate((metrics, metrics2)) for k, v in jax.device_get(m).items()}
