@@ -180,13 +180,31 @@ def operation_times(trace_dir: str) -> collections.Counter:
     return times
 
 
+def network_and_pass(source: str) -> tuple[str, str]:
+    """(network, "forward" or "backward") of an operation from its jax op_name: the first path component
+    that is a Flax module class (CamelCase) under jax's transformation wrappers, e.g.
+    ``jit(step_fn)/transpose(jvp(ADMUNet))/output_blocks_3_2/conv`` -> ("ADMUNet", "backward"). Work
+    outside any network (losses, optimiser, EMA) is "other"; operations XLA added without a source
+    (layout copies, mostly) are "unattributed"."""
+    if not source:
+        return "unattributed", "forward"
+    for component in source.split("/"):
+        match = re.fullmatch(r"((?:[\w.]+\()*)([A-Z]\w*)\)*", component)
+        if match:
+            return match.group(2), "backward" if "transpose(" in match.group(1) else "forward"
+    return "other", "backward" if "transpose(" in source else "forward"
+
+
 def summarize(times: collections.Counter, operations: dict[str, Operation], calls: int, top: int = 5) -> dict:
     """Core-milliseconds per call by category (with the FLOP rate of convolutions and matmuls) and each
-    category's ``top`` most expensive operations. Trace events of other programs (names not in
+    category's ``top`` most expensive operations, and by network and pass. Trace events of other programs (names not in
     ``operations``) are left out."""
     per_category = {c: {"core_ms": 0.0, "ops": 0, "gflop": 0.0, "top_ops": []} for c in CATEGORIES}
+    per_network = collections.defaultdict(lambda: {"forward": 0.0, "backward": 0.0})
     for name in sorted((n for n in times if n in operations), key=times.__getitem__, reverse=True):
         op, core_ms = operations[name], times[name] / 1e6 / calls
+        network, direction = network_and_pass(op.source)
+        per_network[network][direction] += core_ms
         entry = per_category[op.category]
         entry["core_ms"] += core_ms
         entry["ops"] += 1
@@ -200,7 +218,8 @@ def summarize(times: collections.Counter, operations: dict[str, Operation], call
             entry["gflop_s_per_core"] = entry["gflop"] / (entry["core_ms"] / 1e3)
         else:
             del entry["gflop"]
-    return {"core_ms_total": total_ms, "categories": per_category}
+    return {"core_ms_total": total_ms, "categories": per_category,
+            "networks_core_ms": dict(sorted(per_network.items(), key=lambda kv: -sum(kv[1].values())))}
 
 
 def profile(call, hlo_text: str, calls: int, trace_dir: str) -> dict:

@@ -121,6 +121,19 @@ def test_profile_sorts_operations_by_the_work_they_do():
     assert "conv_general_dilated" in conv.source
 
 
+@pytest.mark.parametrize("source, expected", [
+    ("jit(step_fn)/ADMUNet/output_blocks_3_2/conv/conv_general_dilated", ("ADMUNet", "forward")),
+    ("jit(step_fn)/transpose(jvp(ADMUNet))/output_blocks_3_2/conv", ("ADMUNet", "backward")),
+    ("jit(step_fn)/jvp(transpose(jvp(StyleGANDiscriminator)))/b16/conv1", ("StyleGANDiscriminator", "backward")),
+    ("jit(sample)/while/body/closed_call/ADMUNet/input_blocks_1_0/jit(silu)/mul", ("ADMUNet", "forward")),
+    ("jit(step_fn)/transpose(jvp(jit(pseudo_huber)))/sub", ("other", "backward")),
+    ("jit(step_fn)/jit(_uniform)/while", ("other", "forward")),
+    ("", ("unattributed", "forward")),
+])
+def test_profile_attributes_operations_to_networks_and_passes(source, expected):
+    assert profile_step.network_and_pass(source) == expected
+
+
 def test_profile_summary_is_per_call_and_ignores_other_programs():
     ops = {"conv.1": profile_step.Operation("convolution", 4e9, "net/conv"),
            "fusion.2": profile_step.Operation("layout", 0.0, "net/transpose"),
@@ -137,6 +150,7 @@ def test_profile_summary_is_per_call_and_ignores_other_programs():
     assert cats["layout"]["core_ms"] == pytest.approx(6.0) and cats["layout"]["ops"] == 2
     assert [op["name"] for op in cats["layout"]["top_ops"]] == ["fusion.2"]  # the heavier of the two
     assert cats["layout"]["top_ops"][0]["source"] == "net/transpose"
+    assert out["networks_core_ms"] == {"other": {"forward": pytest.approx(27.0), "backward": 0.0}}
 
 
 @pytest.mark.heavy
