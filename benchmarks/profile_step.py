@@ -12,8 +12,9 @@ behind them look slower than they are. On one core every operation runs to compl
 so the durations add up to the iteration and each is the operation's own cost. Core-seconds divided by the
 core count is then the best wall time perfect parallel scaling could give.
 
-Usage: python benchmarks/profile_step.py [--full] [--no-record] [--trace-dir DIR]
-Prints one JSON line and appends it to benchmarks/results.json (unless --no-record). CPU only.
+Usage: python benchmarks/profile_step.py [--full] [--calls N] [--trace-dir DIR] [--no-record]
+Prints one JSON line and appends it to benchmarks/results.json (unless --no-record). CPU only; run it as
+its own process (the pinning must precede JAX's start).
 """
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ _LAYOUT_OPS = {"copy", "transpose", "pad", "concatenate", "slice", "dynamic-slic
 _ELEMENTWISE_OPS = {"add", "subtract", "multiply", "divide", "maximum", "minimum", "negate", "exponential",
                     "log", "sqrt", "rsqrt", "tanh", "logistic", "select", "compare", "convert", "abs", "power",
                     "clamp", "sign", "floor", "and", "or", "not", "iota", "constant"}
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+) = (?P<type>.+?) (?P<op>[a-z][\w\-]*)\((?P<args>[^)]*)\)"
-                          r"(?P<attrs>.*)$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+) = (?P<type>.+?) "
+                          r"(?P<op>[a-z][\w\-]*)\((?P<args>[^)]*)\)(?P<attrs>.*)$")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+) .*\{\s*$")
 _SHAPE = re.compile(r"^\w+\[(?P<dims>[\d,]*)\]")
 
@@ -196,9 +197,9 @@ def network_and_pass(source: str) -> tuple[str, str]:
 
 
 def summarize(times: collections.Counter, operations: dict[str, Operation], calls: int, top: int = 5) -> dict:
-    """Core-milliseconds per call by category (with the FLOP rate of convolutions and matmuls) and each
-    category's ``top`` most expensive operations, and by network and pass. Trace events of other programs (names not in
-    ``operations``) are left out."""
+    """Core-milliseconds per call by category (with the FLOP rate of convolutions and matmuls and each
+    category's ``top`` most expensive operations) and by network and pass. Trace events of other
+    programs (names not in ``operations``) are left out."""
     per_category = {c: {"core_ms": 0.0, "ops": 0, "gflop": 0.0, "top_ops": []} for c in CATEGORIES}
     per_network = collections.defaultdict(lambda: {"forward": 0.0, "backward": 0.0})
     for name in sorted((n for n in times if n in operations), key=times.__getitem__, reverse=True):

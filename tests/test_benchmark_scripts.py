@@ -144,7 +144,8 @@ def test_profile_summary_is_per_call_and_ignores_other_programs():
     out = profile_step.summarize(times, ops, calls=2, top=1)
     cats = out["categories"]
     assert out["core_ms_total"] == pytest.approx(27.0)
-    assert cats["convolution"]["core_ms"] == pytest.approx(20.0) and cats["convolution"]["share"] == pytest.approx(20 / 27)
+    assert cats["convolution"]["core_ms"] == pytest.approx(20.0)
+    assert cats["convolution"]["share"] == pytest.approx(20 / 27)
     assert cats["convolution"]["gflop_s_per_core"] == pytest.approx(4.0 / 0.020)  # 4 GFLOP per call in 20 ms
     assert cats["matmul"]["core_ms"] == 0 and "gflop_s_per_core" not in cats["matmul"]
     assert cats["layout"]["core_ms"] == pytest.approx(6.0) and cats["layout"]["ops"] == 2
