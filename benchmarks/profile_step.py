@@ -32,8 +32,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 CATEGORIES = ("convolution", "matmul", "reduction", "layout", "elementwise", "other")
-_LAYOUT_OPS = {"copy", "transpose", "pad", "concatenate", "slice", "dynamic-slice", "dynamic-update-slice",
-               "reshape", "bitcast", "broadcast"}
+# Operations that move data into a new layout or size. A fusion containing one is a layout change (its
+# elementwise work rides along); bitcasts, reshapes, broadcasts and slices inside a fusion are views.
+_MOVING_OPS = {"copy", "transpose", "pad", "concatenate"}
+_LAYOUT_OPS = _MOVING_OPS | {"slice", "dynamic-slice", "dynamic-update-slice", "reshape", "bitcast", "broadcast"}
 _ELEMENTWISE_OPS = {"add", "subtract", "multiply", "divide", "maximum", "minimum", "negate", "exponential",
                     "log", "sqrt", "rsqrt", "tanh", "logistic", "select", "compare", "convert", "abs", "power",
                     "clamp", "sign", "floor", "and", "or", "not", "iota", "constant"}
@@ -102,7 +104,7 @@ def _fused_computation(inst: dict) -> str | None:
 def parse_hlo(hlo_text: str) -> dict[str, Operation]:
     """Every instruction of an optimised HLO module (``compiled.as_text()``) by name: its category, its FLOPs
     (convolutions and matmuls) and its source. A fusion takes the category of the heaviest work it contains:
-    convolution, then matmul, then reduction, then layout (a transpose anywhere, or a layout op at its root),
+    convolution, then matmul, then reduction, then layout (a copy, transpose, pad or concatenation),
     else elementwise."""
     computations: dict[str, list[dict]] = {}
     dims: dict[str, list[int]] = {}
@@ -110,7 +112,6 @@ def parse_hlo(hlo_text: str) -> dict[str, Operation]:
     for line in hlo_text.splitlines():
         if (match := _INSTRUCTION.match(line)) and current is not None:
             inst = match.groupdict()
-            inst["root"] = line.lstrip().startswith("ROOT")
             computations[current].append(inst)
             dims[inst["name"]] = _dims(inst["type"])
         elif match := _COMPUTATION.match(line):
@@ -136,12 +137,11 @@ def parse_hlo(hlo_text: str) -> dict[str, Operation]:
         op = inst["op"]
         if body := called_body(inst):
             ops = {i["op"] for i in body}
-            root = next((i["op"] for i in body if i["root"]), "")
             for kind, members in (("convolution", {"convolution"}), ("matmul", {"dot"}),
                                   ("reduction", {"reduce", "reduce-window"})):
                 if ops & members:
                     return kind
-            return "layout" if "transpose" in ops or root in _LAYOUT_OPS else "elementwise"
+            return "layout" if ops & _MOVING_OPS else "elementwise"
         if op == "convolution":
             return "convolution"
         if op == "dot":
