@@ -134,23 +134,15 @@ def parse_hlo(hlo_text: str) -> dict[str, Operation]:
         return computations.get(_fused_computation(inst), [])
 
     def category(inst) -> str:
-        op = inst["op"]
-        if body := called_body(inst):
-            ops = {i["op"] for i in body}
-            for kind, members in (("convolution", {"convolution"}), ("matmul", {"dot"}),
-                                  ("reduction", {"reduce", "reduce-window"})):
-                if ops & members:
-                    return kind
-            return "layout" if ops & _MOVING_OPS else "elementwise"
-        if op == "convolution":
-            return "convolution"
-        if op == "dot":
-            return "matmul"
-        if op in ("reduce", "reduce-window"):
-            return "reduction"
-        if op in _LAYOUT_OPS:
+        body = called_body(inst)
+        ops = {i["op"] for i in body} if body else {inst["op"]}
+        for kind, members in (("convolution", {"convolution"}), ("matmul", {"dot"}),
+                              ("reduction", {"reduce", "reduce-window"})):
+            if ops & members:
+                return kind
+        if ops & (_MOVING_OPS if body else _LAYOUT_OPS):
             return "layout"
-        return "elementwise" if op in _ELEMENTWISE_OPS else "other"
+        return "elementwise" if body or ops & _ELEMENTWISE_OPS else "other"
 
     # Instructions inside fusions never run on their own: the profile sees the fusion.
     fused = {_fused_computation(inst) for body in computations.values() for inst in body} - {None}
