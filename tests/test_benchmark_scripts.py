@@ -156,6 +156,11 @@ def test_profile_summary_is_per_call_and_ignores_other_programs():
     assert out["networks_core_ms"] == {"other": {"forward": pytest.approx(27.0), "backward": 0.0}}
 
 
+def test_profile_names_the_folder_without_a_trace(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        profile_step.operation_times(str(tmp_path))
+
+
 @pytest.mark.heavy
 def test_profile_script_runs_on_one_core_and_accounts_for_the_iteration():
     """On one core every operation runs to completion on the traced thread: the durations fit inside the
