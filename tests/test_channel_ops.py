@@ -48,6 +48,16 @@ def test_broadcast_and_sums_match_plain_ops_with_derivatives(path, per_sample):
     _close(channel_ops.channel_sums(x, per_sample=per_sample), x.sum(axes))
 
 
+@pytest.mark.parametrize("group", [1, 3])
+def test_expand_groups_is_an_exact_repeat_with_its_gradient(path, group):
+    v = _data((2, 4))
+    repeat = lambda v: jnp.repeat(v, group, axis=-1)  # noqa: E731
+    ours = lambda v: channel_ops.expand_groups(v, group)  # noqa: E731
+    _close(ours(v), repeat(v), tol=0)
+    ct = _data((2, 4 * group), 1)
+    _close(jax.vjp(ours, v)[1](ct), jax.vjp(repeat, v)[1](ct))
+
+
 def _check_module_matches(ours, reference, x, perturb_seed=3):
     params = reference.init(jax.random.key(0), x)
     ours_params = ours.init(jax.random.key(0), x)

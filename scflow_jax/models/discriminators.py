@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scflow_jax.models import channel_ops
+
 # Leaky ReLU slope and the gain that restores unit variance after it (He et al.).
 _LRELU_SLOPE = 0.2
 _LRELU_GAIN = math.sqrt(2.0)
@@ -137,7 +139,7 @@ class EqualizedConv(nn.Module):
             y = strided_conv_as_matmul(x, w, stride)
         if self.use_bias:
             b = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-            y = y + b.astype(self.dtype)
+            y = y + channel_ops.broadcast_channels(b.astype(self.dtype), y.shape)
         return _activate(y, self.activation)
 
 

@@ -163,12 +163,15 @@ class ResBlock(nn.Module):
         h = _conv(self.out_channels, 3, self.dtype, "in_layers_2")(h)
         width = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
         emb_out = nn.Dense(width, dtype=self.dtype, kernel_init=_torch_default_kernel,
-                           name="emb_layers_1")(nn.silu(emb))[:, None, None, :]
+                           name="emb_layers_1")(nn.silu(emb))
+        # Per-sample [B, C] values spread over the pixels with broadcast_channels: their gradients are then
+        # matmuls on CPU rather than slow reductions (see channel_ops).
+        per_pixel = lambda v: channel_ops.broadcast_channels(v, h.shape)  # noqa: E731
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(emb_out, 2, axis=-1)
-            h = norm(h, "out_layers_0") * (1 + scale) + shift
+            h = norm(h, "out_layers_0") * per_pixel(1 + scale) + per_pixel(shift)
         else:
-            h = norm(h + emb_out, "out_layers_0")
+            h = norm(h + per_pixel(emb_out), "out_layers_0")
         h = nn.silu(h)
         if self.dropout > 0:
             h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
