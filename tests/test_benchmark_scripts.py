@@ -1,6 +1,7 @@
 """The accelerator benchmark (benchmarks/t2i_speed.py) runs end to end on tiny networks, so the script that
 measures on a lent GPU is known to work before the GPU time is spent. Heavy: about two minutes of compiling.
-The CPU profile (benchmarks/profile_step.py) reads XLA's programs and traces right."""
+The CPU profile (benchmarks/profile_step.py) reads XLA's programs and traces right, and the in-process A/B
+(benchmarks/ab_speed.py) builds a commit's code beside the working tree's."""
 import collections
 import json
 import math
@@ -11,6 +12,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import ab_speed  # noqa: E402
 import conv_forms  # noqa: E402
 import profile_step  # noqa: E402
 import t2i_speed  # noqa: E402
@@ -179,3 +181,28 @@ def test_profile_script_runs_on_one_core_and_accounts_for_the_iteration():
         assert 0.5 * entry["xla_gflop"] < heavy <= entry["xla_gflop"] * 1.001
         assert all(op["core_ms"] > 0 for c in entry["categories"].values() for op in c["top_ops"])
         assert entry["categories"]["convolution"]["top_ops"]
+
+
+def test_ab_speed_names_a_base_that_is_not_a_commit():
+    with pytest.raises(SystemExit, match="--base 'no-such-commit' is not a commit"):
+        ab_speed.main(["--base", "no-such-commit", "--tiny", "--no-record"])
+
+
+@pytest.mark.heavy
+def test_ab_speed_builds_a_commit_beside_the_working_tree():
+    """Against HEAD both versions are the same code: the same first-iteration metrics, bit for bit (when the
+    tree has no uncommitted change to the package, as on CI's clean checkout)."""
+    script = os.path.join(os.path.dirname(ab_speed.__file__), "ab_speed.py")
+    done = subprocess.run([sys.executable, script, "--base", "HEAD", "--tiny", "--rounds=1", "--no-record"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["base"] == ab_speed.git("rev-parse", "HEAD") and out["head"].startswith(out["base"])
+    metrics = out["first_iteration_metrics"]
+    assert set(metrics["base"]) == set(metrics["head"]) and {"loss", "loss_disc", "r1"} <= set(metrics["head"])
+    assert all(math.isfinite(v) for m in metrics.values() for v in m.values())
+    if not out["head"].endswith("+uncommitted"):
+        assert metrics["base"] == metrics["head"]
+    for kind, calls in (("iteration", 1), ("sample_1step_64", 2)):
+        for version in ("base", "head"):
+            assert out[kind][version]["calls"] == calls and out[kind][version]["min_s"] > 0
