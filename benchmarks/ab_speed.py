@@ -134,12 +134,7 @@ def main(argv=None):
         entry["head_over_base_min"] = entry["head"]["min_s"] / entry["base"]["min_s"]
         out[kind] = entry
     out["first_iteration_metrics"] = {name: v["metrics"] for name, v in versions.items()}
-    if args.no_record:
-        import json
-        print(json.dumps(out), flush=True)
-    else:
-        record("ab_speed", out)
-    return out
+    return record("ab_speed", out, print_only=args.no_record)
 
 
 if __name__ == "__main__":

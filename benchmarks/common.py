@@ -76,8 +76,12 @@ def machine() -> dict:
             else __import__("jaxlib").__version__}
 
 
-def record(name: str, result: dict) -> dict:
-    """Appends ``result`` under ``name`` with the date and machine to the results file."""
+def record(name: str, result: dict, *, print_only: bool = False) -> dict:
+    """Appends ``result`` under ``name`` with the date and machine to the results file, and prints it as
+    one JSON line; ``print_only`` (the scripts' --no-record) prints ``result`` alone and writes nothing."""
+    if print_only:
+        print(json.dumps(result), flush=True)
+        return result
     entry = {"benchmark": name, "date": datetime.datetime.now(datetime.timezone.utc)
              .isoformat(timespec="seconds"), "machine": machine(), **result}
     entries = []

@@ -173,11 +173,7 @@ def main(argv=None):
                       "sample_4step_64": 4 * out["network_eval_64_gflop"]}
         out["goals_2core_cpu"] = {name: {"seconds": goal, "needs_gflop_s": work_gflop[name] / goal}
                                   for name, goal in GOALS_CPU.items()}
-    if args.no_record:
-        import json
-        print(json.dumps(out), flush=True)
-    else:
-        record("distill_step", out)
+    record("distill_step", out, print_only=args.no_record)
 
 
 if __name__ == "__main__":

@@ -284,12 +284,7 @@ def main(argv=None):
     # XLA's count of the whole program, beside the convolutions' and matmuls' share of it above.
     out["iteration"]["xla_gflop"] = xla_flops(lowered_step) / 1e9
     out["sample_1step_64"]["xla_gflop"] = xla_flops(lowered_sampler) / 1e9
-    if args.no_record:
-        import json
-        print(json.dumps(out), flush=True)
-    else:
-        record("profile_step", out)
-    return out
+    return record("profile_step", out, print_only=args.no_record)
 
 
 if __name__ == "__main__":

@@ -271,11 +271,7 @@ def main(argv=None):
     parser.add_argument("--no_record", action="store_true", help="print only")
     args = parser.parse_args(argv)
     result = {"peak": run_peak, "generate": run_generate, "distill": run_distill}[args.part](args)
-    if args.no_record:
-        print(json.dumps(result), flush=True)
-    else:
-        record(f"t2i_speed_{args.part}", result)
-    return result
+    return record(f"t2i_speed_{args.part}", result, print_only=args.no_record)
 
 
 if __name__ == "__main__":

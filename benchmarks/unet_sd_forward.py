@@ -64,10 +64,7 @@ def main():
         results[f"latent{side}"] = entry
 
     out = {"batch": args.batch, "dtype": args.dtype, "params": num_params, **results}
-    if args.no_record:
-        print(out)
-    else:
-        record("unet_sd_forward" + ("_flops" if args.flops_only else ""), out)
+    record("unet_sd_forward" + ("_flops" if args.flops_only else ""), out, print_only=args.no_record)
 
 
 if __name__ == "__main__":
