@@ -1,7 +1,7 @@
 """The issue-8 work at two versions of the code, compiled in one process and timed in alternation.
 
-Why: this machine's speed drifts by tens of percent within an hour (the f32 matmul yardstick read
-76-306 GFLOP/s on one day), so two runs of ``distill_step.py`` minutes apart cannot show a change
+Why: this machine's speed drifts by tens of percent within an hour (its two-core f32 matmul read
+201-306 GFLOP/s on one day), so two runs of ``distill_step.py`` minutes apart cannot show a change
 of 5-10%. Here both versions share the process and the hour: the base commit's ``scflow_jax`` and
 ``benchmarks/distill_step.py`` are exported with ``git archive`` into a temporary folder and
 imported under other names (``scflow_jax_base``, ``distill_step_base``); each version builds the
