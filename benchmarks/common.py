@@ -72,6 +72,7 @@ def machine() -> dict:
             "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
             "processor": platform.processor() or platform.machine(),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "ld_preload": os.environ.get("LD_PRELOAD", ""),  # e.g. another malloc (benchmarks/allocators.py)
             "jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__")
             else __import__("jaxlib").__version__}
 

@@ -12,7 +12,9 @@ target EMA 0.9 and eval EMA 0.9999. Sampling: 1- and 4-step Euler of 64 latents.
 ``--full`` runs the paper's network instead (``ADMConfig.lfm_celeba256()``, latents 4x32x32,
 batch 32, the spec's discriminator with channel_base 16384 / channel_max 512).
 
-Usage: python benchmarks/distill_step.py [--full] [--no-record]
+``--tiny`` runs tiny networks of the same families (checks the script's wiring, measures nothing).
+
+Usage: python benchmarks/distill_step.py [--full | --tiny] [--no-record] [--repeats 20] [--warmup 3]
        JAX_PLATFORMS=cuda python benchmarks/distill_step.py --full      (on a GPU)
 Prints one JSON line and appends it to benchmarks/results.json (unless --no-record).
 """
@@ -115,15 +117,17 @@ def build(full: bool, mesh, setup=None, perturb: float = 0.0):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true", help="the paper's full-size ADM UNet")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--full", action="store_true", help="the paper's full-size ADM UNet")
+    size.add_argument("--tiny", action="store_true", help="tiny networks (checks the script, measures nothing)")
     parser.add_argument("--no-record", action="store_true", help="print only")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args(argv)
 
     mesh = sharding.make_mesh(-1, -1)
-    b = build(args.full, mesh)
-    out = {"config": "full" if args.full else "issue8_small",
+    b = build(args.full, mesh, setup=tiny_setup() if args.tiny else None)
+    out = {"config": "full" if args.full else "tiny" if args.tiny else "issue8_small",
            "latent_shape": list(b["latent_shape"]), "batch_size": b["batch_size"],
            "devices": jax.device_count(),
            "unet_params": train_state.count_params(b["state"].params),
@@ -166,14 +170,14 @@ def main(argv=None):
     # A yardstick for the FLOP rates above: a large float32 matmul on the same device, measured
     # right after the work (so under the same machine load).
     out["matmul_f32"] = matmul_rate(jnp.float32, 2048 if jax.default_backend() == "cpu" else 8192)
-    if not args.full:  # the reference figures and the goals are those of the small work
+    if out["config"] == "issue8_small":  # the reference figures and the goals are those of this work
         out["reference_pytorch_2core_cpu"] = REFERENCE_CPU
         work_gflop = {"iteration": out["step_gflop"],
                       "sample_1step_64": out["network_eval_64_gflop"],
                       "sample_4step_64": 4 * out["network_eval_64_gflop"]}
         out["goals_2core_cpu"] = {name: {"seconds": goal, "needs_gflop_s": work_gflop[name] / goal}
                                   for name, goal in GOALS_CPU.items()}
-    record("distill_step", out, print_only=args.no_record)
+    return record("distill_step", out, print_only=args.no_record)
 
 
 if __name__ == "__main__":

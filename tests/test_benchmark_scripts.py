@@ -13,6 +13,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import ab_speed  # noqa: E402
+import allocators  # noqa: E402
 import conv_forms  # noqa: E402
 import profile_step  # noqa: E402
 import t2i_speed  # noqa: E402
@@ -206,3 +207,44 @@ def test_ab_speed_builds_a_commit_beside_the_working_tree():
     for kind, calls in (("iteration", 1), ("sample_1step_64", 2)):
         for version in ("base", "head"):
             assert out[kind][version]["calls"] == calls and out[kind][version]["min_s"] > 0
+
+
+def test_allocators_name_an_unknown_or_missing_allocator(monkeypatch):
+    assert allocators.preload_for("glibc") == ""
+    with pytest.raises(SystemExit, match="unknown allocator 'mimalloc'"):
+        allocators.main(["--allocators", "glibc,mimalloc", "--no-record"])
+    monkeypatch.setattr(allocators.ctypes.util, "find_library", lambda name: None)
+    with pytest.raises(SystemExit, match="tcmalloc asked for, but libtcmalloc_minimal.so is not installed"):
+        allocators.main(["--allocators", "tcmalloc", "--no-record"])
+    with pytest.raises(SystemExit, match="--rounds must be at least 1"):
+        allocators.main(["--allocators", "glibc", "--rounds", "0", "--no-record"])
+
+
+def test_allocators_rotate_the_order_and_take_medians(monkeypatch):
+    monkeypatch.setattr(allocators, "preload_for", lambda name: f"lib{name}.so")
+    calls = []
+
+    def fake_run(preload, flags):
+        calls.append(preload)
+        return {"iteration": float(len(calls)), "kernel_s": 1.0}
+    monkeypatch.setattr(allocators, "run_once", fake_run)
+    out = allocators.main(["--allocators", "a,b,c", "--rounds", "4", "--no-record", "--", "--tiny"])
+    assert calls == ["liba.so", "libb.so", "libc.so", "libb.so", "libc.so", "liba.so",
+                     "libc.so", "liba.so", "libb.so", "liba.so", "libb.so", "libc.so"]
+    assert out["config"] == "tiny" and out["distill_step_flags"] == ["--tiny"]
+    assert [run["iteration"] for run in out["runs"]["a"]] == [1.0, 6.0, 8.0, 10.0]
+    assert out["median_over_rounds"]["a"] == {"iteration": 7.0, "kernel_s": 1.0}
+
+
+@pytest.mark.heavy
+def test_allocators_run_distill_step_and_read_the_process_usage(monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    out = allocators.main(["--rounds", "1", "--allocators", "glibc", "--no-record",
+                           "--", "--tiny", "--repeats", "1", "--warmup", "0"])
+    (run,) = out["runs"]["glibc"]
+    assert out["median_over_rounds"]["glibc"] == run and out["preload"] == {"glibc": ""}
+    for figure in ("iteration", "sample_1step_64", "sample_4step_64", "matmul_gflop_s", "user_s"):
+        assert run[figure] > 0, figure
+    # Compiling and running a program at all faults in thousands of pages and takes kernel time.
+    assert run["minor_page_faults"] > 1000 and run["kernel_s"] > 0
+    assert run["process_wall_s"] > run["iteration"]
