@@ -20,8 +20,10 @@ PARTS=${PARTS:-"peak generate t2i issue8 issue8_full"}
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # The t2i step holds ~30 GB of state (fp32 student, Adam, EMAs, teacher, D) plus activations.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
-SMALL=() REPEATS=()
-if [[ ${SMOKE:-0} == 1 ]]; then SMALL=(--tiny --no_record) REPEATS=(--repeats=2 --warmup=1 --no-record); fi
+SMALL=() ISSUE8_FLAGS=() FULL=(--full)
+if [[ ${SMOKE:-0} == 1 ]]; then  # tiny networks everywhere, --full included
+  SMALL=(--tiny --no_record) ISSUE8_FLAGS=(--tiny --repeats=2 --warmup=1 --no-record) FULL=()
+fi
 mkdir -p "$OUT"
 deadline=$((SECONDS + BUDGET_S))
 
@@ -56,6 +58,6 @@ rc=$?
 if ((rc != 0 && rc != 124 && rc != 137)); then  # failed (out of memory, say) rather than ran out of time: a smaller batch
   PARTS="$PARTS t2i_b8" part t2i_b8 240 benchmarks/t2i_speed.py --part=distill --batch=8 "${SMALL[@]}"
 fi
-part issue8 120 benchmarks/distill_step.py "${REPEATS[@]}"
-part issue8_full 150 benchmarks/distill_step.py --full "${REPEATS[@]}"
+part issue8 120 benchmarks/distill_step.py "${ISSUE8_FLAGS[@]}"
+part issue8_full 150 benchmarks/distill_step.py "${FULL[@]}" "${ISSUE8_FLAGS[@]}"
 cp benchmarks/results.json "$OUT/results.json"
