@@ -218,6 +218,13 @@ def test_allocators_name_an_unknown_or_missing_allocator(monkeypatch):
         allocators.main(["--allocators", "tcmalloc", "--no-record"])
     with pytest.raises(SystemExit, match="--rounds must be at least 1"):
         allocators.main(["--allocators", "glibc", "--rounds", "0", "--no-record"])
+    with pytest.raises(SystemExit, match="--allocators names no allocator"):
+        allocators.main(["--allocators", " , ", "--no-record"])
+
+
+def test_allocators_report_a_failed_distill_step_process_with_its_error():
+    with pytest.raises(SystemExit, match=r"(?s)distill_step.py failed with LD_PRELOAD='' \(exit 2\).*--no-such-flag"):
+        allocators.main(["--allocators", "glibc", "--rounds", "1", "--no-record", "--", "--no-such-flag"])
 
 
 def test_allocators_rotate_the_order_and_take_medians(monkeypatch):
