@@ -209,3 +209,58 @@ def test_strided_conv_as_matmul_is_the_convolution(kernel, stride, size):
     got = strided_conv_as_matmul(x, w, stride)
     assert got.shape == want.shape
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def _flax_params_from_torch(model):
+    """The Flax discriminator's parameters from the PyTorch re-statement's (OIHW -> HWIO, [out, in] -> [in, out];
+    ``b4_fc`` reads its 4x4 input flattened NHWC here, NCHW there)."""
+    params = {}
+    for key, value in model.state_dict().items():
+        *path, kind = key.removeprefix("blocks.").split(".")
+        w = value.numpy()
+        if kind == "bias":
+            leaf = w
+        elif w.ndim == 4:
+            leaf = w.transpose(2, 3, 1, 0)
+        else:
+            if path == ["b4_fc"]:
+                out_f, in_f = w.shape
+                w = w.reshape(out_f, in_f // 16, 4, 4).transpose(0, 2, 3, 1).reshape(out_f, in_f)
+            leaf = w.T
+        node = params
+        for name in path:
+            node = node.setdefault(name, {})
+        node["kernel" if kind == "weight" else kind] = jnp.asarray(leaf)
+    return params
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("resolution", [8, 16])
+def test_matches_torch_restatement_with_r1_gradient(resolution):
+    """The PyTorch re-statement that ``benchmarks/torch_step.py`` times is this discriminator: same parameter
+    count, same logits and same input gradient (what R1 penalises) from the same weights."""
+    torch = pytest.importorskip("torch")
+    from torch_restatements import TorchStyleGANDiscriminator
+
+    torch.manual_seed(0)
+    model = TorchStyleGANDiscriminator(resolution, 4, mbstd_group_size=4, **SMALL)
+    with torch.no_grad():  # non-zero biases, so their layout is checked too
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    disc = StyleGANDiscriminator(resolution=resolution, in_channels=4, mbstd_group_size=4, **SMALL)
+    params = _flax_params_from_torch(model)
+    expected = _shapes(disc, jnp.zeros((2, resolution, resolution, 4)))[0]["params"]
+    assert jax.tree.map(lambda a: a.shape, params) == jax.tree.map(lambda a: a.shape, expected)
+    assert _n_params(params) == sum(p.numel() for p in model.parameters())
+
+    x = np.asarray(_randn(8, resolution, resolution, 4, seed=3))
+    x_torch = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).requires_grad_(True)
+    logits_torch = model(x_torch)
+    (grad_torch,) = torch.autograd.grad(logits_torch.sum(), x_torch)
+    logits, grad = jax.value_and_grad(lambda x: disc.apply({"params": params}, x).sum())(jnp.asarray(x))
+    per_sample = disc.apply({"params": params}, jnp.asarray(x))
+    assert np.abs(logits_torch.detach().numpy()).max() > 0.1  # a meaningful comparison, not two zeros
+    np.testing.assert_allclose(np.asarray(per_sample), logits_torch.detach().numpy(), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(float(logits), float(logits_torch.detach().sum()), rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(grad), grad_torch.numpy().transpose(0, 2, 3, 1), atol=1e-5, rtol=1e-4)

@@ -1,9 +1,8 @@
 """ADM UNet (LFM teacher): converter, architecture, parity with an independent PyTorch re-statement, LFM wrapper.
 
-The PyTorch modules below are a minimal re-statement of guided-diffusion's UNetModel forward, written for this
-test from the architecture description, with guided-diffusion's attribute names, so their ``state_dict()`` is the
-key layout an LFM checkpoint has. It is independent of the Flax code: it is both the key/shape generator for the
-converter tests and the numerical reference (parity: max abs error <= 1e-4 in float32).
+The PyTorch re-statement of guided-diffusion's UNetModel (``tests/torch_restatements.py``, guided-diffusion's
+attribute names) is independent of the Flax code: it is both the key/shape generator for the converter tests and
+the numerical reference (parity: max abs error <= 1e-4 in float32).
 """
 import argparse
 import dataclasses
@@ -14,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from torch import nn as tnn
+from torch_restatements import TorchADM
 
 from scflow_jax import flows
 from scflow_jax.models import weights
@@ -36,154 +35,6 @@ VARIANTS = {
         TINY, conv_resample=False, attention_resolutions=(1, 2), use_new_attention_order=True),
 }
 SIZE = 8
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Independent PyTorch re-statement (NCHW), guided-diffusion attribute names
-
-
-def _t_embedding(t, dim):
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
-    args = t[:, None].float() * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
-class TResBlock(tnn.Module):
-    def __init__(self, ch, emb_ch, out_ch, cfg, up=False, down=False):
-        super().__init__()
-        self.scale_shift, self.up, self.down = cfg.use_scale_shift_norm, up, down
-        self.in_layers = tnn.Sequential(tnn.GroupNorm(cfg.num_groups, ch), tnn.SiLU(),
-                                        tnn.Conv2d(ch, out_ch, 3, padding=1))
-        self.emb_layers = tnn.Sequential(tnn.SiLU(), tnn.Linear(emb_ch, out_ch * (2 if self.scale_shift else 1)))
-        self.out_layers = tnn.Sequential(tnn.GroupNorm(cfg.num_groups, out_ch), tnn.SiLU(), tnn.Dropout(0.0),
-                                         tnn.Conv2d(out_ch, out_ch, 3, padding=1))
-        self.skip_connection = tnn.Identity() if ch == out_ch else tnn.Conv2d(ch, out_ch, 1)
-
-    def _resample(self, x):
-        if self.up:
-            return torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
-        return torch.nn.functional.avg_pool2d(x, 2) if self.down else x
-
-    def forward(self, x, emb):
-        h = self.in_layers[1](self.in_layers[0](x))
-        h, x = self._resample(h), self._resample(x)
-        h = self.in_layers[2](h)
-        e = self.emb_layers(emb)[:, :, None, None]
-        if self.scale_shift:
-            scale, shift = e.chunk(2, dim=1)
-            h = self.out_layers[0](h) * (1 + scale) + shift
-            h = self.out_layers[3](self.out_layers[1](h))
-        else:
-            h = self.out_layers(h + e)
-        return self.skip_connection(x) + h
-
-
-class TAttention(tnn.Module):
-    def __init__(self, ch, heads, cfg):
-        super().__init__()
-        self.heads, self.new_order = heads, cfg.use_new_attention_order
-        self.norm = tnn.GroupNorm(cfg.num_groups, ch)
-        self.qkv = tnn.Conv1d(ch, 3 * ch, 1)
-        self.proj_out = tnn.Conv1d(ch, ch, 1)
-
-    def forward(self, x):
-        b, c, hh, ww = x.shape
-        x = x.reshape(b, c, -1)
-        qkv = self.qkv(self.norm(x))
-        n, ch, length = self.heads, c // self.heads, x.shape[-1]
-        if self.new_order:  # q, k, v blocks, each split into heads
-            q, k, v = (z.reshape(b * n, ch, length) for z in qkv.chunk(3, dim=1))
-        else:  # heads, each holding its q, k, v
-            q, k, v = qkv.reshape(b * n, 3 * ch, length).split(ch, dim=1)
-        w = torch.softmax(torch.einsum("bct,bcs->bts", q, k) / math.sqrt(ch), dim=-1)
-        a = torch.einsum("bts,bcs->bct", w, v).reshape(b, c, length)
-        return (x + self.proj_out(a)).reshape(b, c, hh, ww)
-
-
-class TDown(tnn.Module):
-    def __init__(self, ch, use_conv):
-        super().__init__()
-        self.op = tnn.Conv2d(ch, ch, 3, stride=2, padding=1) if use_conv else tnn.AvgPool2d(2)
-
-    def forward(self, x):
-        return self.op(x)
-
-
-class TUp(tnn.Module):
-    def __init__(self, ch, use_conv):
-        super().__init__()
-        if use_conv:
-            self.conv = tnn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x):
-        x = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
-        return self.conv(x) if hasattr(self, "conv") else x
-
-
-class TSeq(tnn.Sequential):
-    def forward(self, x, emb):
-        for layer in self:
-            x = layer(x, emb) if isinstance(layer, TResBlock) else layer(x)
-        return x
-
-
-class TorchADM(tnn.Module):
-    def __init__(self, cfg: ADMConfig):
-        super().__init__()
-        mc, emb_ch = cfg.model_channels, 4 * cfg.model_channels
-        self.cfg = cfg
-        self.time_embed = tnn.Sequential(tnn.Linear(mc, emb_ch), tnn.SiLU(), tnn.Linear(emb_ch, emb_ch))
-        if cfg.num_classes is not None:
-            self.label_emb = tnn.Embedding(cfg.num_classes, emb_ch)
-        heads_down = lambda c: c // cfg.num_head_channels if cfg.num_head_channels else cfg.num_heads
-        heads_up = lambda c: (c // cfg.num_head_channels if cfg.num_head_channels
-                              else cfg.num_heads_upsample or cfg.num_heads)
-        ch = mc * cfg.channel_mult[0]
-        self.input_blocks = tnn.ModuleList([TSeq(tnn.Conv2d(cfg.in_channels, ch, 3, padding=1))])
-        chans, ds = [ch], 1
-        for level, mult in enumerate(cfg.channel_mult):
-            for _ in range(cfg.num_res_blocks):
-                layers = [TResBlock(ch, emb_ch, mc * mult, cfg)]
-                ch = mc * mult
-                if ds in cfg.attention_resolutions:
-                    layers.append(TAttention(ch, heads_down(ch), cfg))
-                self.input_blocks.append(TSeq(*layers))
-                chans.append(ch)
-            if level != len(cfg.channel_mult) - 1:
-                self.input_blocks.append(TSeq(TResBlock(ch, emb_ch, ch, cfg, down=True) if cfg.resblock_updown
-                                              else TDown(ch, cfg.conv_resample)))
-                chans.append(ch)
-                ds *= 2
-        self.middle_block = TSeq(TResBlock(ch, emb_ch, ch, cfg), TAttention(ch, heads_down(ch), cfg),
-                                 TResBlock(ch, emb_ch, ch, cfg))
-        self.output_blocks = tnn.ModuleList()
-        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
-            for i in range(cfg.num_res_blocks + 1):
-                layers = [TResBlock(ch + chans.pop(), emb_ch, mc * mult, cfg)]
-                ch = mc * mult
-                if ds in cfg.attention_resolutions:
-                    layers.append(TAttention(ch, heads_up(ch), cfg))
-                if level and i == cfg.num_res_blocks:
-                    layers.append(TResBlock(ch, emb_ch, ch, cfg, up=True) if cfg.resblock_updown
-                                  else TUp(ch, cfg.conv_resample))
-                    ds //= 2
-                self.output_blocks.append(TSeq(*layers))
-        self.out = tnn.Sequential(tnn.GroupNorm(cfg.num_groups, ch), tnn.SiLU(),
-                                  tnn.Conv2d(ch, cfg.out_channels, 3, padding=1))
-
-    def forward(self, t, x, y=None):  # LFM's call order
-        emb = self.time_embed(_t_embedding(t, self.cfg.model_channels))
-        if y is not None:
-            emb = emb + self.label_emb(y)
-        hs, h = [], x
-        for block in self.input_blocks:
-            h = block(h, emb)
-            hs.append(h)
-        h = self.middle_block(h, emb)
-        for block in self.output_blocks:
-            h = block(torch.cat([h, hs.pop()], dim=1), emb)
-        return self.out(h)
 
 
 def _random_torch_model(cfg, seed=0):
