@@ -19,7 +19,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 

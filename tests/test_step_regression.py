@@ -8,7 +8,6 @@ import os
 import sys
 
 import jax
-import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))

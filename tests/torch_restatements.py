@@ -9,13 +9,17 @@ networks of ``benchmarks/torch_step.py`` (the issue-8 work in PyTorch). Independ
   (equalized learning rate, [1, 3, 3, 1] low-pass before every 2x downsampling, minibatch-stddev epilogue,
   unconditional), with its blur written the way PyTorch code writes it: a depthwise convolution.
 """
-from __future__ import annotations  # the ADM modules take a scflow_jax ADMConfig, not imported here
+from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn as tnn
 from torch.nn import functional as F
+
+if TYPE_CHECKING:  # the ADM modules read an ADMConfig's fields; nothing else of scflow_jax is used
+    from scflow_jax.models.unet_adm import ADMConfig
 
 def _t_embedding(t, dim):
     half = dim // 2
