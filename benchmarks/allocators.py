@@ -21,19 +21,14 @@ import ctypes.util
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import record  # noqa: E402
+from common import headline_figures, record, run_benchmark_process  # noqa: E402
 
 # The library each allocator is preloaded from (ctypes.util.find_library's name); glibc's needs none.
 LIBRARIES = {"tcmalloc": "tcmalloc_minimal", "jemalloc": "jemalloc"}
-FIGURES = {"iteration": ("iteration", "median_s"), "sample_1step_64": ("sample_1step_64", "median_s"),
-           "sample_4step_64": ("sample_4step_64", "median_s"), "matmul_gflop_s": ("matmul_f32", "gflop_s")}
 
 
 def preload_for(allocator: str) -> str:
@@ -54,21 +49,8 @@ def run_once(preload: str, flags: list) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     if preload:
         env["LD_PRELOAD"] = preload
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        start = time.perf_counter()
-        process = subprocess.Popen([sys.executable, os.path.join(HERE, "distill_step.py"), "--no-record", *flags],
-                                   stdout=out, stderr=err, env=env)
-        _, status, usage = os.wait4(process.pid, 0)
-        wall_s = time.perf_counter() - start
-        process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
-        out.seek(0)
-        err.seek(0)
-        if process.returncode != 0:
-            raise SystemExit(f"distill_step.py failed with LD_PRELOAD={preload!r} (exit {process.returncode}):\n"
-                             + err.read()[-3000:])
-        result = json.loads(out.read().strip().splitlines()[-1])
-    return {**{name: result[key][field] for name, (key, field) in FIGURES.items()}, "process_wall_s": wall_s,
-            "user_s": usage.ru_utime, "kernel_s": usage.ru_stime, "minor_page_faults": usage.ru_minflt}
+    result = run_benchmark_process("distill_step.py", flags, env=env, what=f" with LD_PRELOAD={preload!r}")
+    return {**headline_figures(result), **result["process"]}
 
 
 def main(argv=None):
