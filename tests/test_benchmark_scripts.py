@@ -1,7 +1,8 @@
 """The accelerator benchmark (benchmarks/t2i_speed.py) runs end to end on tiny networks, so the script that
 measures on a lent GPU is known to work before the GPU time is spent. Heavy: about two minutes of compiling.
 The CPU profile (benchmarks/profile_step.py) reads XLA's programs and traces right, and the in-process A/B
-(benchmarks/ab_speed.py) builds a commit's code beside the working tree's."""
+(benchmarks/ab_speed.py) builds a commit's code beside the working tree's. The PyTorch program of the issue-8 work
+(benchmarks/torch_step.py) builds the same networks as ours, and versus_torch.py pairs the two right."""
 import collections
 import json
 import math
@@ -9,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
@@ -17,8 +19,10 @@ import allocators  # noqa: E402
 import conv_forms  # noqa: E402
 import profile_step  # noqa: E402
 import t2i_speed  # noqa: E402
+import versus_torch  # noqa: E402
 
 from scflow_jax import train_state  # noqa: E402
+from scflow_jax.models.unet_adm import ADMUNet  # noqa: E402
 from scflow_jax.models import unet_sd  # noqa: E402
 
 
@@ -255,3 +259,62 @@ def test_allocators_run_distill_step_and_read_the_process_usage(monkeypatch):
     # Compiling and running a program at all faults in thousands of pages and takes kernel time.
     assert run["minor_page_faults"] > 1000 and run["kernel_s"] > 0
     assert run["process_wall_s"] > run["iteration"]
+
+
+def test_torch_step_builds_our_networks_and_times_every_figure():
+    pytest.importorskip("torch")
+    import distill_step
+    import torch_step
+
+    out = torch_step.main(["--tiny", "--no-record", "--repeats", "2", "--warmup", "1"])
+    unet_config, disc, latent_shape, batch_size, _ = distill_step.tiny_setup()
+    x = jax.numpy.zeros((2,) + latent_shape)
+    unet_shapes = jax.eval_shape(lambda: ADMUNet(unet_config).init(jax.random.key(0), x, jax.numpy.zeros((2,))))
+    disc_shapes = jax.eval_shape(lambda: disc.init(jax.random.key(0), x))
+    assert out["unet_params"] == train_state.count_params(unet_shapes) > 0
+    assert out["disc_params"] == train_state.count_params(disc_shapes) > 0
+    assert out["batch_size"] == batch_size and out["latent_shape"] == list(latent_shape)
+    for figure in ("iteration", "sample_1step_64", "sample_4step_64", "matmul_f32"):
+        assert out[figure]["min_s"] > 0 and out[figure]["median_s"] >= out[figure]["min_s"], figure
+    # Every term of the objective was computed: R1 and the GAN terms need D's double and single backward.
+    losses = out["last_losses"]
+    assert all(math.isfinite(v) for v in losses.values())
+    assert losses["r1"] > 0 and losses["loss_gan"] > 0 and losses["loss_disc"] > 0 and losses["loss_con"] > 0
+    expected = (losses["loss_con"] + 0.1 * (losses["loss_inv"] + losses["loss_rf"] + losses["loss_gan"]))
+    assert losses["loss"] == pytest.approx(expected, rel=1e-5)
+    # Convolutions and matmuls of the iteration, forward and backward: several network evaluations' worth.
+    assert out["step_gflop"] > 5 * out["network_eval_64_gflop"] * batch_size / 64 > 0
+
+
+def _fake_contender_runs(monkeypatch, params=(100, 10)):
+    calls = []
+
+    def fake_run(name, flags):
+        calls.append(name)
+        seconds = 2.0 if name == "torch" else 1.0 + len(calls) / 10  # scflow_jax slower in each later round
+        unet, disc = params if name == "torch" else (100, 10)
+        return {"iteration": seconds, "sample_1step_64": seconds / 10, "sample_4step_64": seconds / 2,
+                "unet_params": unet, "disc_params": disc, "kernel_s": 1.0, "flags": flags}
+    monkeypatch.setattr(versus_torch, "run_once", fake_run)
+    return calls
+
+
+def test_versus_torch_alternates_the_order_and_takes_the_ratios(monkeypatch):
+    calls = _fake_contender_runs(monkeypatch)
+    out = versus_torch.main(["--rounds", "3", "--tiny", "--repeats", "5", "--no-record"])
+    assert calls == ["scflow_jax", "torch", "torch", "scflow_jax", "scflow_jax", "torch"]
+    assert out["config"] == "tiny" and out["runs"]["torch"][0]["flags"] == ["--repeats", "5", "--tiny"]
+    # scflow_jax's iterations took 1.1, 1.4 and 1.5 s against torch's 2.0: ratios torch / scflow_jax.
+    speedup = out["speedup_of_scflow_jax"]["iteration"]
+    assert speedup["per_round"] == pytest.approx([2 / 1.1, 2 / 1.4, 2 / 1.5])
+    assert speedup["median"] == pytest.approx(2 / 1.4)
+    assert out["median_over_rounds"]["scflow_jax"]["iteration"] == pytest.approx(1.4)
+    assert "flags" not in out["median_over_rounds"]["torch"]  # only numbers are summarised
+
+
+def test_versus_torch_refuses_different_networks_and_bad_rounds(monkeypatch):
+    _fake_contender_runs(monkeypatch, params=(100, 11))
+    with pytest.raises(SystemExit, match="do not build the same networks: parameter counts 100/10 .*100/11"):
+        versus_torch.main(["--rounds", "1", "--no-record"])
+    with pytest.raises(SystemExit, match="--rounds must be at least 1"):
+        versus_torch.main(["--rounds", "0", "--no-record"])
