@@ -2,7 +2,8 @@
 measures on a lent GPU is known to work before the GPU time is spent. Heavy: about two minutes of compiling.
 The CPU profile (benchmarks/profile_step.py) reads XLA's programs and traces right, and the in-process A/B
 (benchmarks/ab_speed.py) builds a commit's code beside the working tree's. The PyTorch program of the issue-8 work
-(benchmarks/torch_step.py) builds the same networks as ours, and versus_torch.py pairs the two right."""
+(benchmarks/torch_step.py) builds the same networks as ours, versus_torch.py pairs the two right, and
+passes_versus_torch.py times each network pass in both."""
 import collections
 import json
 import math
@@ -318,3 +319,21 @@ def test_versus_torch_refuses_different_networks_and_bad_rounds(monkeypatch):
         versus_torch.main(["--rounds", "1", "--no-record"])
     with pytest.raises(SystemExit, match="--rounds must be at least 1"):
         versus_torch.main(["--rounds", "0", "--no-record"])
+
+
+def test_passes_versus_torch_times_every_pass_in_both_frameworks():
+    pytest.importorskip("torch")
+    import passes_versus_torch
+
+    out = passes_versus_torch.main(["--tiny", "--repeats", "1", "--no-record"])
+    assert list(out["parts"]) == ["unet_forward", "unet_gradient", "disc_r1_step", "disc_input_gradient"]
+    assert out["unet_batch"] == 2 * out["disc_batch"] > 0
+    for part, timings in out["parts"].items():
+        assert timings["scflow_jax"]["min_s"] > 0 and timings["torch"]["min_s"] > 0, part
+        assert timings["speedup_of_scflow_jax"] == pytest.approx(
+            timings["torch"]["median_s"] / timings["scflow_jax"]["median_s"])
+    # A gradient pass costs more than the forward it differentiates, in both frameworks.
+    for framework in ("scflow_jax", "torch"):
+        assert out["parts"]["unet_gradient"][framework]["min_s"] > out["parts"]["unet_forward"][framework]["min_s"]
+    with pytest.raises(SystemExit, match="--repeats must be at least 1"):
+        passes_versus_torch.main(["--tiny", "--repeats", "0", "--no-record"])
