@@ -35,8 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from scflow_jax.models import channel_ops, weights
-from scflow_jax.models.weights import WeightsError
 from scflow_jax.models.timestep import sinusoidal_embedding
+from scflow_jax.models.upsample_conv import UpsampleConv, upsample_nearest
+from scflow_jax.models.weights import WeightsError
 
 __all__ = ["ADMConfig", "ADMUNet", "torch_key", "adm_params_from_state_dict", "load_unet_adm"]
 
@@ -132,8 +133,9 @@ def _conv(features, kernel, dtype, name, *, strides=1, zero=False):
                             dtype=dtype, kernel_init=_zeros if zero else _torch_default_kernel, name=name)
 
 
-def _upsample_nearest(x):
-    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+def _upsample_conv(features, dtype, name):
+    """2x nearest upsampling + ``_conv(features, 3, ...)``, same parameters, computed without the upsampled map."""
+    return UpsampleConv(features, dtype=dtype, kernel_init=_torch_default_kernel, name=name)
 
 
 def _avg_pool(x):
@@ -157,10 +159,13 @@ class ResBlock(nn.Module):
     def __call__(self, x, emb, deterministic: bool = True):
         norm = lambda v, name: _group_norm(v, self.num_groups, self.dtype, name)
         h = nn.silu(norm(x, "in_layers_0"))
-        if self.up or self.down:
-            resample = _upsample_nearest if self.up else _avg_pool
-            h, x = resample(h), resample(x)
-        h = _conv(self.out_channels, 3, self.dtype, "in_layers_2")(h)
+        if self.up:
+            x = upsample_nearest(x)
+            h = _upsample_conv(self.out_channels, self.dtype, "in_layers_2")(h)
+        else:
+            if self.down:
+                h, x = _avg_pool(h), _avg_pool(x)
+            h = _conv(self.out_channels, 3, self.dtype, "in_layers_2")(h)
         width = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
         emb_out = nn.Dense(width, dtype=self.dtype, kernel_init=_torch_default_kernel,
                            name="emb_layers_1")(nn.silu(emb))
@@ -232,8 +237,7 @@ class Upsample(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = _upsample_nearest(x)
-        return _conv(x.shape[-1], 3, self.dtype, "conv")(x) if self.use_conv else x
+        return _upsample_conv(x.shape[-1], self.dtype, "conv")(x) if self.use_conv else upsample_nearest(x)
 
 
 class ADMUNet(nn.Module):
