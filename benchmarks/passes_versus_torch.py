@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # the PyTorch re-statements are test code
 
 import distill_step  # noqa: E402  (applies the CLI's XLA:CPU settings; the fixed configuration)
+import torch_step  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -40,17 +39,6 @@ from common import random_params, record  # noqa: E402
 from scflow_jax.losses import adversarial  # noqa: E402
 from scflow_jax.models.unet_adm import ADMUNet  # noqa: E402
 from torch_restatements import TorchADM, TorchStyleGANDiscriminator  # noqa: E402
-
-
-def seconds_per_call(fn, repeats: int) -> dict:
-    """Median and min seconds of ``fn()`` (which finishes its work before returning) after two warm calls."""
-    fn(), fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times), "min_s": min(times)}
 
 
 def jax_parts(setup) -> dict:
@@ -99,13 +87,8 @@ def torch_parts(setup) -> dict:
         unet(t, x).square().mean().backward()
 
     def r1_step():
-        d.requires_grad_(True)
         d.zero_grad(set_to_none=True)
-        r = real.clone().requires_grad_(True)
-        real_logits = d(r)
-        (grad_real,) = torch.autograd.grad(real_logits.sum(), r, create_graph=True)
-        r1 = 0.5 * grad_real.square().flatten(1).sum(1).mean()
-        (F.softplus(-real_logits).mean() + F.softplus(d(fake)).mean() + r1).backward()
+        torch_step.discriminator_objective(d, real, fake, 1.0)[0].backward()
 
     def input_gradient():
         d.requires_grad_(False)
@@ -134,7 +117,9 @@ def main(argv=None):
            "torch_threads": torch.get_num_threads(), "unet_batch": 2 * setup[3], "disc_batch": setup[3], "parts": {}}
     for i, part in enumerate(frameworks["torch"]):
         order = list(frameworks) if i % 2 == 0 else list(frameworks)[::-1]
-        timings = {name: seconds_per_call(frameworks[name][part], args.repeats) for name in order}
+        # Every part's callable finishes its work before returning (jax: block_until_ready; CPU torch: eager).
+        timings = {name: torch_step.time_calls(frameworks[name][part], warmup=2, repeats=args.repeats)
+                   for name in order}
         timings["speedup_of_scflow_jax"] = timings["torch"]["median_s"] / timings["scflow_jax"]["median_s"]
         out["parts"][part] = timings
     return record("passes_versus_torch", out, print_only=args.no_record)

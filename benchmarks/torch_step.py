@@ -84,6 +84,17 @@ def per_example(t):
     return t[:, None, None, None]
 
 
+def discriminator_objective(disc, real, fake, r1_gamma: float):
+    """``(L_D + R1, R1)``: softplus losses on real and fake logits, R1 on the real inputs by double backward
+    (``losses/adversarial.py``'s objective); D's parameters get gradients, the inputs do not."""
+    disc.requires_grad_(True)
+    real = real.detach().requires_grad_(True)
+    real_logits = disc(real)
+    (grad_real,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+    r1 = 0.5 * r1_gamma * grad_real.square().flatten(1).sum(1).mean()
+    return F.softplus(-real_logits).mean() + F.softplus(disc(fake.detach())).mean() + r1, r1
+
+
 class TorchSCFlow:
     """Student, target, eval EMA and teacher (all guided-diffusion UNets, NCHW), discriminator, optimizers."""
 
@@ -126,13 +137,7 @@ class TorchSCFlow:
         z0_hat = z1 - self.student(torch.ones(b), z1)  # the one-step sample, with gradient
 
         # D step: R1 (double backward) on the real latents, the fake ones detached.
-        self.disc.requires_grad_(True)
-        real = z0.clone().requires_grad_(True)
-        real_logits = self.disc(real)
-        (grad_real,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
-        r1 = 0.5 * cfg.r1_gamma * grad_real.square().flatten(1).sum(1).mean()
-        fake_logits = self.disc(z0_hat.detach())
-        loss_d = F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean() + r1
+        loss_d, r1 = discriminator_objective(self.disc, z0, z0_hat, cfg.r1_gamma)
         self.d_opt.zero_grad(set_to_none=True)
         loss_d.backward()
         self.d_opt.step()

@@ -337,3 +337,17 @@ def test_passes_versus_torch_times_every_pass_in_both_frameworks():
         assert out["parts"]["unet_gradient"][framework]["min_s"] > out["parts"]["unet_forward"][framework]["min_s"]
     with pytest.raises(SystemExit, match="--repeats must be at least 1"):
         passes_versus_torch.main(["--tiny", "--repeats", "0", "--no-record"])
+
+
+def test_torch_step_and_passes_refuse_bad_arguments_and_other_backends(monkeypatch):
+    pytest.importorskip("torch")
+    import passes_versus_torch
+    import torch_step
+
+    with pytest.raises(SystemExit, match="--repeats must be >= 1 and --warmup >= 0, got 0 and 3"):
+        torch_step.main(["--tiny", "--repeats", "0", "--no-record"])
+    with pytest.raises(SystemExit, match="--repeats must be >= 1 and --warmup >= 0, got 2 and -1"):
+        torch_step.main(["--tiny", "--repeats", "2", "--warmup", "-1", "--no-record"])
+    monkeypatch.setattr(passes_versus_torch.jax, "default_backend", lambda: "gpu")
+    with pytest.raises(SystemExit, match="compares CPU programs; the default backend is gpu"):
+        passes_versus_torch.main(["--tiny", "--no-record"])
