@@ -40,9 +40,6 @@ import distill_step  # noqa: E402  (the fixed configuration, defined once)
 from common import record  # noqa: E402
 from torch_restatements import TorchADM, TorchStyleGANDiscriminator  # noqa: E402
 
-G_LEARNING_RATE, D_LEARNING_RATE = 2e-5, 1e-4  # as distill_step.build
-
-
 def time_calls(fn, *, warmup: int, repeats: int) -> dict:
     """Seconds per call of ``fn()`` (CPU torch runs eagerly: a call's return means its work is done)."""
     for _ in range(warmup):
@@ -113,10 +110,9 @@ class TorchSCFlow:
         self.ema.load_state_dict(self.teacher.state_dict())
         self.disc = TorchStyleGANDiscriminator(disc.resolution, disc.in_channels, disc.channel_base,
                                                disc.channel_max, disc.mbstd_group_size)
-        self.g_opt = torch.optim.AdamW(self.student.parameters(), lr=G_LEARNING_RATE, betas=(0.9, 0.999),
-                                       weight_decay=0.0)
-        self.d_opt = torch.optim.AdamW(self.disc.parameters(), lr=D_LEARNING_RATE, betas=(0.9, 0.999),
-                                       weight_decay=0.0)
+        adamw = lambda params, lr: torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)  # noqa: E731
+        self.g_opt = adamw(self.student.parameters(), distill_step.G_LEARNING_RATE)
+        self.d_opt = adamw(self.disc.parameters(), distill_step.D_LEARNING_RATE)
         self.z0 = torch.randn((batch_size,) + self.latent_shape)
 
     def iteration(self) -> dict:

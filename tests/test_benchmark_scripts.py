@@ -332,9 +332,6 @@ def test_passes_versus_torch_times_every_pass_in_both_frameworks():
         assert timings["scflow_jax"]["min_s"] > 0 and timings["torch"]["min_s"] > 0, part
         assert timings["speedup_of_scflow_jax"] == pytest.approx(
             timings["torch"]["median_s"] / timings["scflow_jax"]["median_s"])
-    # A gradient pass costs more than the forward it differentiates, in both frameworks.
-    for framework in ("scflow_jax", "torch"):
-        assert out["parts"]["unet_gradient"][framework]["min_s"] > out["parts"]["unet_forward"][framework]["min_s"]
     with pytest.raises(SystemExit, match="--repeats must be at least 1"):
         passes_versus_torch.main(["--tiny", "--repeats", "0", "--no-record"])
 
