@@ -185,6 +185,15 @@ def init_distill_state(init_disc_params, teacher_params, optimizer, disc_optimiz
         disc_opt_state=disc_optimizer.init(disc_params))
 
 
+def state_initializer(task: Task, optimizer, disc_optimizer, disc_key) -> Callable:
+    """``init_fn(teacher_params) -> DistillState`` for ``task``: the discriminator is the task's, built
+    from the teacher where it takes the teacher's weights (the recipes' UNet-encoder D)."""
+    def init_fn(teacher):
+        init_disc = functools.partial(task.init_disc_params, teacher_params=teacher)
+        return init_distill_state(init_disc, teacher, optimizer, disc_optimizer, disc_key)
+    return init_fn
+
+
 def _ema_grid(sampler, mesh):
     # Replicated parameters make the grid a replicated array that every process can read.
     return lambda state: sampler(sharding.put_replicated(state.ema_params, mesh))
@@ -226,10 +235,7 @@ def build_distill(config, workdir: str, teacher_params=None, task: Task | None =
         jax.random.fold_in(jax.random.PRNGKey(config.seed), 2))
 
     null_cond = task.null_cond  # (recipes: encoded by the text encoder, outside any trace)
-    def init_fn(teacher):
-        init_disc = functools.partial(task.init_disc_params, teacher_params=teacher)
-        return init_distill_state(init_disc, teacher, optimizer, disc_optimizer, disc_key)
-
+    init_fn = state_initializer(task, optimizer, disc_optimizer, disc_key)
     state, abstract, shardings = trainer.init_state(init_fn, mesh, rules, teacher_params)
     frozen = {"teacher_params": teacher_params,
               "null_cond": None if null_cond is None

@@ -3,7 +3,8 @@ measures on a lent GPU is known to work before the GPU time is spent. Heavy: abo
 The CPU profile (benchmarks/profile_step.py) reads XLA's programs and traces right, and the in-process A/B
 (benchmarks/ab_speed.py) builds a commit's code beside the working tree's. The PyTorch program of the issue-8 work
 (benchmarks/torch_step.py) builds the same networks as ours, versus_torch.py pairs the two right, and
-passes_versus_torch.py times each network pass in both."""
+passes_versus_torch.py times each network pass in both. The memory plan (benchmarks/memory_plan.py) counts what
+each device holds of the SD 1.5 recipe's state under FSDP, and its count agrees with XLA's own."""
 import collections
 import json
 import math
@@ -18,6 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import ab_speed  # noqa: E402
 import allocators  # noqa: E402
 import conv_forms  # noqa: E402
+import memory_plan  # noqa: E402
 import profile_step  # noqa: E402
 import t2i_speed  # noqa: E402
 import versus_torch  # noqa: E402
@@ -61,6 +63,58 @@ def test_peak_part_reports_the_matmul_rate_of_its_own_timing():
     out = t2i_speed.main(["--part=peak", "--tiny", "--no_record"])
     assert out["matmul_n"] == 256 and out["median_s"] > 0
     assert out["bf16_matmul_tflops"] == pytest.approx(2 * 256 ** 3 / out["median_s"] / 1e12)
+
+
+def _memory_plan(*flags):
+    return memory_plan.plan(memory_plan.parse_args(["--tiny", "--no_record", *flags]))
+
+
+def test_memory_plan_splits_the_state_over_fsdp_and_keeps_it_whole_without():
+    small_arrays_too = "--fsdp_min_size=1024"
+    whole = _memory_plan("--devices=4", "--fsdp=1", "--batch=8", small_arrays_too)
+    split = _memory_plan("--devices=4", "--fsdp=4", "--batch=8", small_arrays_too)
+    gib = 2 ** 30
+    assert whole["mesh"] == {"data": 4, "fsdp": 1} and split["mesh"] == {"data": 1, "fsdp": 4}
+    assert split["student_params"] == whole["student_params"] == train_state.count_params(
+        unet_sd.unet_param_shapes(t2i_speed.TINY_UNET))
+    parts = whole["state_gib_per_device"]
+    # Replicated: every device holds the float32 student; Adam two moments of it (and a step count);
+    # the target, the eval EMA and the teacher one copy each.
+    assert parts["params"] * gib == 4 * whole["student_params"]
+    assert parts["target_params"] == parts["ema_params"] == parts["teacher"] == parts["params"]
+    assert parts["disc_params"] * gib == 4 * whole["disc_params"]
+    assert 2 * parts["params"] <= parts["opt_state"] <= 2 * parts["params"] + 64 / gib
+    assert whole["state_gib_per_device_total"] == pytest.approx(sum(parts.values()))
+    assert whole["left_for_activations_gib"] == pytest.approx(16 - whole["state_gib_per_device_total"])
+    # FSDP over 4: each device holds at least a quarter (small arrays stay whole), far less than all.
+    for name, replicated in parts.items():
+        assert replicated / 4 <= split["state_gib_per_device"][name] < replicated / 2, name
+    assert split["state_gib_per_device"]["teacher"] == split["state_gib_per_device"]["params"]
+
+
+def test_memory_plan_names_a_batch_the_mesh_cannot_split_and_bad_arguments(capsys):
+    with pytest.raises(ValueError, match=r"--batch=6 is not divisible .* \(4 = "):
+        _memory_plan("--devices=4", "--batch=6")
+    with pytest.raises(ValueError, match=r"num_devices=16 but 8 devices"):
+        _memory_plan("--devices=16", "--batch=16")
+    for bad, name in (("--devices=0", "--devices"), ("--hbm_gib=-1", "--hbm_gib")):
+        with pytest.raises(SystemExit):
+            memory_plan.parse_args([bad])
+        assert name in capsys.readouterr().err
+
+
+@pytest.mark.heavy
+def test_memory_plan_counts_what_xla_counts_as_the_step_arguments():
+    out = _memory_plan("--devices=2", "--fsdp=2", "--batch=4", "--fsdp_min_size=1024", "--compile")
+    xla = out["xla_cpu_estimate_gib_per_device"]
+    # XLA's arguments per device: the state and teacher as planned, plus this device's rows of the batch
+    # (latents and text states) and the replicated empty-prompt text states; a few bytes of scalars aside.
+    side = 64 // 8
+    batch_bytes = 4 // 2 * (side * side * 4 + t2i_speed.TEXT_TOKENS * t2i_speed.TEXT_DIM) * 4
+    null_cond_bytes = t2i_speed.TEXT_TOKENS * t2i_speed.TEXT_DIM * 4
+    planned = out["state_gib_per_device_total"] * 2 ** 30 + batch_bytes + null_cond_bytes
+    assert xla["arguments"] * 2 ** 30 == pytest.approx(planned, abs=64)
+    assert xla["temporaries"] > 0
 
 
 @pytest.mark.parametrize("form", sorted(set(conv_forms.FORMS) - {"native"}))
