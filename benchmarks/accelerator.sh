@@ -4,6 +4,7 @@
 #   2. generate   SD 1.5 1-step 512 px generation (UNet + VAE decode, bf16): images/s at batch 32, latency at batch 1
 #   3. t2i        the SD 1.5 recipe's SCFlow distillation step (bf16, remat, batch 20): step time, memory, MFU
 #   4. issue 8    benchmarks/distill_step.py: the side-by-side latent CelebA-HQ work, then its --full size
+#   5. remat      benchmarks/remat_probe.py --sd15: temporaries of the SD UNet gradient with and without remat
 # Each part runs in its own process under its own time limit, so one that fails or overruns costs only itself.
 # The figures are appended to benchmarks/results.json (with the device and versions) and copied to $OUT.
 #
@@ -16,13 +17,13 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/accelerator_out}
 PY=${PYTHON:-python3}
 BUDGET_S=${BUDGET_S:-470}
-PARTS=${PARTS:-"peak generate t2i issue8 issue8_full"}
+PARTS=${PARTS:-"peak generate t2i issue8 issue8_full remat"}
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # The t2i step holds ~30 GB of state (fp32 student, Adam, EMAs, teacher, D) plus activations.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
-SMALL=() ISSUE8_FLAGS=() FULL=(--full)
+SMALL=() ISSUE8_FLAGS=() FULL=(--full) REMAT_FLAGS=(--sd15)
 if [[ ${SMOKE:-0} == 1 ]]; then  # tiny networks everywhere, --full included
-  SMALL=(--tiny --no_record) ISSUE8_FLAGS=(--tiny --repeats=2 --warmup=1 --no-record) FULL=()
+  SMALL=(--tiny --no_record) ISSUE8_FLAGS=(--tiny --repeats=2 --warmup=1 --no-record) FULL=() REMAT_FLAGS=(--no_record)
 fi
 mkdir -p "$OUT"
 deadline=$((SECONDS + BUDGET_S))
@@ -60,4 +61,6 @@ if ((rc != 0 && rc != 124 && rc != 137)); then  # failed (out of memory, say) ra
 fi
 part issue8 120 benchmarks/distill_step.py "${ISSUE8_FLAGS[@]}"
 part issue8_full 150 benchmarks/distill_step.py "${FULL[@]}" "${ISSUE8_FLAGS[@]}"
+# Last, so it never takes time from the parts above: does XLA:GPU keep remat's savings? (XLA:CPU does not.)
+part remat 120 benchmarks/remat_probe.py "${REMAT_FLAGS[@]}"
 cp benchmarks/results.json "$OUT/results.json"

@@ -21,7 +21,6 @@ benchmarks/results.json unless --no_record.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -141,11 +140,7 @@ def main(argv=None):
     sys.path.insert(0, os.path.dirname(here))
     from common import record
 
-    result = plan(args)
-    print(json.dumps(result), flush=True)
-    if not args.no_record:
-        record("memory_plan", result)
-    return result
+    return record("memory_plan", plan(args), print_only=args.no_record)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ The CPU profile (benchmarks/profile_step.py) reads XLA's programs and traces rig
 (benchmarks/ab_speed.py) builds a commit's code beside the working tree's. The PyTorch program of the issue-8 work
 (benchmarks/torch_step.py) builds the same networks as ours, versus_torch.py pairs the two right, and
 passes_versus_torch.py times each network pass in both. The memory plan (benchmarks/memory_plan.py) counts what
-each device holds of the SD 1.5 recipe's state under FSDP, and its count agrees with XLA's own."""
+each device holds of the SD 1.5 recipe's state under FSDP, and its count agrees with XLA's own; the remat probe (benchmarks/remat_probe.py) compiles both forms."""
 import collections
 import json
 import math
@@ -21,6 +21,7 @@ import allocators  # noqa: E402
 import conv_forms  # noqa: E402
 import memory_plan  # noqa: E402
 import profile_step  # noqa: E402
+import remat_probe  # noqa: E402
 import t2i_speed  # noqa: E402
 import versus_torch  # noqa: E402
 
@@ -101,6 +102,20 @@ def test_memory_plan_names_a_batch_the_mesh_cannot_split_and_bad_arguments(capsy
         with pytest.raises(SystemExit):
             memory_plan.parse_args([bad])
         assert name in capsys.readouterr().err
+
+
+def test_remat_probe_compiles_both_forms_and_the_remat_unet_recomputes():
+    out = remat_probe.probe(sd15=False)
+    # 64 forward matmuls; backward, each one's weight gradient and all but the first one's input gradient.
+    assert out["chain"]["without_remat"]["dots"] == 3 * 64 - 1
+    unet = out["sd_unet"]
+    # The remat UNet's blocks are recomputed in the backward pass: more convolutions in the compiled program.
+    assert unet["with_remat"]["convolutions"] > unet["without_remat"]["convolutions"] > 0
+    for case in ("chain", "sd_unet"):
+        figures = out[case]
+        assert figures["without_remat"]["temp_mib"] > 0
+        assert figures["temp_ratio_with_over_without"] == pytest.approx(
+            figures["with_remat"]["temp_mib"] / figures["without_remat"]["temp_mib"])
 
 
 @pytest.mark.heavy
