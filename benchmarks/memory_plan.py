@@ -30,7 +30,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=8, help="devices of the mesh (fake CPU devices)")
     parser.add_argument("--fsdp", type=int, default=-1, help="size of the mesh's fsdp axis (-1: all devices)")
-    parser.add_argument("--batch", type=int, default=0, help="global batch (0: the recipe's, 40)")
+    parser.add_argument("--batch", type=int, default=0, help="global batch (0: the recipe's)")
     parser.add_argument("--hbm_gib", type=float, default=16.0,
                         help="memory of one device, GiB (16: a TPU v5e chip; 80: an H100)")
     parser.add_argument("--compile", action="store_true",
@@ -75,7 +75,7 @@ def plan(args) -> dict:
     from scflow_jax import distill, precision, sharding, train_state
     from scflow_jax.models import unet_sd
 
-    config = t2i_speed.recipe_config(args.tiny, batch=args.batch or 40)
+    config = t2i_speed.recipe_config(args.tiny, batch=args.batch or None)
     # --fsdp=-1: all devices on the fsdp axis; else the data axis takes the rest.
     config.mesh.update(dict(num_devices=args.devices, fsdp=args.fsdp, data=1 if args.fsdp == -1 else -1))
     if args.fsdp_min_size:

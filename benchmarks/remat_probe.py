@@ -32,10 +32,9 @@ xla_cpu.apply_defaults()  # the CLI's XLA:CPU settings, before JAX starts
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+import t2i_speed  # noqa: E402
 from common import record  # noqa: E402
 from scflow_jax.models import unet_sd  # noqa: E402
-
-TEXT_TOKENS, TEXT_DIM = 77, 768
 
 
 def compiled_figures(fn, *abstract_args) -> dict:
@@ -70,14 +69,13 @@ def unet_case(config: unet_sd.UNetSDConfig, side: int, batch: int, remat: bool) 
     return compiled_figures(jax.grad(loss), unet_sd.unet_param_shapes(config),
                             jax.ShapeDtypeStruct((batch, side, side, config.in_channels), jnp.float32),
                             jax.ShapeDtypeStruct((batch,), jnp.float32),
-                            jax.ShapeDtypeStruct((batch, TEXT_TOKENS, TEXT_DIM), jnp.float32))
+                            jax.ShapeDtypeStruct((batch, t2i_speed.TEXT_TOKENS, t2i_speed.TEXT_DIM), jnp.float32))
 
 
 def probe(sd15: bool) -> dict:
     if sd15:
         config, side, batch = unet_sd.UNetSDConfig(), 64, 1
     else:
-        import t2i_speed
         config, side, batch = t2i_speed.TINY_UNET, 32, 8
     out = {"sd15": sd15, "unet_latents": [batch, side, side, config.in_channels]}
     for name, case in (("chain", chain_case), ("sd_unet", lambda r: unet_case(config, side, batch, r))):

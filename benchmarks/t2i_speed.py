@@ -93,7 +93,8 @@ class RandomBatches:
                 "cond": rng.standard_normal((n, TEXT_TOKENS, TEXT_DIM), np.float32)}
 
 
-def recipe_config(tiny: bool, batch: int):
+def recipe_config(tiny: bool, batch: int | None):
+    """``configs/t2i_sd15.py`` with every term on from step 0, at global ``batch`` (None: the recipe's)."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
     import t2i_sd15  # noqa: E402
 
@@ -103,7 +104,8 @@ def recipe_config(tiny: bool, batch: int):
         config.disc.update(dict(head_channels=16, head_groups=4))
     # Steady state: every term on (the recipe warms the GAN and inverse terms up for 500 steps).
     config.scflow.update(dict(warmup_rf=0, warmup_gan=0, warmup_inv=0))
-    config.distill.batch_size = batch
+    if batch is not None:
+        config.distill.batch_size = batch
     config.mesh.num_devices = -1
     return config
 

@@ -4,7 +4,8 @@ The CPU profile (benchmarks/profile_step.py) reads XLA's programs and traces rig
 (benchmarks/ab_speed.py) builds a commit's code beside the working tree's. The PyTorch program of the issue-8 work
 (benchmarks/torch_step.py) builds the same networks as ours, versus_torch.py pairs the two right, and
 passes_versus_torch.py times each network pass in both. The memory plan (benchmarks/memory_plan.py) counts what
-each device holds of the SD 1.5 recipe's state under FSDP, and its count agrees with XLA's own; the remat probe (benchmarks/remat_probe.py) compiles both forms."""
+each device holds of the SD 1.5 recipe's state under FSDP, and its count agrees with XLA's own; the remat probe
+(benchmarks/remat_probe.py) compiles gradients with and without remat."""
 import collections
 import json
 import math
