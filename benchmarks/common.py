@@ -45,6 +45,19 @@ def time_train_steps(compiled_step, state, batches: list, frozen, *, warmup: int
     return state, metrics, times
 
 
+def compiled_memory_gib(compiled) -> dict:
+    """XLA's buffer assignment of a compiled program, per device, in GiB: its arguments, outputs not
+    aliased to (donated) arguments, and temporaries. Known before the program runs, so a step that
+    then fails to allocate still says what it asked for."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return {"note": "no memory analysis on this backend"}
+    gib = 2 ** 30
+    return {"arguments": analysis.argument_size_in_bytes / gib,
+            "outputs_not_aliased": (analysis.output_size_in_bytes - analysis.alias_size_in_bytes) / gib,
+            "temporaries": analysis.temp_size_in_bytes / gib}
+
+
 def xla_flops(lowered) -> float:
     """XLA's FLOP count of a jitted program's ``Lowered`` stage (``jax.jit(f).lower(...)``).
 

@@ -10,7 +10,8 @@ activations, which depend on the backend's compiler and are measured on the devi
 (``scaling.py``, ``t2i_speed.py``). ``--compile`` compiles the partitioned step for the fake CPU
 devices and reports XLA:CPU's buffer assignment per device: its argument size checks the plan
 (a test holds them equal); its temporary size is XLA:CPU's, not a TPU's or GPU's, and is no fit
-test for them (for the SD 1.5 step on 8 fake devices it was 156 GiB per device: see the README).
+test for them. It also depends on the jaxlib version: 0.10.2's XLA:CPU ignores remat (31-32 GiB
+per sample for the SD 1.5 step), 0.11.2's keeps it (4.1-4.4 GiB per sample; see the README).
 
 Usage:
   python benchmarks/memory_plan.py --devices=8 --fsdp=8 [--batch=40] [--hbm_gib=16] [--compile]
@@ -72,6 +73,7 @@ def plan(args) -> dict:
     import jax
 
     import t2i_speed
+    from common import compiled_memory_gib
     from scflow_jax import distill, precision, sharding, train_state
     from scflow_jax.models import unet_sd
 
@@ -122,12 +124,8 @@ def plan(args) -> dict:
                                                     sharding=sharding.replicated(mesh))}
         start = time.perf_counter()
         compiled = step.lower(placed(abstract, shardings), batch, frozen).compile()
-        analysis = compiled.memory_analysis()
         out["compile_s"] = time.perf_counter() - start
-        out["xla_cpu_estimate_gib_per_device"] = {
-            "arguments": analysis.argument_size_in_bytes / gib,
-            "outputs_not_aliased": (analysis.output_size_in_bytes - analysis.alias_size_in_bytes) / gib,
-            "temporaries": analysis.temp_size_in_bytes / gib}
+        out["xla_cpu_estimate_gib_per_device"] = compiled_memory_gib(compiled)
     return out
 
 

@@ -1,9 +1,10 @@
 """Does the compiler keep remat's savings? Temporary memory of gradients compiled with and without remat.
 
 Why: the SD 1.5 recipe fits its 20 samples per GPU only through remat (``config.model.remat``), and
-XLA:CPU undoes it: its buffer assignment gives the same temporaries with and without (see the
-README's "Scaling out"). This probe asks the same of whatever backend runs it, from compiled
-programs only (nothing is allocated, seconds on a GPU):
+a compiler can undo it. jaxlib 0.10.2's XLA:CPU (what pip gives on Python 3.11) does: its buffer
+assignment gives the same temporaries with and without. jaxlib 0.11.2's and 0.12's keep the
+savings (see the README's "Scaling out"). This probe asks the same of whatever backend and version
+runs it, from compiled programs only (nothing is allocated, seconds on a GPU):
 
 * ``chain``: 16 blocks of 4 matmuls + tanh on a [4096, 512] activation, each block under
   ``jax.checkpoint`` or not;
@@ -33,14 +34,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import t2i_speed  # noqa: E402
-from common import record  # noqa: E402
+from common import compiled_memory_gib, record  # noqa: E402
 from scflow_jax.models import unet_sd  # noqa: E402
 
 
 def compiled_figures(fn, *abstract_args) -> dict:
     compiled = jax.jit(fn).lower(*abstract_args).compile()
     text = compiled.as_text()
-    return {"temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2 ** 20,
+    return {"temp_mib": compiled_memory_gib(compiled)["temporaries"] * 1024,
             "dots": text.count(" dot("), "convolutions": text.count(" convolution(")}
 
 

@@ -38,7 +38,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import matmul_rate, random_params, record, time_calls, time_train_steps, xla_flops  # noqa: E402
+from common import (compiled_memory_gib, matmul_rate, random_params, record, time_calls,  # noqa: E402
+                    time_train_steps, xla_flops)
 from scflow_jax import distill, precision, recipes, sampling, sharding, train_state  # noqa: E402
 from scflow_jax.models import clip, unet_discriminator, unet_sd  # noqa: E402
 from scflow_jax.models.vae import VAE, VAEConfig  # noqa: E402
@@ -225,6 +226,11 @@ def run_distill(args) -> dict:
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
     progress(f"step compiled in {compile_s:.1f}s")
+    # What the step asks of each device, printed before it runs: should it then fail to allocate (the
+    # recipe's batch on a small device), the log still holds the compiler's figure.
+    xla_memory = compiled_memory_gib(compiled)
+    print(json.dumps({"part": "distill", "batch": args.batch, "compiled": True, "compile_s": compile_s,
+                      "xla_memory_gib_per_device": xla_memory}), flush=True)
 
     _, metrics, times = time_train_steps(compiled, setup.state, batches, setup.frozen,
                                          warmup=args.warmup, steps=args.steps)
@@ -239,7 +245,8 @@ def run_distill(args) -> dict:
            "state_init_s": init_s, "compile_s": compile_s, "steps_timed": len(times),
            "step_s_median": step_s, "step_s_min": min(times), "examples_per_s": args.batch / step_s,
            "hardware_gflop": xla_flops(lowered) / 1e9,
-           "loss_terms": {k: float(v) for k, v in metrics.items()}, "memory": device_memory()}
+           "loss_terms": {k: float(v) for k, v in metrics.items()}, "memory": device_memory(),
+           "xla_memory_gib_per_device": xla_memory}
     print(json.dumps(out), flush=True)  # the timings, should the FLOP count below run out of time
 
     # Model FLOPs: the same step lowered without remat (lowering only; no compile, no memory).
