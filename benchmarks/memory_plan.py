@@ -86,7 +86,7 @@ def plan(args) -> dict:
     sharding.check_global_batch(config.distill.batch_size, mesh, "--batch")
     rules = sharding.ShardingRules.from_config(config)
     task = precision.configure_task(t2i_speed.random_task(config, args.tiny), config)
-    teacher = unet_sd.unet_param_shapes(task.network_config)
+    teacher = unet_sd.unet_param_shapes(task.network_config)  # float32, as the state is initialised from it
     optimizer = train_state.make_optimizer(config.distill.optimizer)
     disc_optimizer = train_state.make_optimizer(config.disc.optimizer)
 
@@ -95,10 +95,11 @@ def plan(args) -> dict:
     abstract = jax.eval_shape(init_fn, teacher)  # what distill.build_distill initialises, shapes only
     shardings = sharding.state_shardings(abstract, mesh, rules, summary)
     teacher_shardings = sharding.state_shardings(teacher, mesh, rules)
+    frozen_teacher = precision.frozen_params(teacher, config)  # as the step holds it (bf16 kernels)
     gib = 2 ** 30
     parts = {name: per_device_bytes(getattr(abstract, name), getattr(shardings, name))
              for name in ("params", "opt_state", "target_params", "ema_params", "disc_params", "disc_opt_state")}
-    parts["teacher"] = per_device_bytes(teacher, teacher_shardings)
+    parts["teacher"] = per_device_bytes(frozen_teacher, teacher_shardings)
     state_bytes = sum(parts.values())
     out = {"tiny": args.tiny, "devices": mesh.size,
            "mesh": {"data": mesh.shape[sharding.DATA_AXIS], "fsdp": mesh.shape[sharding.FSDP_AXIS]},
@@ -119,7 +120,7 @@ def plan(args) -> dict:
         example = t2i_speed.RandomBatches(range(config.distill.batch_size), task.latent_shape, 0).batch(0)
         batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
                  for k, v in example.items()}
-        frozen = {"teacher_params": placed(teacher, teacher_shardings),
+        frozen = {"teacher_params": placed(frozen_teacher, teacher_shardings),
                   "null_cond": jax.ShapeDtypeStruct(task.null_cond.shape, task.null_cond.dtype,
                                                     sharding=sharding.replicated(mesh))}
         start = time.perf_counter()

@@ -237,6 +237,8 @@ def build_distill(config, workdir: str, teacher_params=None, task: Task | None =
     null_cond = task.null_cond  # (recipes: encoded by the text encoder, outside any trace)
     init_fn = state_initializer(task, optimizer, disc_optimizer, disc_key)
     state, abstract, shardings = trainer.init_state(init_fn, mesh, rules, teacher_params)
+    # Student, EMAs and D start from the float32 teacher; the frozen copy then halves (bf16 compute).
+    teacher_params = precision.frozen_params(teacher_params, config)
     frozen = {"teacher_params": teacher_params,
               "null_cond": None if null_cond is None
               else sharding.put_replicated(jnp.asarray(null_cond), mesh)}
