@@ -12,12 +12,14 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import ab_speed  # noqa: E402
+import common  # noqa: E402
 import allocators  # noqa: E402
 import conv_forms  # noqa: E402
 import memory_plan  # noqa: E402
@@ -129,6 +131,22 @@ def test_remat_probe_compiles_both_forms_and_the_remat_unet_recomputes():
         # from 0.11.2 on, the checkpointed blocks must cut them (measured: 0.31 for the chain, 0.41 for the UNet).
         if _jaxlib_version() >= (0, 11, 2):
             assert figures["temp_ratio_with_over_without"] < 0.6, (case, figures)
+
+
+def test_compiled_memory_gib_reads_the_buffer_assignment_and_says_when_there_is_none():
+    class Compiled:
+        def __init__(self, analysis):
+            self.analysis = analysis
+
+        def memory_analysis(self):
+            return self.analysis
+
+    gib = 2 ** 30
+    analysis = types.SimpleNamespace(argument_size_in_bytes=3 * gib, output_size_in_bytes=3 * gib + gib // 2,
+                                     alias_size_in_bytes=3 * gib, temp_size_in_bytes=gib // 4)
+    assert common.compiled_memory_gib(Compiled(analysis)) == {
+        "arguments": 3.0, "outputs_not_aliased": 0.5, "temporaries": 0.25}
+    assert common.compiled_memory_gib(Compiled(None)) == {"note": "no memory analysis on this backend"}
 
 
 def _jaxlib_version() -> tuple:
