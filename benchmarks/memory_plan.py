@@ -4,8 +4,9 @@ The state is never allocated: its shapes come from ``jax.eval_shape`` of the dis
 initialiser, its shardings from the project's FSDP rules (``sharding.state_shardings``, the same
 call the trainer makes), and each array's per-device size from its sharding's shard shape. So
 the state figures are exact for any backend: they are what every device holds between steps
-(student, its Adam moments, target and eval EMAs, the frozen teacher, the discriminator and its
-Adam moments, all float32 as the trainer keeps them). Their sum must leave room for the step's
+(student, its Adam moments, target and eval EMAs, the discriminator and its Adam moments, all
+float32 as the trainer keeps them, and the frozen teacher as ``precision.frozen_params`` stores it:
+bf16 kernels under the recipe's bf16 compute). Their sum must leave room for the step's
 activations, which depend on the backend's compiler and are measured on the device
 (``scaling.py``, ``t2i_speed.py``). ``--compile`` compiles the partitioned step for the fake CPU
 devices and reports XLA:CPU's buffer assignment per device: its argument size checks the plan
