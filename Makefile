@@ -5,9 +5,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 # torch is a test extra (parity against the PyTorch references), never a runtime need.
-# pytorch-fid needs torchvision; 2.14.1/0.29.1 are the matching pair this project's machines carry
-# on disk (PyPI's torchvision does not load beside the 2.13.0 CPU file). Any torch >= 2.5 works.
-TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# torch 2.13.0 is the CPU build this project's machines carry on disk (about 1 GB installed; a CUDA
+# build is several GB and has filled a CI disk). torchvision 0.28.0 is its release pair, taken from PyPI
+# for pytorch-fid's Inception code: its compiled ops are CUDA-linked and do not load beside the CPU
+# build, which tests/conftest.py works around. Any torch >= 2.5 works.
+TORCH_SPEC ?= torch==2.13.0 torchvision==0.28.0
 # Two workers: the suite is compile-bound and the machines have 2 cores.
 PYTEST_ARGS ?= -n 2
 

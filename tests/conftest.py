@@ -18,6 +18,29 @@ xla_cpu.apply_defaults()  # the same XLA:CPU settings as the CLI; children inher
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+
+def _let_cuda_torchvision_import_beside_cpu_torch():
+    """PyPI's torchvision is built against CUDA torch; beside the CPU torch the Makefile installs, its compiled
+    extension does not load and ``import torchvision`` then fails in ``torchvision._meta_registrations``
+    ("operator torchvision::nms does not exist"): that module registers fake-tensor kernels for the detection
+    ops the extension would have defined. The tests use torchvision only for pytorch-fid's Inception (plain
+    ``torch.nn`` layers), so in that pairing the module is replaced by an empty one; everything else imported
+    from torchvision is its own code. Any other pairing is left alone."""
+    import importlib.metadata
+    import sys
+    import types
+    try:
+        torch_version = importlib.metadata.version("torch")
+        torchvision_version = importlib.metadata.version("torchvision")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    if torch_version.endswith("+cpu") and not torchvision_version.endswith("+cpu"):
+        name = "torchvision._meta_registrations"
+        sys.modules.setdefault(name, types.ModuleType(name))
+
+
+_let_cuda_torchvision_import_beside_cpu_torch()
+
 _CACHE = os.environ.get("SCFLOW_TEST_JAX_CACHE",
                         os.path.join(tempfile.gettempdir(), "scflow_jax_test_cache"))
 jax.config.update("jax_compilation_cache_dir", _CACHE)
