@@ -12,6 +12,10 @@
 #   bash benchmarks/accelerator.sh                   # BUDGET_S=470 seconds in all; OUT=benchmarks/accelerator_out
 #   PARTS="generate t2i" bash benchmarks/accelerator.sh
 #   SMOKE=1 JAX_PLATFORMS=cpu bash benchmarks/accelerator.sh   # tiny sizes: checks the wiring, figures mean nothing
+# On an offline machine that has jax with CUDA, flax and optax but lacks ml_collections and clu, bring their
+# pure-Python wheels from a connected one and install them first:
+#   pip download --no-deps -d .whl ml_collections clu importlib_resources            # connected machine
+#   pip install --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site   # offline
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/accelerator_out}
