@@ -14,8 +14,20 @@ devices and reports XLA:CPU's buffer assignment per device: its argument size ch
 test for them. It also depends on the jaxlib version: 0.10.2's XLA:CPU ignores remat (31-32 GiB
 per sample for the SD 1.5 step), 0.11.2's keeps it (4.1-4.4 GiB per sample; see the README).
 
+``--tpu_topology`` is that fit test for a Cloud TPU slice that is not here: the mesh is laid over the
+slice's chips as a deviceless topology (``jax.experimental.topologies``) and the step is compiled by
+XLA:TPU itself, on this CPU, so its buffer sizes are the ones the chips would be asked for. It needs
+libtpu (``pip install 'jax[tpu]'``, the release that matches jax) and nothing else of a TPU; off a TPU
+VM libtpu warns that it cannot read the VM's metadata (accelerator type, worker hostnames), harmlessly.
+XLA:TPU refuses a step whose temporaries it cannot fit, saying how far it got; a step that fits it
+compiles whole, which for the SD 1.5 step took more than the 24 GiB of host memory this project's
+2-core machines have. ``--tpu_hbm_cap_mib`` lowers XLA:TPU's limit so that it refuses early: the least
+temporaries it reached, plus the state, against the chip's memory (``--hbm_gib``) is then the fit test.
+
 Usage:
   python benchmarks/memory_plan.py --devices=8 --fsdp=8 [--batch=40] [--hbm_gib=16] [--compile]
+  python benchmarks/memory_plan.py --tpu_topology=v5e:2x4 --fsdp=8 [--batch=40]   # XLA:TPU's plan, 8 v5e chips
+  python benchmarks/memory_plan.py --tpu_topology=v5e:2x4 --tpu_hbm_cap_mib=1024 --batch=8   # its least
   --tiny: the tiny test networks (for tests; the figures mean nothing).
 Runs on the CPU with --devices fake host devices. Prints one JSON line and appends it to
 benchmarks/results.json unless --no_record.
@@ -24,13 +36,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--devices", type=int, default=8, help="devices of the mesh (fake CPU devices)")
+    parser.add_argument("--devices", type=int, default=None,
+                        help="devices of the mesh: fake CPU devices (default 8), or with --tpu_topology the "
+                             "first of the slice's chips (default all)")
     parser.add_argument("--fsdp", type=int, default=-1, help="size of the mesh's fsdp axis (-1: all devices)")
     parser.add_argument("--batch", type=int, default=0, help="global batch (0: the recipe's)")
     parser.add_argument("--hbm_gib", type=float, default=16.0,
@@ -38,13 +53,27 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true",
                         help="also compile the step for the fake devices and report XLA:CPU's buffer sizes "
                              "(arguments: a check of the plan; temporaries: XLA:CPU's own, no fit test)")
+    parser.add_argument("--tpu_topology", default="",
+                        help="a Cloud TPU slice to compile for without one, as libtpu names it (v5e:2x4 is 8 "
+                             "v5e chips, v6e:2x4 is 8 v6e chips): implies --compile, XLA:TPU's buffer sizes")
+    parser.add_argument("--tpu_hbm_cap_mib", type=int, default=0,
+                        help="with --tpu_topology: a memory limit for XLA:TPU below the chip's, so that it "
+                             "refuses early and says the least temporaries it could reach (the fit test "
+                             "without compiling the whole step; 0: the chip's own limit)")
     parser.add_argument("--fsdp_min_size", type=int, default=0,
                         help="smallest array FSDP splits, in elements (0: the config's, 2**16)")
     parser.add_argument("--tiny", action="store_true", help="tiny networks (tests)")
     parser.add_argument("--no_record", action="store_true", help="print only")
     args = parser.parse_args(argv)
-    if args.devices < 1:
+    args.compile = args.compile or bool(args.tpu_topology)
+    if args.devices is None:
+        args.devices = -1 if args.tpu_topology else 8  # -1: all of the slice's chips
+    if args.devices < 1 and not (args.tpu_topology and args.devices == -1):
         parser.error(f"--devices={args.devices} must be >= 1")
+    if args.tpu_hbm_cap_mib and not args.tpu_topology:
+        parser.error("--tpu_hbm_cap_mib needs --tpu_topology")
+    if args.tpu_hbm_cap_mib < 0:
+        parser.error(f"--tpu_hbm_cap_mib={args.tpu_hbm_cap_mib} must be >= 0")
     if args.hbm_gib <= 0:
         parser.error(f"--hbm_gib={args.hbm_gib} must be > 0")
     return args
@@ -56,6 +85,53 @@ def use_fake_cpu_devices(count: int) -> None:
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
              if not f.startswith("--xla_force_host_platform_device_count")]
     os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={count}"])
+
+
+def tpu_slice_chips(topology: str) -> list:
+    """The chips of a Cloud TPU slice that is not here, as a deviceless topology: XLA:TPU compiles for them
+    (through libtpu, on this CPU) and nothing runs on them."""
+    from jax.experimental import topologies
+
+    try:
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+    except Exception as error:  # no libtpu, or a name it does not know: say which and how to get one
+        raise SystemExit(f"--tpu_topology={topology}: no TPU compiler could describe it ({type(error).__name__}: "
+                         f"{str(error).strip()[:300]}). It needs libtpu, the release matching jax "
+                         f"(pip install 'jax[tpu]'), and a slice name libtpu knows, e.g. v5e:2x4 or v6e:2x4.")
+
+
+# XLA:TPU refuses a program whose temporaries exceed the chip's memory, naming both sizes (unit K, M or G).
+_TPU_OUT_OF_HBM = re.compile(
+    r"required for HLO temporaries \(([\d.]+)([KMG])\) exceeds available HBM \(([\d.]+)([KMG])\)")
+_TO_GIB = {"K": 2.0 ** -20, "M": 2.0 ** -10, "G": 1.0}
+
+
+def tpu_fit(lowered, hbm_gib: float, state_gib: float) -> dict:
+    """XLA:TPU's buffer assignment per chip for a lowered step, and whether it fits ``hbm_gib``.
+
+    Compiled: XLA:TPU's sizes, arguments (the state, ``state_gib``, plus the batch) and temporaries.
+    Refused: XLA:TPU rematerialises to fit its memory limit and refuses the program when it cannot,
+    naming the temporaries it got down to; the step fits when they and the state do. Under the chip's
+    own limit that is a no. Under a lower limit (``--tpu_hbm_cap_mib``) the refusal is the fit test
+    that ends early: the figure is the least XLA:TPU reached, short of compiling the whole program."""
+    import jax
+
+    from common import compiled_memory_gib
+
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as error:
+        refused = _TPU_OUT_OF_HBM.search(str(error))
+        if not refused:
+            raise
+        needed, unit, limit, limit_unit = refused.groups()
+        temporaries = float(needed) * _TO_GIB[unit]
+        return {"fits_hbm": temporaries + state_gib <= hbm_gib,
+                "xla_tpu_gib_per_device": {"temporaries": temporaries},
+                "xla_tpu_limit_gib": float(limit) * _TO_GIB[limit_unit], "xla_tpu_refusal": refused.group(0)}
+    buffers = compiled_memory_gib(compiled)
+    total = sum(buffers[k] for k in ("arguments", "outputs_not_aliased", "temporaries"))
+    return {"fits_hbm": total <= hbm_gib, "xla_tpu_gib_per_device": buffers, "xla_tpu_total_gib_per_device": total}
 
 
 def per_device_bytes(abstract_tree, shardings) -> int:
@@ -83,7 +159,8 @@ def plan(args) -> dict:
     config.mesh.update(dict(num_devices=args.devices, fsdp=args.fsdp, data=1 if args.fsdp == -1 else -1))
     if args.fsdp_min_size:
         config.mesh.fsdp_min_size = args.fsdp_min_size
-    mesh = sharding.mesh_from_config(config)
+    chips = tpu_slice_chips(args.tpu_topology) if args.tpu_topology else None
+    mesh = sharding.mesh_from_config(config, devices=chips)
     sharding.check_global_batch(config.distill.batch_size, mesh, "--batch")
     rules = sharding.ShardingRules.from_config(config)
     task = precision.configure_task(t2i_speed.random_task(config, args.tiny), config)
@@ -102,7 +179,8 @@ def plan(args) -> dict:
              for name in ("params", "opt_state", "target_params", "ema_params", "disc_params", "disc_opt_state")}
     parts["teacher"] = per_device_bytes(frozen_teacher, teacher_shardings)
     state_bytes = sum(parts.values())
-    out = {"tiny": args.tiny, "devices": mesh.size,
+    out = {"tiny": args.tiny, "devices": mesh.size, "device_kind": mesh.devices.flat[0].device_kind,
+           "tpu_topology": args.tpu_topology or None,
            "mesh": {"data": mesh.shape[sharding.DATA_AXIS], "fsdp": mesh.shape[sharding.FSDP_AXIS]},
            "batch": config.distill.batch_size, "compute_dtype": config.precision.compute_dtype,
            "remat": config.model.remat,
@@ -125,16 +203,23 @@ def plan(args) -> dict:
                   "null_cond": jax.ShapeDtypeStruct(task.null_cond.shape, task.null_cond.dtype,
                                                     sharding=sharding.replicated(mesh))}
         start = time.perf_counter()
-        compiled = step.lower(placed(abstract, shardings), batch, frozen).compile()
+        lowered = step.lower(placed(abstract, shardings), batch, frozen)
+        if not chips:
+            out["xla_cpu_estimate_gib_per_device"] = compiled_memory_gib(lowered.compile())
+        else:
+            out.update(tpu_fit(lowered, args.hbm_gib, state_bytes / gib))
+            out["libtpu_init_args"] = os.environ.get("LIBTPU_INIT_ARGS", "")
         out["compile_s"] = time.perf_counter() - start
-        out["xla_cpu_estimate_gib_per_device"] = compiled_memory_gib(compiled)
     return out
 
 
 def main(argv=None):
     args = parse_args(argv)
     if "jax" not in sys.modules:  # (an importer that already started JAX, a test, brings its own devices)
-        use_fake_cpu_devices(args.devices)
+        use_fake_cpu_devices(1 if args.tpu_topology else args.devices)
+        if args.tpu_hbm_cap_mib:  # read by libtpu when it starts
+            os.environ["LIBTPU_INIT_ARGS"] = " ".join(
+                [os.environ.get("LIBTPU_INIT_ARGS", ""), f"--xla_tpu_max_hbm_size_mib={args.tpu_hbm_cap_mib}"]).strip()
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path.insert(0, here)
     sys.path.insert(0, os.path.dirname(here))

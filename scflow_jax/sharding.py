@@ -52,9 +52,10 @@ def resolve_mesh_shape(num_data: int, num_fsdp: int, num_devices: int) -> tuple[
     return num_data, num_fsdp
 
 
-def make_mesh(num_data: int = -1, num_devices: int = -1, num_fsdp: int = 1) -> jax.sharding.Mesh:
-    """A ``(data, fsdp)`` mesh over the first ``num_devices`` devices (-1: all of them)."""
-    available = jax.devices()
+def make_mesh(num_data: int = -1, num_devices: int = -1, num_fsdp: int = 1, devices=None) -> jax.sharding.Mesh:
+    """A ``(data, fsdp)`` mesh over the first ``num_devices`` devices (-1: all of them) of ``devices``
+    (default ``jax.devices()``; a deviceless topology's devices plan a step for hardware not present)."""
+    available = list(jax.devices() if devices is None else devices)
     if num_devices == -1:
         num_devices = len(available)
     if not 1 <= num_devices <= len(available):
@@ -70,9 +71,9 @@ def make_mesh(num_data: int = -1, num_devices: int = -1, num_fsdp: int = 1) -> j
                          devices=available[:num_devices])
 
 
-def mesh_from_config(config) -> jax.sharding.Mesh:
+def mesh_from_config(config, devices=None) -> jax.sharding.Mesh:
     m = config.mesh
-    return make_mesh(m.data, m.num_devices, m.get("fsdp", 1))
+    return make_mesh(m.data, m.num_devices, m.get("fsdp", 1), devices=devices)
 
 
 def check_global_batch(global_batch: int, mesh: jax.sharding.Mesh, field: str) -> int:

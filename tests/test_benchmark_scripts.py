@@ -133,20 +133,79 @@ def test_remat_probe_compiles_both_forms_and_the_remat_unet_recomputes():
             assert figures["temp_ratio_with_over_without"] < 0.6, (case, figures)
 
 
-def test_compiled_memory_gib_reads_the_buffer_assignment_and_says_when_there_is_none():
-    class Compiled:
-        def __init__(self, analysis):
-            self.analysis = analysis
+class _Compiled:
+    """A compiled program's memory analysis, as XLA reports it (``None``: a backend without one)."""
 
-        def memory_analysis(self):
-            return self.analysis
+    def __init__(self, analysis):
+        self.analysis = analysis
 
+    def memory_analysis(self):
+        return self.analysis
+
+
+class _Lowered:
+    """A lowered program whose compile returns ``result`` or raises it."""
+
+    def __init__(self, result):
+        self.result = result
+
+    def compile(self):
+        if isinstance(self.result, Exception):
+            raise self.result
+        return self.result
+
+
+def _analysis(arguments, outputs, aliased, temporaries):
     gib = 2 ** 30
-    analysis = types.SimpleNamespace(argument_size_in_bytes=3 * gib, output_size_in_bytes=3 * gib + gib // 2,
-                                     alias_size_in_bytes=3 * gib, temp_size_in_bytes=gib // 4)
-    assert common.compiled_memory_gib(Compiled(analysis)) == {
+    return types.SimpleNamespace(argument_size_in_bytes=int(arguments * gib), output_size_in_bytes=int(outputs * gib),
+                                 alias_size_in_bytes=int(aliased * gib), temp_size_in_bytes=int(temporaries * gib))
+
+
+def test_compiled_memory_gib_reads_the_buffer_assignment_and_says_when_there_is_none():
+    assert common.compiled_memory_gib(_Compiled(_analysis(3, 3.5, 3, 0.25))) == {
         "arguments": 3.0, "outputs_not_aliased": 0.5, "temporaries": 0.25}
-    assert common.compiled_memory_gib(Compiled(None)) == {"note": "no memory analysis on this backend"}
+    assert common.compiled_memory_gib(_Compiled(None)) == {"note": "no memory analysis on this backend"}
+
+
+def test_memory_plan_for_a_tpu_slice_compiles_for_all_its_chips_and_names_a_missing_compiler(capsys):
+    args = memory_plan.parse_args(["--tpu_topology=v5e:2x4"])
+    assert args.compile and args.devices == -1  # every chip of the slice, compiled by XLA:TPU
+    assert memory_plan.parse_args(["--tpu_topology=v5e:2x4", "--devices=4"]).devices == 4
+    plain = memory_plan.parse_args([])
+    assert plain.devices == 8 and not plain.compile and not plain.tpu_topology
+    for bad in (["--tpu_hbm_cap_mib=1024"], ["--tpu_topology=v5e:2x4", "--tpu_hbm_cap_mib=-1"]):
+        with pytest.raises(SystemExit):
+            memory_plan.parse_args(bad)
+        assert "--tpu_hbm_cap_mib" in capsys.readouterr().err
+    # Without libtpu (this suite's venv), or with a name libtpu does not know: the flag, the value and the fix.
+    with pytest.raises(SystemExit, match=r"--tpu_topology=v0:9x9: no TPU compiler .*pip install 'jax\[tpu\]'"):
+        memory_plan.tpu_slice_chips("v0:9x9")
+
+
+def _refusal(needed: str, limit: str) -> Exception:
+    """XLA:TPU's error for a step whose temporaries it could not bring under its memory limit."""
+    return jax.errors.JaxRuntimeError(f"RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required "
+                                      f"for HLO temporaries ({needed}) exceeds available HBM ({limit}).")
+
+
+def test_tpu_fit_reads_xla_tpu_buffers_or_its_out_of_memory_refusal():
+    compiled = _Lowered(_Compiled(_analysis(3, 3.5, 3, 9.25)))
+    fits = memory_plan.tpu_fit(compiled, hbm_gib=16.0, state_gib=2.9)
+    assert fits["fits_hbm"] is True and fits["xla_tpu_total_gib_per_device"] == pytest.approx(12.75)
+    assert memory_plan.tpu_fit(compiled, hbm_gib=12.5, state_gib=2.9)["fits_hbm"] is False
+    # Under the chip's own limit a refusal is a no, with the temporaries XLA:TPU could not get below.
+    refused = memory_plan.tpu_fit(_Lowered(_refusal("24.31G", "15.75G")), hbm_gib=16.0, state_gib=2.7)
+    assert refused["fits_hbm"] is False and refused["xla_tpu_limit_gib"] == 15.75
+    assert refused["xla_tpu_gib_per_device"] == {"temporaries": 24.31}
+    # Under a lower limit (--tpu_hbm_cap_mib) the least temporaries reached decide, with the state, against the chip.
+    capped = memory_plan.tpu_fit(_Lowered(_refusal("9216.00M", "1024.00M")), hbm_gib=16.0, state_gib=2.7)
+    assert capped["xla_tpu_gib_per_device"] == {"temporaries": 9.0} and capped["xla_tpu_limit_gib"] == 1.0
+    assert capped["fits_hbm"] is True
+    assert memory_plan.tpu_fit(_Lowered(_refusal("9216.00M", "1024.00M")), hbm_gib=11.5, state_gib=2.7)[
+        "fits_hbm"] is False
+    # Any other compile failure is not a fit answer: it propagates.
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        memory_plan.tpu_fit(_Lowered(jax.errors.JaxRuntimeError("INTERNAL: a compiler bug")), 16.0, 2.7)
 
 
 def _jaxlib_version() -> tuple:

@@ -19,6 +19,17 @@ def test_mesh_uses_the_first_n_devices():
     assert mesh.devices.size == 2 and mesh.axis_names == sharding.BATCH_AXES
 
 
+def test_mesh_lays_over_the_devices_it_is_given():
+    import jax
+
+    given = jax.devices()[4:]
+    mesh = sharding.make_mesh(2, -1, 2, devices=given)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2}
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in given)
+    with pytest.raises(ValueError, match=r"config.mesh.num_devices=8 but 4 devices"):
+        sharding.make_mesh(-1, 8, devices=given)
+
+
 def test_unknown_dataset_is_named(tiny_config):
     tiny_config.data.name = "imagenet"
     with pytest.raises(ValueError, match=r"config.data.name='imagenet'"):
