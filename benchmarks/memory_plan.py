@@ -217,9 +217,9 @@ def main(argv=None):
     args = parse_args(argv)
     if "jax" not in sys.modules:  # (an importer that already started JAX, a test, brings its own devices)
         use_fake_cpu_devices(1 if args.tpu_topology else args.devices)
-        if args.tpu_hbm_cap_mib:  # read by libtpu when it starts
-            os.environ["LIBTPU_INIT_ARGS"] = " ".join(
-                [os.environ.get("LIBTPU_INIT_ARGS", ""), f"--xla_tpu_max_hbm_size_mib={args.tpu_hbm_cap_mib}"]).strip()
+    if args.tpu_hbm_cap_mib:  # read by libtpu when plan() first asks it for the slice, not at jax's import
+        cap = f"--xla_tpu_max_hbm_size_mib={args.tpu_hbm_cap_mib}"
+        os.environ["LIBTPU_INIT_ARGS"] = f"{os.environ.get('LIBTPU_INIT_ARGS', '')} {cap}".strip()
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path.insert(0, here)
     sys.path.insert(0, os.path.dirname(here))
