@@ -24,10 +24,20 @@ compiles whole, which for the SD 1.5 step took more than the 24 GiB of host memo
 2-core machines have. ``--tpu_hbm_cap_mib`` lowers XLA:TPU's limit so that it refuses early: the least
 temporaries it reached, plus the state, against the chip's memory (``--hbm_gib``) is then the fit test.
 
+``--gpu_target`` is the same for NVIDIA GPUs that are not here: XLA:GPU compiles the step for a deviceless
+GPU described by a target file (``gpu_targets/h100.txtpb``: the card's CUDA device properties), through
+JAX's CUDA plugin (``pip install jax-cuda12-plugin==V jax-cuda12-pjrt==V``, V the jax version), which
+compiles with no GPU, driver or CUDA libraries present. XLA:GPU does not refuse a step that is too large; it rematerialises toward its own limit (about
+three quarters of the card, logged when it falls short) and then assigns buffers. The step fits when its
+arguments, outputs and temporaries fit JAX's allocator pool on the card: ``XLA_PYTHON_CLIENT_MEM_FRACTION``
+(JAX's default 0.75) of its memory, unless ``--hbm_gib`` says otherwise. Without the GPU there is no
+autotuning, so XLA takes its default kernels; their buffers are the ones that matter here.
+
 Usage:
   python benchmarks/memory_plan.py --devices=8 --fsdp=8 [--batch=40] [--hbm_gib=16] [--compile]
   python benchmarks/memory_plan.py --tpu_topology=v5e:2x4 --fsdp=8 [--batch=40]   # XLA:TPU's plan, 8 v5e chips
   python benchmarks/memory_plan.py --tpu_topology=v5e:2x4 --tpu_hbm_cap_mib=1024 --batch=8   # its least
+  python benchmarks/memory_plan.py --gpu_target=h100 --devices=1 --fsdp=1 --batch=20   # XLA:GPU's, one H100
   --tiny: the tiny test networks (for tests; the figures mean nothing).
 Runs on the CPU with --devices fake host devices. Prints one JSON line and appends it to
 benchmarks/results.json unless --no_record.
@@ -44,12 +54,14 @@ import time
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=None,
-                        help="devices of the mesh: fake CPU devices (default 8), or with --tpu_topology the "
-                             "first of the slice's chips (default all)")
+                        help="devices of the mesh: fake CPU devices (default 8), with --tpu_topology the "
+                             "first of the slice's chips (default all), with --gpu_target GPUs of one node "
+                             "(default 1)")
     parser.add_argument("--fsdp", type=int, default=-1, help="size of the mesh's fsdp axis (-1: all devices)")
     parser.add_argument("--batch", type=int, default=0, help="global batch (0: the recipe's)")
-    parser.add_argument("--hbm_gib", type=float, default=16.0,
-                        help="memory of one device, GiB (16: a TPU v5e chip; 80: an H100)")
+    parser.add_argument("--hbm_gib", type=float, default=None,
+                        help="memory of one device for the step, GiB (default 16, a TPU v5e chip; with "
+                             "--gpu_target, JAX's allocator pool on the card)")
     parser.add_argument("--compile", action="store_true",
                         help="also compile the step for the fake devices and report XLA:CPU's buffer sizes "
                              "(arguments: a check of the plan; temporaries: XLA:CPU's own, no fit test)")
@@ -60,22 +72,36 @@ def parse_args(argv=None):
                         help="with --tpu_topology: a memory limit for XLA:TPU below the chip's, so that it "
                              "refuses early and says the least temporaries it could reach (the fit test "
                              "without compiling the whole step; 0: the chip's own limit)")
+    parser.add_argument("--gpu_target", default="",
+                        help="an NVIDIA GPU to compile for without one: h100, or an XLA GpuTargetConfig text "
+                             "file; implies --compile, XLA:GPU's buffer sizes")
     parser.add_argument("--fsdp_min_size", type=int, default=0,
                         help="smallest array FSDP splits, in elements (0: the config's, 2**16)")
     parser.add_argument("--tiny", action="store_true", help="tiny networks (tests)")
     parser.add_argument("--no_record", action="store_true", help="print only")
     args = parser.parse_args(argv)
-    args.compile = args.compile or bool(args.tpu_topology)
+    if args.tpu_topology and args.gpu_target:
+        parser.error("--tpu_topology and --gpu_target each name the hardware to compile for: give one")
+    args.compile = args.compile or bool(args.tpu_topology) or bool(args.gpu_target)
     if args.devices is None:
-        args.devices = -1 if args.tpu_topology else 8  # -1: all of the slice's chips
+        args.devices = -1 if args.tpu_topology else 1 if args.gpu_target else 8  # -1: all of the slice's chips
     if args.devices < 1 and not (args.tpu_topology and args.devices == -1):
         parser.error(f"--devices={args.devices} must be >= 1")
     if args.tpu_hbm_cap_mib and not args.tpu_topology:
         parser.error("--tpu_hbm_cap_mib needs --tpu_topology")
     if args.tpu_hbm_cap_mib < 0:
         parser.error(f"--tpu_hbm_cap_mib={args.tpu_hbm_cap_mib} must be >= 0")
-    if args.hbm_gib <= 0:
+    if args.hbm_gib is not None and args.hbm_gib <= 0:
         parser.error(f"--hbm_gib={args.hbm_gib} must be > 0")
+    if args.gpu_target:
+        try:
+            args.gpu_target_text = gpu_target_text(args.gpu_target)
+        except ValueError as error:
+            parser.error(str(error))
+        if args.hbm_gib is None:
+            args.hbm_gib = gpu_pool_gib(args.gpu_target_text)
+    if args.hbm_gib is None:
+        args.hbm_gib = 16.0
     return args
 
 
@@ -100,20 +126,65 @@ def tpu_slice_chips(topology: str) -> list:
                          f"(pip install 'jax[tpu]'), and a slice name libtpu knows, e.g. v5e:2x4 or v6e:2x4.")
 
 
+GPU_TARGETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_targets")
+JAX_DEFAULT_GPU_MEM_FRACTION = 0.75  # JAX's allocator pool on a GPU, unless XLA_PYTHON_CLIENT_MEM_FRACTION is set
+_DEVICE_MEMORY_SIZE = re.compile(r"^\s*device_memory_size:\s*(\d+)\s*$", re.MULTILINE)
+
+
+def gpu_target_text(target: str) -> str:
+    """The XLA GpuTargetConfig text of ``--gpu_target``: a name from gpu_targets/ (h100) or a file path."""
+    named = os.path.join(GPU_TARGETS_DIR, f"{target}.txtpb")
+    path = named if os.path.isfile(named) else target
+    if not os.path.isfile(path):
+        known = sorted(f[:-len(".txtpb")] for f in os.listdir(GPU_TARGETS_DIR) if f.endswith(".txtpb"))
+        raise ValueError(f"--gpu_target={target}: neither a known GPU ({', '.join(known)}) nor a target file")
+    with open(path) as f:
+        text = f.read()
+    if not _DEVICE_MEMORY_SIZE.search(text):
+        raise ValueError(f"--gpu_target={target}: {path} has no gpu_device_info.device_memory_size; "
+                         f"it is not an XLA GpuTargetConfig in text form")
+    return text
+
+
+def gpu_pool_gib(target_text: str) -> float:
+    """GiB that JAX's allocator takes on the target card: its memory times XLA_PYTHON_CLIENT_MEM_FRACTION."""
+    fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", JAX_DEFAULT_GPU_MEM_FRACTION))
+    return int(_DEVICE_MEMORY_SIZE.search(target_text).group(1)) * fraction / 2 ** 30
+
+
+def gpu_node_devices(target: str, target_text: str, count: int) -> list:
+    """``count`` GPUs of one node, as a deviceless topology: XLA:GPU compiles for them (through JAX's CUDA
+    plugin, on this CPU) and nothing runs on them."""
+    from jax.experimental import topologies
+
+    try:
+        return list(topologies.get_topology_desc(platform="cuda", topology=f"1x1x{count}",
+                                                 target_config=target_text).devices)
+    except Exception as error:  # no CUDA plugin, or a target file it cannot read: say which and how to get one
+        import jax
+
+        raise SystemExit(f"--gpu_target={target}: no GPU compiler could describe {count} of it "
+                         f"({type(error).__name__}: {str(error).strip()[:300]}). It needs JAX's CUDA plugin, the "
+                         f"release matching jax: pip install jax-cuda12-plugin=={jax.__version__} "
+                         f"jax-cuda12-pjrt=={jax.__version__} (no GPU, driver or CUDA libraries are needed to compile).")
+
+
 # XLA:TPU refuses a program whose temporaries exceed the chip's memory, naming both sizes (unit K, M or G).
 _TPU_OUT_OF_HBM = re.compile(
     r"required for HLO temporaries \(([\d.]+)([KMG])\) exceeds available HBM \(([\d.]+)([KMG])\)")
 _TO_GIB = {"K": 2.0 ** -20, "M": 2.0 ** -10, "G": 1.0}
 
 
-def tpu_fit(lowered, hbm_gib: float, state_gib: float) -> dict:
-    """XLA:TPU's buffer assignment per chip for a lowered step, and whether it fits ``hbm_gib``.
+def compiled_fit(lowered, hbm_gib: float, state_gib: float, compiler: str) -> dict:
+    """The buffer assignment per device that XLA:``compiler`` (tpu or gpu) makes for a lowered step, and
+    whether it fits ``hbm_gib``.
 
-    Compiled: XLA:TPU's sizes, arguments (the state, ``state_gib``, plus the batch) and temporaries.
-    Refused: XLA:TPU rematerialises to fit its memory limit and refuses the program when it cannot,
-    naming the temporaries it got down to; the step fits when they and the state do. Under the chip's
-    own limit that is a no. Under a lower limit (``--tpu_hbm_cap_mib``) the refusal is the fit test
-    that ends early: the figure is the least XLA:TPU reached, short of compiling the whole program."""
+    Compiled: its sizes, arguments (the state, ``state_gib``, plus the batch), outputs and temporaries.
+    Refused (XLA:TPU only): XLA:TPU rematerialises to fit its memory limit and refuses the program when
+    it cannot, naming the temporaries it got down to; the step fits when they and the state do. Under
+    the chip's own limit that is a no. Under a lower limit (``--tpu_hbm_cap_mib``) the refusal is the
+    fit test that ends early: the figure is the least XLA:TPU reached, short of compiling the whole
+    program. XLA:GPU compiles whatever the size; its sizes decide."""
     import jax
 
     from common import compiled_memory_gib
@@ -127,11 +198,13 @@ def tpu_fit(lowered, hbm_gib: float, state_gib: float) -> dict:
         needed, unit, limit, limit_unit = refused.groups()
         temporaries = float(needed) * _TO_GIB[unit]
         return {"fits_hbm": temporaries + state_gib <= hbm_gib,
-                "xla_tpu_gib_per_device": {"temporaries": temporaries},
-                "xla_tpu_limit_gib": float(limit) * _TO_GIB[limit_unit], "xla_tpu_refusal": refused.group(0)}
+                f"xla_{compiler}_gib_per_device": {"temporaries": temporaries},
+                f"xla_{compiler}_limit_gib": float(limit) * _TO_GIB[limit_unit],
+                f"xla_{compiler}_refusal": refused.group(0)}
     buffers = compiled_memory_gib(compiled)
     total = sum(buffers[k] for k in ("arguments", "outputs_not_aliased", "temporaries"))
-    return {"fits_hbm": total <= hbm_gib, "xla_tpu_gib_per_device": buffers, "xla_tpu_total_gib_per_device": total}
+    return {"fits_hbm": total <= hbm_gib, f"xla_{compiler}_gib_per_device": buffers,
+            f"xla_{compiler}_total_gib_per_device": total}
 
 
 def per_device_bytes(abstract_tree, shardings) -> int:
@@ -159,7 +232,8 @@ def plan(args) -> dict:
     config.mesh.update(dict(num_devices=args.devices, fsdp=args.fsdp, data=1 if args.fsdp == -1 else -1))
     if args.fsdp_min_size:
         config.mesh.fsdp_min_size = args.fsdp_min_size
-    chips = tpu_slice_chips(args.tpu_topology) if args.tpu_topology else None
+    chips = (tpu_slice_chips(args.tpu_topology) if args.tpu_topology else
+             gpu_node_devices(args.gpu_target, args.gpu_target_text, args.devices) if args.gpu_target else None)
     mesh = sharding.mesh_from_config(config, devices=chips)
     sharding.check_global_batch(config.distill.batch_size, mesh, "--batch")
     rules = sharding.ShardingRules.from_config(config)
@@ -180,7 +254,7 @@ def plan(args) -> dict:
     parts["teacher"] = per_device_bytes(frozen_teacher, teacher_shardings)
     state_bytes = sum(parts.values())
     out = {"tiny": args.tiny, "devices": mesh.size, "device_kind": mesh.devices.flat[0].device_kind,
-           "tpu_topology": args.tpu_topology or None,
+           "tpu_topology": args.tpu_topology or None, "gpu_target": args.gpu_target or None,
            "mesh": {"data": mesh.shape[sharding.DATA_AXIS], "fsdp": mesh.shape[sharding.FSDP_AXIS]},
            "batch": config.distill.batch_size, "compute_dtype": config.precision.compute_dtype,
            "remat": config.model.remat,
@@ -206,9 +280,12 @@ def plan(args) -> dict:
         lowered = step.lower(placed(abstract, shardings), batch, frozen)
         if not chips:
             out["xla_cpu_estimate_gib_per_device"] = compiled_memory_gib(lowered.compile())
-        else:
-            out.update(tpu_fit(lowered, args.hbm_gib, state_bytes / gib))
+        elif args.tpu_topology:
+            out.update(compiled_fit(lowered, args.hbm_gib, state_bytes / gib, "tpu"))
             out["libtpu_init_args"] = os.environ.get("LIBTPU_INIT_ARGS", "")
+        else:
+            out.update(compiled_fit(lowered, args.hbm_gib, state_bytes / gib, "gpu"))
+            out["xla_flags"] = os.environ.get("XLA_FLAGS", "")
         out["compile_s"] = time.perf_counter() - start
     return out
 
@@ -216,7 +293,12 @@ def plan(args) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     if "jax" not in sys.modules:  # (an importer that already started JAX, a test, brings its own devices)
-        use_fake_cpu_devices(1 if args.tpu_topology else args.devices)
+        use_fake_cpu_devices(1 if args.tpu_topology or args.gpu_target else args.devices)
+    if args.gpu_target and "xla_gpu_enable_triton_gemm" not in os.environ.get("XLA_FLAGS", ""):
+        # Without a GPU to autotune on, XLA:GPU's default Triton tiling fails on some of the SD UNet's
+        # matmuls ("Couldn't find output tile sizes"); cuBLAS takes them instead, as it does on the card
+        # whenever it wins the autotuning.
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_enable_triton_gemm=false".strip()
     if args.tpu_hbm_cap_mib:  # read by libtpu when plan() first asks it for the slice, not at jax's import
         cap = f"--xla_tpu_max_hbm_size_mib={args.tpu_hbm_cap_mib}"
         os.environ["LIBTPU_INIT_ARGS"] = f"{os.environ.get('LIBTPU_INIT_ARGS', '')} {cap}".strip()

@@ -188,24 +188,66 @@ def _refusal(needed: str, limit: str) -> Exception:
                                       f"for HLO temporaries ({needed}) exceeds available HBM ({limit}).")
 
 
-def test_tpu_fit_reads_xla_tpu_buffers_or_its_out_of_memory_refusal():
+def test_compiled_fit_reads_xla_tpu_buffers_or_its_out_of_memory_refusal():
     compiled = _Lowered(_Compiled(_analysis(3, 3.5, 3, 9.25)))
-    fits = memory_plan.tpu_fit(compiled, hbm_gib=16.0, state_gib=2.9)
+    fits = memory_plan.compiled_fit(compiled, hbm_gib=16.0, state_gib=2.9, compiler="tpu")
     assert fits["fits_hbm"] is True and fits["xla_tpu_total_gib_per_device"] == pytest.approx(12.75)
-    assert memory_plan.tpu_fit(compiled, hbm_gib=12.5, state_gib=2.9)["fits_hbm"] is False
+    assert memory_plan.compiled_fit(compiled, hbm_gib=12.5, state_gib=2.9, compiler="tpu")["fits_hbm"] is False
     # Under the chip's own limit a refusal is a no, with the temporaries XLA:TPU could not get below.
-    refused = memory_plan.tpu_fit(_Lowered(_refusal("24.31G", "15.75G")), hbm_gib=16.0, state_gib=2.7)
+    refused = memory_plan.compiled_fit(_Lowered(_refusal("24.31G", "15.75G")), 16.0, 2.7, "tpu")
     assert refused["fits_hbm"] is False and refused["xla_tpu_limit_gib"] == 15.75
     assert refused["xla_tpu_gib_per_device"] == {"temporaries": 24.31}
     # Under a lower limit (--tpu_hbm_cap_mib) the least temporaries reached decide, with the state, against the chip.
-    capped = memory_plan.tpu_fit(_Lowered(_refusal("9216.00M", "1024.00M")), hbm_gib=16.0, state_gib=2.7)
+    capped = memory_plan.compiled_fit(_Lowered(_refusal("9216.00M", "1024.00M")), 16.0, 2.7, "tpu")
     assert capped["xla_tpu_gib_per_device"] == {"temporaries": 9.0} and capped["xla_tpu_limit_gib"] == 1.0
     assert capped["fits_hbm"] is True
-    assert memory_plan.tpu_fit(_Lowered(_refusal("9216.00M", "1024.00M")), hbm_gib=11.5, state_gib=2.7)[
+    assert memory_plan.compiled_fit(_Lowered(_refusal("9216.00M", "1024.00M")), 11.5, 2.7, "tpu")[
         "fits_hbm"] is False
     # Any other compile failure is not a fit answer: it propagates.
     with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
-        memory_plan.tpu_fit(_Lowered(jax.errors.JaxRuntimeError("INTERNAL: a compiler bug")), 16.0, 2.7)
+        memory_plan.compiled_fit(_Lowered(jax.errors.JaxRuntimeError("INTERNAL: a compiler bug")), 16.0, 2.7, "tpu")
+
+
+def test_compiled_fit_for_a_gpu_reads_xla_gpu_buffers_against_the_pool():
+    compiled = _Lowered(_Compiled(_analysis(21.6, 21.6, 21.6, 55.1)))
+    fits = memory_plan.compiled_fit(compiled, hbm_gib=79.0, state_gib=21.6, compiler="gpu")
+    assert fits == {"fits_hbm": True, "xla_gpu_total_gib_per_device": pytest.approx(76.7),
+                    "xla_gpu_gib_per_device": pytest.approx({"arguments": 21.6, "outputs_not_aliased": 0.0,
+                                                             "temporaries": 55.1})}
+    assert memory_plan.compiled_fit(compiled, 59.3, 21.6, "gpu")["fits_hbm"] is False
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):  # XLA:GPU refuses nothing for size
+        memory_plan.compiled_fit(_Lowered(jax.errors.JaxRuntimeError("INTERNAL: a compiler bug")), 79.0, 2.7, "gpu")
+
+
+H100_BYTES = 84929347584  # gpu_targets/h100.txtpb's device_memory_size
+
+
+def test_memory_plan_for_a_gpu_reads_its_target_and_fits_jax_s_allocator_pool(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    args = memory_plan.parse_args(["--gpu_target=h100"])
+    assert args.compile and args.devices == 1 and "NVIDIA H100" in args.gpu_target_text
+    assert args.hbm_gib == pytest.approx(0.75 * H100_BYTES / 2 ** 30)  # JAX's default pool
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
+    assert memory_plan.parse_args(["--gpu_target=h100"]).hbm_gib == pytest.approx(0.92 * H100_BYTES / 2 ** 30)
+    assert memory_plan.parse_args(["--gpu_target=h100", "--hbm_gib=70", "--devices=8"]).hbm_gib == 70
+    assert memory_plan.parse_args([]).hbm_gib == 16.0
+    # A target file of one's own, by path.
+    own = tmp_path / "card.txtpb"
+    own.write_text(args.gpu_target_text.replace(str(H100_BYTES), str(48 * 2 ** 30)))
+    assert memory_plan.parse_args([f"--gpu_target={own}"]).hbm_gib == pytest.approx(0.92 * 48)
+    # Bad input: each names the flag and what is wrong.
+    not_a_target = tmp_path / "notes.txt"
+    not_a_target.write_text("gpu: an H100\n")
+    for bad, says in ((["--gpu_target=h900"], "--gpu_target=h900: neither a known GPU (h100"),
+                      ([f"--gpu_target={not_a_target}"], "has no gpu_device_info.device_memory_size"),
+                      (["--gpu_target=h100", "--tpu_topology=v5e:2x4"], "give one")):
+        with pytest.raises(SystemExit):
+            memory_plan.parse_args(bad)
+        assert says in capsys.readouterr().err
+    # Without JAX's CUDA plugin (this suite's venv), or a target it cannot read: the flag and the fix.
+    with pytest.raises(SystemExit, match=rf"--gpu_target=h100: no GPU compiler .*pip install "
+                                         rf"jax-cuda12-plugin=={jax.__version__} jax-cuda12-pjrt=={jax.__version__}"):
+        memory_plan.gpu_node_devices("h100", "not a target {", 1)
 
 
 def _jaxlib_version() -> tuple:
