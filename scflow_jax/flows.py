@@ -12,6 +12,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from scflow_jax import paired_batch
+
 # A velocity function in the project convention: (params, t [B], x [B, ...], cond) -> v.
 VelocityFn = Callable[..., jax.Array]
 
@@ -77,11 +79,10 @@ def guided_velocity(velocity_fn: VelocityFn, params, t, x, cond, null_cond, scal
     """
     if null_cond is None or (isinstance(scale, (int, float)) and scale == 1.0):
         return velocity_fn(params, t, x, cond)
-    batch = x.shape[0]
     null = jnp.broadcast_to(null_cond, cond.shape).astype(cond.dtype)
-    v = velocity_fn(params, jnp.concatenate([t, t]), jnp.concatenate([x, x]),
-                    jnp.concatenate([cond, null]))
-    return classifier_free_guidance(v[:batch], v[batch:], scale)
+    v_cond, v_null = paired_batch.split(velocity_fn(
+        params, paired_batch.join(t, t), paired_batch.join(x, x), paired_batch.join(cond, null)))
+    return classifier_free_guidance(v_cond, v_null, scale)
 
 
 # --- Teachers with other conventions, wrapped once -------------------------------------

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from scflow_jax import flows
+from scflow_jax import flows, paired_batch
 from scflow_jax.losses import adversarial
 
 sg = jax.lax.stop_gradient
@@ -75,8 +75,8 @@ def local_step_sizes(rng: jax.Array, t: jax.Array, delta: float) -> tuple[jax.Ar
 
 
 def doubled(cond):
-    """The condition of a doubled batch; ``None`` (unconditional models) stays ``None``."""
-    return None if cond is None else jnp.concatenate([cond, cond])
+    """The condition of a paired batch whose halves share it; ``None`` (unconditional models) stays ``None``."""
+    return None if cond is None else paired_batch.join(cond, cond)
 
 
 def one_step_sample(velocity_fn, params, z1: jax.Array, cond) -> jax.Array:
@@ -128,19 +128,18 @@ def prepare_generator_inputs(rng, z0, cond, *, teacher_params, target_params, nu
     bidirectional = enabled(cfg, "inv")
     if bidirectional:  # both target evaluations as one network call on the doubled batch
         x_plus = flows.euler_move(x_t, t, t_plus, v_teacher)
-        times = jnp.concatenate([t_minus, t_plus])
-        xs = jnp.concatenate([x_minus, x_plus])
+        times = paired_batch.join(t_minus, t_plus)
+        xs = paired_batch.join(x_minus, x_plus)
         conds = doubled(cond)
     else:
         times, xs, conds = t_minus, x_minus, cond
     v_target = nets.velocity_fn(target_params, network_time(times, cfg), xs, conds)
     predictions = flows.data_prediction(xs, times, v_target)
-    target_minus = predictions[:batch]
+    target_minus, target_plus = paired_batch.split(predictions) if bidirectional else (predictions, None)
     # Truncation: close to the data the target network is unreliable; the real sample is
     # the exact answer there.
     truncate = flows.broadcast_time(t_minus < cfg.trunc_threshold, z0)
     target_minus = jnp.where(truncate, z0, target_minus)
-    target_plus = predictions[batch:] if bidirectional else None
     return jax.tree.map(sg, GeneratorInputs(z0, z1, cond, t, x_t, t_minus, target_minus,
                                             target_plus))
 
@@ -158,14 +157,13 @@ def generator_regression_loss(params, inputs: GeneratorInputs, z0_hat, step, *,
     if self_corrected:
         z0_hat = sg(z0_hat)
         x_tilde = flows.interpolate(z0_hat, inputs.z1, t)
-        times, xs = jnp.concatenate([t, t]), jnp.concatenate([x_t, x_tilde])
+        times, xs = paired_batch.join(t, t), paired_batch.join(x_t, x_tilde)
         conds = doubled(inputs.cond)
     else:
         times, xs, conds = t, x_t, inputs.cond
     predictions = flows.data_prediction(xs, times, nets.velocity_fn(
         params, network_time(times, cfg), xs, conds))
-    batch = x_t.shape[0]
-    current = predictions[:batch]
+    current, at_x_tilde = paired_batch.split(predictions) if self_corrected else (predictions, None)
 
     distance = (lambda a, b: pseudo_huber(a, b, cfg.huber_c)) if cfg.use_teacher \
         else mean_squared_error
@@ -175,7 +173,7 @@ def generator_regression_loss(params, inputs: GeneratorInputs, z0_hat, step, *,
         terms["loss_inv"] = distance(current, inputs.target_plus)
         weights["loss_inv"] = term_weight(cfg.lambda_inv, cfg.warmup_inv, step)
     if use_rf:
-        terms["loss_rf"] = (mean_squared_error(predictions[batch:], z0_hat) if self_corrected
+        terms["loss_rf"] = (mean_squared_error(at_x_tilde, z0_hat) if self_corrected
                             else mean_squared_error(current, inputs.z0))
         weights["loss_rf"] = term_weight(cfg.lambda_rf, cfg.warmup_rf, step)
     loss = sum(weights[k] * terms[k] for k in terms)
