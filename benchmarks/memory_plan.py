@@ -27,11 +27,11 @@ temporaries it reached, plus the state, against the chip's memory (``--hbm_gib``
 ``--gpu_target`` is the same for NVIDIA GPUs that are not here: XLA:GPU compiles the step for a deviceless
 GPU described by a target file (``gpu_targets/h100.txtpb``: the card's CUDA device properties), through
 JAX's CUDA plugin (``pip install jax-cuda12-plugin==V jax-cuda12-pjrt==V``, V the jax version), which
-compiles with no GPU, driver or CUDA libraries present. XLA:GPU does not refuse a step that is too large; it rematerialises toward its own limit (about
-three quarters of the card, logged when it falls short) and then assigns buffers. The step fits when its
-arguments, outputs and temporaries fit JAX's allocator pool on the card: ``XLA_PYTHON_CLIENT_MEM_FRACTION``
-(JAX's default 0.75) of its memory, unless ``--hbm_gib`` says otherwise. Without the GPU there is no
-autotuning, so XLA takes its default kernels; their buffers are the ones that matter here.
+compiles with no GPU, driver or CUDA libraries present. XLA:GPU does not refuse a step that is too large:
+it rematerialises toward its own limit (about three quarters of the card, logged when it falls short)
+and then assigns buffers. The step fits when its arguments, outputs and temporaries fit JAX's allocator
+pool on the card: ``XLA_PYTHON_CLIENT_MEM_FRACTION`` (JAX's default 0.75) of its memory, unless
+``--hbm_gib`` says otherwise. Without the GPU there is no autotuning, so XLA takes its default kernels.
 
 Usage:
   python benchmarks/memory_plan.py --devices=8 --fsdp=8 [--batch=40] [--hbm_gib=16] [--compile]
@@ -166,7 +166,8 @@ def gpu_node_devices(target: str, target_text: str, count: int) -> list:
         raise SystemExit(f"--gpu_target={target}: no GPU compiler could describe {count} of it "
                          f"({type(error).__name__}: {str(error).strip()[:300]}). It needs JAX's CUDA plugin, the "
                          f"release matching jax: pip install jax-cuda12-plugin=={jax.__version__} "
-                         f"jax-cuda12-pjrt=={jax.__version__} (no GPU, driver or CUDA libraries are needed to compile).")
+                         f"jax-cuda12-pjrt=={jax.__version__} (no GPU, driver or CUDA libraries are needed to "
+                         f"compile).")
 
 
 # XLA:TPU refuses a program whose temporaries exceed the chip's memory, naming both sizes (unit K, M or G).
