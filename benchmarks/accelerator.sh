@@ -4,7 +4,8 @@
 #   2. generate   SD 1.5 1-step 512 px generation (UNet + VAE decode, bf16): images/s at batch 32, latency at batch 1
 #   3. t2i        the SD 1.5 recipe's SCFlow distillation step (bf16, remat): step time, memory, MFU, at batch 16,
 #                 which XLA:GPU's own plan for an H100 fits in the 0.92 pool below (benchmarks/memory_plan.py
-#                 --gpu_target=h100: 66.0 GiB with jaxlib 0.10.2, 58.5 with 0.11.2; 20 needs 76.7 on 0.10.2)
+#                 --gpu_target=h100: 66.0 GiB with jaxlib 0.10.2, 58.5 with 0.11.2; 20 needs 76.7 on 0.10.2 and
+#                 66.8 on 0.11.2: with 0.11.2, benchmarks/t2i_speed.py --part=distill --batch=20 runs the paper's)
 #   4. issue 8    benchmarks/distill_step.py: the side-by-side latent CelebA-HQ work, then its --full size
 #   5. remat      benchmarks/remat_probe.py --sd15: temporaries of the SD UNet gradient with and without remat
 # Each part runs in its own process under its own time limit, so one that fails or overruns costs only itself.
