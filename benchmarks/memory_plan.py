@@ -96,10 +96,10 @@ def parse_args(argv=None):
     if args.gpu_target:
         try:
             args.gpu_target_text = gpu_target_text(args.gpu_target)
+            if args.hbm_gib is None:
+                args.hbm_gib = gpu_pool_gib(args.gpu_target_text)
         except ValueError as error:
             parser.error(str(error))
-        if args.hbm_gib is None:
-            args.hbm_gib = gpu_pool_gib(args.gpu_target_text)
     if args.hbm_gib is None:
         args.hbm_gib = 16.0
     return args
@@ -148,7 +148,13 @@ def gpu_target_text(target: str) -> str:
 
 def gpu_pool_gib(target_text: str) -> float:
     """GiB that JAX's allocator takes on the target card: its memory times XLA_PYTHON_CLIENT_MEM_FRACTION."""
-    fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", JAX_DEFAULT_GPU_MEM_FRACTION))
+    value = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", str(JAX_DEFAULT_GPU_MEM_FRACTION))
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = -1.0
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"XLA_PYTHON_CLIENT_MEM_FRACTION={value!r} must be a number in (0, 1]")
     return int(_DEVICE_MEMORY_SIZE.search(target_text).group(1)) * fraction / 2 ** 30
 
 

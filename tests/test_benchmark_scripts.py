@@ -230,6 +230,12 @@ def test_memory_plan_for_a_gpu_reads_its_target_and_fits_jax_s_allocator_pool(mo
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
     assert memory_plan.parse_args(["--gpu_target=h100"]).hbm_gib == pytest.approx(0.92 * H100_BYTES / 2 ** 30)
     assert memory_plan.parse_args(["--gpu_target=h100", "--hbm_gib=70", "--devices=8"]).hbm_gib == 70
+    for bad_fraction in ("0.0", "1.5", "most"):
+        monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", bad_fraction)
+        with pytest.raises(SystemExit):
+            memory_plan.parse_args(["--gpu_target=h100"])
+        assert f"XLA_PYTHON_CLIENT_MEM_FRACTION='{bad_fraction}' must be a number in (0, 1]" in capsys.readouterr().err
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
     assert memory_plan.parse_args([]).hbm_gib == 16.0
     # A target file of one's own, by path.
     own = tmp_path / "card.txtpb"
