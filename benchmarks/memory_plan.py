@@ -32,6 +32,9 @@ it rematerialises toward its own limit (about three quarters of the card, logged
 and then assigns buffers. The step fits when its arguments, outputs and temporaries fit JAX's allocator
 pool on the card: ``XLA_PYTHON_CLIENT_MEM_FRACTION`` (JAX's default 0.75) of its memory, unless
 ``--hbm_gib`` says otherwise. Without the GPU there is no autotuning, so XLA takes its default kernels.
+On several GPUs the step is built and compiled as the trainer's (``xla_gpu.py``: synchronous collectives,
+FSDP parameters gathered where each network runs); ``--overlap_collectives`` plans XLA's asynchronous
+collectives instead.
 
 Usage:
   python benchmarks/memory_plan.py --devices=8 --fsdp=8 [--batch=40] [--hbm_gib=16] [--compile]
@@ -75,6 +78,9 @@ def parse_args(argv=None):
     parser.add_argument("--gpu_target", default="",
                         help="an NVIDIA GPU to compile for without one: h100, or an XLA GpuTargetConfig text "
                              "file; implies --compile, XLA:GPU's buffer sizes")
+    parser.add_argument("--overlap_collectives", action="store_true",
+                        help="plan config.mesh.overlap_collectives=True: XLA:GPU's asynchronous "
+                             "collectives (default: synchronous, as the trainer runs them)")
     parser.add_argument("--fsdp_min_size", type=int, default=0,
                         help="smallest array FSDP splits, in elements (0: the config's, 2**16)")
     parser.add_argument("--tiny", action="store_true", help="tiny networks (tests)")
@@ -231,7 +237,7 @@ def plan(args) -> dict:
 
     import t2i_speed
     from common import compiled_memory_gib
-    from scflow_jax import distill, precision, sharding, train_state
+    from scflow_jax import distill, precision, sharding, train_state, xla_gpu
     from scflow_jax.models import unet_sd
 
     config = t2i_speed.recipe_config(args.tiny, batch=args.batch or None)
@@ -273,8 +279,11 @@ def plan(args) -> dict:
            "hbm_gib": args.hbm_gib,
            "left_for_activations_gib": args.hbm_gib - state_bytes / gib}
     if args.compile:
-        step = distill.make_train_step(distill.networks(task), config.scflow, optimizer, disc_optimizer,
-                                       jax.random.PRNGKey(1), out_shardings=(shardings, sharding.replicated(mesh)))
+        options = xla_gpu.step_compiler_options(mesh, args.overlap_collectives)
+        out["step_compiler_options"] = options
+        step = distill.make_train_step(distill.networks(task, mesh, rules), config.scflow, optimizer, disc_optimizer,
+                                       jax.random.PRNGKey(1), out_shardings=(shardings, sharding.replicated(mesh)),
+                                       compiler_options=options)
         placed = lambda tree, where: jax.tree.map(  # noqa: E731
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, where)
         example = t2i_speed.RandomBatches(range(config.distill.batch_size), task.latent_shape, 0).batch(0)

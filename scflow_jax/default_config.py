@@ -61,7 +61,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Devices form a (data, fsdp) mesh; the batch is split over both axes, parameters of at
     # least fsdp_min_size elements over fsdp (sharding.py). -1: the remaining devices.
     # fsdp_strict: a large parameter the fsdp size cannot split is an error, not replicated.
-    c.mesh = dict(data=-1, fsdp=1, num_devices=-1, fsdp_min_size=2 ** 16, fsdp_strict=False)
+    # overlap_collectives: on several GPUs, XLA's asynchronous collectives (overlapped with
+    # compute, but the schedule keeps activations live: about twice the step's temporaries);
+    # False runs them synchronously (xla_gpu.py). No effect on one device, CPU or TPU.
+    c.mesh = dict(data=-1, fsdp=1, num_devices=-1, fsdp_min_size=2 ** 16, fsdp_strict=False,
+                  overlap_collectives=False)
 
     # Multi-host (distributed.py): used when main.py gets --multihost or enabled=True.
     # None: detected by JAX (Cloud TPU, SLURM). The timeout turns a missing coordinator or

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from scflow_jax import checkpoint, precision, sharding, teacher, train_state, trainer
+from scflow_jax import checkpoint, precision, sharding, teacher, train_state, trainer, xla_gpu
 from scflow_jax.losses import scflow
 from scflow_jax.tasks import Task, build_task
 
@@ -92,20 +92,27 @@ def _place(host_params, mesh, rules):
         jax.eval_shape(lambda: host_params), mesh, rules))
 
 
-def networks(task: Task) -> scflow.SCFlowNetworks:
-    """Student, target and teacher share the task's flow network; D is the task's."""
-    return scflow.SCFlowNetworks(velocity_fn=task.velocity_fn,
-                                 teacher_velocity_fn=task.velocity_fn, disc_fn=task.disc_fn,
+def networks(task: Task, mesh=None,
+             rules: sharding.ShardingRules | None = None) -> scflow.SCFlowNetworks:
+    """Student, target and teacher share the task's flow network; D is the task's. Given the
+    ``mesh`` (and the FSDP ``rules``), each runs as ``xla_gpu.network_for_mesh`` says."""
+    def on_mesh(fn):
+        return fn if mesh is None or fn is None else xla_gpu.network_for_mesh(fn, mesh, rules)
+
+    return scflow.SCFlowNetworks(velocity_fn=on_mesh(task.velocity_fn),
+                                 teacher_velocity_fn=on_mesh(task.velocity_fn),
+                                 disc_fn=on_mesh(task.disc_fn),
                                  disc_takes_time=task.disc_takes_time)
 
 
 def make_train_step(nets: scflow.SCFlowNetworks, cfg, optimizer, disc_optimizer, root_key,
-                    out_shardings=None):
+                    out_shardings=None, compiler_options=None):
     """The jitted SCFlow iteration ``(state, batch, frozen) -> (state, metrics)``.
 
     ``cfg`` is the ``config.scflow`` group; ``batch`` holds ``image`` (z0) and ``cond``;
     ``frozen`` holds ``teacher_params`` and ``null_cond``. ``out_shardings``: (state
     shardings, metrics sharding), keeping the state's layout fixed from step to step.
+    ``compiler_options``: XLA options of this program (xla_gpu.step_compiler_options).
     """
     use_gan = scflow.gan_enabled(cfg)
 
@@ -170,7 +177,7 @@ def make_train_step(nets: scflow.SCFlowNetworks, cfg, optimizer, disc_optimizer,
         return new_state, metrics
 
     out = {} if out_shardings is None else {"out_shardings": out_shardings}
-    return jax.jit(step_fn, donate_argnums=(0,), **out)
+    return jax.jit(step_fn, donate_argnums=(0,), compiler_options=compiler_options, **out)
 
 
 def init_distill_state(init_disc_params, teacher_params, optimizer, disc_optimizer, disc_key):
@@ -242,8 +249,9 @@ def build_distill(config, workdir: str, teacher_params=None, task: Task | None =
     frozen = {"teacher_params": teacher_params,
               "null_cond": None if null_cond is None
               else sharding.put_replicated(jnp.asarray(null_cond), mesh)}
-    step = make_train_step(networks(task), config.scflow, optimizer, disc_optimizer, root_key,
-                           out_shardings=(shardings, sharding.replicated(mesh)))
+    step = make_train_step(networks(task, mesh, rules), config.scflow, optimizer, disc_optimizer, root_key,
+                           out_shardings=(shardings, sharding.replicated(mesh)),
+                           compiler_options=xla_gpu.from_config(config, mesh))
     return DistillSetup(mesh=mesh, task=task, state=state, abstract_state=abstract,
                         state_shardings=shardings, frozen=frozen, jitted_step=step,
                         train_step=lambda s, b: step(s, b, frozen), data=data)

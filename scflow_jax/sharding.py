@@ -197,6 +197,47 @@ def state_shardings(abstract_state: Any, mesh, rules: ShardingRules | None = Non
     return jax.tree_util.tree_map_with_path(one, abstract_state)
 
 
+def gathered_at_use(network_fn, mesh, rules: ShardingRules | None = None):
+    """``network_fn(params, *args)`` with ``params`` gathered whole (replicated) where it is
+    called, on a mesh with an fsdp axis; ``network_fn`` itself otherwise.
+
+    FSDP stores parameters split; where a network runs on them, XLA's SPMD partitioner may
+    instead split the computation along the parameters' split dimension and move the batch's
+    activations between devices (all-to-alls, reduce-scatters of activations: seen in the
+    discriminator's backward pass and the UNet's upsampling convolutions), which keeps extra
+    activation copies live. Gathering the parameters first leaves every activation split by
+    batch. The gradient goes back split as ``rules`` split the parameter (a reduce-scatter,
+    not an all-reduce of the whole gradient). The cost is one whole copy of the network's
+    parameters while it runs; the training steps pay it on GPUs only (xla_gpu.py says why).
+    """
+    num_fsdp = fsdp_size(mesh)
+    if num_fsdp == 1:
+        return network_fn
+    rules = dataclasses.replace(rules or ShardingRules(), strict=False)
+    whole = replicated(mesh)
+
+    def gather(leaf):
+        split = NamedSharding(mesh, fsdp_spec(tuple(leaf.shape), num_fsdp, rules) or P())
+
+        @jax.custom_vjp
+        def gathered(x):
+            return jax.lax.with_sharding_constraint(x, whole)
+
+        def forward(x):
+            return gathered(x), None
+
+        def backward(_, cotangent):
+            return (jax.lax.with_sharding_constraint(cotangent, split),)
+
+        gathered.defvjp(forward, backward)
+        return gathered(leaf)
+
+    def run(params, *args, **kwargs):
+        return network_fn(jax.tree.map(gather, params), *args, **kwargs)
+
+    return run
+
+
 # --------------------------------------------------------------------------- batches
 def process_batch_indices(mesh, global_batch: int) -> np.ndarray:
     """Global row indices of the batch that this process's devices hold, in increasing order.

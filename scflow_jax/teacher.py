@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from scflow_jax import checkpoint, precision, recipes, sharding, train_state, trainer
+from scflow_jax import checkpoint, precision, recipes, sharding, train_state, trainer, xla_gpu
 from scflow_jax.data.pipeline import InMemoryBatches
 from scflow_jax.losses import flow_matching
 from scflow_jax.tasks import Task, build_task
@@ -52,19 +52,23 @@ def check_grad_accum(cfg, mesh, field: str = "config.teacher") -> int:
     return steps
 
 
-def make_train_step(task: Task, cfg, optimizer, mesh, root_key, state_shardings=None):
+def make_train_step(task: Task, cfg, optimizer, mesh, root_key, state_shardings=None,
+                    compiler_options=None, rules: sharding.ShardingRules | None = None):
     """The jitted, donated teacher step: flow-matching loss, AdamW, EMA.
 
     With ``cfg.grad_accum_steps = k > 1`` the global batch is processed as k microbatches
     in a ``lax.scan`` and their gradients are averaged before one optimizer update
-    (microbatch j draws its noise from ``fold_in(step_key, j)``).
+    (microbatch j draws its noise from ``fold_in(step_key, j)``). ``compiler_options``: XLA
+    options of this program (xla_gpu.step_compiler_options); ``rules``: the FSDP rules that
+    split the parameters (xla_gpu.network_for_mesh).
     """
     null_cond = sharding.put_replicated(jnp.asarray(task.null_cond), mesh)
     num_micro = check_grad_accum(cfg, mesh)
+    velocity_fn = xla_gpu.network_for_mesh(task.velocity_fn, mesh, rules)
 
     def loss_and_grads(params, batch, rng, null_cond):
         loss_fn = functools.partial(
-            flow_matching.flow_matching_loss, velocity_fn=task.velocity_fn, z0=batch["image"],
+            flow_matching.flow_matching_loss, velocity_fn=velocity_fn, z0=batch["image"],
             cond=batch["cond"], rng=rng, null_cond=null_cond,
             cond_drop_prob=cfg.cond_drop_prob)
         (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -98,7 +102,7 @@ def make_train_step(task: Task, cfg, optimizer, mesh, root_key, state_shardings=
     # Explicit output shardings keep the state's layout fixed from step to step.
     out = {} if state_shardings is None else {
         "out_shardings": (state_shardings, sharding.replicated(mesh))}
-    jitted = jax.jit(step_fn, donate_argnums=(0,), **out)
+    jitted = jax.jit(step_fn, donate_argnums=(0,), compiler_options=compiler_options, **out)
     return lambda state, batch: jitted(state, batch, null_cond)
 
 
@@ -120,8 +124,8 @@ def train_teacher(config, workdir: str) -> None:
         return train_state.FlowTrainState(step=jnp.zeros((), jnp.int32), params=params,
                                           ema_params=params, opt_state=optimizer.init(params))
 
-    state, abstract, shardings = trainer.init_state(init_fn, mesh,
-                                                    sharding.ShardingRules.from_config(config))
+    rules = sharding.ShardingRules.from_config(config)
+    state, abstract, shardings = trainer.init_state(init_fn, mesh, rules)
     trainer.log_parameter_overview(state.params, "teacher")
     logging.info("[teacher] %d parameters, %d training examples, global batch %d",
                  train_state.count_params(state.params), len(task.train["image"]),
@@ -135,7 +139,8 @@ def train_teacher(config, workdir: str) -> None:
             cfg.num_steps, cfg.log_every, cfg.checkpoint_every, cfg.keep_checkpoints,
             cfg.sample_every),
         state=state, abstract_state=abstract, state_shardings=shardings,
-        train_step=make_train_step(task, cfg, optimizer, mesh, root_key, shardings),
+        train_step=make_train_step(task, cfg, optimizer, mesh, root_key, shardings,
+                                   compiler_options=xla_gpu.from_config(config, mesh), rules=rules),
         batch_fn=data.batch, mesh=mesh,
         # Replicated parameters make the grid a replicated array every process can read.
         sample_images=lambda state: grid(sharding.put_replicated(state.ema_params, mesh)),
