@@ -22,7 +22,7 @@ def stub_mesh(platform: str, count: int, fsdp: int = 1):
         [types.SimpleNamespace(platform=platform) for _ in range(count)], dtype=object))
 
 
-def test_several_gpus_reduce_gradients_synchronously_unless_asked_to_overlap():
+def test_several_gpus_run_collectives_synchronously_unless_asked_to_overlap():
     assert xla_gpu.step_compiler_options(stub_mesh("gpu", 2)) == {
         "xla_gpu_disable_async_collectives": "ALLREDUCE,REDUCESCATTER,ALLGATHER"}
     assert xla_gpu.step_compiler_options(stub_mesh("gpu", 8), overlap_collectives=True) is None
