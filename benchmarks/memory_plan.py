@@ -36,11 +36,18 @@ On several GPUs the step is built and compiled as the trainer's (``xla_gpu.py``:
 FSDP parameters gathered where each network runs); ``--overlap_collectives`` plans XLA's asynchronous
 collectives instead.
 
+``--sampler=N`` plans the evaluation sampler instead of the training step: N Euler steps of the student,
+the program ``--mode=sample`` and ``--mode=evaluate`` run (VAE decode excluded), at ``--batch`` (default
+the recipe's evaluation batch). It reports that program's buffers per device and its collectives, with
+the student held whole on every device as the samplers hold it, or split over fsdp like the training
+state (``--sampler_split``, how they held it before).
+
 Usage:
   python benchmarks/memory_plan.py --devices=8 --fsdp=8 [--batch=40] [--hbm_gib=16] [--compile]
   python benchmarks/memory_plan.py --tpu_topology=v5e:2x4 --fsdp=8 [--batch=40]   # XLA:TPU's plan, 8 v5e chips
   python benchmarks/memory_plan.py --tpu_topology=v5e:2x4 --tpu_hbm_cap_mib=1024 --batch=8   # its least
   python benchmarks/memory_plan.py --gpu_target=h100 --devices=1 --fsdp=1 --batch=20   # XLA:GPU's, one H100
+  python benchmarks/memory_plan.py --gpu_target=h100 --devices=2 --fsdp=2 --batch=16 --sampler=1 [--sampler_split]
   --tiny: the tiny test networks (for tests; the figures mean nothing).
 Runs on the CPU with --devices fake host devices. Prints one JSON line and appends it to
 benchmarks/results.json unless --no_record.
@@ -83,6 +90,12 @@ def parse_args(argv=None):
                              "collectives (default: synchronous, as the trainer runs them)")
     parser.add_argument("--fsdp_min_size", type=int, default=0,
                         help="smallest array FSDP splits, in elements (0: the config's, 2**16)")
+    parser.add_argument("--sampler", type=int, default=0,
+                        help="plan the evaluation sampler instead of the training step: this many Euler steps "
+                             "of the student (ShardedSampler's program, held as --mode=evaluate holds it)")
+    parser.add_argument("--sampler_split", action="store_true",
+                        help="with --sampler: the student split over fsdp like the training state, as the "
+                             "samplers held it before sharding.sampler_shardings")
     parser.add_argument("--tiny", action="store_true", help="tiny networks (tests)")
     parser.add_argument("--no_record", action="store_true", help="print only")
     args = parser.parse_args(argv)
@@ -97,6 +110,12 @@ def parse_args(argv=None):
         parser.error("--tpu_hbm_cap_mib needs --tpu_topology")
     if args.tpu_hbm_cap_mib < 0:
         parser.error(f"--tpu_hbm_cap_mib={args.tpu_hbm_cap_mib} must be >= 0")
+    if args.sampler < 0:
+        parser.error(f"--sampler={args.sampler} must be >= 0 (0: plan the training step)")
+    if args.sampler_split and not args.sampler:
+        parser.error("--sampler_split needs --sampler")
+    if args.overlap_collectives and args.sampler:
+        parser.error("--overlap_collectives plans the training step; --sampler plans the sampler")
     if args.hbm_gib is not None and args.hbm_gib <= 0:
         parser.error(f"--hbm_gib={args.hbm_gib} must be > 0")
     if args.gpu_target:
@@ -248,10 +267,12 @@ def plan(args) -> dict:
     chips = (tpu_slice_chips(args.tpu_topology) if args.tpu_topology else
              gpu_node_devices(args.gpu_target, args.gpu_target_text, args.devices) if args.gpu_target else None)
     mesh = sharding.mesh_from_config(config, devices=chips)
-    sharding.check_global_batch(config.distill.batch_size, mesh, "--batch")
     rules = sharding.ShardingRules.from_config(config)
     task = precision.configure_task(t2i_speed.random_task(config, args.tiny), config)
     teacher = unet_sd.unet_param_shapes(task.network_config)  # float32, as the state is initialised from it
+    if args.sampler:  # the student, as exported, has the teacher's shapes and float32 storage
+        return sampler_plan(args, task, teacher, mesh, rules, chips)
+    sharding.check_global_batch(config.distill.batch_size, mesh, "--batch")
     optimizer = train_state.make_optimizer(config.distill.optimizer)
     disc_optimizer = train_state.make_optimizer(config.disc.optimizer)
 
@@ -304,6 +325,50 @@ def plan(args) -> dict:
             out["xla_flags"] = os.environ.get("XLA_FLAGS", "")
         out["compile_s"] = time.perf_counter() - start
     return out
+
+
+# A collective in XLA's compiled text, synchronous or the start of an asynchronous one.
+_COLLECTIVE = re.compile(r"\b(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(")
+
+
+def sampler_plan(args, task, abstract_params, mesh, rules, chips) -> dict:
+    """The evaluation sampler's program (``generate.sampler_program``, ``args.sampler`` Euler steps of the
+    student at global batch ``args.batch``, default the recipe's evaluation batch) compiled for ``mesh``:
+    its buffers per device and its collectives. The student is held as the samplers hold it
+    (``sharding.sampler_shardings``), or split over fsdp like the training state (``--sampler_split``).
+    The VAE decode runs after this program and is not in it."""
+    import jax
+    import jax.numpy as jnp
+
+    from common import compiled_memory_gib
+    from scflow_jax import sharding
+    from scflow_jax.evaluation import generate
+
+    batch = args.batch or task.config.eval.batch_size
+    sharding.check_global_batch(batch, mesh, "--batch")
+    held = (sharding.state_shardings(abstract_params, mesh, rules) if args.sampler_split
+            else sharding.sampler_shardings(abstract_params, mesh))
+    program = generate.sampler_program(generate.euler_sample_fn(task.velocity_fn, num_steps=args.sampler),
+                                       latent_shape=task.latent_shape, seed=0, mesh=mesh)
+    rows = sharding.batch_sharding(mesh)
+    null = task.null_cond
+    start = time.perf_counter()
+    compiled = program.lower(
+        jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params, held),
+        jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows),
+        jax.ShapeDtypeStruct((batch,) + tuple(null.shape), null.dtype, sharding=rows), None).compile()
+    collectives = {}
+    for match in _COLLECTIVE.finditer(compiled.as_text()):
+        collectives[match.group(1)] = collectives.get(match.group(1), 0) + 1
+    buffers = compiled_memory_gib(compiled)
+    return {"program": "sampler", "sampler_steps": args.sampler, "student_held": "split" if args.sampler_split
+            else "whole", "tiny": args.tiny, "devices": mesh.size, "device_kind": mesh.devices.flat[0].device_kind,
+            "tpu_topology": args.tpu_topology or None, "gpu_target": args.gpu_target or None,
+            "mesh": {"data": mesh.shape[sharding.DATA_AXIS], "fsdp": mesh.shape[sharding.FSDP_AXIS]},
+            "batch": batch, "compute_dtype": task.config.precision.compute_dtype,
+            "student_gib_per_device": per_device_bytes(abstract_params, held) / 2 ** 30,
+            "collectives": collectives, "compiler": "cpu" if not chips else "tpu" if args.tpu_topology else "gpu",
+            "xla_gib_per_device": buffers, "compile_s": time.perf_counter() - start}
 
 
 def main(argv=None):

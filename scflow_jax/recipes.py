@@ -125,9 +125,10 @@ class LatentTask:
         return unet_sd.unet_param_shapes(self.network_config)
 
     def load_flow_params(self, path: str, mesh, what: str):
-        """Flow-network parameters exported by a stage (the student), checked by name and shape."""
+        """Flow-network parameters exported by a stage (the student), checked by name and shape,
+        whole on every device of ``mesh`` (``sharding.sampler_shardings``)."""
         abstract = self.abstract_params()
-        return checkpoint.load_params(path, abstract, sharding.state_shardings(abstract, mesh), what=what)
+        return checkpoint.load_params(path, abstract, sharding.sampler_shardings(abstract, mesh), what=what)
 
     @functools.cached_property
     def _vae(self) -> tuple[vae_lib.VAE, Any]:

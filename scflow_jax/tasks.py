@@ -90,9 +90,9 @@ class Task:
 
     def load_flow_params(self, path: str, mesh, what: str) -> Any:
         """Flow-network parameters exported by a stage, checked name by name against this
-        task's architecture and placed replicated on ``mesh``."""
+        task's architecture, whole on every device of ``mesh`` (``sharding.sampler_shardings``)."""
         abstract = jax.eval_shape(self.init_params, jax.random.PRNGKey(0))
-        return checkpoint.load_params(path, abstract, sharding.state_shardings(abstract, mesh),
+        return checkpoint.load_params(path, abstract, sharding.sampler_shardings(abstract, mesh),
                                       what=what)
 
     def disc_fn(self, disc_params, x, cond):

@@ -115,6 +115,23 @@ def test_memory_plan_names_a_batch_the_mesh_cannot_split_and_bad_arguments(capsy
         assert name in capsys.readouterr().err
 
 
+def test_memory_plan_of_the_sampler_holds_the_student_whole_and_moves_nothing(capsys):
+    flags = ("--devices=4", "--fsdp=4", "--batch=8", "--sampler=2", "--fsdp_min_size=64")
+    whole, split = _memory_plan(*flags), _memory_plan(*flags, "--sampler_split")
+    student = 4 * train_state.count_params(unet_sd.unet_param_shapes(t2i_speed.TINY_UNET)) / 2 ** 30
+    assert (whole["program"], whole["student_held"], split["student_held"]) == ("sampler", "whole", "split")
+    assert whole["student_gib_per_device"] == pytest.approx(student)
+    assert student / 4 <= split["student_gib_per_device"] < student / 2
+    # Whole, the program needs no collective; split over fsdp, XLA moves activations between devices too.
+    assert whole["collectives"] == {}
+    assert set(split["collectives"]) - {"all-gather"}
+    for bad, name in ((("--sampler_split",), "--sampler"), (("--sampler=-1",), "--sampler"),
+                      (("--sampler=1", "--overlap_collectives"), "--overlap_collectives")):
+        with pytest.raises(SystemExit):
+            memory_plan.parse_args(list(bad))
+        assert name in capsys.readouterr().err
+
+
 def test_remat_probe_compiles_both_forms_and_the_remat_unet_recomputes():
     out = remat_probe.probe(sd15=False)
     # 64 forward matmuls; backward, each one's weight gradient and all but the first one's input gradient.

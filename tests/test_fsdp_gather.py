@@ -1,5 +1,7 @@
 """FSDP networks gather their parameters where they run (sharding.gathered_at_use): with the parameters split,
-XLA may split the computation instead and move activations between devices; gathered, only parameters move."""
+XLA may split the computation instead and move activations between devices; gathered, only parameters move.
+The samplers hold their network whole instead (sharding.sampler_shardings)."""
+import functools
 import re
 
 import jax
@@ -8,7 +10,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import scflow_testlib as lib
-from scflow_jax import distill, sharding, teacher, xla_gpu
+from scflow_jax import checkpoint, distill, sharding, teacher, xla_gpu
 from scflow_jax.tasks import build_task
 
 _ACTIVATION_MOVES = re.compile(r"\b(all-reduce|all-to-all|reduce-scatter|collective-permute)(-start)?\(")
@@ -96,3 +98,16 @@ def test_the_teacher_step_gathers_its_network_under_the_gpu_policy(monkeypatch):
     wrapped = _gather_as_on_gpus(monkeypatch)
     teacher.make_train_step(task, config.teacher, optimizer, mesh, root_key)
     assert wrapped == [task.velocity_fn]
+
+
+def test_the_samplers_hold_the_student_whole_on_an_fsdp_mesh(tmp_path, monkeypatch):
+    # FSDP's default rules leave the tiny network whole; split even its kernels, as they split the real ones.
+    monkeypatch.setattr(sharding, "ShardingRules", functools.partial(sharding.ShardingRules, fsdp_min_size=1))
+    config = lib.make_config(num_devices=8, mesh__fsdp=4)
+    task, mesh = build_task(config), sharding.mesh_from_config(config)
+    params = task.init_params(jax.random.PRNGKey(0))
+    assert any(not s.is_fully_replicated for s in jax.tree.leaves(sharding.state_shardings(params, mesh)))
+    checkpoint.save_params(str(tmp_path / "student"), params)
+    loaded = task.load_flow_params(str(tmp_path / "student"), mesh, "student parameters")
+    assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(loaded))
+    lib.assert_trees_close(lib.to_host(loaded), lib.to_host(params), what="student", rtol=0, atol=0)

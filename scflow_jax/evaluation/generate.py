@@ -24,8 +24,8 @@ import numpy as np
 
 from scflow_jax import monitoring, sampling, sharding
 
-__all__ = ["sample_noise", "euler_sample_fn", "ShardedSampler", "num_batches", "batch_indices", "generate_images",
-           "write_pngs"]
+__all__ = ["sample_noise", "euler_sample_fn", "sampler_program", "ShardedSampler", "num_batches", "batch_indices",
+           "generate_images", "write_pngs"]
 
 # sample_fn(params, z1 [B, *latent_shape], cond [B, ...] or None, null_cond or None) -> latents, traceable.
 SampleFn = Callable[[Any, jax.Array, Any, Any], jax.Array]
@@ -57,6 +57,17 @@ def batch_indices(batch: int, num_samples: int, batch_size: int) -> np.ndarray:
     return np.arange(batch * batch_size, min((batch + 1) * batch_size, num_samples), dtype=np.int32)
 
 
+def sampler_program(sample_fn: SampleFn, *, latent_shape: Sequence[int], seed: int, mesh: jax.sharding.Mesh):
+    """``ShardedSampler``'s compiled program: ``(params, indices, cond, null_cond) -> latents``, each sample
+    from its own noise (``sample_noise``), the latents split over the mesh's batch axes."""
+    shape = tuple(int(d) for d in latent_shape)
+
+    def program(params, indices, cond, null_cond):
+        return sample_fn(params, sample_noise(seed, indices, shape), cond, null_cond)
+
+    return jax.jit(program, out_shardings=sharding.batch_sharding(mesh))
+
+
 class ShardedSampler:
     """``sampler(indices, cond) -> images [batch_size, ...]`` (a global array split over ``data``; rows past
     ``len(indices)`` are padding to drop).
@@ -75,12 +86,7 @@ class ShardedSampler:
         self._params = params
         self._null = None if null_cond is None else sharding.put_replicated(np.asarray(null_cond), mesh)
         self._decode = decode
-        shape = tuple(int(d) for d in latent_shape)
-
-        def program(params, indices, cond, null_cond):
-            return sample_fn(params, sample_noise(seed, indices, shape), cond, null_cond)
-
-        self._program = jax.jit(program, out_shardings=sharding.batch_sharding(mesh))
+        self._program = sampler_program(sample_fn, latent_shape=latent_shape, seed=seed, mesh=mesh)
 
     def __call__(self, indices: np.ndarray, cond: Optional[np.ndarray] = None) -> jax.Array:
         indices = np.asarray(indices, np.int32)

@@ -284,7 +284,7 @@ def evaluate_recipe(config, workdir: str, task, *,
         if load is not None:
             return load(student_path, mesh, "student parameters")
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), teacher_params())
-        return checkpoint.load_params(student_path, abstract, sharding.state_shardings(abstract, mesh),
+        return checkpoint.load_params(student_path, abstract, sharding.sampler_shardings(abstract, mesh),
                                       what="student parameters")
 
     @functools.cache
