@@ -34,7 +34,8 @@ pool on the card: ``XLA_PYTHON_CLIENT_MEM_FRACTION`` (JAX's default 0.75) of its
 ``--hbm_gib`` says otherwise. Without the GPU there is no autotuning, so XLA takes its default kernels.
 On several GPUs the step is built and compiled as the trainer's (``xla_gpu.py``: synchronous collectives,
 FSDP parameters gathered where each network runs); ``--overlap_collectives`` plans XLA's asynchronous
-collectives instead.
+collectives instead. Compiled plans also count the program's collectives (``collective_counts``): all-to-alls,
+collective-permutes and reductions of activations show where XLA split a computation across devices.
 
 ``--sampler=N`` plans the evaluation sampler instead of the training step: N Euler steps of the student,
 the program ``--mode=sample`` and ``--mode=evaluate`` run (VAE decode excluded), at ``--batch`` (default
@@ -236,7 +237,21 @@ def compiled_fit(lowered, hbm_gib: float, state_gib: float, compiler: str) -> di
     buffers = compiled_memory_gib(compiled)
     total = sum(buffers[k] for k in ("arguments", "outputs_not_aliased", "temporaries"))
     return {"fits_hbm": total <= hbm_gib, f"xla_{compiler}_gib_per_device": buffers,
-            f"xla_{compiler}_total_gib_per_device": total}
+            f"xla_{compiler}_total_gib_per_device": total, "collectives": collective_counts(compiled)}
+
+
+# A collective in XLA's compiled text, synchronous or the start of an asynchronous one.
+_COLLECTIVE = re.compile(r"\b(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(")
+
+
+def collective_counts(compiled) -> dict:
+    """How many of each collective a compiled program runs per call (as written: a loop body counts once).
+    Parameter all-gathers and gradient reductions are FSDP's own; all-to-alls, collective-permutes and
+    reduce-scatters or all-reduces of activations mean XLA split a computation across devices."""
+    counts = {}
+    for match in _COLLECTIVE.finditer(compiled.as_text()):
+        counts[match.group(1)] = counts.get(match.group(1), 0) + 1
+    return counts
 
 
 def per_device_bytes(abstract_tree, shardings) -> int:
@@ -316,7 +331,9 @@ def plan(args) -> dict:
         start = time.perf_counter()
         lowered = step.lower(placed(abstract, shardings), batch, frozen)
         if not chips:
-            out["xla_cpu_estimate_gib_per_device"] = compiled_memory_gib(lowered.compile())
+            compiled = lowered.compile()
+            out["xla_cpu_estimate_gib_per_device"] = compiled_memory_gib(compiled)
+            out["collectives"] = collective_counts(compiled)
         elif args.tpu_topology:
             out.update(compiled_fit(lowered, args.hbm_gib, state_bytes / gib, "tpu"))
             out["libtpu_init_args"] = os.environ.get("LIBTPU_INIT_ARGS", "")
@@ -325,10 +342,6 @@ def plan(args) -> dict:
             out["xla_flags"] = os.environ.get("XLA_FLAGS", "")
         out["compile_s"] = time.perf_counter() - start
     return out
-
-
-# A collective in XLA's compiled text, synchronous or the start of an asynchronous one.
-_COLLECTIVE = re.compile(r"\b(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(")
 
 
 def sampler_plan(args, task, abstract_params, mesh, rules, chips) -> dict:
@@ -357,9 +370,6 @@ def sampler_plan(args, task, abstract_params, mesh, rules, chips) -> dict:
         jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params, held),
         jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows),
         jax.ShapeDtypeStruct((batch,) + tuple(null.shape), null.dtype, sharding=rows), None).compile()
-    collectives = {}
-    for match in _COLLECTIVE.finditer(compiled.as_text()):
-        collectives[match.group(1)] = collectives.get(match.group(1), 0) + 1
     buffers = compiled_memory_gib(compiled)
     return {"program": "sampler", "sampler_steps": args.sampler, "student_held": "split" if args.sampler_split
             else "whole", "tiny": args.tiny, "devices": mesh.size, "device_kind": mesh.devices.flat[0].device_kind,
@@ -367,7 +377,8 @@ def sampler_plan(args, task, abstract_params, mesh, rules, chips) -> dict:
             "mesh": {"data": mesh.shape[sharding.DATA_AXIS], "fsdp": mesh.shape[sharding.FSDP_AXIS]},
             "batch": batch, "compute_dtype": task.config.precision.compute_dtype,
             "student_gib_per_device": per_device_bytes(abstract_params, held) / 2 ** 30,
-            "collectives": collectives, "compiler": "cpu" if not chips else "tpu" if args.tpu_topology else "gpu",
+            "collectives": collective_counts(compiled),
+            "compiler": "cpu" if not chips else "tpu" if args.tpu_topology else "gpu",
             "xla_gib_per_device": buffers, "compile_s": time.perf_counter() - start}
 
 

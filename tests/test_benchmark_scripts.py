@@ -153,11 +153,14 @@ def test_remat_probe_compiles_both_forms_and_the_remat_unet_recomputes():
 class _Compiled:
     """A compiled program's memory analysis, as XLA reports it (``None``: a backend without one)."""
 
-    def __init__(self, analysis):
-        self.analysis = analysis
+    def __init__(self, analysis, text: str = ""):
+        self.analysis, self.text = analysis, text
 
     def memory_analysis(self):
         return self.analysis
+
+    def as_text(self):
+        return self.text
 
 
 class _Lowered:
@@ -206,9 +209,12 @@ def _refusal(needed: str, limit: str) -> Exception:
 
 
 def test_compiled_fit_reads_xla_tpu_buffers_or_its_out_of_memory_refusal():
-    compiled = _Lowered(_Compiled(_analysis(3, 3.5, 3, 9.25)))
+    text = ("%ag = f32[8,4] all-gather-start(f32[4,4] %p)\n%t = (f32[2], f32[2]) all-to-all(f32[2] %x, f32[2] %y)\n"
+            "%g = f32[8] all-gather(f32[4] %q), dimensions={0}\n%name.all-reduce = f32[2] add(%a, %b)")
+    compiled = _Lowered(_Compiled(_analysis(3, 3.5, 3, 9.25), text))
     fits = memory_plan.compiled_fit(compiled, hbm_gib=16.0, state_gib=2.9, compiler="tpu")
     assert fits["fits_hbm"] is True and fits["xla_tpu_total_gib_per_device"] == pytest.approx(12.75)
+    assert fits["collectives"] == {"all-gather": 2, "all-to-all": 1}  # an instruction's name is no collective
     assert memory_plan.compiled_fit(compiled, hbm_gib=12.5, state_gib=2.9, compiler="tpu")["fits_hbm"] is False
     # Under the chip's own limit a refusal is a no, with the temporaries XLA:TPU could not get below.
     refused = memory_plan.compiled_fit(_Lowered(_refusal("24.31G", "15.75G")), 16.0, 2.7, "tpu")
@@ -230,7 +236,8 @@ def test_compiled_fit_for_a_gpu_reads_xla_gpu_buffers_against_the_pool():
     fits = memory_plan.compiled_fit(compiled, hbm_gib=79.0, state_gib=21.6, compiler="gpu")
     assert fits == {"fits_hbm": True, "xla_gpu_total_gib_per_device": pytest.approx(76.7),
                     "xla_gpu_gib_per_device": pytest.approx({"arguments": 21.6, "outputs_not_aliased": 0.0,
-                                                             "temporaries": 55.1})}
+                                                             "temporaries": 55.1}),
+                    "collectives": {}}
     assert memory_plan.compiled_fit(compiled, 59.3, 21.6, "gpu")["fits_hbm"] is False
     with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):  # XLA:GPU refuses nothing for size
         memory_plan.compiled_fit(_Lowered(jax.errors.JaxRuntimeError("INTERNAL: a compiler bug")), 79.0, 2.7, "gpu")
@@ -290,6 +297,7 @@ def test_memory_plan_counts_what_xla_counts_as_the_step_arguments():
     planned = out["state_gib_per_device_total"] * 2 ** 30 + batch_bytes + null_cond_bytes
     assert xla["arguments"] * 2 ** 30 == pytest.approx(planned, abs=64)
     assert xla["temporaries"] > 0
+    assert out["collectives"].get("all-gather", 0) > 0  # FSDP's parameter gathers, at least
 
 
 @pytest.mark.parametrize("form", sorted(set(conv_forms.FORMS) - {"native"}))
