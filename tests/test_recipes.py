@@ -11,6 +11,7 @@ Parity tolerance (export -> diffusers): max abs error <= 1e-4 in float32.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -23,7 +24,7 @@ from PIL import Image
 
 import clip_testlib
 import scflow_testlib
-from scflow_jax import distill, main, precision, recipes, sample, sharding
+from scflow_jax import checkpoint, distill, main, precision, recipes, sample, sharding
 from scflow_jax.evaluation import fid, frechet, real_eval
 from scflow_jax.models import clip, unet_adm, unet_sd, weights
 from scflow_jax.models.vae import VAE, VAEConfig, vae_state_dict_key
@@ -278,6 +279,21 @@ def test_celebahq256_tiny_distill_sample_export(tmp_path):
     other.model.vae_path, other.data.path, other.data.image_size = config.model.vae_path, config.data.path, 128
     with pytest.raises(ValueError, match=r"holds latents of shape \(8, 8, 4\).*image_size=128"):
         recipes.build_recipe_task(other).batches(4, seed=0)
+
+
+def test_the_recipe_student_is_loaded_whole_on_an_fsdp_mesh(tmp_path, monkeypatch):
+    """--mode=sample and --mode=evaluate hold the exported student whole (sharding.sampler_shardings)."""
+    # FSDP's default rules leave the tiny network whole; split even its kernels, as they split the real ones.
+    monkeypatch.setattr(sharding, "ShardingRules", functools.partial(sharding.ShardingRules, fsdp_min_size=1))
+    config = celeba_config(tmp_path)
+    config.mesh.update(dict(num_devices=8, fsdp=4))
+    task, mesh = recipes.build_recipe_task(config), sharding.mesh_from_config(config)
+    student = task.load_teacher_params()
+    assert any(not s.is_fully_replicated for s in jax.tree.leaves(sharding.state_shardings(student, mesh)))
+    checkpoint.save_params(str(tmp_path / "student"), student)
+    loaded = task.load_flow_params(str(tmp_path / "student"), mesh, "student parameters")
+    assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(loaded))
+    assert _tree_max_diff(loaded, student) == 0.0
 
 
 def test_recipe_has_no_teacher_training_stage(tmp_path):
