@@ -98,8 +98,9 @@ def replicated(mesh) -> NamedSharding:
 
 
 def sampler_shardings(abstract_params: Any, mesh) -> Any:
-    """How the samplers (sample stage, evaluation, training grids) hold a network's parameters:
-    whole on every device, even on a mesh whose fsdp axis splits the training state.
+    """How the sample stage and evaluation hold a network's parameters: whole on every device,
+    even on a mesh whose fsdp axis splits the training state (as the training grids and the
+    evaluated teacher, put replicated, already were).
 
     Split, XLA's partitioner splits the sampler's computation too and moves activations between
     the devices. The 1-step SD 1.5 sampler (``benchmarks/memory_plan.py --sampler``) had, besides
