@@ -254,6 +254,13 @@ def collective_counts(compiled) -> dict:
     return counts
 
 
+def placed(abstract_tree, shardings):
+    """``abstract_tree``'s shapes and dtypes laid out by ``shardings``: what a program is lowered for."""
+    import jax
+
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings)
+
+
 def per_device_bytes(abstract_tree, shardings) -> int:
     """Bytes one device holds of ``abstract_tree`` laid out by ``shardings`` (the largest shard: FSDP's
     shards are equal; replicated arrays count whole)."""
@@ -320,8 +327,6 @@ def plan(args) -> dict:
         step = distill.make_train_step(distill.networks(task, mesh, rules), config.scflow, optimizer, disc_optimizer,
                                        jax.random.PRNGKey(1), out_shardings=(shardings, sharding.replicated(mesh)),
                                        compiler_options=options)
-        placed = lambda tree, where: jax.tree.map(  # noqa: E731
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, where)
         example = t2i_speed.RandomBatches(range(config.distill.batch_size), task.latent_shape, 0).batch(0)
         batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
                  for k, v in example.items()}
@@ -367,7 +372,7 @@ def sampler_plan(args, task, abstract_params, mesh, rules, chips) -> dict:
     null = task.null_cond
     start = time.perf_counter()
     compiled = program.lower(
-        jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params, held),
+        placed(abstract_params, held),
         jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows),
         jax.ShapeDtypeStruct((batch,) + tuple(null.shape), null.dtype, sharding=rows), None).compile()
     buffers = compiled_memory_gib(compiled)
