@@ -5,6 +5,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -59,7 +60,8 @@ def compiled_memory_gib(compiled) -> dict:
 
 
 def xla_flops(lowered) -> float:
-    """XLA's FLOP count of a jitted program's ``Lowered`` stage (``jax.jit(f).lower(...)``).
+    """XLA's FLOP count of a jitted program's ``Lowered`` stage (``jax.jit(f).lower(...)``), plus the
+    FLOPs of cuDNN's fused attention, which is already a custom call there (:func:`fused_attention_flops`).
 
     Count the lowered program, not the compiled one: on a GPU the compiled program's count leaves out
     the convolutions XLA hands to cuDNN (measured on an H100: 14.6 GFLOP for the issue-8 step whose
@@ -68,7 +70,31 @@ def xla_flops(lowered) -> float:
     cost = lowered.cost_analysis()
     if isinstance(cost, dict):
         cost = [cost]
-    return float(sum(c.get("flops", 0.0) for c in cost or [] if c))
+    return float(sum(c.get("flops", 0.0) for c in cost or [] if c)) + fused_attention_flops(lowered.as_text())
+
+
+# A call of cuDNN's fused attention in a lowered (StableHLO) program, forward or backward, with the
+# shapes of its first two operands, queries [B, T, N, H] and keys [B, S, N, H] (jax's layout).
+_FUSED_ATTENTION = re.compile(r"stablehlo\.custom_call @__cudnn\$fmhaSoftmax(Backward)?\(.*?\} : "
+                              r"\(tensor<(\d+)x(\d+)x(\d+)x(\d+)x\w+>, tensor<\d+x(\d+)x")
+
+
+def fused_attention_flops(lowered_text: str) -> float:
+    """FLOPs of the cuDNN fused attention calls in a lowered program, counted as XLA counts the same
+    attention written out (models/attention.py), whose cost analysis sees custom calls as free: the
+    forward's two matmuls (q k^T, then p v), 4 B N T S H, and the backward's four (dv, dp, dq, dk),
+    8 B N T S H. The kernel's recomputation of q k^T in the backward is hardware work, like remat."""
+    flops = 0.0
+    for match in _FUSED_ATTENTION.finditer(lowered_text):
+        backward, batch, queries, heads, head_dim, keys = match.groups()
+        flops += (8 if backward else 4) * int(batch) * int(queries) * int(keys) * int(heads) * int(head_dim)
+    return flops
+
+
+def fused_attention_calls(compiled) -> int:
+    """Calls of cuDNN's fused attention, forward or backward, in a compiled program (models/attention.py;
+    0: every attention is XLA's)."""
+    return compiled.as_text().count('custom_call_target="__cudnn$fmha')
 
 
 def matmul_rate(dtype, n: int, *, warmup: int = 3, repeats: int = 20) -> dict:

@@ -220,7 +220,7 @@ def compiled_fit(lowered, hbm_gib: float, state_gib: float, compiler: str) -> di
     program. XLA:GPU compiles whatever the size; its sizes decide."""
     import jax
 
-    from common import compiled_memory_gib
+    from common import compiled_memory_gib, fused_attention_calls
 
     try:
         compiled = lowered.compile()
@@ -237,7 +237,8 @@ def compiled_fit(lowered, hbm_gib: float, state_gib: float, compiler: str) -> di
     buffers = compiled_memory_gib(compiled)
     total = sum(buffers[k] for k in ("arguments", "outputs_not_aliased", "temporaries"))
     return {"fits_hbm": total <= hbm_gib, f"xla_{compiler}_gib_per_device": buffers,
-            f"xla_{compiler}_total_gib_per_device": total, "collectives": collective_counts(compiled)}
+            f"xla_{compiler}_total_gib_per_device": total, "collectives": collective_counts(compiled),
+            "fused_attention_calls": fused_attention_calls(compiled)}
 
 
 # A collective in XLA's compiled text, synchronous or the start of an asynchronous one.
@@ -358,7 +359,7 @@ def sampler_plan(args, task, abstract_params, mesh, rules, chips) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from common import compiled_memory_gib
+    from common import compiled_memory_gib, fused_attention_calls
     from scflow_jax import sharding
     from scflow_jax.evaluation import generate
 
@@ -382,7 +383,7 @@ def sampler_plan(args, task, abstract_params, mesh, rules, chips) -> dict:
             "mesh": {"data": mesh.shape[sharding.DATA_AXIS], "fsdp": mesh.shape[sharding.FSDP_AXIS]},
             "batch": batch, "compute_dtype": task.config.precision.compute_dtype,
             "student_gib_per_device": per_device_bytes(abstract_params, held) / 2 ** 30,
-            "collectives": collective_counts(compiled),
+            "collectives": collective_counts(compiled), "fused_attention_calls": fused_attention_calls(compiled),
             "compiler": "cpu" if not chips else "tpu" if args.tpu_topology else "gpu",
             "xla_gib_per_device": buffers, "compile_s": time.perf_counter() - start}
 

@@ -15,8 +15,10 @@ Usage:
 
 MFU = model FLOPs / time / peak. Model FLOPs are XLA's count of the step lowered WITHOUT remat
 (what the algorithm needs); the count with the recomputation is reported as ``hardware_gflop``
-(both from the lowered program: on a GPU the compiled one's count omits cuDNN's convolutions). The peak is --peak_tflops, else the dense bf16 datasheet figure of a known
-device (``DATASHEET_BF16_TFLOPS``); --part=peak measures what a large matmul reaches. Prints one
+(both from the lowered program: on a GPU the compiled one's count omits cuDNN's convolutions;
+cuDNN's fused attention counts as its written-out matmuls, ``common.fused_attention_flops``). The
+peak is --peak_tflops, else the dense bf16 datasheet figure of a known device
+(``DATASHEET_BF16_TFLOPS``); --part=peak measures what a large matmul reaches. Prints one
 JSON line per part and appends it to benchmarks/results.json unless --no_record.
 ``benchmarks/accelerator.sh`` runs all parts on one GPU in one call.
 """
@@ -38,8 +40,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import (compiled_memory_gib, matmul_rate, random_params, record, time_calls,  # noqa: E402
-                    time_train_steps, xla_flops)
+from common import (compiled_memory_gib, fused_attention_calls, matmul_rate, random_params, record,  # noqa: E402
+                    time_calls, time_train_steps, xla_flops)
 from scflow_jax import distill, precision, recipes, sampling, sharding, train_state  # noqa: E402
 from scflow_jax.models import clip, unet_discriminator, unet_sd  # noqa: E402
 from scflow_jax.models.vae import VAE, VAEConfig  # noqa: E402
@@ -191,7 +193,8 @@ def run_generate(args) -> dict:
         start = time.perf_counter()
         lowered = generate.lower(unet_params, vae_params, z1, cond)
         compiled = lowered.compile()
-        entry = {"batch": batch, "compile_s": time.perf_counter() - start}
+        entry = {"batch": batch, "compile_s": time.perf_counter() - start,
+                 "fused_attention_calls": fused_attention_calls(compiled)}
         progress(f"batch {batch}: compiled in {entry['compile_s']:.1f}s")
         images = compiled(unet_params, vae_params, z1, cond)
         if not bool(jnp.all(jnp.isfinite(images))):
@@ -230,7 +233,8 @@ def run_distill(args) -> dict:
     # recipe's batch on a small device), the log still holds the compiler's figure.
     xla_memory = compiled_memory_gib(compiled)
     print(json.dumps({"part": "distill", "batch": args.batch, "compiled": True, "compile_s": compile_s,
-                      "xla_memory_gib_per_device": xla_memory}), flush=True)
+                      "xla_memory_gib_per_device": xla_memory,
+                      "fused_attention_calls": fused_attention_calls(compiled)}), flush=True)
 
     _, metrics, times = time_train_steps(compiled, setup.state, batches, setup.frozen,
                                          warmup=args.warmup, steps=args.steps)
@@ -246,7 +250,8 @@ def run_distill(args) -> dict:
            "step_s_median": step_s, "step_s_min": min(times), "examples_per_s": args.batch / step_s,
            "hardware_gflop": xla_flops(lowered) / 1e9,
            "loss_terms": {k: float(v) for k, v in metrics.items()}, "memory": device_memory(),
-           "xla_memory_gib_per_device": xla_memory}
+           "xla_memory_gib_per_device": xla_memory, "fused_attention_calls": fused_attention_calls(compiled),
+           "attention_setting": os.environ.get("SCFLOW_ATTENTION", "auto")}
     print(json.dumps(out), flush=True)  # the timings, should the FLOP count below run out of time
 
     # Model FLOPs: the same step lowered without remat (lowering only; no compile, no memory).

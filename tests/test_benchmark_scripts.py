@@ -210,11 +210,13 @@ def _refusal(needed: str, limit: str) -> Exception:
 
 def test_compiled_fit_reads_xla_tpu_buffers_or_its_out_of_memory_refusal():
     text = ("%ag = f32[8,4] all-gather-start(f32[4,4] %p)\n%t = (f32[2], f32[2]) all-to-all(f32[2] %x, f32[2] %y)\n"
-            "%g = f32[8] all-gather(f32[4] %q), dimensions={0}\n%name.all-reduce = f32[2] add(%a, %b)")
+            "%g = f32[8] all-gather(f32[4] %q), dimensions={0}\n%name.all-reduce = f32[2] add(%a, %b)\n"
+            '%fa = (bf16[4,8,256,40], f32[4,8,256]) custom-call(%q, %k, %v), custom_call_target="__cudnn$fmhaSoftmax"')
     compiled = _Lowered(_Compiled(_analysis(3, 3.5, 3, 9.25), text))
     fits = memory_plan.compiled_fit(compiled, hbm_gib=16.0, state_gib=2.9, compiler="tpu")
     assert fits["fits_hbm"] is True and fits["xla_tpu_total_gib_per_device"] == pytest.approx(12.75)
     assert fits["collectives"] == {"all-gather": 2, "all-to-all": 1}  # an instruction's name is no collective
+    assert fits["fused_attention_calls"] == 1
     assert memory_plan.compiled_fit(compiled, hbm_gib=12.5, state_gib=2.9, compiler="tpu")["fits_hbm"] is False
     # Under the chip's own limit a refusal is a no, with the temporaries XLA:TPU could not get below.
     refused = memory_plan.compiled_fit(_Lowered(_refusal("24.31G", "15.75G")), 16.0, 2.7, "tpu")
@@ -237,7 +239,7 @@ def test_compiled_fit_for_a_gpu_reads_xla_gpu_buffers_against_the_pool():
     assert fits == {"fits_hbm": True, "xla_gpu_total_gib_per_device": pytest.approx(76.7),
                     "xla_gpu_gib_per_device": pytest.approx({"arguments": 21.6, "outputs_not_aliased": 0.0,
                                                              "temporaries": 55.1}),
-                    "collectives": {}}
+                    "collectives": {}, "fused_attention_calls": 0}
     assert memory_plan.compiled_fit(compiled, 59.3, 21.6, "gpu")["fits_hbm"] is False
     with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):  # XLA:GPU refuses nothing for size
         memory_plan.compiled_fit(_Lowered(jax.errors.JaxRuntimeError("INTERNAL: a compiler bug")), 79.0, 2.7, "gpu")
