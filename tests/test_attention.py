@@ -94,10 +94,12 @@ def test_tpu_programs_attend_by_query_chunks_where_queries_and_keys_are_long(sta
     assert "stablehlo.while" not in _exported_text("cpu", *_qkv(32, 16))
 
 
-def test_shapes_cudnn_refuses_stay_with_xla_in_gpu_programs(stand_in):
+def test_gpu_programs_attend_by_query_chunks_where_cudnn_refuses_long_attention(stand_in, monkeypatch):
     stand_in(False)
-    gpu = _exported_text("cuda", *_qkv(16, 7, jnp.bfloat16))
-    assert "stablehlo.exponential" in gpu and "stablehlo.sine" not in gpu
+    monkeypatch.setattr(attention, "QUERY_CHUNK", 8)
+    short, long = _exported_text("cuda", *_qkv(16, 7)), _exported_text("cuda", *_qkv(32, 16))
+    assert "stablehlo.exponential" in short and "stablehlo.while" not in short
+    assert "stablehlo.while" in long and "stablehlo.sine" not in long
 
 
 def test_the_environment_can_keep_xla_attention_everywhere(stand_in, monkeypatch):

@@ -15,12 +15,13 @@ platform's choice):
   limit. Not the 77-token cross-attention (cuDNN's training path refuses odd key counts), whose
   logits are small. Compiled for one H100, one 4096-token layer's gradient at 32 rows needs 40.16
   GiB of temporaries through XLA and 0.16 GiB through cuDNN.
-- TPUs: XLA's attention over 512 queries at a time (:func:`query_chunked_attention`), each chunk
-  recomputed in the backward pass, where queries and keys are both longer than 512. XLA:TPU
-  compiled one such layer's gradient at 10 rows (a v5e chip's share of the recipe) into 7.50 GiB
-  of temporaries whole and 1.04 GiB chunked.
-- Everywhere else, and for everything smaller: XLA's attention as written. That includes the CPU,
-  so the parity tests against PyTorch run this path.
+- Long attention that cuDNN does not take, on TPUs and GPUs (float32 compute, AMD's): XLA's
+  attention over 512 queries at a time (:func:`query_chunked_attention`), each chunk recomputed in
+  the backward pass, where queries and keys are both longer than 512. XLA:TPU compiled one such
+  layer's gradient at 10 rows (a v5e chip's share of the recipe) into 7.50 GiB of temporaries
+  whole and 1.04 GiB chunked.
+- On the CPU, and for everything shorter: XLA's attention as written. The parity tests against
+  PyTorch run this path.
 
 The kernels differ by rounding only (summation order); the chunks compute each query's row exactly
 as the whole does.
@@ -39,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-QUERY_CHUNK = 512  # queries per chunk on TPUs: [rows, heads, 512, keys] float32 logits at a time
+QUERY_CHUNK = 512  # queries per chunk, where attention goes by chunks: [rows, heads, 512, keys] logits at a time
 
 
 def xla_attention(q, k, v):
@@ -87,8 +88,8 @@ def attention_setting() -> str:
     value = os.environ.get("SCFLOW_ATTENTION", "auto")
     if value not in ("auto", "xla"):
         raise ValueError(f"SCFLOW_ATTENTION={value!r} must be 'auto' (cuDNN's fused attention on NVIDIA "
-                         f"GPUs, query chunks on TPUs, where they apply) or 'xla' (XLA's attention as "
-                         f"written everywhere)")
+                         f"GPUs, query chunks for other long attention on GPUs and TPUs) or 'xla' (XLA's "
+                         f"attention as written everywhere)")
     return value
 
 
@@ -97,12 +98,11 @@ def platform_kernels(q, k, v) -> dict:
     get :func:`xla_attention`)."""
     if attention_setting() == "xla":
         return {}
-    kernels = {}
+    queries, keys = q.shape[1], k.shape[1]
+    long = queries > QUERY_CHUNK and keys > QUERY_CHUNK and queries % QUERY_CHUNK == 0
+    kernels = dict.fromkeys(("cuda", "rocm", "tpu"), query_chunked_attention) if long else {}
     if k.shape == v.shape and q.dtype == k.dtype == v.dtype and cudnn_takes(q.shape, k.shape, q.dtype):
         kernels["cuda"] = cudnn_attention
-    queries, keys = q.shape[1], k.shape[1]
-    if queries > QUERY_CHUNK and keys > QUERY_CHUNK and queries % QUERY_CHUNK == 0:
-        kernels["tpu"] = query_chunked_attention
     return kernels
 
 
