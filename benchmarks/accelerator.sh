@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Every accelerator figure of the project in one call on one GPU, in under 8 minutes:
 #   1. peak       a large bf16 matmul (the device's usable matrix rate, the MFU yardstick beside the datasheet)
-#   2. generate   SD 1.5 1-step 512 px generation (UNet + VAE decode, bf16): images/s at batch 32, latency at batch 1
-#   3. t2i        the SD 1.5 recipe's SCFlow distillation step (bf16, remat): step time, memory, MFU, at the
+#   2. attention  benchmarks/attention_check.py: the SD UNet's attention on the card (cuDNN's fused kernel, which a CPU
+#                 host compiles but never runs) against XLA's: same values and gradients? time of each
+#   3. generate   SD 1.5 1-step 512 px generation (UNet + VAE decode, bf16): images/s at batch 32, latency at batch 1
+#   4. t2i        the SD 1.5 recipe's SCFlow distillation step (bf16, remat): step time, memory, MFU, at the
 #                 paper's 20 samples per GPU: 33.7 GiB by XLA:GPU's own plan for an H100 (benchmarks/memory_plan.py
 #                 --gpu_target=h100, jaxlib 0.10.2), cuDNN's fused attention included (models/attention.py). Should
 #                 it fail, it runs again at batch 8 with XLA's attention (SCFLOW_ATTENTION=xla; 44.9 GiB by plan).
-#   4. issue 8    benchmarks/distill_step.py: the side-by-side latent CelebA-HQ work, then its --full size
-#   5. remat      benchmarks/remat_probe.py --sd15: temporaries of the SD UNet gradient with and without remat
+#   5. issue 8    benchmarks/distill_step.py: the side-by-side latent CelebA-HQ work, then its --full size
+#   6. remat      benchmarks/remat_probe.py --sd15: temporaries of the SD UNet gradient with and without remat
 # Each part runs in its own process under its own time limit, so one that fails or overruns costs only itself.
 # The figures are appended to benchmarks/results.json (with the device and versions) and copied to $OUT.
 #
@@ -24,14 +26,15 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/accelerator_out}
 PY=${PYTHON:-python3}
 BUDGET_S=${BUDGET_S:-470}
-PARTS=${PARTS:-"peak generate t2i issue8 issue8_full remat"}
+PARTS=${PARTS:-"peak attention generate t2i issue8 issue8_full remat"}
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # The t2i step holds 21.6 GiB of state (fp32 student, Adam, EMAs, D; bf16 teacher) plus activations; the larger
 # pool is for the retry with XLA's attention, whose activations are several times cuDNN's.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
-SMALL=() ISSUE8_FLAGS=() FULL=(--full) REMAT_FLAGS=(--sd15)
+SMALL=() ISSUE8_FLAGS=() FULL=(--full) REMAT_FLAGS=(--sd15) ATTENTION_FLAGS=()
 if [[ ${SMOKE:-0} == 1 ]]; then  # tiny networks everywhere, --full included
   SMALL=(--tiny --no_record) ISSUE8_FLAGS=(--tiny --repeats=2 --warmup=1 --no-record) FULL=() REMAT_FLAGS=(--no_record)
+  ATTENTION_FLAGS=(--tiny --no_record --rows=2)
 fi
 mkdir -p "$OUT"
 deadline=$((SECONDS + BUDGET_S))
@@ -61,6 +64,7 @@ part() {
 }
 
 part peak 60 benchmarks/t2i_speed.py --part=peak "${SMALL[@]}"
+part attention 60 benchmarks/attention_check.py "${ATTENTION_FLAGS[@]}"
 part generate 150 benchmarks/t2i_speed.py --part=generate --batch_sizes=1,32 "${SMALL[@]}"
 part t2i 300 benchmarks/t2i_speed.py --part=distill --batch=20 "${SMALL[@]}"
 rc=$?

@@ -5,7 +5,8 @@ The CPU profile (benchmarks/profile_step.py) reads XLA's programs and traces rig
 (benchmarks/torch_step.py) builds the same networks as ours, versus_torch.py pairs the two right, and
 passes_versus_torch.py times each network pass in both. The memory plan (benchmarks/memory_plan.py) counts what
 each device holds of the SD 1.5 recipe's state under FSDP, and its count agrees with XLA's own; the remat probe
-(benchmarks/remat_probe.py) compiles gradients with and without remat."""
+(benchmarks/remat_probe.py) compiles gradients with and without remat; the attention check
+(benchmarks/attention_check.py) catches a device attention that differs from XLA's."""
 import collections
 import json
 import math
@@ -587,3 +588,19 @@ def test_torch_step_and_passes_refuse_bad_arguments_and_other_backends(monkeypat
     monkeypatch.setattr(passes_versus_torch.jax, "default_backend", lambda: "gpu")
     with pytest.raises(SystemExit, match="compares CPU programs; the default backend is gpu"):
         passes_versus_torch.main(["--tiny", "--no-record"])
+
+
+def test_attention_check_compares_the_device_attention_with_xla(monkeypatch):
+    import attention_check
+    from scflow_jax.models import attention
+
+    out = attention_check.main(["--tiny", "--no_record", "--rows=2"])
+    assert [(c["queries"], c["keys"]) for c in out["cases"]] == list(map(tuple, (s[:2] for s in
+                                                                                   attention_check.TINY_CASES)))
+    for case in out["cases"]:  # on this CPU both sides are XLA's attention
+        assert case["kernel"] == "xla_attention" and set(case["relative_difference"].values()) == {0.0}
+        assert case["kernel_fwd_bwd_ms"] > 0 and case["xla_fwd_bwd_ms"] > 0
+    # A kernel that computes something else is caught, by how much and against what.
+    monkeypatch.setattr(attention, "dot_product_attention", lambda q, k, v: 1.1 * attention.xla_attention(q, k, v))
+    with pytest.raises(SystemExit, match=r"relative difference of 0\.\d+ exceeds --tolerance=0.05"):
+        attention_check.main(["--tiny", "--no_record", "--rows=2"])
