@@ -54,8 +54,9 @@ def test_query_chunks_compute_the_same_attention():
 
 
 def _marked_stand_in(q, k, v):
-    """Not attention: a sine, which XLA's attention never computes, marks where this branch was lowered."""
-    return jnp.sin(q)
+    """Not attention: a cube root, which neither XLA's attention nor the UNet computes, marks where this branch
+    was lowered."""
+    return jnp.cbrt(q)
 
 
 @pytest.fixture
@@ -77,8 +78,8 @@ def test_the_fused_kernel_goes_only_into_gpu_programs(stand_in):
     stand_in(True)
     q, k, v = _qkv(16, 16, jnp.bfloat16)
     gpu, cpu = _exported_text("cuda", q, k, v), _exported_text("cpu", q, k, v)
-    assert "stablehlo.sine" in gpu and "stablehlo.exponential" not in gpu
-    assert "stablehlo.exponential" in cpu and "stablehlo.sine" not in cpu
+    assert "stablehlo.cbrt" in gpu and "stablehlo.exponential" not in gpu
+    assert "stablehlo.exponential" in cpu and "stablehlo.cbrt" not in cpu
     assert "stablehlo.while" not in _exported_text("tpu", q, k, v)  # 16 queries: no chunks
     # Run here, the program is the CPU's: XLA's attention.
     np.testing.assert_allclose(np.asarray(attention.dot_product_attention(q, k, v), np.float32),
@@ -99,7 +100,7 @@ def test_gpu_programs_attend_by_query_chunks_where_cudnn_refuses_long_attention(
     monkeypatch.setattr(attention, "QUERY_CHUNK", 8)
     short, long = _exported_text("cuda", *_qkv(16, 7)), _exported_text("cuda", *_qkv(32, 16))
     assert "stablehlo.exponential" in short and "stablehlo.while" not in short
-    assert "stablehlo.while" in long and "stablehlo.sine" not in long
+    assert "stablehlo.while" in long and "stablehlo.cbrt" not in long
 
 
 def test_the_environment_can_keep_xla_attention_everywhere(stand_in, monkeypatch):
@@ -107,7 +108,7 @@ def test_the_environment_can_keep_xla_attention_everywhere(stand_in, monkeypatch
     monkeypatch.setattr(attention, "QUERY_CHUNK", 8)
     monkeypatch.setenv("SCFLOW_ATTENTION", "xla")
     gpu = _exported_text("cuda", *_qkv(32, 16, jnp.bfloat16))
-    assert "stablehlo.exponential" in gpu and "stablehlo.sine" not in gpu
+    assert "stablehlo.exponential" in gpu and "stablehlo.cbrt" not in gpu
     assert "stablehlo.while" not in _exported_text("tpu", *_qkv(32, 16))
     monkeypatch.setenv("SCFLOW_ATTENTION", "cudnn")
     with pytest.raises(ValueError, match=r"SCFLOW_ATTENTION='cudnn' must be 'auto' .* or 'xla'"):
@@ -139,3 +140,19 @@ def test_fused_attention_flops_count_what_xla_counts_for_the_written_out_attenti
     squares = lambda *a: (attention.xla_attention(*a).astype(jnp.float32) ** 2).sum()  # noqa: E731
     lowered = jax.jit(jax.grad(squares, argnums=(0, 1, 2))).lower(q, k, v)
     assert common.xla_flops(lowered) == pytest.approx(6 * one_matmul, rel=0.05)
+
+
+def test_the_sd_unet_attends_through_this_module(stand_in):
+    from scflow_jax.models import unet_sd
+
+    stand_in(True)
+    config = unet_sd.UNetSDConfig(sample_size=8, block_out_channels=(32, 32), layers_per_block=1,
+                                  cross_attention_dim=16, norm_num_groups=8, attention_head_dim=2,
+                                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    model = unet_sd.UNet2DConditionModel(config, dtype=jnp.bfloat16)
+    shapes = (unet_sd.unet_param_shapes(config), jax.ShapeDtypeStruct((1, 8, 8, 4), jnp.float32),
+              jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((1, 7, 16), jnp.float32))
+    apply = jax.jit(lambda params, *inputs: model.apply({"params": params}, *inputs))
+    assert "stablehlo.cbrt" in export.export(apply, platforms=["cuda"])(*shapes).mlir_module()
+    assert "stablehlo.cbrt" not in export.export(apply, platforms=["cpu"])(*shapes).mlir_module()
