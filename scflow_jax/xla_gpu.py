@@ -13,7 +13,9 @@ that communication no longer overlaps compute.
 2. Under FSDP each network gathers its parameters where it runs (``sharding.gathered_at_use``):
 XLA:GPU's partitioner otherwise moves activations between the GPUs instead. Not on TPUs:
 there XLA:TPU's plan for a v5e-8 (fsdp 8, batch 24) went from 11.11 to 13.45 GiB of
-temporaries per chip with the gather (its whole parameter copies), which no longer fits a chip.
+temporaries per chip with the gather (its whole parameter copies), which no longer fit a chip.
+Since the SD UNet's attention goes by query chunks on TPUs (models/attention.py) the gather fits
+(batch 40: 7.35 -> 10.13 GiB); which is faster there is unmeasured, so TPUs keep XLA's way.
 
 The SD 1.5 figures for both are in the README (Scaling out).
 """
