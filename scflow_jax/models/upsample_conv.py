@@ -1,14 +1,20 @@
 """2x nearest upsampling followed by a 3x3 convolution, computed on the input's own grid (CPU).
 
-Why: in the ADM UNet an upsampling is always followed by a 3x3 conv (``Upsample.conv``, and a
-ResBlock's ``in_layers_2`` when it upsamples). Every output pixel of that conv reads a 3x3 window of
-the upsampled map, which holds only 2x2 distinct input pixels, so the conv is four 2x2 convs of the
-input, one per output phase (row and column parity), with the 3x3 kernel's taps summed onto 2x2:
-2.25x fewer FLOPs, and no 4x-sized upsampled map to write, transpose for the weight gradient and
-read again. On the project's 2-core CPU (jax 0.10.2) forward and backward of a 128-channel layer at
-batch 64 took 46 against 74 ms (8x8 -> 16x16) and 12 against 24 ms (4x4 -> 8x8); the results agree
-with the plain form within float32 rounding (the summed taps change the order of additions). Off CPU
-the plain form is kept: not measured there.
+Why: in every UNet and decoder here an upsampling is followed by a 3x3 conv (the ADM's ``Upsample.conv``
+and up-ResBlocks' ``in_layers_2``, the SD UNet's ``Upsample2D``, the VAE decoder's ``Upsample``).
+Every output pixel of that conv reads a 3x3 window of the upsampled map, which holds only 2x2
+distinct input pixels, so the conv is four 2x2 convs of the input, one per output phase (row and
+column parity), with the 3x3 kernel's taps summed onto 2x2: 2.25x fewer FLOPs, and no 4x-sized
+upsampled map to write, transpose for the weight gradient and read again. On the project's 2-core
+CPU (jax 0.10.2) forward and backward of a 128-channel layer at batch 64 took 46 against 74 ms (8x8
+-> 16x16) and 12 against 24 ms (4x4 -> 8x8), and the SD VAE's 256 px decode 3.52 against 3.78 s
+(float32, batch 1); the results agree with the plain form within float32 rounding (the summed taps
+change the order of additions).
+
+GPU and TPU programs keep the plain form: not measured there. The form, bias included (its gradient
+goes through ``channel_ops`` on CPU only), is chosen for the platform a program is lowered for
+(``lax.platform_dependent``, as ``attention`` does), so a program compiled for a GPU or TPU from a
+CPU host (benchmarks/memory_plan.py) is the one the device would run.
 """
 from __future__ import annotations
 
@@ -44,12 +50,21 @@ def _by_phases(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, kernel.shape[-1])
 
 
-def upsample_nearest_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """``conv(upsample_nearest(x), kernel)`` with zero padding 1 (size kept), no bias. ``kernel`` [3, 3, Cin, Cout]."""
-    if jax.default_backend() != "cpu":
-        return jax.lax.conv_general_dilated(upsample_nearest(x), kernel, (1, 1), ((1, 1), (1, 1)),
-                                            dimension_numbers=_DIMENSIONS)
-    return _by_phases(x, kernel)
+def _by_phases_plus_bias(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    y = _by_phases(x, kernel)
+    return y + channel_ops.broadcast_channels(bias, y.shape)  # its gradient a matrix-vector product on XLA:CPU
+
+
+def _plain_plus_bias(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    y = jax.lax.conv_general_dilated(upsample_nearest(x), kernel, (1, 1), ((1, 1), (1, 1)),
+                                     dimension_numbers=_DIMENSIONS)
+    return y + bias
+
+
+def upsample_nearest_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """``conv(upsample_nearest(x), kernel) + bias`` with zero padding 1 (size kept). ``kernel`` [3, 3, Cin, Cout],
+    ``bias`` [Cout]. By output phases in CPU programs, as written in GPU and TPU ones."""
+    return jax.lax.platform_dependent(x, kernel, bias, cpu=_by_phases_plus_bias, default=_plain_plus_bias)
 
 
 class UpsampleConv(nn.Module):
@@ -65,6 +80,4 @@ class UpsampleConv(nn.Module):
     def __call__(self, x):
         kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
-        x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-        y = upsample_nearest_conv3x3(x, kernel)
-        return y + channel_ops.broadcast_channels(bias, y.shape)
+        return upsample_nearest_conv3x3(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))

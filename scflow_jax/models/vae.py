@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scflow_jax.models import weights
+from scflow_jax.models.upsample_conv import UpsampleConv
 
 __all__ = [
     "VAEConfig",
@@ -184,14 +185,13 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2 then a 3x3 conv."""
+    """Nearest-neighbour x2 then a 3x3 conv (``upsample_conv``: by output phases on CPU)."""
 
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return _conv(x.shape[-1], self.dtype, "conv")(x)
+        return UpsampleConv(x.shape[-1], self.dtype, name="conv")(x)
 
 
 def _blocks(remat: bool):
