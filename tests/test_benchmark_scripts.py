@@ -604,3 +604,23 @@ def test_attention_check_compares_the_device_attention_with_xla(monkeypatch):
     monkeypatch.setattr(attention, "dot_product_attention", lambda q, k, v: 1.1 * attention.xla_attention(q, k, v))
     with pytest.raises(SystemExit, match=r"relative difference of 0\.\d+ exceeds --tolerance=0.05"):
         attention_check.main(["--tiny", "--no_record", "--rows=2"])
+
+
+def test_upsample_forms_times_both_forms_and_catches_one_that_differs(monkeypatch):
+    import upsample_forms
+    from scflow_jax.models import upsample_conv
+
+    out = upsample_forms.main(["--tiny", "--no_record", "--batch=2"])
+    assert [(layer["input_side"], layer["channels"]) for layer in out["layers"]] == [
+        layer[1:] for layer in upsample_forms.TINY_LAYERS]
+    for layer in out["layers"]:
+        assert max(layer["relative_difference"].values()) < 1e-5  # float32: the order of additions only
+        for form in ("plain", "phases"):
+            assert layer[f"{form}_fwd_ms"] > 0 and layer[f"{form}_fwd_bwd_ms"] > 0
+        assert layer["plain_over_phases_fwd"] == layer["plain_fwd_ms"] / layer["phases_fwd_ms"]
+    # A phase form that computes another layer is caught, by how much.
+    monkeypatch.setitem(upsample_forms.FORMS, "phases", lambda x, k, b: 1.1 * upsample_conv.plain_form(x, k, b))
+    with pytest.raises(SystemExit, match=r"relative difference of 0\.\d+ between the forms exceeds --tolerance=0.0001"):
+        upsample_forms.main(["--tiny", "--no_record", "--batch=2"])
+    with pytest.raises(SystemExit):
+        upsample_forms.main(["--tiny", "--no_record", "--batch=0"])

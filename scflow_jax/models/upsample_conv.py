@@ -50,12 +50,14 @@ def _by_phases(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, kernel.shape[-1])
 
 
-def _by_phases_plus_bias(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+def phase_form(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """The CPU programs' form: four 2x2 convs of ``x``, the bias's gradient a matrix-vector product."""
     y = _by_phases(x, kernel)
-    return y + channel_ops.broadcast_channels(bias, y.shape)  # its gradient a matrix-vector product on XLA:CPU
+    return y + channel_ops.broadcast_channels(bias, y.shape)
 
 
-def _plain_plus_bias(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+def plain_form(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """The GPU and TPU programs' form: the upsampled map convolved, the bias added."""
     y = jax.lax.conv_general_dilated(upsample_nearest(x), kernel, (1, 1), ((1, 1), (1, 1)),
                                      dimension_numbers=_DIMENSIONS)
     return y + bias
@@ -63,8 +65,9 @@ def _plain_plus_bias(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Ar
 
 def upsample_nearest_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """``conv(upsample_nearest(x), kernel) + bias`` with zero padding 1 (size kept). ``kernel`` [3, 3, Cin, Cout],
-    ``bias`` [Cout]. By output phases in CPU programs, as written in GPU and TPU ones."""
-    return jax.lax.platform_dependent(x, kernel, bias, cpu=_by_phases_plus_bias, default=_plain_plus_bias)
+    ``bias`` [Cout]. :func:`phase_form` in CPU programs, :func:`plain_form` in GPU and TPU ones
+    (benchmarks/upsample_forms.py times both on any device)."""
+    return jax.lax.platform_dependent(x, kernel, bias, cpu=phase_form, default=plain_form)
 
 
 class UpsampleConv(nn.Module):
