@@ -10,7 +10,7 @@
 #                 it fail, it runs again at batch 8 with XLA's attention (SCFLOW_ATTENTION=xla; 44.9 GiB by plan).
 #   5. issue 8    benchmarks/distill_step.py: the side-by-side latent CelebA-HQ work, then its --full size
 #   6. upsample   benchmarks/upsample_forms.py: the SD UNet's and VAE decoder's upsampling convs as written (what GPU
-#                 programs run) and by output phases (what CPU programs run, 2.25x fewer FLOPs): faster on the card?
+#                 programs run) and by output phases (2.25x fewer FLOPs; CPU programs' VAE): which is faster on the card?
 #   7. remat      benchmarks/remat_probe.py --sd15: temporaries of the SD UNet gradient with and without remat
 # Each part runs in its own process under its own time limit, so one that fails or overruns costs only itself.
 # The figures are appended to benchmarks/results.json (with the device and versions) and copied to $OUT.
@@ -77,7 +77,7 @@ fi
 part issue8 120 benchmarks/distill_step.py "${ISSUE8_FLAGS[@]}"
 part issue8_full 150 benchmarks/distill_step.py "${FULL[@]}" "${ISSUE8_FLAGS[@]}"
 # Last, so they never take time from the parts above. Should the phase form win at the VAE's layers, GPU programs
-# can take it (models/upsample_conv.py), and 1-step generation counts 2.87 TFLOP per image instead of 3.30.
+# can take it (models/upsample_conv.py), and 1-step generation counts 2.91 TFLOP per image instead of 3.30.
 part upsample 90 benchmarks/upsample_forms.py "${UPSAMPLE_FLAGS[@]}"
 # Does XLA:GPU keep remat's savings? (XLA:CPU does not.)
 part remat 120 benchmarks/remat_probe.py "${REMAT_FLAGS[@]}"

@@ -47,7 +47,6 @@ import numpy as np
 
 from scflow_jax.models import attention, weights
 from scflow_jax.models.timestep import sinusoidal_embedding
-from scflow_jax.models.upsample_conv import UpsampleConv
 
 __all__ = [
     "UNetSDConfig",
@@ -367,14 +366,17 @@ class Upsample2D(nn.Module):
 
     @nn.compact
     def __call__(self, x, size: Tuple[int, int]):
-        """Nearest-neighbour resize to ``size`` (2x unless the skip it meets is odd-sized), then a 3x3 conv."""
+        """Nearest-neighbour resize to ``size`` (2x unless the skip it meets is odd-sized), then a 3x3 conv.
+        As written on every platform: computed by output phases (``upsample_conv``, the VAE's and ADM's form
+        on CPU) it was slower on CPU at this UNet's small, wide maps (benchmarks/upsample_forms.py)."""
         h, w = x.shape[1:3]
-        if size == (2 * h, 2 * w):  # by output phases on CPU (upsample_conv)
-            return UpsampleConv(self.out_channels, self.dtype, name="conv")(x)
-        # torch's "nearest": source index floor(dst * in / out)
-        rows = np.minimum(np.floor(np.arange(size[0]) * (h / size[0])).astype(np.int32), h - 1)
-        cols = np.minimum(np.floor(np.arange(size[1]) * (w / size[1])).astype(np.int32), w - 1)
-        return nn.Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv")(x[:, rows][:, :, cols])
+        if size == (2 * h, 2 * w):
+            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        else:  # torch's "nearest": source index floor(dst * in / out)
+            rows = np.minimum(np.floor(np.arange(size[0]) * (h / size[0])).astype(np.int32), h - 1)
+            cols = np.minimum(np.floor(np.arange(size[1]) * (w / size[1])).astype(np.int32), w - 1)
+            x = x[:, rows][:, :, cols]
+        return nn.Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv")(x)
 
 
 class _BlockCommon(nn.Module):
