@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from common import record, time_calls  # noqa: E402
+from common import record, relative_difference, time_calls  # noqa: E402
 from scflow_jax.models import attention  # noqa: E402
 
 # (queries, keys, heads, head dim) of the SD 1.5 UNet at 512 px: self-attention at the 64x64, 32x32
@@ -44,11 +44,6 @@ def forward_and_backward(fn):
         out, vjp = jax.vjp(fn, q, k, v)
         return (out,) + vjp(cotangent)
     return jax.jit(run)
-
-
-def relative_difference(got, want) -> float:
-    got, want = got.astype(jnp.float32), want.astype(jnp.float32)
-    return float(jnp.max(jnp.abs(got - want)) / jnp.maximum(jnp.max(jnp.abs(want)), 1e-30))
 
 
 def check_case(rows: int, queries: int, keys: int, heads: int, head_dim: int) -> dict:

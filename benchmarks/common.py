@@ -46,6 +46,13 @@ def time_train_steps(compiled_step, state, batches: list, frozen, *, warmup: int
     return state, metrics, times
 
 
+def relative_difference(got, want) -> float:
+    """The largest absolute difference of two arrays relative to ``want``'s largest magnitude, in float32:
+    how the device checks compare a kernel or form with its reference."""
+    got, want = got.astype(jnp.float32), want.astype(jnp.float32)
+    return float(jnp.max(jnp.abs(got - want)) / jnp.maximum(jnp.max(jnp.abs(want)), 1e-30))
+
+
 def compiled_memory_gib(compiled) -> dict:
     """XLA's buffer assignment of a compiled program, per device, in GiB: its arguments, outputs not
     aliased to (donated) arguments, and temporaries. Known before the program runs, so a step that

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from common import record, time_calls  # noqa: E402
+from common import record, relative_difference, time_calls  # noqa: E402
 from scflow_jax.models import upsample_conv  # noqa: E402
 
 # (network, input side, channels) of each upsampling layer at 512 px (64x64 latents).
@@ -37,11 +37,6 @@ SD15_LAYERS = (("unet", 8, 1280), ("unet", 16, 1280), ("unet", 32, 640),
                ("vae_decoder", 64, 512), ("vae_decoder", 128, 512), ("vae_decoder", 256, 256))
 TINY_LAYERS = (("tiny", 4, 8), ("tiny", 8, 16))
 FORMS = {"plain": upsample_conv.plain_form, "phases": upsample_conv.phase_form}
-
-
-def relative_difference(got, want) -> float:
-    got, want = got.astype(jnp.float32), want.astype(jnp.float32)
-    return float(jnp.max(jnp.abs(got - want)) / jnp.maximum(jnp.max(jnp.abs(want)), 1e-30))
 
 
 def forward_and_backward(form):
