@@ -3,8 +3,8 @@ layers of the SD 1.5 UNet and VAE decoder at 512 px: which is faster, for genera
 training (forward + backward)?
 
 CPU programs compute the VAE decoder's (and the ADM's) by output phases (four 2x2 convs of the input:
-2.25x fewer FLOPs, no upsampled map), because this script found it faster there; the SD UNet's stay
-as written on the CPU (slower by phases at its small, wide maps), and GPU and TPU programs keep all
+2.25x fewer FLOPs, no upsampled map), measured faster there; the SD UNet's stay as written on the CPU
+(this script found the phase form slower at its small, wide maps), and GPU and TPU programs keep all
 as written (the upsampled map convolved) until a device has measured both. The VAE decoder's three
 upsampling convs are 696 of its 2505 GFLOP per 512 px image, so on a GPU this decides whether 1-step
 generation can count 2.91 TFLOP per image instead of 3.30 (README, Performance). Both forms are called
