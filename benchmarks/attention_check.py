@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from common import record, relative_difference, time_calls  # noqa: E402
+from common import exit_past_tolerance, forward_and_backward, record, relative_difference, time_calls  # noqa: E402
 from scflow_jax.models import attention  # noqa: E402
 
 # (queries, keys, heads, head dim) of the SD 1.5 UNet at 512 px: self-attention at the 64x64, 32x32
@@ -36,14 +36,6 @@ def kernel_name(q, k, v) -> str:
     platform = jax.devices()[0].platform
     kernel = attention.platform_kernels(q, k, v).get("cuda" if platform == "gpu" else platform)
     return getattr(kernel, "__name__", "xla_attention")
-
-
-def forward_and_backward(fn):
-    """``fn``'s output and the gradients of <output, cotangent> to q, k and v, jitted."""
-    def run(q, k, v, cotangent):
-        out, vjp = jax.vjp(fn, q, k, v)
-        return (out,) + vjp(cotangent)
-    return jax.jit(run)
 
 
 def check_case(rows: int, queries: int, keys: int, heads: int, head_dim: int) -> dict:
@@ -74,10 +66,7 @@ def main(argv=None):
     out = record("attention_check", {"tiny": args.tiny, "device_kind": jax.devices()[0].device_kind,
                                      "attention_setting": attention.attention_setting(), "cases": cases},
                  print_only=args.no_record)
-    worst = max(max(c["relative_difference"].values()) for c in cases)
-    if worst > args.tolerance:
-        raise SystemExit(f"attention_check: a relative difference of {worst:.3g} exceeds --tolerance="
-                         f"{args.tolerance}: the device's attention does not compute XLA's")
+    exit_past_tolerance("attention_check", cases, args.tolerance, "the device's attention does not compute XLA's")
     return out
 
 

@@ -46,11 +46,28 @@ def time_train_steps(compiled_step, state, batches: list, frozen, *, warmup: int
     return state, metrics, times
 
 
+def forward_and_backward(fn):
+    """Jitted ``(*operands, cotangent) -> (fn(*operands), *gradients of <fn(*operands), cotangent>)``: one
+    call gives the output and every operand's gradient, as the device checks compare them."""
+    def run(*operands_and_cotangent):
+        *operands, cotangent = operands_and_cotangent
+        out, vjp = jax.vjp(fn, *operands)
+        return (out,) + vjp(cotangent)
+    return jax.jit(run)
+
+
 def relative_difference(got, want) -> float:
     """The largest absolute difference of two arrays relative to ``want``'s largest magnitude, in float32:
     how the device checks compare a kernel or form with its reference."""
     got, want = got.astype(jnp.float32), want.astype(jnp.float32)
     return float(jnp.max(jnp.abs(got - want)) / jnp.maximum(jnp.max(jnp.abs(want)), 1e-30))
+
+
+def exit_past_tolerance(script: str, entries: list, tolerance: float, meaning: str) -> None:
+    """Exits, naming the figure and what it means, where an entry's ``relative_difference`` exceeds ``tolerance``."""
+    worst = max(max(entry["relative_difference"].values()) for entry in entries)
+    if worst > tolerance:
+        raise SystemExit(f"{script}: a relative difference of {worst:.3g} exceeds --tolerance={tolerance}: {meaning}")
 
 
 def compiled_memory_gib(compiled) -> dict:

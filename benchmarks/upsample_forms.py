@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from common import record, relative_difference, time_calls  # noqa: E402
+from common import exit_past_tolerance, forward_and_backward, record, relative_difference, time_calls  # noqa: E402
 from scflow_jax.models import upsample_conv  # noqa: E402
 
 # (network, input side, channels) of each upsampling layer at 512 px (64x64 latents).
@@ -37,14 +37,6 @@ SD15_LAYERS = (("unet", 8, 1280), ("unet", 16, 1280), ("unet", 32, 640),
                ("vae_decoder", 64, 512), ("vae_decoder", 128, 512), ("vae_decoder", 256, 256))
 TINY_LAYERS = (("tiny", 4, 8), ("tiny", 8, 16))
 FORMS = {"plain": upsample_conv.plain_form, "phases": upsample_conv.phase_form}
-
-
-def forward_and_backward(form):
-    """``form``'s output and the gradients of <output, cotangent> to x, kernel and bias, jitted."""
-    def run(x, kernel, bias, cotangent):
-        out, vjp = jax.vjp(form, x, kernel, bias)
-        return (out,) + vjp(cotangent)
-    return jax.jit(run)
 
 
 def time_layer(network: str, side: int, channels: int, batch: int, dtype) -> dict:
@@ -87,10 +79,7 @@ def main(argv=None):
               for layer in (TINY_LAYERS if args.tiny else SD15_LAYERS)]
     out = record("upsample_forms", {"tiny": args.tiny, "device_kind": jax.devices()[0].device_kind,
                                     "dtype": args.dtype, "layers": layers}, print_only=args.no_record)
-    worst = max(max(layer["relative_difference"].values()) for layer in layers)
-    if worst > args.tolerance:
-        raise SystemExit(f"upsample_forms: a relative difference of {worst:.3g} between the forms exceeds "
-                         f"--tolerance={args.tolerance}")
+    exit_past_tolerance("upsample_forms", layers, args.tolerance, "the two forms do not compute the same layer")
     return out
 
 

@@ -602,11 +602,12 @@ def test_attention_check_compares_the_device_attention_with_xla(monkeypatch):
         assert case["kernel_fwd_bwd_ms"] > 0 and case["xla_fwd_bwd_ms"] > 0
     # A kernel that computes something else is caught, by how much and against what.
     monkeypatch.setattr(attention, "dot_product_attention", lambda q, k, v: 1.1 * attention.xla_attention(q, k, v))
-    with pytest.raises(SystemExit, match=r"relative difference of 0\.\d+ exceeds --tolerance=0.05"):
+    with pytest.raises(SystemExit, match=r"relative difference of 0\.\d+ exceeds --tolerance=0.05: the device's "
+                                         r"attention does not compute XLA's"):
         attention_check.main(["--tiny", "--no_record", "--rows=2"])
 
 
-def test_upsample_forms_times_both_forms_and_catches_one_that_differs(monkeypatch):
+def test_upsample_forms_times_both_forms_and_catches_one_that_differs(monkeypatch, capsys):
     import upsample_forms
     from scflow_jax.models import upsample_conv
 
@@ -620,7 +621,9 @@ def test_upsample_forms_times_both_forms_and_catches_one_that_differs(monkeypatc
         assert layer["plain_over_phases_fwd"] == layer["plain_fwd_ms"] / layer["phases_fwd_ms"]
     # A phase form that computes another layer is caught, by how much.
     monkeypatch.setitem(upsample_forms.FORMS, "phases", lambda x, k, b: 1.1 * upsample_conv.plain_form(x, k, b))
-    with pytest.raises(SystemExit, match=r"relative difference of 0\.\d+ between the forms exceeds --tolerance=0.0001"):
+    with pytest.raises(SystemExit, match=r"relative difference of 0\.\d+ exceeds --tolerance=0.0001: the two forms "
+                                         r"do not compute the same layer"):
         upsample_forms.main(["--tiny", "--no_record", "--batch=2"])
     with pytest.raises(SystemExit):
         upsample_forms.main(["--tiny", "--no_record", "--batch=0"])
+    assert "--batch must be >= 1, got 0" in capsys.readouterr().err
