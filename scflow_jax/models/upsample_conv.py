@@ -1,17 +1,18 @@
 """2x nearest upsampling followed by a 3x3 convolution, computed on the input's own grid (CPU).
 
 Why: in the ADM UNet and the VAE decoder an upsampling is followed by a 3x3 conv (the ADM's
-``Upsample.conv`` and up-ResBlocks' ``in_layers_2``, the VAE decoder's ``Upsample``). Every output pixel of that conv reads a 3x3 window of the upsampled map, which holds only 2x2
-distinct input pixels, so the conv is four 2x2 convs of the input, one per output phase (row and
-column parity), with the 3x3 kernel's taps summed onto 2x2: 2.25x fewer FLOPs, and no 4x-sized
-upsampled map to write, transpose for the weight gradient and read again. On the project's 2-core
-CPU (jax 0.10.2) forward and backward of a 128-channel layer at batch 64 took 46 against 74 ms (8x8
--> 16x16) and 12 against 24 ms (4x4 -> 8x8), and the SD VAE's 256 px decode 3.52 against 3.78 s
-(float32, batch 1); the results agree with the plain form within float32 rounding (the summed taps
-change the order of additions). The SD UNet's ``Upsample2D`` is the same layer but stays as written
-everywhere: at its small, wide maps the phase form was the slower one here (benchmarks/upsample_forms.py,
-batch 1, float32, forward: 0.24x, 0.48x and 0.94x the plain form's speed from 8, 16 and 32 px inputs of
-1280, 1280 and 640 channels; 1.7-2.3x faster at the VAE's three layers).
+``Upsample.conv`` and up-ResBlocks' ``in_layers_2``, the VAE decoder's ``Upsample``). Every output
+pixel of that conv reads a 3x3 window of the upsampled map, which holds only 2x2 distinct input
+pixels, so the conv is four 2x2 convs of the input, one per output phase (row and column parity),
+with the 3x3 kernel's taps summed onto 2x2: 2.25x fewer FLOPs, and no 4x-sized upsampled map to
+write, transpose for the weight gradient and read again. On the project's 2-core CPU (jax 0.10.2)
+forward and backward of a 128-channel layer at batch 64 took 46 against 74 ms (8x8 -> 16x16) and 12
+against 24 ms (4x4 -> 8x8), and the SD VAE's 256 px decode 3.52 against 3.78 s (float32, batch 1);
+the results agree with the plain form within float32 rounding (the summed taps change the order of
+additions). The SD UNet's ``Upsample2D`` is the same layer but stays as written everywhere: at its
+small, wide maps the phase form was the slower one here (benchmarks/upsample_forms.py, batch 1,
+float32, forward: 0.24x, 0.48x and 0.94x the plain form's speed from 8, 16 and 32 px inputs of 1280,
+1280 and 640 channels; 1.7-2.3x faster at the VAE's three layers).
 
 GPU and TPU programs keep the plain form: not measured there. The form, bias included (its gradient
 goes through ``channel_ops`` on CPU only), is chosen for the platform a program is lowered for
