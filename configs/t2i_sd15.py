@@ -31,7 +31,8 @@ def get_config(arg: str | None = None):
     # transformer block, for the student/teacher UNet and the UNet-encoder discriminator alike.
     c.precision.compute_dtype = "bfloat16"
     c.model.remat = "full"
-    # Teacher encoder + head conv(1280->256, k4, s2) -> conv 3x3 -> GroupNorm(32) -> SiLU -> linear.
+    # Teacher encoder + the authors' head: conv(1280->256, k4, s2, no padding) -> GroupNorm(32) -> SiLU
+    # -> linear (2304 -> 1); the GAN losses take its sigmoid (the UNet-encoder D family's convention).
     c.disc = dict(head_channels=256, head_groups=32,
                   optimizer=_optimizer(1e-5, b1=0.9, b2=0.999, weight_decay=1e-2))
     # 20 per GPU x 2 GPUs, ~18k steps.

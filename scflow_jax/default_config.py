@@ -40,7 +40,8 @@ def latent_recipe_base(name: str, data_kind: str) -> ml_collections.ConfigDict:
     # UNets, so "full" is diffusers-style gradient checkpointing.
     c.model = dict(teacher_path=placeholder(str), vae_path=placeholder(str), remat="none")
     c.scflow = dict(huber_c=0.01, lambda_con=1.0, lambda_rf=0.1, lambda_gan=0.1, lambda_inv=0.1,
-                    target_ema=0.9, eval_ema=0.9999, use_teacher=True, sigmoid_head=True)
+                    target_ema=0.9, eval_ema=0.9999, use_teacher=True,
+                    sigmoid_head=placeholder(bool))  # None: the discriminator family's convention
     c.sample = dict(model="student", num_steps=(1, 2, 4), sampler="euler", guidance=1.0,
                     batch_size=16, num_images=64, prompts=(), prompts_file=placeholder(str),
                     num_per_prompt=4)
@@ -124,7 +125,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         integer_timesteps=False,
         use_teacher=True,       # False: consistency training without a teacher
         r1_gamma=1.0,
-        sigmoid_head=True,
+        # None: the discriminator family's convention (StyleGAN2 D: raw logits; the text-to-image
+        # UNet-encoder D: sigmoid). True/False override it, as an ablation (logged).
+        sigmoid_head=placeholder(bool),
         disc_noise_inputs=False,
     )
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from scflow_jax import checkpoint, precision, sharding, teacher, train_state, trainer, xla_gpu
-from scflow_jax.losses import scflow
+from scflow_jax.losses import adversarial, scflow
 from scflow_jax.tasks import Task, build_task
 
 STAGE = "distill"
@@ -49,6 +49,10 @@ def validate_scflow_config(cfg) -> None:
                          "lambda_gan and lambda_inv are all 0): nothing to train")
     if cfg.huber_c <= 0:
         raise ValueError(f"config.scflow.huber_c={cfg.huber_c} must be > 0")
+    for field in ("warmup_rf", "warmup_gan", "warmup_inv"):
+        value = cfg[field]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"config.scflow.{field}={value!r} must be a whole number of steps >= 0")
 
 
 def teacher_params_path(config, workdir: str) -> str:
@@ -92,17 +96,20 @@ def _place(host_params, mesh, rules):
         jax.eval_shape(lambda: host_params), mesh, rules))
 
 
-def networks(task: Task, mesh=None,
-             rules: sharding.ShardingRules | None = None) -> scflow.SCFlowNetworks:
+def networks(task: Task, mesh=None, rules: sharding.ShardingRules | None = None, *,
+             sigmoid_head: bool | None = None) -> scflow.SCFlowNetworks:
     """Student, target and teacher share the task's flow network; D is the task's. Given the
-    ``mesh`` (and the FSDP ``rules``), each runs as ``xla_gpu.network_for_mesh`` says."""
+    ``mesh`` (and the FSDP ``rules``), each runs as ``xla_gpu.network_for_mesh`` says.
+    ``sigmoid_head`` (``config.scflow.sigmoid_head``): None follows D's family convention."""
     def on_mesh(fn):
         return fn if mesh is None or fn is None else xla_gpu.network_for_mesh(fn, mesh, rules)
 
     return scflow.SCFlowNetworks(velocity_fn=on_mesh(task.velocity_fn),
                                  teacher_velocity_fn=on_mesh(task.velocity_fn),
                                  disc_fn=on_mesh(task.disc_fn),
-                                 disc_takes_time=task.disc_takes_time)
+                                 disc_takes_time=task.disc_takes_time,
+                                 sigmoid_head=adversarial.sigmoid_head_for(task.discriminator,
+                                                                           sigmoid_head))
 
 
 def make_train_step(nets: scflow.SCFlowNetworks, cfg, optimizer, disc_optimizer, root_key,
@@ -249,7 +256,8 @@ def build_distill(config, workdir: str, teacher_params=None, task: Task | None =
     frozen = {"teacher_params": teacher_params,
               "null_cond": None if null_cond is None
               else sharding.put_replicated(jnp.asarray(null_cond), mesh)}
-    step = make_train_step(networks(task, mesh, rules), config.scflow, optimizer, disc_optimizer, root_key,
+    nets = networks(task, mesh, rules, sigmoid_head=config.scflow.get("sigmoid_head"))
+    step = make_train_step(nets, config.scflow, optimizer, disc_optimizer, root_key,
                            out_shardings=(shardings, sharding.replicated(mesh)),
                            compiler_options=xla_gpu.from_config(config, mesh))
     return DistillSetup(mesh=mesh, task=task, state=state, abstract_state=abstract,

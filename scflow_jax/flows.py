@@ -62,9 +62,22 @@ def sample_time(rng: jax.Array, batch: int, *, integer_timesteps: bool = False,
     return jax.random.uniform(rng, (batch,), dtype=jnp.float32)
 
 
+# Float32 rounding puts N*t for t = k/N up to about 2*k ulps from k, below it as often as above (k/1000
+# divided with correct rounding gives 250.99998 for k = 251). Times within this many timesteps below an
+# integer count as that integer: ~1e-4 timesteps at N = 1000, far below any schedule's resolution.
+_TIMESTEP_ROUNDING = 8 * float(jnp.finfo(jnp.float32).eps)
+
+
+def timestep_index(t: jax.Array, num_timesteps: int = 1000) -> jax.Array:
+    """``floor(num_timesteps * t)`` as int32, exact for every ``t = k/num_timesteps`` however the division
+    that made ``t`` rounded (a plain floor gives k-1 for some k)."""
+    scaled = jnp.asarray(t, jnp.float32) * num_timesteps
+    return jnp.floor(scaled + _TIMESTEP_ROUNDING * num_timesteps).astype(jnp.int32)
+
+
 def floor_to_timestep(t: jax.Array, num_timesteps: int = 1000) -> jax.Array:
-    """Network time for integer-timestep models: floor(num_timesteps*t)/num_timesteps."""
-    return jnp.floor(t * num_timesteps) / num_timesteps
+    """Network time for integer-timestep models: ``timestep_index(t) / num_timesteps``."""
+    return timestep_index(t, num_timesteps).astype(jnp.float32) / num_timesteps
 
 
 def classifier_free_guidance(v_cond: jax.Array, v_null: jax.Array, scale: float | jax.Array) -> jax.Array:

@@ -597,10 +597,9 @@ def test_generator_adversarial_loss_gradients(tiny_config):
     g_z, g_d = jax.grad(f, argnums=(0, 1))(z0_hat, dp)
     assert float(jnp.max(jnp.abs(g_z))) > 1e-4
     assert float(jnp.max(jnp.abs(g_d["W"]))) == 0.0
-    # Value: mean softplus(-sigmoid(D)) with the tiny config's sigmoid head.
+    # Value: mean softplus(-D) on the raw logit (the toy D's networks have no sigmoid head).
     logits = np.tanh(np.asarray(dp["W"])[None] * np.asarray(z0_hat)).reshape(B, -1).sum(-1)
-    head = _sigmoid(logits) if cfg.sigmoid_head else logits
-    np.testing.assert_allclose(f(z0_hat, dp), np.mean(_softplus(-head)), rtol=1e-5)
+    np.testing.assert_allclose(f(z0_hat, dp), np.mean(_softplus(-logits)), rtol=1e-5)
 
 
 def _np_regression_terms(n, w, z0_hat, huber_c, use_teacher):
@@ -684,7 +683,7 @@ def test_one_step_sample():
 
 
 def test_discriminator_objective_matches_formulas(tiny_config):
-    cfg = _cfg(tiny_config, r1_gamma=2.0, sigmoid_head=False)
+    cfg = _cfg(tiny_config, r1_gamma=2.0)
     real, fake = _rand(130, SHAPE), _rand(131, SHAPE)
     dp = {"W": jnp.asarray(_rand(132, SHAPE[1:]))}
     loss, aux = scflow.discriminator_objective(

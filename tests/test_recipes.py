@@ -403,8 +403,9 @@ def test_t2i_discriminator_starts_from_the_teacher_encoder(t2i_assets):
     teacher = task.load_teacher_params()
     params = jax.jit(task.init_disc_params)(jax.random.PRNGKey(0), teacher)
     assert _tree_max_diff(params["unet"], unet_sd.encoder_params(teacher)) == 0.0
-    assert set(params) == {"unet", "head_down", "head_conv", "head_norm", "head_out"}
+    assert set(params) == {"unet", "head_down", "head_norm", "head_out"}
     assert params["head_down"]["kernel"].shape == (4, 4, TINY_UNET.block_out_channels[-1], 16)
+    assert params["head_out"]["kernel"].shape == (3 * 3 * 16, 1)  # the 8x8 mid feature -> 3x3
     x = jnp.asarray(np.random.default_rng(1).standard_normal((3,) + task.latent_shape), jnp.float32)
     cond = jnp.asarray(task.encode_prompts(["a cat", "the dog", ""]))
     t = jnp.array([0.1, 0.5, 0.9])

@@ -5,15 +5,40 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 # (disc_params, x, cond) -> logits [B]
 DiscriminatorFn = Callable[..., jax.Array]
 
 
 def head(logits: jax.Array, sigmoid_head: bool) -> jax.Array:
-    """The reference squashes D's logit with a sigmoid before the softplus losses
-    (``disc.sigmoid_head``); without it the logit is used as is."""
+    """What the softplus losses see: ``sigmoid(logit)`` for discriminators that end in a sigmoid
+    (the authors' text-to-image D), the logit itself otherwise (their latent StyleGAN2 D)."""
     return jax.nn.sigmoid(logits) if sigmoid_head else logits
+
+
+def health(real_logits: jax.Array, fake_logits: jax.Array) -> dict[str, jax.Array]:
+    """D's mean logits, their gap (real minus fake) and its accuracy on the batch (a real logit
+    above 0, a fake one below: the sigmoid's 0.5 either way). At chance: gap ~0, accuracy ~0.5."""
+    real_mean, fake_mean = jnp.mean(real_logits), jnp.mean(fake_logits)
+    accuracy = 0.5 * (jnp.mean((real_logits > 0).astype(jnp.float32))
+                      + jnp.mean((fake_logits < 0).astype(jnp.float32)))
+    return {"d_real": real_mean, "d_fake": fake_mean, "d_gap": real_mean - fake_mean,
+            "d_accuracy": accuracy}
+
+
+def sigmoid_head_for(discriminator, setting: bool | None = None) -> bool:
+    """Whether the GAN losses squash ``discriminator``'s logit: its family's convention
+    (``OUTPUT_SIGMOID``: True for the text-to-image UNet-encoder D, False for the StyleGAN2 D),
+    unless ``setting`` (``config.scflow.sigmoid_head``) overrides it, which is logged: an ablation."""
+    convention = bool(getattr(discriminator, "OUTPUT_SIGMOID", False))
+    if setting is None:
+        return convention
+    if bool(setting) != convention:
+        logging.warning("config.scflow.sigmoid_head=%s goes against the convention of %s, whose GAN "
+                        "losses take %s (an ablation)", bool(setting), type(discriminator).__name__,
+                        "sigmoid(D)" if convention else "D's raw logit")
+    return bool(setting)
 
 
 def generator_loss(fake_logits: jax.Array, *, sigmoid_head: bool = False) -> jax.Array:

@@ -3,7 +3,8 @@
 ``cfg`` below is the ``config.scflow`` group (all Python values, read at trace time):
 init_threshold (delta), trunc_threshold (tau), huber_c, lambda_con, lambda_rf, lambda_gan,
 lambda_inv, warmup_rf, warmup_gan, warmup_inv, teacher_cfg, integer_timesteps, use_teacher,
-r1_gamma, sigmoid_head, disc_noise_inputs.
+r1_gamma, disc_noise_inputs. (``sigmoid_head`` is resolved once, against the discriminator family's
+convention, into ``SCFlowNetworks.sigmoid_head``.)
 
 A term whose lambda is 0 is removed at trace time (no compute); a term still warming up is
 computed with weight 0, so switching it on never recompiles the step.
@@ -28,12 +29,14 @@ class SCFlowNetworks:
 
     ``disc_takes_time``: ``disc_fn`` is ``(params, x, cond, t)`` and is given the network time
     of its (noised) input, t-minus (the text-to-image UNet-encoder discriminator); otherwise
-    ``(params, x, cond)``.
+    ``(params, x, cond)``. ``sigmoid_head``: the GAN losses take ``sigmoid(D)`` instead of D's
+    logit (the text-to-image D's convention; ``adversarial.head``).
     """
     velocity_fn: flows.VelocityFn
     teacher_velocity_fn: flows.VelocityFn
     disc_fn: adversarial.DiscriminatorFn | None = None
     disc_takes_time: bool = False
+    sigmoid_head: bool = False
 
 
 def pseudo_huber(x: jax.Array, y: jax.Array, c: float) -> jax.Array:
@@ -189,18 +192,27 @@ def discriminator_at(nets: SCFlowNetworks, t_minus: jax.Array, cfg) -> adversari
 
 
 def discriminator_inputs(rng, x: jax.Array, t_minus: jax.Array, cfg) -> jax.Array:
+    """D's input: ``x``, or, with ``disc_noise_inputs``, ``x`` noised to the time D is told
+    (``network_time(t_minus)``: the floored time for integer-timestep models), so that its
+    noise level and its time input agree."""
     if not cfg.disc_noise_inputs:
         return x
-    return noised_for_discriminator(x, t_minus, jax.random.normal(rng, x.shape, x.dtype))
+    return noised_for_discriminator(x, network_time(t_minus, cfg),
+                                    jax.random.normal(rng, x.shape, x.dtype))
 
 
 def discriminator_objective(disc_params, real, fake, cond, t_minus, rng, *,
                             nets: SCFlowNetworks, cfg):
-    """``L_D`` with R1 on the real inputs (section 4). Real and fake share the noise."""
+    """``L_D`` with R1 on the real inputs (section 4). Real and fake share the noise.
+
+    Besides the loss terms, the aux dict reports D's health: the mean logits, their gap
+    (real minus fake) and D's accuracy on the batch (real logits > 0, fake < 0): a D at chance
+    has a gap near 0 and an accuracy near 0.5."""
     if cfg.disc_noise_inputs:
         eps = jax.random.normal(rng, real.shape, real.dtype)
-        real = noised_for_discriminator(real, t_minus, eps)
-        fake = noised_for_discriminator(fake, t_minus, eps)
+        s = network_time(t_minus, cfg)
+        real = noised_for_discriminator(real, s, eps)
+        fake = noised_for_discriminator(fake, s, eps)
     disc_fn = discriminator_at(nets, t_minus, cfg)
     if cfg.r1_gamma > 0:
         r1, real_logits = adversarial.r1_penalty(disc_fn, disc_params, real, cond, cfg.r1_gamma)
@@ -208,9 +220,8 @@ def discriminator_objective(disc_params, real, fake, cond, t_minus, rng, *,
         r1, real_logits = jnp.float32(0.0), disc_fn(disc_params, real, cond)
     fake_logits = disc_fn(disc_params, sg(fake), cond)
     gan = adversarial.discriminator_loss(real_logits, fake_logits,
-                                         sigmoid_head=cfg.sigmoid_head)
-    return gan + r1, {"loss_disc": gan, "r1": r1, "d_real": jnp.mean(real_logits),
-                      "d_fake": jnp.mean(fake_logits)}
+                                         sigmoid_head=nets.sigmoid_head)
+    return gan + r1, {"loss_disc": gan, "r1": r1, **adversarial.health(real_logits, fake_logits)}
 
 
 def generator_adversarial_loss(z0_hat, disc_params, cond, t_minus, rng, *,
@@ -219,4 +230,4 @@ def generator_adversarial_loss(z0_hat, disc_params, cond, t_minus, rng, *,
     x = discriminator_inputs(rng, z0_hat, t_minus, cfg)
     disc_fn = discriminator_at(nets, t_minus, cfg)
     return adversarial.generator_loss(disc_fn(sg(disc_params), x, cond),
-                                      sigmoid_head=cfg.sigmoid_head)
+                                      sigmoid_head=nets.sigmoid_head)

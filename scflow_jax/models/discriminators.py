@@ -220,6 +220,9 @@ class StyleGANDiscriminator(nn.Module):
     cond_dim: int = 0
     dtype: Any = jnp.float32
 
+    # The authors' latent training feeds this D's raw logit to the softplus losses (no sigmoid).
+    OUTPUT_SIGMOID = False
+
     def _channels(self, res: int) -> int:
         return min(self.channel_base // res, self.channel_max)
 

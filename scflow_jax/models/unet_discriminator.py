@@ -1,11 +1,15 @@
 """The text-to-image discriminator of SCFLOW_SPEC.md section 5: the teacher UNet's encoder plus a small head.
 
 ``UNet2DConditionModel.encode`` (conv_in, time embedding, down blocks, cross-attention mid block) maps the noised
-latent, its time and the prompt states to the mid-block feature (8x8x1280 for SD 1.5 at 64x64 latents); a new head
-turns it into one logit per sample::
+latent, its time and the prompt states to the mid-block feature (8x8x1280 for SD 1.5 at 64x64 latents); a new head,
+the authors' own, turns it into one logit per sample::
 
-    conv(-> head_channels, kernel 4, stride 2, pad 1) -> conv 3x3 -> GroupNorm(head_groups) -> SiLU -> flatten
-    -> linear -> logit
+    conv(-> head_channels, kernel 4, stride 2, no padding) -> GroupNorm(head_groups) -> SiLU -> flatten -> linear
+
+8x8 -> 3x3, so the linear layer takes 2304 = 3*3*256 features on SD 1.5's layout; at another latent size it takes
+what the conv leaves (the head adapts; the conv needs a mid feature of at least 4x4). The authors end the head in a
+sigmoid; here it is the family's convention ``OUTPUT_SIGMOID`` that the losses apply (``losses/adversarial.py``), so
+the logit stays available for D's health metrics.
 
 The encoder's parameters live under ``["unet"]`` with the full UNet's paths, so ``init_from_teacher`` copies
 ``unet_sd.encoder_params(teacher_params)`` there and the discriminator starts from the teacher (spec section 2).
@@ -36,13 +40,23 @@ class UNetDiscriminator(nn.Module):
     dtype: Any = jnp.float32
     remat: bool = False
 
+    # The authors' text-to-image D ends in a sigmoid: its GAN losses take values in (0, 1).
+    OUTPUT_SIGMOID = True
+    HEAD_KERNEL = 4
+
     @nn.compact
     def __call__(self, x, timesteps, encoder_hidden_states):
         unet = UNet2DConditionModel(self.unet_config, dtype=self.dtype, remat=self.remat, name="unet")
         h = unet.encode(x, timesteps, encoder_hidden_states).astype(self.dtype)
-        h = nn.Conv(self.head_channels, (4, 4), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                    name="head_down")(h)
-        h = nn.Conv(self.head_channels, (3, 3), padding=1, dtype=self.dtype, name="head_conv")(h)
+        if min(h.shape[1:3]) < self.HEAD_KERNEL:
+            factor = x.shape[1] // h.shape[1]
+            raise ValueError(
+                f"the discriminator head's {self.HEAD_KERNEL}x{self.HEAD_KERNEL} conv needs a mid-block feature of "
+                f"at least {self.HEAD_KERNEL}x{self.HEAD_KERNEL}; latents of {x.shape[1]}x{x.shape[2]} give "
+                f"{h.shape[1]}x{h.shape[2]} (the UNet downsamples {factor}x): use latents of at least "
+                f"{self.HEAD_KERNEL * factor}x{self.HEAD_KERNEL * factor} (config.data.image_size)")
+        h = nn.Conv(self.head_channels, (self.HEAD_KERNEL, self.HEAD_KERNEL), strides=(2, 2), padding="VALID",
+                    dtype=self.dtype, name="head_down")(h)
         # Statistics in float32 whatever the compute dtype, as in the UNet's own norms.
         h = nn.GroupNorm(self.head_groups, epsilon=1e-5, dtype=jnp.float32, name="head_norm")(
             h.astype(jnp.float32))
