@@ -26,6 +26,10 @@ EXTRAS_REQUIRE = {
     "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
     # gs:// workdirs: etils.epath (outputs, Orbax's metadata) reaches GCS through gcsfs when TensorFlow is absent.
     "gcs": ["gcsfs"],
+    # Only for building TFDS datasets (`tfds build`: coco_captions' and celeb_a_hq's builders call
+    # TensorFlow) or converting tfrecord ones to array_record (`tfds convert_format`); prepare_data
+    # reads array_record TFDS datasets without it.
+    "tensorflow": ["tensorflow"],
     # PyTorch reference implementations, used only by parity tests and by the .pth converters.
     "parity": ["torch>=2.5", "torchvision>=0.20", "diffusers>=0.31", "transformers>=4.46", "pytorch-fid>=0.3.0"],
 }

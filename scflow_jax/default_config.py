@@ -18,11 +18,14 @@ def _optimizer(lr: float, *, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=0.0,
 
 
 def _prepare_fields(kind: str) -> dict:
-    """--mode=prepare_data: images (+ captions) -> latent array_record shards (data/prepare.py)."""
+    """--mode=prepare_data: images (+ captions) -> latent array_record shards (data/prepare.py).
+    input: a folder, LMDB, .parquet, webdataset .tar or tfds:NAME[/CONFIG][:SPLIT]; image_column
+    and caption_column name the parquet columns or TFDS features; tfds_data_dir: where the TFDS
+    dataset was built (unset: TFDS's default, $TFDS_DATA_DIR or ~/tensorflow_datasets)."""
     return dict(kind=kind, input=placeholder(str), output=placeholder(str), vae=placeholder(str),
                 text_encoder=placeholder(str), tokenizer=placeholder(str), image_size=placeholder(int),
                 batch_size=64, examples_per_shard=1024, latent_dtype="float32", image_column="image",
-                caption_column="caption", num_workers=8)
+                caption_column="caption", tfds_data_dir=placeholder(str), num_workers=8)
 
 
 def latent_recipe_base(name: str, data_kind: str) -> ml_collections.ConfigDict:

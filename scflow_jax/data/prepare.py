@@ -7,8 +7,10 @@
 
 Inputs: a folder of images (recursive; for ``text_to_image`` each image needs a same-name ``.txt`` caption), an
 LMDB folder (``data.mdb``; the CelebA-HQ release of NVAE/DDGAN/LFM, values raw RGB or encoded images, keys
-``"0"``, ``"1"``, ...; needs ``pip install lmdb``), a parquet file (image bytes + caption columns) or a webdataset
-tar (``key.jpg`` + ``key.txt``).
+``"0"``, ``"1"``, ...; needs ``pip install lmdb``), a parquet file (image bytes + caption columns),
+a webdataset tar (``key.jpg`` + ``key.txt``) or a TFDS dataset built as array_record
+(``tfds:NAME[/CONFIG][:SPLIT]`` under ``--tfds_data_dir``; ``--image_column`` and
+``--caption_column`` name its features; see tfds_source.py).
 
 Each image is center-cropped to a square and resized to ``image_size`` with PIL's bicubic filter (ADM's and LDM's
 choice; Pillow widens the filter support when downscaling, so it antialiases, and unlike Lanczos it has little
@@ -16,7 +18,8 @@ ringing), mapped to [-1, 1] and encoded by the VAE jitted over a ``data`` mesh (
 the padding dropped). Captions are tokenized to the text encoder's length and encoded without an attention mask,
 as SD 1.5's pipeline does.
 
-Resumable: the file order is deterministic (sorted folder walk, LMDB key order, parquet row order, tar member order),
+Resumable: the file order is deterministic (sorted folder walk, LMDB key order, parquet row order,
+tar member order, TFDS record order),
 shard ``i`` holds items ``[i * examples_per_shard, (i + 1) * examples_per_shard)``, and each shard is written under
 a temporary name and renamed, then its report (``shard_reports/<shard>.json``). A rerun with the same settings skips
 the shards whose file and report exist. Unreadable images are skipped and reported, like images without captions
@@ -76,6 +79,7 @@ class Source:
     captions: Optional[list[str]]
     fetch: Callable[[Sequence[int]], list]  # item indices -> payloads: a file path, image bytes or ("raw", bytes)
     skipped: dict[str, list]                # listing-time skips: missing_caption, ignored_files
+    origin: str = ""                        # what the plan and metadata record as the source
 
 
 def _keep_captioned(keys, captions, payloads, need_captions):
@@ -205,9 +209,20 @@ def tar_source(path: str, need_captions: bool) -> Source:
                   {"missing_caption": missing, "ignored_files": ignored})
 
 
-def open_source(path: str, kind: str, image_column: str = "image", caption_column: str = "caption") -> Source:
-    _require_path(path, "input")
+def open_source(path: str, kind: str, image_column: str = "image", caption_column: str = "caption",
+                tfds_data_dir: Optional[str] = None) -> Source:
+    from scflow_jax.data import tfds_source  # it imports this module, so not at the top
+
     need_captions = kind == "text_to_image"
+    if tfds_source.is_tfds_spec(path):
+        return tfds_source.tfds_source(path, tfds_data_dir, image_column, caption_column,
+                                       need_captions)
+    _require_path(path, "input")
+    return dataclasses.replace(_open_path(path, need_captions, image_column, caption_column),
+                               origin=os.path.abspath(path))
+
+
+def _open_path(path: str, need_captions: bool, image_column: str, caption_column: str) -> Source:
     if os.path.isfile(os.path.join(path, "data.mdb")):
         if need_captions:
             raise ValueError(f"{_field('input')}={path} is an LMDB of images without captions: use "
@@ -220,7 +235,7 @@ def open_source(path: str, kind: str, image_column: str = "image", caption_colum
     if path.endswith((".tar", ".tar.gz", ".tgz")):
         return tar_source(path, need_captions)
     raise ValueError(f"{_field('input')}={path}: expected a folder of images, an LMDB folder (data.mdb), a .parquet "
-                     f"file or a webdataset .tar")
+                     f"file, a webdataset .tar or a TFDS dataset (tfds:NAME[/CONFIG][:SPLIT])")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -396,7 +411,8 @@ def _check_plan(output: str, plan: dict) -> None:
 def prepare(kind: str, input: str, output: str, vae: str, text_encoder: Optional[str] = None,
             tokenizer: Optional[str] = None, image_size: Optional[int] = None, batch_size: int = 64,
             examples_per_shard: int = 1024, latent_dtype: str = "float32", image_column: str = "image",
-            caption_column: str = "caption", num_workers: int = 8, mesh: Optional[Mesh] = None) -> dict[str, Any]:
+            caption_column: str = "caption", tfds_data_dir: Optional[str] = None,
+            num_workers: int = 8, mesh: Optional[Mesh] = None) -> dict[str, Any]:
     """Prepares (or finishes preparing) ``output``; returns its metadata. See the module docstring."""
     from scflow_jax.models.vae import load_vae
 
@@ -413,7 +429,12 @@ def prepare(kind: str, input: str, output: str, vae: str, text_encoder: Optional
     if batch_size <= 0 or batch_size % mesh.devices.size:
         raise ValueError(f"{_field('batch_size')}={batch_size} must be a positive multiple of the "
                          f"{mesh.devices.size} devices of the encoding mesh")
-    _require_path(input, "input")
+    from scflow_jax.data import tfds_source  # it imports this module, so not at the top
+
+    if tfds_source.is_tfds_spec(input):
+        tfds_source.parse_spec(input)  # a malformed spec fails before the models load
+    else:
+        _require_path(input, "input")
     _require_path(vae, "vae")
     if kind == "text_to_image":
         _require_path(text_encoder, "text_encoder")
@@ -424,10 +445,10 @@ def prepare(kind: str, input: str, output: str, vae: str, text_encoder: Optional
     if image_size <= 0 or image_size % factor:
         raise ValueError(f"{_field('image_size')}={image_size} is not a positive multiple of the VAE's "
                          f"downsampling factor {factor}")
-    source = open_source(input, kind, image_column, caption_column)
+    source = open_source(input, kind, image_column, caption_column, tfds_data_dir)
     num_items = len(source.keys)
     num_shards = -(-num_items // examples_per_shard)
-    plan = dict(kind=kind, source=os.path.abspath(input), vae=os.path.abspath(vae),
+    plan = dict(kind=kind, source=source.origin, vae=os.path.abspath(vae),
                 text_encoder=text_encoder and os.path.abspath(text_encoder),
                 tokenizer=tokenizer and os.path.abspath(tokenizer), image_size=image_size, latent_dtype=latent_dtype,
                 examples_per_shard=examples_per_shard, image_column=image_column, caption_column=caption_column,
@@ -477,7 +498,7 @@ def prepare(kind: str, input: str, output: str, vae: str, text_encoder: Optional
         "num_examples": sum(r["num_examples"] for r in reports), "num_shards": num_shards,
         "latent_shape": [h, h, vae_model.config.latent_channels], "latent_dtype": latent_dtype,
         "scaling_factor": vae_model.config.scaling_factor, "shift_factor": vae_model.config.shift_factor,
-        "image_size": image_size, "source": os.path.abspath(input), "vae": os.path.abspath(vae),
+        "image_size": image_size, "source": source.origin, "vae": os.path.abspath(vae),
         "preprocessing": "EXIF orientation, RGB, center square crop, PIL bicubic resize, x / 127.5 - 1",
         "skipped": {"unreadable": unreadable, **source.skipped,
                     "counts": {"unreadable": len(unreadable),
@@ -520,7 +541,8 @@ def _main(argv):
     logging.set_verbosity(logging.INFO)
     f = flags.FLAGS
     prepare(f.kind, f.input, f.output, f.vae, f.text_encoder, f.tokenizer, f.image_size, f.batch_size,
-            f.examples_per_shard, f.latent_dtype, f.image_column, f.caption_column, f.num_workers)
+            f.examples_per_shard, f.latent_dtype, f.image_column, f.caption_column, f.tfds_data_dir,
+            f.num_workers)
 
 
 if __name__ == "__main__":
@@ -528,8 +550,9 @@ if __name__ == "__main__":
 
     flags.DEFINE_enum("kind", "latents", list(latents.KINDS), "latents: images -> VAE posteriors; text_to_image: "
                       "image-caption pairs -> VAE posteriors + CLIP text hidden states.")
-    flags.DEFINE_string("input", None, "Folder of images (recursive; .txt captions beside them), LMDB folder, "
-                        ".parquet file or webdataset .tar.")
+    flags.DEFINE_string("input", None, "Folder of images (recursive; .txt captions beside them), "
+                        "LMDB folder, .parquet file, webdataset .tar or TFDS dataset "
+                        "tfds:NAME[/CONFIG][:SPLIT].")
     flags.DEFINE_string("output", None, "Output folder; rerun the same command to resume.")
     flags.DEFINE_string("vae", None, "diffusers AutoencoderKL folder (or a pipeline folder with vae/).")
     flags.DEFINE_string("text_encoder", None, "CLIP text encoder folder (text_to_image).")
@@ -538,7 +561,11 @@ if __name__ == "__main__":
     flags.DEFINE_integer("batch_size", 64, "Images per encoder call; a multiple of the device count.")
     flags.DEFINE_integer("examples_per_shard", 1024, "Items per array_record shard (the unit of resumption).")
     flags.DEFINE_enum("latent_dtype", "float32", ["float32", "float16"], "Storage dtype of mean and std.")
-    flags.DEFINE_string("image_column", "image", "Parquet column of image bytes (or {bytes, path} structs).")
-    flags.DEFINE_string("caption_column", "caption", "Parquet column of captions.")
+    flags.DEFINE_string("image_column", "image", "Parquet column of image bytes (or {bytes, path} "
+                        "structs), or TFDS Image feature (nested keys joined by /).")
+    flags.DEFINE_string("caption_column", "caption", "Parquet column of captions, or TFDS string "
+                        "feature or Sequence of them, e.g. captions/text for coco_captions.")
+    flags.DEFINE_string("tfds_data_dir", None, "TFDS data folder of a tfds: input (default: "
+                        "TFDS's, $TFDS_DATA_DIR or ~/tensorflow_datasets).")
     flags.DEFINE_integer("num_workers", 8, "Threads decoding and resizing images.")
     app.run(_main)
