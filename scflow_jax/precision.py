@@ -48,7 +48,7 @@ def compute_dtype(config) -> Any:
 def decode_dtype(config) -> Any:
     """The VAE decoder's compute dtype for samples and evaluation (``config.precision.decode_dtype``).
     float32 by default, so that image metrics stay comparable with float32 decodes; bfloat16 makes
-    the decoder, which at 512 px costs ~3x the one-step UNet, that much cheaper on accelerators."""
+    the decoder, which at 512 px costs more than the one-step UNet, cheaper on accelerators."""
     name = _precision(config, "decode_dtype")
     if name not in COMPUTE_DTYPES:
         raise ValueError(f"config.precision.decode_dtype={name!r}; expected one of "
@@ -114,8 +114,8 @@ def frozen_params(params, config):
 
     Every use casts them to the compute dtype anyway, so the teacher's outputs are bit-for-bit
     those of the float32 copy (tests/test_multihost.py holds the three UNet families to that),
-    in half the memory: 1.6 GiB less per device for SD 1.5's UNet without FSDP. Vectors (biases,
-    norm scales) stay float32: normalisations apply them in float32, and they are a few MB.
+    in half the memory. Vectors (biases, norm scales) stay float32: normalisations apply them in
+    float32, and they are a small share of the parameters.
     Call it after the student, its EMAs and the discriminator are initialised from the float32
     teacher. Works on arrays (sharding kept) and on ``jax.ShapeDtypeStruct`` trees (plans)."""
     dtype = compute_dtype(config)

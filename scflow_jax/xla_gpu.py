@@ -3,21 +3,17 @@
 1. Their collectives (the gradients' all-reduce or reduce-scatter, FSDP's parameter
 all-gathers) run synchronously (``xla_gpu_disable_async_collectives``, given to ``jax.jit`` per
 program) unless ``config.mesh.overlap_collectives`` is True. With XLA:GPU's default
-asynchronous collectives the schedule of a backward pass keeps far more activations live: in a
-12-layer convolution stack compiled for two deviceless H100s, the weight-gradient convolutions,
-whose results the all-reduces consume, all moved to the end of the backward pass, and every
-activation they read stayed live until then (23 activation buffers against one GPU's 14, at any
-batch); under FSDP the asynchronous all-gathers and reduce-scatters do the same. The price is
-that communication no longer overlaps compute.
+asynchronous collectives the schedule of a backward pass moves the weight-gradient convolutions,
+whose results the all-reduces consume, to its end, and every activation they read stays live
+until then; under FSDP the asynchronous all-gathers and reduce-scatters do the same. The price
+is that communication no longer overlaps compute.
 
 2. Under FSDP each network gathers its parameters where it runs (``sharding.gathered_at_use``):
-XLA:GPU's partitioner otherwise moves activations between the GPUs instead. Not on TPUs:
-there XLA:TPU's plan for a v5e-8 (fsdp 8, batch 24) went from 11.11 to 13.45 GiB of
-temporaries per chip with the gather (its whole parameter copies), which no longer fit a chip.
-Since the SD UNet's attention goes by query chunks on TPUs (models/attention.py) the gather fits
-(batch 40: 7.35 -> 10.13 GiB); which is faster there is unmeasured, so TPUs keep XLA's way.
+XLA:GPU's partitioner otherwise moves activations between the GPUs instead. TPUs keep XLA's own
+partitioning: there the gather's whole parameter copies cost memory, and which way is faster is
+not measured.
 
-The SD 1.5 figures for both are in the README (Scaling out).
+docs/scaling.md explains both; docs/performance.md has the measurements.
 """
 from __future__ import annotations
 

@@ -3,23 +3,19 @@ the hardware allows.
 
 XLA computes attention as written: the [batch, heads, queries, keys] logits and probabilities are
 real buffers, float32 for the softmax, and under differentiation they are kept for the backward
-pass. At 512 px the SD UNet attends over 64x64 = 4096 tokens, so each self-attention layer of a
-16-sample training step (32 rows: the step pairs its batches) holds 16 GiB of float32 logits.
-``jax.nn.dot_product_attention`` does not avoid that by itself: ``implementation=None`` means XLA
-(jax 0.10-0.12). :func:`dot_product_attention` chooses per platform (``lax.platform_dependent``, so
-a program compiled for a GPU or TPU from a CPU host, as benchmarks/memory_plan.py does, gets that
-platform's choice):
+pass. At 512 px the SD UNet attends over 64x64 = 4096 tokens, where those buffers dominate a
+training step's memory. ``jax.nn.dot_product_attention`` does not avoid that by itself:
+``implementation=None`` means XLA. :func:`dot_product_attention` chooses per platform
+(``lax.platform_dependent``, so a program compiled for a GPU or TPU from a CPU host, as
+``--mode=plan`` does, gets that platform's choice):
 
 - NVIDIA GPUs: cuDNN's fused (flash) attention, which never forms the logits, wherever cuDNN takes
   the shapes and dtype both forward and under differentiation: bf16 and fp16, head dims up to its
   limit. Not the 77-token cross-attention (cuDNN's training path refuses odd key counts), whose
-  logits are small. Compiled for one H100, one 4096-token layer's gradient at 32 rows needs 40.16
-  GiB of temporaries through XLA and 0.16 GiB through cuDNN.
+  logits are small.
 - Long attention that cuDNN does not take, on TPUs and GPUs (float32 compute, AMD's): XLA's
   attention over 512 queries at a time (:func:`query_chunked_attention`), each chunk recomputed in
-  the backward pass, where queries and keys are both longer than 512. XLA:TPU compiled one such
-  layer's gradient at 10 rows (a v5e chip's share of the recipe) into 7.50 GiB of temporaries
-  whole and 1.04 GiB chunked.
+  the backward pass, where queries and keys are both longer than 512.
 - On the CPU, and for everything shorter: XLA's attention as written. The parity tests against
   PyTorch run this path.
 
