@@ -103,9 +103,10 @@ def sampler_shardings(abstract_params: Any, mesh) -> Any:
     evaluated teacher, put replicated, already were).
 
     Split, XLA's partitioner splits the sampler's computation too and moves activations between
-    the devices. The 1-step SD 1.5 sampler (``benchmarks/memory_plan.py --sampler``) had, besides
-    its parameters' all-gathers, 42 collectives for two H100s with fsdp 2 (XLA:GPU; 32 all-to-alls)
-    and 1162 for a TPU v5e-8 with fsdp 8 (XLA:TPU; 1145 collective-permutes); whole, it has none.
+    the devices. Planned split (the sampler program of ``--mode=plan``), the 1-step SD 1.5
+    sampler had, besides its parameters' all-gathers, 42 collectives for two H100s with fsdp 2
+    (XLA:GPU; 32 all-to-alls) and 1162 for a TPU v5e-8 with fsdp 8 (XLA:TPU; 1145
+    collective-permutes); whole, it has none.
     Whole costs 1.60 GiB more per H100; on the v5e it even saved memory (7.39 GiB per chip in all
     against 8.67 split), the split program's temporaries being twice the whole one's. (Those plans
     predate models/attention.py; whole, the same samplers now need 0.34 and 0.70 GiB of temporaries.)"""

@@ -3,8 +3,7 @@ measures on a lent GPU is known to work before the GPU time is spent. Heavy: abo
 The CPU profile (benchmarks/profile_step.py) reads XLA's programs and traces right, and the in-process A/B
 (benchmarks/ab_speed.py) builds a commit's code beside the working tree's. The PyTorch program of the issue-8 work
 (benchmarks/torch_step.py) builds the same networks as ours, versus_torch.py pairs the two right, and
-passes_versus_torch.py times each network pass in both. The memory plan (benchmarks/memory_plan.py) counts what
-each device holds of the SD 1.5 recipe's state under FSDP, and its count agrees with XLA's own; the remat probe
+passes_versus_torch.py times each network pass in both. The remat probe
 (benchmarks/remat_probe.py) compiles gradients with and without remat; the attention check
 (benchmarks/attention_check.py) catches a device attention that differs from XLA's."""
 import collections
@@ -23,7 +22,6 @@ import ab_speed  # noqa: E402
 import common  # noqa: E402
 import allocators  # noqa: E402
 import conv_forms  # noqa: E402
-import memory_plan  # noqa: E402
 import profile_step  # noqa: E402
 import remat_probe  # noqa: E402
 import t2i_speed  # noqa: E402
@@ -74,65 +72,6 @@ def test_peak_part_reports_the_matmul_rate_of_its_own_timing():
     assert out["bf16_matmul_tflops"] == pytest.approx(2 * 256 ** 3 / out["median_s"] / 1e12)
 
 
-def _memory_plan(*flags):
-    return memory_plan.plan(memory_plan.parse_args(["--tiny", "--no_record", *flags]))
-
-
-def test_memory_plan_splits_the_state_over_fsdp_and_keeps_it_whole_without():
-    small_arrays_too = "--fsdp_min_size=1024"
-    whole = _memory_plan("--devices=4", "--fsdp=1", "--batch=8", small_arrays_too)
-    split = _memory_plan("--devices=4", "--fsdp=4", "--batch=8", small_arrays_too)
-    gib = 2 ** 30
-    assert whole["mesh"] == {"data": 4, "fsdp": 1} and split["mesh"] == {"data": 1, "fsdp": 4}
-    assert split["student_params"] == whole["student_params"] == train_state.count_params(
-        unet_sd.unet_param_shapes(t2i_speed.TINY_UNET))
-    parts = whole["state_gib_per_device"]
-    # Replicated: every device holds the float32 student; Adam two moments of it (and a step count);
-    # the target and the eval EMA one copy each; the teacher one with its kernels in bf16 (the recipe
-    # computes in bf16), its vectors in float32.
-    assert parts["params"] * gib == 4 * whole["student_params"]
-    assert parts["target_params"] == parts["ema_params"] == parts["params"]
-    shapes = jax.tree.leaves(unet_sd.unet_param_shapes(t2i_speed.TINY_UNET))
-    assert parts["teacher"] * gib == sum((2 if leaf.ndim >= 2 else 4) * math.prod(leaf.shape) for leaf in shapes)
-    assert parts["params"] / 2 < parts["teacher"] < parts["params"] * 0.6
-    assert parts["disc_params"] * gib == 4 * whole["disc_params"]
-    assert 2 * parts["params"] <= parts["opt_state"] <= 2 * parts["params"] + 64 / gib
-    assert whole["state_gib_per_device_total"] == pytest.approx(sum(parts.values()))
-    assert whole["left_for_activations_gib"] == pytest.approx(16 - whole["state_gib_per_device_total"])
-    # FSDP over 4: each device holds at least a quarter (small arrays stay whole), far less than all.
-    for name, replicated in parts.items():
-        assert replicated / 4 <= split["state_gib_per_device"][name] < replicated / 2, name
-    assert split["state_gib_per_device"]["teacher"] < split["state_gib_per_device"]["params"]
-
-
-def test_memory_plan_names_a_batch_the_mesh_cannot_split_and_bad_arguments(capsys):
-    with pytest.raises(ValueError, match=r"--batch=6 is not divisible .* \(4 = "):
-        _memory_plan("--devices=4", "--batch=6")
-    with pytest.raises(ValueError, match=r"num_devices=16 but 8 devices"):
-        _memory_plan("--devices=16", "--batch=16")
-    for bad, name in (("--devices=0", "--devices"), ("--hbm_gib=-1", "--hbm_gib")):
-        with pytest.raises(SystemExit):
-            memory_plan.parse_args([bad])
-        assert name in capsys.readouterr().err
-
-
-def test_memory_plan_of_the_sampler_holds_the_student_whole_and_moves_nothing(capsys):
-    flags = ("--devices=4", "--fsdp=4", "--batch=8", "--sampler=2", "--fsdp_min_size=64")
-    whole, split = _memory_plan(*flags), _memory_plan(*flags, "--sampler_split")
-    student = 4 * train_state.count_params(unet_sd.unet_param_shapes(t2i_speed.TINY_UNET)) / 2 ** 30
-    assert (whole["program"], whole["student_held"], split["student_held"]) == ("sampler", "whole", "split")
-    assert whole["student_gib_per_device"] == pytest.approx(student)
-    assert student / 4 <= split["student_gib_per_device"] < student / 2
-    # Whole, the program needs no collective; split over fsdp, XLA moves activations between devices too.
-    assert whole["collectives"] == {}
-    assert set(split["collectives"]) - {"all-gather"}
-    for bad, name in ((("--sampler_split",), "--sampler"), (("--sampler=-1",), "--sampler"),
-                      (("--sampler=1", "--overlap_collectives"), "--overlap_collectives")):
-        with pytest.raises(SystemExit):
-            memory_plan.parse_args(list(bad))
-        assert name in capsys.readouterr().err
-
-
 def test_remat_probe_compiles_both_forms_and_the_remat_unet_recomputes():
     out = remat_probe.probe(sd15=False)
     # 64 forward matmuls; backward, each one's weight gradient and all but the first one's input gradient.
@@ -164,18 +103,6 @@ class _Compiled:
         return self.text
 
 
-class _Lowered:
-    """A lowered program whose compile returns ``result`` or raises it."""
-
-    def __init__(self, result):
-        self.result = result
-
-    def compile(self):
-        if isinstance(self.result, Exception):
-            raise self.result
-        return self.result
-
-
 def _analysis(arguments, outputs, aliased, temporaries):
     gib = 2 ** 30
     return types.SimpleNamespace(argument_size_in_bytes=int(arguments * gib), output_size_in_bytes=int(outputs * gib),
@@ -188,119 +115,9 @@ def test_compiled_memory_gib_reads_the_buffer_assignment_and_says_when_there_is_
     assert common.compiled_memory_gib(_Compiled(None)) == {"note": "no memory analysis on this backend"}
 
 
-def test_memory_plan_for_a_tpu_slice_compiles_for_all_its_chips_and_names_a_missing_compiler(capsys):
-    args = memory_plan.parse_args(["--tpu_topology=v5e:2x4"])
-    assert args.compile and args.devices == -1  # every chip of the slice, compiled by XLA:TPU
-    assert memory_plan.parse_args(["--tpu_topology=v5e:2x4", "--devices=4"]).devices == 4
-    plain = memory_plan.parse_args([])
-    assert plain.devices == 8 and not plain.compile and not plain.tpu_topology
-    for bad in (["--tpu_hbm_cap_mib=1024"], ["--tpu_topology=v5e:2x4", "--tpu_hbm_cap_mib=-1"]):
-        with pytest.raises(SystemExit):
-            memory_plan.parse_args(bad)
-        assert "--tpu_hbm_cap_mib" in capsys.readouterr().err
-    # Without libtpu (this suite's venv), or with a name libtpu does not know: the flag, the value and the fix.
-    with pytest.raises(SystemExit, match=r"--tpu_topology=v0:9x9: no TPU compiler .*pip install 'jax\[tpu\]'"):
-        memory_plan.tpu_slice_chips("v0:9x9")
-
-
-def _refusal(needed: str, limit: str) -> Exception:
-    """XLA:TPU's error for a step whose temporaries it could not bring under its memory limit."""
-    return jax.errors.JaxRuntimeError(f"RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required "
-                                      f"for HLO temporaries ({needed}) exceeds available HBM ({limit}).")
-
-
-def test_compiled_fit_reads_xla_tpu_buffers_or_its_out_of_memory_refusal():
-    text = ("%ag = f32[8,4] all-gather-start(f32[4,4] %p)\n%t = (f32[2], f32[2]) all-to-all(f32[2] %x, f32[2] %y)\n"
-            "%g = f32[8] all-gather(f32[4] %q), dimensions={0}\n%name.all-reduce = f32[2] add(%a, %b)\n"
-            '%fa = (bf16[4,8,256,40], f32[4,8,256]) custom-call(%q, %k, %v), custom_call_target="__cudnn$fmhaSoftmax"')
-    compiled = _Lowered(_Compiled(_analysis(3, 3.5, 3, 9.25), text))
-    fits = memory_plan.compiled_fit(compiled, hbm_gib=16.0, state_gib=2.9, compiler="tpu")
-    assert fits["fits_hbm"] is True and fits["xla_tpu_total_gib_per_device"] == pytest.approx(12.75)
-    assert fits["collectives"] == {"all-gather": 2, "all-to-all": 1}  # an instruction's name is no collective
-    assert fits["fused_attention_calls"] == 1
-    assert memory_plan.compiled_fit(compiled, hbm_gib=12.5, state_gib=2.9, compiler="tpu")["fits_hbm"] is False
-    # Under the chip's own limit a refusal is a no, with the temporaries XLA:TPU could not get below.
-    refused = memory_plan.compiled_fit(_Lowered(_refusal("24.31G", "15.75G")), 16.0, 2.7, "tpu")
-    assert refused["fits_hbm"] is False and refused["xla_tpu_limit_gib"] == 15.75
-    assert refused["xla_tpu_gib_per_device"] == {"temporaries": 24.31}
-    # Under a lower limit (--tpu_hbm_cap_mib) the least temporaries reached decide, with the state, against the chip.
-    capped = memory_plan.compiled_fit(_Lowered(_refusal("9216.00M", "1024.00M")), 16.0, 2.7, "tpu")
-    assert capped["xla_tpu_gib_per_device"] == {"temporaries": 9.0} and capped["xla_tpu_limit_gib"] == 1.0
-    assert capped["fits_hbm"] is True
-    assert memory_plan.compiled_fit(_Lowered(_refusal("9216.00M", "1024.00M")), 11.5, 2.7, "tpu")[
-        "fits_hbm"] is False
-    # Any other compile failure is not a fit answer: it propagates.
-    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
-        memory_plan.compiled_fit(_Lowered(jax.errors.JaxRuntimeError("INTERNAL: a compiler bug")), 16.0, 2.7, "tpu")
-
-
-def test_compiled_fit_for_a_gpu_reads_xla_gpu_buffers_against_the_pool():
-    compiled = _Lowered(_Compiled(_analysis(21.6, 21.6, 21.6, 55.1)))
-    fits = memory_plan.compiled_fit(compiled, hbm_gib=79.0, state_gib=21.6, compiler="gpu")
-    assert fits == {"fits_hbm": True, "xla_gpu_total_gib_per_device": pytest.approx(76.7),
-                    "xla_gpu_gib_per_device": pytest.approx({"arguments": 21.6, "outputs_not_aliased": 0.0,
-                                                             "temporaries": 55.1}),
-                    "collectives": {}, "fused_attention_calls": 0}
-    assert memory_plan.compiled_fit(compiled, 59.3, 21.6, "gpu")["fits_hbm"] is False
-    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):  # XLA:GPU refuses nothing for size
-        memory_plan.compiled_fit(_Lowered(jax.errors.JaxRuntimeError("INTERNAL: a compiler bug")), 79.0, 2.7, "gpu")
-
-
-H100_BYTES = 84929347584  # gpu_targets/h100.txtpb's device_memory_size
-
-
-def test_memory_plan_for_a_gpu_reads_its_target_and_fits_jax_s_allocator_pool(monkeypatch, tmp_path, capsys):
-    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
-    args = memory_plan.parse_args(["--gpu_target=h100"])
-    assert args.compile and args.devices == 1 and "NVIDIA H100" in args.gpu_target_text
-    assert args.hbm_gib == pytest.approx(0.75 * H100_BYTES / 2 ** 30)  # JAX's default pool
-    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
-    assert memory_plan.parse_args(["--gpu_target=h100"]).hbm_gib == pytest.approx(0.92 * H100_BYTES / 2 ** 30)
-    assert memory_plan.parse_args(["--gpu_target=h100", "--hbm_gib=70", "--devices=8"]).hbm_gib == 70
-    for bad_fraction in ("0.0", "1.5", "most"):
-        monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", bad_fraction)
-        with pytest.raises(SystemExit):
-            memory_plan.parse_args(["--gpu_target=h100"])
-        assert f"XLA_PYTHON_CLIENT_MEM_FRACTION='{bad_fraction}' must be a number in (0, 1]" in capsys.readouterr().err
-    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
-    assert memory_plan.parse_args([]).hbm_gib == 16.0
-    # A target file of one's own, by path.
-    own = tmp_path / "card.txtpb"
-    own.write_text(args.gpu_target_text.replace(str(H100_BYTES), str(48 * 2 ** 30)))
-    assert memory_plan.parse_args([f"--gpu_target={own}"]).hbm_gib == pytest.approx(0.92 * 48)
-    # Bad input: each names the flag and what is wrong.
-    not_a_target = tmp_path / "notes.txt"
-    not_a_target.write_text("gpu: an H100\n")
-    for bad, says in ((["--gpu_target=h900"], "--gpu_target=h900: neither a known GPU (h100"),
-                      ([f"--gpu_target={not_a_target}"], "has no gpu_device_info.device_memory_size"),
-                      (["--gpu_target=h100", "--tpu_topology=v5e:2x4"], "give one")):
-        with pytest.raises(SystemExit):
-            memory_plan.parse_args(bad)
-        assert says in capsys.readouterr().err
-    # Without JAX's CUDA plugin (this suite's venv), or a target it cannot read: the flag and the fix.
-    with pytest.raises(SystemExit, match=rf"--gpu_target=h100: no GPU compiler .*pip install "
-                                         rf"jax-cuda12-plugin=={jax.__version__} jax-cuda12-pjrt=={jax.__version__}"):
-        memory_plan.gpu_node_devices("h100", "not a target {", 1)
-
-
 def _jaxlib_version() -> tuple:
     import jaxlib
     return tuple(int(part) for part in jaxlib.__version__.split(".")[:3])
-
-
-@pytest.mark.heavy
-def test_memory_plan_counts_what_xla_counts_as_the_step_arguments():
-    out = _memory_plan("--devices=2", "--fsdp=2", "--batch=4", "--fsdp_min_size=1024", "--compile")
-    xla = out["xla_cpu_estimate_gib_per_device"]
-    # XLA's arguments per device: the state and teacher as planned, plus this device's rows of the batch
-    # (latents and text states) and the replicated empty-prompt text states; a few bytes of scalars aside.
-    side = 64 // 8
-    batch_bytes = 4 // 2 * (side * side * 4 + t2i_speed.TEXT_TOKENS * t2i_speed.TEXT_DIM) * 4
-    null_cond_bytes = t2i_speed.TEXT_TOKENS * t2i_speed.TEXT_DIM * 4
-    planned = out["state_gib_per_device_total"] * 2 ** 30 + batch_bytes + null_cond_bytes
-    assert xla["arguments"] * 2 ** 30 == pytest.approx(planned, abs=64)
-    assert xla["temporaries"] > 0
-    assert out["collectives"].get("all-gather", 0) > 0  # FSDP's parameter gathers, at least
 
 
 @pytest.mark.parametrize("form", sorted(set(conv_forms.FORMS) - {"native"}))

@@ -7,7 +7,7 @@ pass. At 512 px the SD UNet attends over 64x64 = 4096 tokens, so each self-atten
 16-sample training step (32 rows: the step pairs its batches) holds 16 GiB of float32 logits.
 ``jax.nn.dot_product_attention`` does not avoid that by itself: ``implementation=None`` means XLA
 (jax 0.10-0.12). :func:`dot_product_attention` chooses per platform (``lax.platform_dependent``, so
-a program compiled for a GPU or TPU from a CPU host, as benchmarks/memory_plan.py does, gets that
+a program compiled for a GPU or TPU from a CPU host, as --mode=plan does, gets that
 platform's choice):
 
 - NVIDIA GPUs: cuDNN's fused (flash) attention, which never forms the logits, wherever cuDNN takes
