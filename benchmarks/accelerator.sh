@@ -9,9 +9,6 @@
 #                 --gpu_target=h100, jaxlib 0.10.2), cuDNN's fused attention included (models/attention.py). Should
 #                 it fail, it runs again at batch 8 with XLA's attention (SCFLOW_ATTENTION=xla; 44.9 GiB by plan).
 #   5. issue 8    benchmarks/distill_step.py: the side-by-side latent CelebA-HQ work, then its --full size
-#   6. upsample   benchmarks/upsample_forms.py: the SD UNet's and VAE decoder's upsampling convs as written (what GPU
-#                 programs run) and by output phases (2.25x fewer FLOPs; CPU programs' VAE): which is faster on the card?
-#   7. remat      benchmarks/remat_probe.py --sd15: temporaries of the SD UNet gradient with and without remat
 # Each part runs in its own process under its own time limit, so one that fails or overruns costs only itself.
 # The figures are appended to benchmarks/results.json (with the device and versions) and copied to $OUT.
 #
@@ -28,15 +25,15 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/accelerator_out}
 PY=${PYTHON:-python3}
 BUDGET_S=${BUDGET_S:-470}
-PARTS=${PARTS:-"peak attention generate t2i issue8 issue8_full upsample remat"}
+PARTS=${PARTS:-"peak attention generate t2i issue8 issue8_full"}
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # The t2i step holds 21.6 GiB of state (fp32 student, Adam, EMAs, D; bf16 teacher) plus activations; the larger
 # pool is for the retry with XLA's attention, whose activations are several times cuDNN's.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
-SMALL=() ISSUE8_FLAGS=() FULL=(--full) REMAT_FLAGS=(--sd15) ATTENTION_FLAGS=() UPSAMPLE_FLAGS=()
+SMALL=() ISSUE8_FLAGS=() FULL=(--full) ATTENTION_FLAGS=()
 if [[ ${SMOKE:-0} == 1 ]]; then  # tiny networks everywhere, --full included
-  SMALL=(--tiny --no_record) ISSUE8_FLAGS=(--tiny --repeats=2 --warmup=1 --no-record) FULL=() REMAT_FLAGS=(--no_record)
-  ATTENTION_FLAGS=(--tiny --no_record --rows=2) UPSAMPLE_FLAGS=(--tiny --no_record --batch=2)
+  SMALL=(--tiny --no_record) ISSUE8_FLAGS=(--tiny --repeats=2 --warmup=1 --no-record) FULL=()
+  ATTENTION_FLAGS=(--tiny --no_record --rows=2)
 fi
 mkdir -p "$OUT"
 deadline=$((SECONDS + BUDGET_S))
@@ -76,9 +73,4 @@ if ((rc != 0 && rc != 124 && rc != 137)); then  # failed (cuDNN, out of memory) 
 fi
 part issue8 120 benchmarks/distill_step.py "${ISSUE8_FLAGS[@]}"
 part issue8_full 150 benchmarks/distill_step.py "${FULL[@]}" "${ISSUE8_FLAGS[@]}"
-# Last, so they never take time from the parts above. Should the phase form win at the VAE's layers, GPU programs
-# can take it (models/upsample_conv.py), and 1-step generation counts 2.91 TFLOP per image instead of 3.30.
-part upsample 90 benchmarks/upsample_forms.py "${UPSAMPLE_FLAGS[@]}"
-# Does XLA:GPU keep remat's savings? (XLA:CPU does not.)
-part remat 120 benchmarks/remat_probe.py "${REMAT_FLAGS[@]}"
 cp benchmarks/results.json "$OUT/results.json"

@@ -1,4 +1,4 @@
-"""Shared helpers for benchmarks: timing with block_until_ready, benchmark processes and the results file."""
+"""Shared helpers for benchmarks: timing with block_until_ready, XLA's FLOP counts and the results file."""
 from __future__ import annotations
 
 import datetime
@@ -7,9 +7,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 
 import jax
@@ -138,7 +135,7 @@ def machine() -> dict:
             "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
             "processor": platform.processor() or platform.machine(),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "ld_preload": os.environ.get("LD_PRELOAD", ""),  # e.g. another malloc (benchmarks/allocators.py)
+            "ld_preload": os.environ.get("LD_PRELOAD", ""),  # e.g. tcmalloc (docs/performance.md)
             "jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__")
             else __import__("jaxlib").__version__}
 
@@ -162,37 +159,6 @@ def record(name: str, result: dict, *, print_only: bool = False) -> dict:
     os.replace(tmp, RESULTS_FILE)
     print(json.dumps(entry), flush=True)
     return entry
-
-
-# The issue-8 figures that ``distill_step.py`` and ``torch_step.py`` both print: name -> (key, field).
-HEADLINE_FIGURES = {"iteration": ("iteration", "median_s"), "sample_1step_64": ("sample_1step_64", "median_s"),
-                    "sample_4step_64": ("sample_4step_64", "median_s"), "matmul_gflop_s": ("matmul_f32", "gflop_s")}
-
-
-def headline_figures(result: dict) -> dict:
-    return {name: result[key][field] for name, (key, field) in HEADLINE_FIGURES.items()}
-
-
-def run_benchmark_process(script: str, flags: list, *, env: dict | None = None, what: str = "") -> dict:
-    """Runs ``benchmarks/<script> --no-record <flags>`` as a process of its own (environment ``env``, by default
-    this one's) and returns the JSON line it printed last, with the process's wall time, user and kernel
-    seconds and minor page faults (from ``wait4``) under "process". A failure raises SystemExit with the
-    process's stderr; ``what`` completes its first line (e.g. " with LD_PRELOAD=''")."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        start = time.perf_counter()
-        process = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(RESULTS_FILE), script),
-                                    "--no-record", *flags], stdout=out, stderr=err, env=env)
-        _, status, usage = os.wait4(process.pid, 0)
-        wall_s = time.perf_counter() - start
-        process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
-        out.seek(0)
-        err.seek(0)
-        if process.returncode != 0:
-            raise SystemExit(f"{script} failed{what} (exit {process.returncode}):\n" + err.read()[-3000:])
-        result = json.loads(out.read().strip().splitlines()[-1])
-    result["process"] = {"process_wall_s": wall_s, "user_s": usage.ru_utime, "kernel_s": usage.ru_stime,
-                         "minor_page_faults": usage.ru_minflt}
-    return result
 
 
 def random_params(abstract_tree, seed: int = 0):
