@@ -5,12 +5,12 @@
 #                 host compiles but never runs) against XLA's: same values and gradients? time of each
 #   3. generate   SD 1.5 1-step 512 px generation (UNet + VAE decode, bf16): images/s at batch 32, latency at batch 1
 #   4. t2i        the SD 1.5 recipe's SCFlow distillation step (bf16, remat): step time, memory, MFU, at the
-#                 paper's 20 samples per GPU: 33.7 GiB by XLA:GPU's own plan for an H100 (benchmarks/memory_plan.py
-#                 --gpu_target=h100, jaxlib 0.10.2), cuDNN's fused attention included (models/attention.py). Should
-#                 it fail, it runs again at batch 8 with XLA's attention (SCFLOW_ATTENTION=xla; 44.9 GiB by plan).
+#                 paper's 20 samples per GPU, which XLA:GPU's own plan for an H100 fits (--mode=plan,
+#                 docs/planning.md), cuDNN's fused attention included (models/attention.py). Should it fail,
+#                 it runs again at batch 8 with XLA's attention (SCFLOW_ATTENTION=xla).
 #   5. issue 8    benchmarks/distill_step.py: the side-by-side latent CelebA-HQ work, then its --full size
 # Each part runs in its own process under its own time limit, so one that fails or overruns costs only itself.
-# The figures are appended to benchmarks/results.json (with the device and versions) and copied to $OUT.
+# The figures (with the device and versions) are appended to $OUT/results.json, the logs written to $OUT.
 #
 # Usage (repository root; jax with CUDA, flax, optax, orbax-checkpoint, ml_collections, clu installed):
 #   bash benchmarks/accelerator.sh                   # BUDGET_S=470 seconds in all; OUT=benchmarks/accelerator_out
@@ -30,12 +30,13 @@ export PYTHONUNBUFFERED=1 JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} PYTHONPATH="$PWD$
 # The t2i step holds 21.6 GiB of state (fp32 student, Adam, EMAs, D; bf16 teacher) plus activations; the larger
 # pool is for the retry with XLA's attention, whose activations are several times cuDNN's.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+mkdir -p "$OUT"
+export SCFLOW_BENCHMARK_RESULTS="$(cd "$OUT" && pwd)/results.json"  # where every part records (common.py)
 SMALL=() ISSUE8_FLAGS=() FULL=(--full) ATTENTION_FLAGS=()
 if [[ ${SMOKE:-0} == 1 ]]; then  # tiny networks everywhere, --full included
-  SMALL=(--tiny --no_record) ISSUE8_FLAGS=(--tiny --repeats=2 --warmup=1 --no-record) FULL=()
+  SMALL=(--tiny --no_record) ISSUE8_FLAGS=(--tiny --repeats=2 --warmup=1 --no_record) FULL=()
   ATTENTION_FLAGS=(--tiny --no_record --rows=2)
 fi
-mkdir -p "$OUT"
 deadline=$((SECONDS + BUDGET_S))
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || echo "no nvidia-smi"; } \
@@ -73,4 +74,3 @@ if ((rc != 0 && rc != 124 && rc != 137)); then  # failed (cuDNN, out of memory) 
 fi
 part issue8 120 benchmarks/distill_step.py "${ISSUE8_FLAGS[@]}"
 part issue8_full 150 benchmarks/distill_step.py "${FULL[@]}" "${ISSUE8_FLAGS[@]}"
-cp benchmarks/results.json "$OUT/results.json"

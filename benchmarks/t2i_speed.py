@@ -19,7 +19,7 @@ MFU = model FLOPs / time / peak. Model FLOPs are XLA's count of the step lowered
 cuDNN's fused attention counts as its written-out matmuls, ``common.fused_attention_flops``). The
 peak is --peak_tflops, else the dense bf16 datasheet figure of a known device
 (``DATASHEET_BF16_TFLOPS``); --part=peak measures what a large matmul reaches. Prints one
-JSON line per part and appends it to benchmarks/results.json unless --no_record.
+JSON line per part and appends it to the results file (common.py) unless --no_record.
 ``benchmarks/accelerator.sh`` runs all parts on one GPU in one call.
 """
 from __future__ import annotations
@@ -40,8 +40,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import (compiled_memory_gib, fused_attention_calls, matmul_rate, random_params, record,  # noqa: E402
-                    time_calls, time_train_steps, xla_flops)
+from common import (add_output_flags, compiled_memory_gib, fused_attention_calls, matmul_rate,  # noqa: E402
+                    random_params, record, time_calls, time_train_steps, xla_flops)
 from scflow_jax import distill, precision, recipes, sampling, sharding, train_state  # noqa: E402
 from scflow_jax.models import clip, unet_discriminator, unet_sd  # noqa: E402
 from scflow_jax.models.vae import VAE, VAEConfig  # noqa: E402
@@ -282,10 +282,10 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2, help="distill: untimed steps after compiling")
     parser.add_argument("--repeats", type=int, default=10, help="generate: timed calls per batch size")
     parser.add_argument("--peak_tflops", type=float, default=0.0, help="one device's peak for MFU")
-    parser.add_argument("--no_record", action="store_true", help="print only")
+    add_output_flags(parser)
     args = parser.parse_args(argv)
     result = {"peak": run_peak, "generate": run_generate, "distill": run_distill}[args.part](args)
-    return record(f"t2i_speed_{args.part}", result, print_only=args.no_record)
+    return record(f"t2i_speed_{args.part}", result, print_only=args.no_record, path=args.results)
 
 
 if __name__ == "__main__":

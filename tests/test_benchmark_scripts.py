@@ -1,6 +1,8 @@
 """The accelerator benchmark (benchmarks/t2i_speed.py) runs end to end on tiny networks, so the script that
 measures on a lent GPU is known to work before the GPU time is spent. Heavy: about two minutes of compiling.
-The attention check (benchmarks/attention_check.py) catches a device attention that differs from XLA's."""
+The attention check (benchmarks/attention_check.py) catches a device attention that differs from XLA's, and
+every script writes its results where it is asked (common.record)."""
+import json
 import math
 import os
 import sys
@@ -96,3 +98,43 @@ def test_attention_check_compares_the_device_attention_with_xla(monkeypatch):
     with pytest.raises(SystemExit, match=r"relative difference of 0\.\d+ exceeds --tolerance=0.05: the device's "
                                          r"attention does not compute XLA's"):
         attention_check.main(["--tiny", "--no_record", "--rows=2"])
+
+
+def test_record_writes_where_it_is_asked_with_the_date_and_machine(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(common, "DEFAULT_RESULTS", str(tmp_path / "runs" / "results.json"))
+    monkeypatch.delenv(common.RESULTS_ENV, raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_some_flag=1")
+    common.record("one", {"figure": 1.0})
+    assert json.loads(capsys.readouterr().out)["figure"] == 1.0
+    monkeypatch.setenv(common.RESULTS_ENV, str(tmp_path / "env" / "results.json"))
+    common.record("two", {"figure": 2.0})
+    common.record("three", {"figure": 3.0}, path=str(tmp_path / "flag.json"))
+    common.record("printed", {"figure": 4.0}, print_only=True)
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == {"figure": 4.0}
+    common.record("four", {"figure": 5.0})
+    files = {"runs/results.json": ["one"], "env/results.json": ["two", "four"],
+             "flag.json": ["three"]}
+    for file, names in files.items():
+        with open(tmp_path / file) as f:
+            entries = json.load(f)
+        assert [e["benchmark"] for e in entries] == names
+        for entry in entries:
+            assert entry["date"].endswith("+00:00")
+            machine = entry["machine"]
+            assert machine["xla_flags"] == "--xla_some_flag=1"
+            assert machine["jax"] and machine["jaxlib"]
+    assert sorted(os.listdir(tmp_path / "env")) == ["results.json"]  # the temporary file is gone
+
+
+def test_scripts_take_the_results_path_and_either_spelling_of_no_record(tmp_path):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    common.add_output_flags(parser)
+    assert parser.parse_args(["--no-record"]).no_record
+    assert parser.parse_args(["--no_record"]).no_record
+    args = parser.parse_args([f"--results={tmp_path / 'r.json'}"])
+    assert args.results == str(tmp_path / "r.json") and not args.no_record
+    out = t2i_speed.main(["--part=peak", "--tiny", f"--results={tmp_path / 'r.json'}"])
+    with open(tmp_path / "r.json") as f:
+        assert json.load(f) == [out] and out["benchmark"] == "t2i_speed_peak"
