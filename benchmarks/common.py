@@ -78,19 +78,6 @@ def exit_past_tolerance(script: str, entries: list, tolerance: float, meaning: s
                          f"--tolerance={tolerance}: {meaning}")
 
 
-def compiled_memory_gib(compiled) -> dict:
-    """XLA's buffer assignment of a compiled program, per device, in GiB: its arguments, outputs not
-    aliased to (donated) arguments, and temporaries. Known before the program runs, so a step that
-    then fails to allocate still says what it asked for."""
-    analysis = compiled.memory_analysis()
-    if analysis is None:
-        return {"note": "no memory analysis on this backend"}
-    gib = 2 ** 30
-    return {"arguments": analysis.argument_size_in_bytes / gib,
-            "outputs_not_aliased": (analysis.output_size_in_bytes - analysis.alias_size_in_bytes) / gib,
-            "temporaries": analysis.temp_size_in_bytes / gib}
-
-
 def xla_flops(lowered) -> float:
     """XLA's FLOP count of a jitted program's ``Lowered`` stage (``jax.jit(f).lower(...)``), plus
     the FLOPs of cuDNN's fused attention, which is already a custom call there
@@ -125,12 +112,6 @@ def fused_attention_flops(lowered_text: str) -> float:
         flops += ((8 if backward else 4) * int(batch) * int(queries) * int(keys) * int(heads)
                   * int(head_dim))
     return flops
-
-
-def fused_attention_calls(compiled) -> int:
-    """Calls of cuDNN's fused attention, forward or backward, in a compiled program (models/attention.py;
-    0: every attention is XLA's)."""
-    return compiled.as_text().count('custom_call_target="__cudnn$fmha')
 
 
 def matmul_rate(dtype, n: int, *, warmup: int = 3, repeats: int = 20) -> dict:
