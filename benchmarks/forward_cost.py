@@ -15,7 +15,7 @@ do not depend on them.
 Usage: python benchmarks/forward_cost.py [--networks=unet,vae,inception] [--flops_only]
            [--sizes=64,32] [--batch=1] [--inception_batch=64] [--dtype=float32|bfloat16]
            [--repeats=3] [--tiny] [--results=PATH] [--no_record]
-  --tiny: the tiny UNet and VAE of t2i_speed.py (the Inception has no tiny form), a smoke run.
+  --tiny: tiny stand-ins of the UNet and VAE (the Inception has no tiny form), a smoke run.
 Prints one JSON line and appends it to the results file (common.py) unless --no_record.
 """
 from __future__ import annotations
@@ -39,6 +39,7 @@ from scflow_jax import train_state  # noqa: E402
 from scflow_jax.evaluation import inception  # noqa: E402
 from scflow_jax.models import unet_sd  # noqa: E402
 from scflow_jax.models.vae import VAE, VAEConfig  # noqa: E402
+from scflow_jax.planning.programs import TINY_UNET, TINY_VAE  # noqa: E402
 
 NETWORKS = ("unet", "vae", "inception")
 TEXT_TOKENS, TEXT_DIM = 77, 768
@@ -142,10 +143,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.tiny:
-        from t2i_speed import TINY_UNET as unet_config, TINY_VAE as vae_config
-    else:
-        unet_config, vae_config = unet_sd.UNetSDConfig(), VAEConfig()
+    unet_config, vae_config = ((TINY_UNET, TINY_VAE) if args.tiny
+                               else (unet_sd.UNetSDConfig(), VAEConfig()))
     out = {"tiny": args.tiny, "dtype": args.dtype, "batch": args.batch,
            "flops_only": args.flops_only, "device_kind": jax.devices()[0].device_kind}
     measure = {"unet_sd": lambda: unet_cost(args, unet_config),

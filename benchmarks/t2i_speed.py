@@ -55,6 +55,7 @@ from scflow_jax import distill, distributed, precision, recipes, sampling, shard
 from scflow_jax import train_state  # noqa: E402
 from scflow_jax.models import clip, unet_discriminator, unet_sd  # noqa: E402
 from scflow_jax.models.vae import VAE, VAEConfig  # noqa: E402
+from scflow_jax.planning.programs import TINY_UNET, TINY_VAE  # noqa: E402
 from scflow_jax.planning.xla_memory import compiled_memory_gib, fused_attention_calls  # noqa: E402
 
 # Dense bf16 matrix peak per device (vendor datasheets, TFLOP/s), matched against device_kind.
@@ -67,15 +68,6 @@ _START = time.perf_counter()
 def progress(message: str) -> None:
     """A timestamped line on stderr: where a slow part spends its time (compiles take minutes)."""
     print(f"[{time.perf_counter() - _START:7.1f}s] {message}", file=sys.stderr, flush=True)
-
-
-TINY_UNET = unet_sd.UNetSDConfig(
-    sample_size=8, block_out_channels=(32, 32), layers_per_block=1, cross_attention_dim=TEXT_DIM,
-    norm_num_groups=8, attention_head_dim=2,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-TINY_VAE = VAEConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
-                     sample_size=64)
 
 
 @dataclasses.dataclass(eq=False)

@@ -147,8 +147,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # alone. memory_gib > 0 replaces the device's usable memory; tpu_hbm_cap_mib > 0 lowers
     # XLA:TPU's limit so that it refuses early with its least temporaries; sampler_steps > 0 plans
     # the evaluation sampler of that many Euler steps (at config.eval.batch_size) instead.
+    # tiny_networks: a recipe whose model folders are not set plans tiny stand-ins of its
+    # networks instead of the reference ones (its :tiny variant sets it).
     c.plan = dict(target="", output="", compile=True, memory_gib=0.0, tpu_hbm_cap_mib=0,
-                  sampler_steps=0)
+                  sampler_steps=0, tiny_networks=False)
 
     if arg == "tiny":
         # One resolution level and attention only in the middle block: a small graph, so the

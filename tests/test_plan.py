@@ -21,21 +21,14 @@ import pytest
 import scflow_testlib
 from scflow_jax import main, train_state
 from scflow_jax.models import unet_sd
-from scflow_jax.models.vae import VAEConfig
-from scflow_jax.planning import plan_mode, report, targets, xla_memory
+from scflow_jax.planning import plan_mode, programs, report, targets, xla_memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2 ** 30
 # Text states of CLIP ViT-L/14, which the plan takes for the t2i recipe without a text encoder
-# folder.
+# folder; the tiny stand-ins of SD's UNet and VAE.
 TEXT_TOKENS, TEXT_DIM = 77, 768
-TINY_UNET = unet_sd.UNetSDConfig(
-    sample_size=8, block_out_channels=(32, 32), layers_per_block=1, cross_attention_dim=TEXT_DIM,
-    norm_num_groups=8, attention_head_dim=2,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-TINY_VAE = VAEConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
-                     sample_size=64)
+TINY_UNET, TINY_VAE = programs.TINY_UNET, programs.TINY_VAE
 H100_BYTES = 84929347584  # gpu_targets/h100.txtpb's device_memory_size
 
 
@@ -124,6 +117,32 @@ def test_plan_of_the_sd15_recipe_without_any_model_folder_takes_its_reference_ne
     assert out["gib_per_device"]["state_total"] == pytest.approx(2.708, abs=0.001)
 
 
+def test_plan_of_a_tiny_recipe_variant_needs_no_model_folder(tmp_path):
+    """The recipes' :tiny variants plan tiny stand-ins of the networks no folder names, as every
+    other variant plans the reference ones; a folder that is named still decides."""
+    t2i = load_config("t2i_sd15", "tiny")
+    t2i.plan.update(dict(compile=False, output=str(tmp_path / "t2i.json")))
+    out = plan_mode.plan(t2i, str(tmp_path))
+    assert out["parameters"]["student"] == train_state.count_params(
+        unet_sd.unet_param_shapes(TINY_UNET))
+    assert out["architecture"]["teacher_path"].startswith("a tiny stand-in of SD 1.5's UNet")
+    celeba = load_config("celebahq256", "tiny")
+    celeba.plan.update(dict(compile=False, output=str(tmp_path / "celeba.json")))
+    out = plan_mode.plan(celeba, str(tmp_path))
+    assert out["architecture"] == {"adm": "config.model.adm",
+                                   "vae_path": "a tiny stand-in of SD's VAE (config.model.vae_path "
+                                               "not set)"}
+    assert out["gib_per_device"]["inputs"] * GIB == 4 * 4 * 8 * 8 * 4  # 4 latents of 8x8x4
+    named = tiny_t2i(tmp_path / "named", devices=1, fsdp=1, tiny_networks=True)
+    named.model.teacher_path = _write_json(str(tmp_path / "other" / "config.json"),
+                                           dataclasses.replace(TINY_UNET, layers_per_block=2)
+                                           .to_dict())
+    out = plan_mode.plan(named, str(tmp_path))
+    assert out["architecture"]["teacher_path"] == f"config.model.teacher_path={tmp_path / 'other'}"
+    assert out["parameters"]["student"] > train_state.count_params(
+        unet_sd.unet_param_shapes(TINY_UNET))
+
+
 def _plan(tmp_path, **kw):
     return plan_mode.plan(tiny_t2i(tmp_path, **kw), str(tmp_path))
 
@@ -151,6 +170,7 @@ def test_plan_names_a_batch_the_mesh_cannot_split_and_every_bad_setting(tmp_path
     # A config given as plain dicts (no ConfigDict to check the types first).
     for plan, message in (
             ({"compile": "yes"}, "config.plan.compile='yes' must be True or False"),
+            ({"tiny_networks": 1}, "config.plan.tiny_networks=1 must be True or False"),
             ({"sampler_steps": 1.5}, "config.plan.sampler_steps=1.5 must be an integer"),
             ({"memory_gib": "16"}, "config.plan.memory_gib='16' must be a number >= 0"),
             ({"target": 5}, "config.plan.target=5 must be a string")):

@@ -28,6 +28,7 @@ PLAN_DEFAULTS = dict(
     tpu_hbm_cap_mib=0,   # TPU: a lower XLA:TPU limit, so that it refuses early with its least
                          # temporaries
     sampler_steps=0,     # > 0: plan the evaluation sampler of this many Euler steps, not the step
+    tiny_networks=False,  # recipes: tiny stand-ins for the networks whose model folder is not set
 )
 
 
@@ -40,8 +41,9 @@ def plan_settings(config) -> dict:
         raise ValueError(f"config.plan has unknown fields {unknown}; known: "
                          f"{sorted(PLAN_DEFAULTS)}")
     settings = {**PLAN_DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
-    if not isinstance(settings["compile"], bool):
-        raise ValueError(f"config.plan.compile={settings['compile']!r} must be True or False")
+    for field in ("compile", "tiny_networks"):
+        if not isinstance(settings[field], bool):
+            raise ValueError(f"config.plan.{field}={settings[field]!r} must be True or False")
     for field in ("memory_gib", "tpu_hbm_cap_mib", "sampler_steps"):
         value = settings[field]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
@@ -80,7 +82,7 @@ def plan(config, workdir: str) -> dict:
     targets.prepare_backends(target)
     devices = targets.devices(target, settings["tpu_hbm_cap_mib"])
     mesh = sharding.mesh_from_config(config, devices=devices)
-    task, architecture = programs.build_task(config)
+    task, architecture = programs.build_task(config, settings["tiny_networks"])
     if settings["sampler_steps"]:
         program = programs.sampler(config, task, mesh, settings["sampler_steps"])
     else:

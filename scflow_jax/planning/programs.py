@@ -26,7 +26,18 @@ import numpy as np
 from scflow_jax import distill, precision, recipes, sharding, tasks, train_state, xla_gpu
 from scflow_jax.evaluation import generate
 from scflow_jax.models import clip, unet_sd, weights
+from scflow_jax.models.vae import VAEConfig
 from scflow_jax.planning.xla_memory import per_device_bytes, placed
+
+# Tiny stand-ins of SD 1.5's UNet and VAE (the same families, the same 77 x 768 text states and
+# 8x downsampling), for plans and benchmarks that check wiring, not figures.
+TINY_UNET = unet_sd.UNetSDConfig(
+    sample_size=8, block_out_channels=(32, 32), layers_per_block=1, cross_attention_dim=768,
+    norm_num_groups=8, attention_head_dim=2,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+TINY_VAE = VAEConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+                     sample_size=64)
 
 
 @dataclasses.dataclass(eq=False)
@@ -66,10 +77,14 @@ class _OneBatch:
 
 
 # The model folders a recipe reads its architecture from, and what a plan takes where one is not
-# set: the reference network's config.json.
+# set: the config.json of the reference network, or of its tiny stand-in.
 _REFERENCE_NETWORKS = {
-    "model.vae_path": ("vae", {"_class_name": "AutoencoderKL"}, "SD's VAE"),
-    "model.teacher_path": ("unet", unet_sd.UNetSDConfig().to_dict(), "SD 1.5's UNet"),
+    "model.vae_path": ("vae", {"_class_name": "AutoencoderKL"}, "SD's VAE",
+                       {"_class_name": "AutoencoderKL",
+                        **{k: list(v) if isinstance(v, tuple) else v
+                           for k, v in dataclasses.asdict(TINY_VAE).items()}}),
+    "model.teacher_path": ("unet", unet_sd.UNetSDConfig().to_dict(), "SD 1.5's UNet",
+                           TINY_UNET.to_dict()),
 }
 
 
@@ -83,16 +98,17 @@ def _text_config(config) -> tuple[clip.CLIPTextConfig, str]:
     return clip.CLIPTextConfig.from_dict(raw), f"config.model.text_encoder_path={path}"
 
 
-def recipe_task(config) -> tuple[ShapesOnlyRecipeTask, dict]:
+def recipe_task(config, tiny_networks: bool = False) -> tuple[ShapesOnlyRecipeTask, dict]:
     """The recipe's task from the ``config.json`` of each model folder the config names (no weights
     read), and where each network's architecture came from. A folder not named is the recipe's
     reference network (SD 1.5's UNet, SD's VAE, CLIP ViT-L/14's text encoder), so a recipe plans
-    before anything is downloaded."""
+    before anything is downloaded; with ``tiny_networks`` (``config.plan.tiny_networks``, which
+    the recipes' :tiny variants set) its tiny stand-in (:data:`TINY_UNET`, :data:`TINY_VAE`)."""
     architecture = {}
     with tempfile.TemporaryDirectory() as reference:
         probe = copy.deepcopy(config)
         with probe.unlocked():
-            for field, (folder, contents, what) in _REFERENCE_NETWORKS.items():
+            for field, (folder, contents, what, tiny) in _REFERENCE_NETWORKS.items():
                 group, name = field.split(".")
                 if field == "model.teacher_path" and "adm" in config.model:
                     architecture["adm"] = "config.model.adm"  # the ADM teacher is built from it
@@ -102,9 +118,10 @@ def recipe_task(config) -> tuple[ShapesOnlyRecipeTask, dict]:
                     continue
                 os.makedirs(os.path.join(reference, folder))
                 with open(os.path.join(reference, folder, "config.json"), "w") as f:
-                    json.dump(contents, f)
+                    json.dump(tiny if tiny_networks else contents, f)
                 probe[group][name] = os.path.join(reference, folder)
-                architecture[name] = f"{what} (config.{field} not set)"
+                architecture[name] = (f"{'a tiny stand-in of ' if tiny_networks else ''}{what} "
+                                      f"(config.{field} not set)")
         task = recipes.build_recipe_task(probe)
     fields = {f.name: getattr(task, f.name) for f in dataclasses.fields(recipes.LatentTask)}
     fields["config"] = config
@@ -114,10 +131,10 @@ def recipe_task(config) -> tuple[ShapesOnlyRecipeTask, dict]:
     return ShapesOnlyRecipeTask(**fields, text_config=text_config), architecture
 
 
-def build_task(config) -> tuple[Any, dict]:
+def build_task(config, tiny_networks: bool = False) -> tuple[Any, dict]:
     """The config's task for planning and where its architecture came from."""
     if recipes.is_recipe(config):
-        return recipe_task(config)
+        return recipe_task(config, tiny_networks)
     return tasks.build_task(config), {"model": "config.model"}
 
 
