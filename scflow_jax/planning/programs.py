@@ -226,7 +226,10 @@ def sampler(config, task, mesh, steps: int) -> Program:
     inputs = {"indices": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows),
               "cond": example.get("cond")}
     inputs_bytes = per_device_bytes(inputs, jax.tree.map(lambda x: x.sharding, inputs))
-    lower = lambda: program.lower(placed(student, held), inputs["indices"], inputs["cond"], None)  # noqa: E731
+
+    def lower():
+        return program.lower(placed(student, held), inputs["indices"], inputs["cond"], None)
+
     return Program("sampler", lower, batch, {"student": per_device_bytes(student, held)},
                    inputs_bytes, {"student": train_state.count_params(student)},
                    "student whole on every device")
