@@ -32,6 +32,13 @@ EXTRAS_REQUIRE = {
     "tensorflow": ["tensorflow"],
     # PyTorch reference implementations, used only by parity tests and by the .pth converters.
     "parity": ["torch>=2.5", "torchvision>=0.20", "diffusers>=0.31", "transformers>=4.46", "pytorch-fid>=0.3.0"],
+    # --mode=plan for GPUs that are not here: JAX's CUDA plugin of the installed jax release
+    # compiles for a deviceless card on a CPU host (jax's "cuda12-local" extra: no NVIDIA wheels,
+    # no driver). cuDNN's library lets jax's checks pass its fused attention into the plan, as on
+    # the card.
+    "plan-gpu": ["jax[cuda12-local]>=0.10.2", "nvidia-cudnn-cu12"],
+    # --mode=plan for Cloud TPU slices that are not here: libtpu of the installed jax release.
+    "plan-tpu": ["jax[tpu]>=0.10.2"],
 }
 
 setup(
@@ -43,6 +50,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.11",
     packages=find_packages(include=["scflow_jax", "scflow_jax.*"]),
+    # The GPU cards --mode=plan knows by name (XLA GpuTargetConfig text files).
+    package_data={"scflow_jax.planning": ["gpu_targets/*.txtpb"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
 )

@@ -5,20 +5,18 @@
 #                 host compiles but never runs) against XLA's: same values and gradients? time of each
 #   3. generate   SD 1.5 1-step 512 px generation (UNet + VAE decode, bf16): images/s at batch 32, latency at batch 1
 #   4. t2i        the SD 1.5 recipe's SCFlow distillation step (bf16, remat): step time, memory, MFU, at the
-#                 paper's 20 samples per GPU: 33.7 GiB by XLA:GPU's own plan for an H100 (benchmarks/memory_plan.py
-#                 --gpu_target=h100, jaxlib 0.10.2), cuDNN's fused attention included (models/attention.py). Should
-#                 it fail, it runs again at batch 8 with XLA's attention (SCFLOW_ATTENTION=xla; 44.9 GiB by plan).
+#                 paper's 20 samples per GPU, which XLA:GPU's own plan for an H100 fits (--mode=plan,
+#                 docs/planning.md), cuDNN's fused attention included (models/attention.py). Should it fail,
+#                 it runs again at batch 8 with XLA's attention (SCFLOW_ATTENTION=xla).
 #   5. issue 8    benchmarks/distill_step.py: the side-by-side latent CelebA-HQ work, then its --full size
-#   6. upsample   benchmarks/upsample_forms.py: the SD UNet's and VAE decoder's upsampling convs as written (what GPU
-#                 programs run) and by output phases (2.25x fewer FLOPs; CPU programs' VAE): which is faster on the card?
-#   7. remat      benchmarks/remat_probe.py --sd15: temporaries of the SD UNet gradient with and without remat
 # Each part runs in its own process under its own time limit, so one that fails or overruns costs only itself.
-# The figures are appended to benchmarks/results.json (with the device and versions) and copied to $OUT.
+# The figures (with the device and versions) are appended to $OUT/results.json, the logs written to $OUT.
 #
 # Usage (repository root; jax with CUDA, flax, optax, orbax-checkpoint, ml_collections, clu installed):
 #   bash benchmarks/accelerator.sh                   # BUDGET_S=470 seconds in all; OUT=benchmarks/accelerator_out
 #   PARTS="generate t2i" bash benchmarks/accelerator.sh
 #   SMOKE=1 JAX_PLATFORMS=cpu bash benchmarks/accelerator.sh   # tiny sizes: checks the wiring, figures mean nothing
+#                                      (on a CPU, with LIMIT_SCALE=4 time limits: compiles take minutes there)
 # On an offline machine that has jax with CUDA, flax and optax but lacks ml_collections and clu, bring their
 # pure-Python wheels from a connected one and install them first:
 #   pip download --no-deps -d .whl ml_collections clu importlib_resources            # connected machine
@@ -27,18 +25,20 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/accelerator_out}
 PY=${PYTHON:-python3}
-BUDGET_S=${BUDGET_S:-470}
-PARTS=${PARTS:-"peak attention generate t2i issue8 issue8_full upsample remat"}
+LIMIT_SCALE=${LIMIT_SCALE:-$([[ ${SMOKE:-0} == 1 ]] && echo 4 || echo 1)}  # every time limit times this
+BUDGET_S=${BUDGET_S:-$((470 * LIMIT_SCALE))}
+PARTS=${PARTS:-"peak attention generate t2i issue8 issue8_full"}
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # The t2i step holds 21.6 GiB of state (fp32 student, Adam, EMAs, D; bf16 teacher) plus activations; the larger
 # pool is for the retry with XLA's attention, whose activations are several times cuDNN's.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
-SMALL=() ISSUE8_FLAGS=() FULL=(--full) REMAT_FLAGS=(--sd15) ATTENTION_FLAGS=() UPSAMPLE_FLAGS=()
-if [[ ${SMOKE:-0} == 1 ]]; then  # tiny networks everywhere, --full included
-  SMALL=(--tiny --no_record) ISSUE8_FLAGS=(--tiny --repeats=2 --warmup=1 --no-record) FULL=() REMAT_FLAGS=(--no_record)
-  ATTENTION_FLAGS=(--tiny --no_record --rows=2) UPSAMPLE_FLAGS=(--tiny --no_record --batch=2)
-fi
 mkdir -p "$OUT"
+export SCFLOW_BENCHMARK_RESULTS="$(cd "$OUT" && pwd)/results.json"  # where every part records (common.py)
+SMALL=() ISSUE8_FLAGS=() FULL=(--full) ATTENTION_FLAGS=()
+if [[ ${SMOKE:-0} == 1 ]]; then  # tiny networks everywhere, --full included
+  SMALL=(--tiny --no_record) ISSUE8_FLAGS=(--tiny --repeats=2 --warmup=1 --no_record) FULL=()
+  ATTENTION_FLAGS=(--tiny --no_record --rows=2)
+fi
 deadline=$((SECONDS + BUDGET_S))
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || echo "no nvidia-smi"; } \
@@ -48,9 +48,10 @@ deadline=$((SECONDS + BUDGET_S))
   >>"$OUT/device.txt" 2>&1
 cat "$OUT/device.txt"
 
-# part NAME LIMIT_S COMMAND...: runs COMMAND with at most LIMIT_S seconds (fewer if the budget is short).
+# part NAME LIMIT_S COMMAND...: runs COMMAND with at most LIMIT_S x LIMIT_SCALE seconds (fewer if the budget is
+# short).
 part() {
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit=$(($2 * LIMIT_SCALE)); shift 2
   case " $PARTS " in *" $name "*) ;; *) return 0 ;; esac
   local left=$((deadline - SECONDS))
   if ((left < 30)); then echo "== $name: skipped, ${left}s of the budget left"; return 0; fi
@@ -76,9 +77,3 @@ if ((rc != 0 && rc != 124 && rc != 137)); then  # failed (cuDNN, out of memory) 
 fi
 part issue8 120 benchmarks/distill_step.py "${ISSUE8_FLAGS[@]}"
 part issue8_full 150 benchmarks/distill_step.py "${FULL[@]}" "${ISSUE8_FLAGS[@]}"
-# Last, so they never take time from the parts above. Should the phase form win at the VAE's layers, GPU programs
-# can take it (models/upsample_conv.py), and 1-step generation counts 2.91 TFLOP per image instead of 3.30.
-part upsample 90 benchmarks/upsample_forms.py "${UPSAMPLE_FLAGS[@]}"
-# Does XLA:GPU keep remat's savings? (XLA:CPU does not.)
-part remat 120 benchmarks/remat_probe.py "${REMAT_FLAGS[@]}"
-cp benchmarks/results.json "$OUT/results.json"

@@ -7,10 +7,11 @@ run, computes the same attention on the card. For each case it reports the kerne
 difference of the output and of the three gradients relative to the largest magnitude of XLA's
 (bf16 rounding is ~4e-3), and the median time of the forward + backward pass of each.
 
-Usage: python benchmarks/attention_check.py [--rows=16] [--tiny] [--no_record]
+Usage: python benchmarks/attention_check.py [--rows=16] [--tiny] [--results=PATH]
+           [--no_record]
   --tiny: short sequences, for a CPU smoke run (every case is then XLA's on both sides).
-Prints one JSON line and appends it to benchmarks/results.json unless --no_record. Exits non-zero when a
-difference exceeds --tolerance.
+Prints one JSON line and appends it to the results file (common.py) unless --no_record. Exits
+non-zero when a difference exceeds --tolerance.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from common import exit_past_tolerance, forward_and_backward, record, relative_difference, time_calls  # noqa: E402
+from common import (add_output_flags, exit_past_tolerance, forward_and_backward,  # noqa: E402
+                    record, relative_difference, time_calls)
 from scflow_jax.models import attention  # noqa: E402
 
 # (queries, keys, heads, head dim) of the SD 1.5 UNet at 512 px: self-attention at the 64x64, 32x32
@@ -60,12 +62,12 @@ def main(argv=None):
                         "float32 logits: 8 GiB at 16)")
     parser.add_argument("--tolerance", type=float, default=0.05, help="largest relative difference allowed")
     parser.add_argument("--tiny", action="store_true", help="short sequences (CPU smoke run)")
-    parser.add_argument("--no_record", action="store_true", help="print only")
+    add_output_flags(parser)
     args = parser.parse_args(argv)
     cases = [check_case(args.rows, *shape) for shape in (TINY_CASES if args.tiny else SD15_CASES)]
     out = record("attention_check", {"tiny": args.tiny, "device_kind": jax.devices()[0].device_kind,
                                      "attention_setting": attention.attention_setting(), "cases": cases},
-                 print_only=args.no_record)
+                 print_only=args.no_record, path=args.results)
     exit_past_tolerance("attention_check", cases, args.tolerance, "the device's attention does not compute XLA's")
     return out
 

@@ -1,4 +1,10 @@
-"""Shared helpers for benchmarks: timing with block_until_ready, benchmark processes and the results file."""
+"""Shared helpers for benchmarks: timing with block_until_ready, XLA's FLOP counts, random weights
+and the results file.
+
+Results go where the user asks: a script's ``--results=PATH``, else ``$SCFLOW_BENCHMARK_RESULTS``,
+else ``runs/benchmarks/results.json`` under the repository (git-ignored). Each entry carries the
+date, the machine, the jax and jaxlib versions and XLA_FLAGS; the project's current figures live in
+docs/performance.md, not in a history of runs in the tree."""
 from __future__ import annotations
 
 import datetime
@@ -7,16 +13,15 @@ import os
 import platform
 import re
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-RESULTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_ENV = "SCFLOW_BENCHMARK_RESULTS"
+DEFAULT_RESULTS = os.path.join(REPO_ROOT, "runs", "benchmarks", "results.json")
 
 
 def time_calls(fn, *, warmup: int, repeats: int) -> dict:
@@ -33,9 +38,9 @@ def time_calls(fn, *, warmup: int, repeats: int) -> dict:
 
 
 def time_train_steps(compiled_step, state, batches: list, frozen, *, warmup: int, steps: int):
-    """Runs ``warmup + steps`` iterations of a compiled ``(state, batch, frozen) -> (state, metrics)``
-    step, cycling through ``batches``; returns the final state, the last metrics and the seconds of
-    each timed step (the state is threaded through, as in training)."""
+    """Runs ``warmup + steps`` iterations of a compiled ``(state, batch, frozen) -> (state,
+    metrics)`` step, cycling through ``batches``; returns the final state, the last metrics and the
+    seconds of each timed step (the state is threaded through, as in training)."""
     times, metrics = [], None
     for i in range(warmup + steps):
         start = time.perf_counter()
@@ -47,8 +52,9 @@ def time_train_steps(compiled_step, state, batches: list, frozen, *, warmup: int
 
 
 def forward_and_backward(fn):
-    """Jitted ``(*operands, cotangent) -> (fn(*operands), *gradients of <fn(*operands), cotangent>)``: one
-    call gives the output and every operand's gradient, as the device checks compare them."""
+    """Jitted ``(*operands, cotangent) -> (fn(*operands), *gradients of <fn(*operands),
+    cotangent>)``: one call gives the output and every operand's gradient, as the device checks
+    compare them."""
     def run(*operands_and_cotangent):
         *operands, cotangent = operands_and_cotangent
         out, vjp = jax.vjp(fn, *operands)
@@ -57,44 +63,35 @@ def forward_and_backward(fn):
 
 
 def relative_difference(got, want) -> float:
-    """The largest absolute difference of two arrays relative to ``want``'s largest magnitude, in float32:
-    how the device checks compare a kernel or form with its reference."""
+    """The largest absolute difference of two arrays relative to ``want``'s largest magnitude, in
+    float32: how the device checks compare a kernel with its reference."""
     got, want = got.astype(jnp.float32), want.astype(jnp.float32)
     return float(jnp.max(jnp.abs(got - want)) / jnp.maximum(jnp.max(jnp.abs(want)), 1e-30))
 
 
 def exit_past_tolerance(script: str, entries: list, tolerance: float, meaning: str) -> None:
-    """Exits, naming the figure and what it means, where an entry's ``relative_difference`` exceeds ``tolerance``."""
+    """Exits, naming the figure and what it means, where an entry's ``relative_difference``
+    exceeds ``tolerance``."""
     worst = max(max(entry["relative_difference"].values()) for entry in entries)
     if worst > tolerance:
-        raise SystemExit(f"{script}: a relative difference of {worst:.3g} exceeds --tolerance={tolerance}: {meaning}")
-
-
-def compiled_memory_gib(compiled) -> dict:
-    """XLA's buffer assignment of a compiled program, per device, in GiB: its arguments, outputs not
-    aliased to (donated) arguments, and temporaries. Known before the program runs, so a step that
-    then fails to allocate still says what it asked for."""
-    analysis = compiled.memory_analysis()
-    if analysis is None:
-        return {"note": "no memory analysis on this backend"}
-    gib = 2 ** 30
-    return {"arguments": analysis.argument_size_in_bytes / gib,
-            "outputs_not_aliased": (analysis.output_size_in_bytes - analysis.alias_size_in_bytes) / gib,
-            "temporaries": analysis.temp_size_in_bytes / gib}
+        raise SystemExit(f"{script}: a relative difference of {worst:.3g} exceeds "
+                         f"--tolerance={tolerance}: {meaning}")
 
 
 def xla_flops(lowered) -> float:
-    """XLA's FLOP count of a jitted program's ``Lowered`` stage (``jax.jit(f).lower(...)``), plus the
-    FLOPs of cuDNN's fused attention, which is already a custom call there (:func:`fused_attention_flops`).
+    """XLA's FLOP count of a jitted program's ``Lowered`` stage (``jax.jit(f).lower(...)``), plus
+    the FLOPs of cuDNN's fused attention, which is already a custom call there
+    (:func:`fused_attention_flops`).
 
-    Count the lowered program, not the compiled one: on a GPU the compiled program's count leaves out
-    the convolutions XLA hands to cuDNN (measured on an H100: 14.6 GFLOP for the issue-8 step whose
-    lowered count is 218 GFLOP); on the CPU the two agree within 2%. ``cost_analysis()`` is a dict on
-    new jax and a list of dicts (one per program) on older ones."""
+    Count the lowered program, not the compiled one: on a GPU the compiled program's count leaves
+    out the convolutions XLA hands to cuDNN (on an H100, 14.6 GFLOP for the issue-8 step whose
+    lowered count is 218 GFLOP); on the CPU the two agree within 2%. ``cost_analysis()`` is a dict
+    on new jax and a list of dicts (one per program) on older ones."""
     cost = lowered.cost_analysis()
     if isinstance(cost, dict):
         cost = [cost]
-    return float(sum(c.get("flops", 0.0) for c in cost or [] if c)) + fused_attention_flops(lowered.as_text())
+    counted = float(sum(c.get("flops", 0.0) for c in cost or [] if c))
+    return counted + fused_attention_flops(lowered.as_text())
 
 
 # A call of cuDNN's fused attention in a lowered (StableHLO) program, forward or backward, with the
@@ -107,18 +104,14 @@ def fused_attention_flops(lowered_text: str) -> float:
     """FLOPs of the cuDNN fused attention calls in a lowered program, counted as XLA counts the same
     attention written out (models/attention.py), whose cost analysis sees custom calls as free: the
     forward's two matmuls (q k^T, then p v), 4 B N T S H, and the backward's four (dv, dp, dq, dk),
-    8 B N T S H. The kernel's recomputation of q k^T in the backward is hardware work, like remat."""
+    8 B N T S H. The kernel's recomputation of q k^T in the backward is hardware work, like
+    remat."""
     flops = 0.0
     for match in _FUSED_ATTENTION.finditer(lowered_text):
         backward, batch, queries, heads, head_dim, keys = match.groups()
-        flops += (8 if backward else 4) * int(batch) * int(queries) * int(keys) * int(heads) * int(head_dim)
+        flops += ((8 if backward else 4) * int(batch) * int(queries) * int(keys) * int(heads)
+                  * int(head_dim))
     return flops
-
-
-def fused_attention_calls(compiled) -> int:
-    """Calls of cuDNN's fused attention, forward or backward, in a compiled program (models/attention.py;
-    0: every attention is XLA's)."""
-    return compiled.as_text().count('custom_call_target="__cudnn$fmha')
 
 
 def matmul_rate(dtype, n: int, *, warmup: int = 3, repeats: int = 20) -> dict:
@@ -138,61 +131,48 @@ def machine() -> dict:
             "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
             "processor": platform.processor() or platform.machine(),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "ld_preload": os.environ.get("LD_PRELOAD", ""),  # e.g. another malloc (benchmarks/allocators.py)
+            "ld_preload": os.environ.get("LD_PRELOAD", ""),  # e.g. tcmalloc (docs/performance.md)
             "jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__")
             else __import__("jaxlib").__version__}
 
 
-def record(name: str, result: dict, *, print_only: bool = False) -> dict:
-    """Appends ``result`` under ``name`` with the date and machine to the results file, and prints it as
-    one JSON line; ``print_only`` (the scripts' --no-record) prints ``result`` alone and writes nothing."""
+def results_path(path: str | None = None) -> str:
+    """Where results go: ``path`` (a script's --results), else $SCFLOW_BENCHMARK_RESULTS, else the
+    git-ignored ``runs/benchmarks/results.json``."""
+    return path or os.environ.get(RESULTS_ENV) or DEFAULT_RESULTS
+
+
+def add_output_flags(parser) -> None:
+    """``--results=PATH`` and ``--no_record`` (also spelled ``--no-record``) for argparse."""
+    parser.add_argument("--results", default=None,
+                        help=f"JSON file the entry is appended to (default ${RESULTS_ENV}, "
+                             f"else runs/benchmarks/results.json)")
+    parser.add_argument("--no_record", "--no-record", dest="no_record", action="store_true",
+                        help="print the result only; write nothing")
+
+
+def record(name: str, result: dict, *, print_only: bool = False, path: str | None = None) -> dict:
+    """Appends ``result`` under ``name`` with the date and machine to the results file
+    (:func:`results_path` of ``path``), and prints it as one JSON line; ``print_only`` (the scripts'
+    --no_record) prints ``result`` alone and writes nothing."""
     if print_only:
         print(json.dumps(result), flush=True)
         return result
     entry = {"benchmark": name, "date": datetime.datetime.now(datetime.timezone.utc)
              .isoformat(timespec="seconds"), "machine": machine(), **result}
+    file = results_path(path)
     entries = []
-    if os.path.exists(RESULTS_FILE):
-        with open(RESULTS_FILE) as f:
+    if os.path.exists(file):
+        with open(file) as f:
             entries = json.load(f)
     entries.append(entry)
-    tmp = RESULTS_FILE + ".tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
+    tmp = file + ".tmp"
     with open(tmp, "w") as f:
         json.dump(entries, f, indent=2)
-    os.replace(tmp, RESULTS_FILE)
+    os.replace(tmp, file)
     print(json.dumps(entry), flush=True)
     return entry
-
-
-# The issue-8 figures that ``distill_step.py`` and ``torch_step.py`` both print: name -> (key, field).
-HEADLINE_FIGURES = {"iteration": ("iteration", "median_s"), "sample_1step_64": ("sample_1step_64", "median_s"),
-                    "sample_4step_64": ("sample_4step_64", "median_s"), "matmul_gflop_s": ("matmul_f32", "gflop_s")}
-
-
-def headline_figures(result: dict) -> dict:
-    return {name: result[key][field] for name, (key, field) in HEADLINE_FIGURES.items()}
-
-
-def run_benchmark_process(script: str, flags: list, *, env: dict | None = None, what: str = "") -> dict:
-    """Runs ``benchmarks/<script> --no-record <flags>`` as a process of its own (environment ``env``, by default
-    this one's) and returns the JSON line it printed last, with the process's wall time, user and kernel
-    seconds and minor page faults (from ``wait4``) under "process". A failure raises SystemExit with the
-    process's stderr; ``what`` completes its first line (e.g. " with LD_PRELOAD=''")."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        start = time.perf_counter()
-        process = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(RESULTS_FILE), script),
-                                    "--no-record", *flags], stdout=out, stderr=err, env=env)
-        _, status, usage = os.wait4(process.pid, 0)
-        wall_s = time.perf_counter() - start
-        process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
-        out.seek(0)
-        err.seek(0)
-        if process.returncode != 0:
-            raise SystemExit(f"{script} failed{what} (exit {process.returncode}):\n" + err.read()[-3000:])
-        result = json.loads(out.read().strip().splitlines()[-1])
-    result["process"] = {"process_wall_s": wall_s, "user_s": usage.ru_utime, "kernel_s": usage.ru_stime,
-                         "minor_page_faults": usage.ru_minflt}
-    return result
 
 
 def random_params(abstract_tree, seed: int = 0):

@@ -1,7 +1,8 @@
 """Speed of the embedded default: teacher and distillation steps/s, sampling images/s.
 
-Usage: python benchmarks/default_speed.py [--config.x=y ...]
-Writes one entry to benchmarks/results.json. Compile time is reported separately.
+Usage: python benchmarks/default_speed.py [--config.x=y ...] [--results=PATH]
+Appends one entry to the results file (common.py: --results, else $SCFLOW_BENCHMARK_RESULTS,
+else runs/benchmarks/results.json). Compile time is reported separately.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ xla_cpu.apply_defaults()  # the CLI's XLA:CPU settings, before JAX starts
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from absl import app  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from common import record, time_calls  # noqa: E402
@@ -26,6 +27,8 @@ from scflow_jax.tasks import build_task  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "default.py"))
+_RESULTS = flags.DEFINE_string("results", None,
+                               "JSON file the entry is appended to (common.py)")
 
 
 def _compiled_seconds(fn):
@@ -98,7 +101,7 @@ def main(_):
         t = time_calls(fn, warmup=1, repeats=5)
         out["sampling"][f"euler{steps}_cfg{guidance:g}"] = {
             **t, "batch": n, "images_per_s": n / t["median_s"], "compile_s": compile_s}
-    record("default_speed", out)
+    record("default_speed", out, path=_RESULTS.value)
 
 
 if __name__ == "__main__":

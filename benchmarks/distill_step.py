@@ -14,9 +14,10 @@ batch 32, the spec's discriminator with channel_base 16384 / channel_max 512).
 
 ``--tiny`` runs tiny networks of the same families (checks the script's wiring, measures nothing).
 
-Usage: python benchmarks/distill_step.py [--full | --tiny] [--no-record] [--repeats 20] [--warmup 3]
+Usage: python benchmarks/distill_step.py [--full | --tiny] [--repeats 20] [--warmup 3]
+           [--results=PATH] [--no_record]
        JAX_PLATFORMS=cuda python benchmarks/distill_step.py --full      (on a GPU)
-Prints one JSON line and appends it to benchmarks/results.json (unless --no-record).
+Prints one JSON line and appends it to the results file (common.py) unless --no_record.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
-from common import matmul_rate, record, time_calls, xla_flops  # noqa: E402
+from common import add_output_flags, matmul_rate, record, time_calls, xla_flops  # noqa: E402
 from scflow_jax import distill, flows, sampling, sharding, train_state, trainer  # noqa: E402
 from scflow_jax.default_config import get_config  # noqa: E402
 from scflow_jax.losses import scflow  # noqa: E402
@@ -122,9 +123,9 @@ def main(argv=None):
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--full", action="store_true", help="the paper's full-size ADM UNet")
     size.add_argument("--tiny", action="store_true", help="tiny networks (checks the script, measures nothing)")
-    parser.add_argument("--no-record", action="store_true", help="print only")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    add_output_flags(parser)
     args = parser.parse_args(argv)
 
     mesh = sharding.make_mesh(-1, -1)
@@ -179,7 +180,7 @@ def main(argv=None):
                       "sample_4step_64": 4 * out["network_eval_64_gflop"]}
         out["goals_2core_cpu"] = {name: {"seconds": goal, "needs_gflop_s": work_gflop[name] / goal}
                                   for name, goal in GOALS_CPU.items()}
-    return record("distill_step", out, print_only=args.no_record)
+    return record("distill_step", out, print_only=args.no_record, path=args.results)
 
 
 if __name__ == "__main__":

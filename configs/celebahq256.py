@@ -45,6 +45,7 @@ def get_config(arg: str | None = None):
     if arg == "tiny":
         c.mesh.num_devices = 1
         c.data.image_size = 64            # 8x8 latents (the tiny VAE downsamples 8x, as SD's)
+        c.plan.tiny_networks = True       # --mode=plan without model folders: tiny stand-ins
         c.model.adm = dict(model_channels=16, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(),
                            num_heads=2, use_scale_shift_norm=True, dropout=0.0, num_groups=4)
         c.disc.channel_base = 64

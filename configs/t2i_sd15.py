@@ -56,6 +56,7 @@ def get_config(arg: str | None = None):
     if arg == "tiny":
         c.mesh.num_devices = 1
         c.data.image_size = 64          # 8x8 latents
+        c.plan.tiny_networks = True       # --mode=plan without model folders: tiny stand-ins
         c.precision.compute_dtype = "float32"
         c.model.remat = "none"
         c.disc.update(dict(head_channels=16, head_groups=4))

@@ -37,6 +37,7 @@ def latent_recipe_base(name: str, data_kind: str) -> ml_collections.ConfigDict:
     c.seed = 0
     # Mesh, multi-host and precision groups as in the embedded default (see there).
     c.mesh, c.distributed, c.precision = default.mesh, default.distributed, default.precision
+    c.plan = default.plan
     c.data = dict(name=name, path=placeholder(str),  # prepared latent dataset (data.prepare.output)
                   image_size=256, hflip=True, prepare=_prepare_fields(data_kind))
     # remat: none | full | a jax.checkpoint_policies name (precision.py); per-block in the
@@ -144,6 +145,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.sample = dict(num_steps=1, guidance=1.0, num_per_prompt=8, prompts=("",),
                     model="student", sampler="euler")
+
+    # --mode=plan (scflow_jax/planning, docs/planning.md): does the distill step fit the target's
+    # devices at config.distill.batch_size under config.mesh? target: "" this host's devices,
+    # cpu[:N], a GPU h100[:N] / a100-80g / h200 / a GpuTargetConfig .txtpb, or a TPU slice such as
+    # v5e:2x4. output: the JSON record ("" = <workdir>/plan.json). compile=False plans the state
+    # alone. memory_gib > 0 replaces the device's usable memory; tpu_hbm_cap_mib > 0 lowers
+    # XLA:TPU's limit so that it refuses early with its least temporaries; sampler_steps > 0 plans
+    # the evaluation sampler of that many Euler steps (at config.eval.batch_size) instead.
+    # tiny_networks: a recipe whose model folders are not set plans tiny stand-ins of its
+    # networks instead of the reference ones (its :tiny variant sets it).
+    c.plan = dict(target="", output="", compile=True, memory_gib=0.0, tpu_hbm_cap_mib=0,
+                  sampler_steps=0, tiny_networks=False)
 
     if arg == "tiny":
         # One resolution level and attention only in the middle block: a small graph, so the

@@ -15,7 +15,7 @@ from scflow_jax import monitoring, trainer
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "default_config.py")
 MODES = ("all", "train_teacher", "distill", "evaluate", "sample", "fid_stats", "prepare_data",
-         "export")
+         "export", "plan")
 
 config_flags.DEFINE_config_file(
     "config", _DEFAULT_CONFIG, "Config file (get_config(arg)); `path:arg` picks a variant, "
@@ -44,6 +44,10 @@ def run(config, workdir: str, mode: str, prompts=(), prompts_file=None) -> int:
     from scflow_jax import distill, recipes, sample, teacher
     from scflow_jax.evaluation import digits_eval, real_eval
 
+    if mode == "plan":  # first: it chooses the devices JAX starts with (planning/targets.py)
+        from scflow_jax import planning
+        planning.plan(config, workdir)
+        return 0
     trainer.check_workdir_writable(workdir)
     if monitoring.is_main_process():
         monitoring.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())

@@ -2,7 +2,7 @@
 
 This machine has no GPU and no CUDA plugin, so cuDNN's kernel cannot be traced here: the dispatch is
 checked with a stand-in for it, in programs exported for CUDA, TPU and the CPU (jax.export lowers for
-a platform without its devices). benchmarks/memory_plan.py --gpu_target compiles the real kernel."""
+a platform without its devices). --mode=plan with a GPU target compiles the real kernel."""
 from __future__ import annotations
 
 import functools

@@ -237,7 +237,7 @@ def _flax_params_from_torch(model):
 @pytest.mark.parity
 @pytest.mark.parametrize("resolution", [8, 16])
 def test_matches_torch_restatement_with_r1_gradient(resolution):
-    """The PyTorch re-statement that ``benchmarks/torch_step.py`` times is this discriminator: same parameter
+    """The PyTorch re-statement of tests/torch_restatements.py is this discriminator: same parameter
     count, same logits and same input gradient (what R1 penalises) from the same weights."""
     torch = pytest.importorskip("torch")
     from torch_restatements import TorchStyleGANDiscriminator

@@ -1,7 +1,7 @@
 """Independent PyTorch re-statements (NCHW) of this project's networks, written from the architecture descriptions.
 
-Test code: numerical references for the parity tests, key/shape generators for the converter tests, and the
-networks of ``benchmarks/torch_step.py`` (the issue-8 work in PyTorch). Independent of the Flax code.
+Test code: numerical references for the parity tests and key/shape generators for the converter
+tests. Independent of the Flax code.
 
 * ``TorchADM``: guided-diffusion's UNetModel forward with its attribute names, so ``state_dict()`` is the key layout
   an LFM checkpoint has.

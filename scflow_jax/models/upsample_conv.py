@@ -10,14 +10,14 @@ forward and backward of a 128-channel layer at batch 64 took 46 against 74 ms (8
 against 24 ms (4x4 -> 8x8), and the SD VAE's 256 px decode 3.52 against 3.78 s (float32, batch 1);
 the results agree with the plain form within float32 rounding (the summed taps change the order of
 additions). The SD UNet's ``Upsample2D`` is the same layer but stays as written everywhere: at its
-small, wide maps the phase form was the slower one here (benchmarks/upsample_forms.py, batch 1,
+small, wide maps the phase form was the slower one here (docs/performance.md; batch 1,
 float32, forward: 0.24x, 0.48x and 0.94x the plain form's speed from 8, 16 and 32 px inputs of 1280,
 1280 and 640 channels; 1.7-2.3x faster at the VAE's three layers).
 
 GPU and TPU programs keep the plain form: not measured there. The form, bias included (its gradient
 goes through ``channel_ops`` on CPU only), is chosen for the platform a program is lowered for
 (``lax.platform_dependent``, as ``attention`` does), so a program compiled for a GPU or TPU from a
-CPU host (benchmarks/memory_plan.py) is the one the device would run.
+CPU host (--mode=plan) is the one the device would run.
 """
 from __future__ import annotations
 
@@ -68,8 +68,7 @@ def plain_form(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
 
 def upsample_nearest_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """``conv(upsample_nearest(x), kernel) + bias`` with zero padding 1 (size kept). ``kernel`` [3, 3, Cin, Cout],
-    ``bias`` [Cout]. :func:`phase_form` in CPU programs, :func:`plain_form` in GPU and TPU ones
-    (benchmarks/upsample_forms.py times both on any device)."""
+    ``bias`` [Cout]. :func:`phase_form` in CPU programs, :func:`plain_form` in GPU and TPU ones."""
     return jax.lax.platform_dependent(x, kernel, bias, cpu=phase_form, default=plain_form)
 
 
