@@ -36,6 +36,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", "runs/ablations", "Root directory of the runs.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (config.seed) to run.")
 _VARIANTS = flags.DEFINE_list("variants", None, "Variants to run (default: all).")
+_RESULTS = flags.DEFINE_string("results", None, "Results file (default: $SCFLOW_BENCHMARK_RESULTS, "
+                               "else runs/benchmarks/results.json).")
 
 VARIANTS = {
     "scflow": {},
@@ -140,7 +142,8 @@ def main(_):
     for name, rows in summary.items():
         print(f"\n== {name} (seeds {seeds}) ==\n{format_summary(rows)}", flush=True)
     record("ablations", {"seeds": seeds, "overrides": {k: VARIANTS[k] for k in variants},
-                         "distill_steps": _CONFIG.value.distill.num_steps, "summary": summary})
+                         "distill_steps": _CONFIG.value.distill.num_steps, "summary": summary},
+           path=_RESULTS.value)
 
 
 if __name__ == "__main__":
