@@ -1,9 +1,9 @@
 """Stage ``distill``: SCFlow distillation of the teacher into a one/few-step student.
 
 One jitted, mesh-sharded step per iteration runs the discriminator update and then the
-generator update against the updated (frozen) discriminator (SCFLOW_SPEC.md sections 3-4).
-The one-step sample ``z0_hat = z1 - S(1, z1)`` is computed once with ``jax.vjp``: the D step
-reads it detached, and its pullback carries the generator GAN gradient into the student.
+generator update against the updated (frozen) discriminator (SCFLOW_SPEC.md sections 3-4); the
+objectives, and the one-step sample both updates share, are losses/scflow.py's. This module
+holds the optimizers, the EMAs, the sharded state and the loop.
 """
 from __future__ import annotations
 
@@ -123,6 +123,23 @@ def make_train_step(nets: scflow.SCFlowNetworks, cfg, optimizer, disc_optimizer,
     """
     use_gan = scflow.gan_enabled(cfg)
 
+    def update_discriminator(state, z0, fake, cond, t_minus, rng):
+        """D's AdamW step on L_D (section 4); before the GAN warm-up, computed and discarded."""
+        (_, metrics), grads = jax.value_and_grad(scflow.discriminator_objective, has_aux=True)(
+            state.disc_params, z0, fake, cond, t_minus, rng, nets=nets, cfg=cfg)
+        updates, opt_state = disc_optimizer.update(grads, state.disc_opt_state,
+                                                   state.disc_params)
+        metrics["disc_grad_norm"] = train_state.global_norm(grads)
+        # Computed and discarded rather than skipped by a lax.cond: XLA:CPU runs convolution
+        # gradients inside a conditional many times slower, which costs far more than the
+        # update itself.
+        gan_on = state.step >= cfg.warmup_gan
+        keep_if_on = lambda new, old: jnp.where(gan_on, new, old)  # noqa: E731
+        params = jax.tree.map(keep_if_on, jax.tree.map(jnp.add, state.disc_params, updates),
+                              state.disc_params)
+        opt_state = jax.tree.map(keep_if_on, opt_state, state.disc_opt_state)
+        return params, opt_state, jax.tree.map(lambda m: jnp.where(gan_on, m, 0.0), metrics)
+
     def step_fn(state: train_state.DistillState, batch, frozen):
         rng = jax.random.fold_in(root_key, state.step)
         k_gen, k_dnoise, k_gnoise = jax.random.split(rng, 3)
@@ -131,47 +148,18 @@ def make_train_step(nets: scflow.SCFlowNetworks, cfg, optimizer, disc_optimizer,
             k_gen, z0, cond, teacher_params=frozen["teacher_params"],
             target_params=state.target_params, null_cond=frozen["null_cond"], nets=nets,
             cfg=cfg)
+        one_step = scflow.share_one_step_sample(state.params, inputs.z1, cond, nets=nets,
+                                                cfg=cfg)
         metrics = {}
-
-        z0_hat, one_step_pullback = None, None
-        if scflow.needs_one_step_sample(cfg):
-            z0_hat, one_step_pullback = jax.vjp(
-                lambda p: scflow.one_step_sample(nets.velocity_fn, p, inputs.z1, cond),
-                state.params)
-
         disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
         if use_gan:
-            (_, d_metrics), d_grads = jax.value_and_grad(
-                scflow.discriminator_objective, has_aux=True)(
-                    disc_params, z0, jax.lax.stop_gradient(z0_hat), cond, inputs.t_minus,
-                    k_dnoise, nets=nets, cfg=cfg)
-            d_updates, new_disc_opt_state = disc_optimizer.update(d_grads, disc_opt_state,
-                                                                  disc_params)
-            d_metrics["disc_grad_norm"] = train_state.global_norm(d_grads)
-            # Before the GAN warm-up the D update is computed and discarded. A lax.cond would
-            # skip it, but XLA:CPU runs convolution gradients inside a conditional ~20x slower
-            # (0.45 s -> 8.9 s for this D at batch 32), which costs far more than the update.
-            gan_on = state.step >= cfg.warmup_gan
-            keep_if_on = lambda new, old: jnp.where(gan_on, new, old)  # noqa: E731
-            disc_params = jax.tree.map(keep_if_on, jax.tree.map(jnp.add, disc_params, d_updates),
-                                       disc_params)
-            disc_opt_state = jax.tree.map(keep_if_on, new_disc_opt_state, disc_opt_state)
-            d_metrics = jax.tree.map(lambda m: jnp.where(gan_on, m, 0.0), d_metrics)
+            disc_params, disc_opt_state, d_metrics = update_discriminator(
+                state, z0, one_step.detached(), cond, inputs.t_minus, k_dnoise)
             metrics.update(d_metrics)
 
-        (reg_loss, terms), grads = jax.value_and_grad(
-            scflow.generator_regression_loss, has_aux=True)(
-                state.params, inputs, z0_hat, state.step, nets=nets, cfg=cfg)
-        total = reg_loss
-        if use_gan:
-            weight = scflow.term_weight(cfg.lambda_gan, cfg.warmup_gan, state.step)
-            gan_loss, dgan_dz0 = jax.value_and_grad(scflow.generator_adversarial_loss)(
-                z0_hat, disc_params, cond, inputs.t_minus, k_gnoise, nets=nets, cfg=cfg)
-            (gan_grads,) = one_step_pullback(weight * dgan_dz0)
-            grads = jax.tree.map(jnp.add, grads, gan_grads)
-            terms["loss_gan"] = gan_loss
-            total = total + weight * gan_loss
-
+        (total, terms), grads = scflow.generator_value_and_grad(
+            state.params, one_step, inputs, state.step, disc_params, k_gnoise, nets=nets,
+            cfg=cfg)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = jax.tree.map(jnp.add, state.params, updates)
         new_state = state.replace(
