@@ -35,6 +35,9 @@ LAYERS = (
 
 # (importer, imported): why this upward import is right. Empty: there is none.
 ALLOWED_UPWARD: dict[tuple[str, str], str] = {}
+# Stages do not import one another: they meet in the workdir (layout.py). trainer.py is the
+# training loop they share.
+STAGE_LAYER, SHARED_STAGE_MODULES = 5, {f"{PACKAGE}.trainer"}
 
 
 def _module_name(path: str) -> str:
@@ -186,6 +189,12 @@ def upward_imports(graph: dict[str, set[str]]) -> list[str]:
     return bad
 
 
+def stage_to_stage_imports(graph: dict[str, set[str]]) -> list[str]:
+    return [f"{module} imports {target}" for module, targets in graph.items()
+            if layer_of(module) == STAGE_LAYER for target in sorted(targets)
+            if layer_of(target) == STAGE_LAYER and target not in SHARED_STAGE_MODULES]
+
+
 @pytest.fixture(scope="module")
 def graph():
     return import_graph()
@@ -213,6 +222,11 @@ def test_no_import_from_a_lower_layer_to_a_higher_one(graph):
     assert not bad, "imports that run up the layers:\n" + "\n".join(bad)
 
 
+def test_stages_do_not_import_each_other(graph):
+    bad = stage_to_stage_imports(graph)
+    assert not bad, "stages importing stages (read paths from layout.py):\n" + "\n".join(bad)
+
+
 def test_the_checks_catch_what_they_are_for():
     """A cycle and an upward import in a made-up graph are found and named."""
     made_up = {f"{PACKAGE}.flows": {f"{PACKAGE}.sampling"},
@@ -221,3 +235,5 @@ def test_the_checks_catch_what_they_are_for():
     assert cycles(made_up) == [[f"{PACKAGE}.flows", f"{PACKAGE}.sampling", f"{PACKAGE}.flows"]]
     assert upward_imports(made_up) == [f"{PACKAGE}.flows (layer 1) imports {PACKAGE}.sampling "
                                        f"(layer 2)"]
+    stages = {f"{PACKAGE}.sample": {f"{PACKAGE}.distill", f"{PACKAGE}.trainer"}}
+    assert stage_to_stage_imports(stages) == [f"{PACKAGE}.sample imports {PACKAGE}.distill"]
