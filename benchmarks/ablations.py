@@ -20,8 +20,8 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from common import record  # noqa: E402
-from scflow_jax import distill, teacher  # noqa: E402
-from scflow_jax.evaluation import digits_eval  # noqa: E402
+from scflow_jax import distill, evaluate, layout, teacher  # noqa: E402
+from scflow_jax.evaluation import results  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "default.py"))
@@ -39,23 +39,23 @@ VARIANTS = {
 def main(_):
     base = _CONFIG.value
     teacher_dir = os.path.join(_WORKDIR.value, "teacher_run")
-    if not teacher.is_done(teacher_dir):
+    if not teacher.is_done(base, teacher_dir):
         teacher.train_teacher(base, teacher_dir)
     tables = {}
     for name, overrides in VARIANTS.items():
         config = copy.deepcopy(base)
         with config.unlocked():
-            config.distill.teacher_params = teacher.stage_dirs(teacher_dir).params
+            config.distill.teacher_params = layout.stage_dirs(teacher_dir, layout.TEACHER).params
             for key, value in overrides.items():
                 config.scflow[key] = value
             if name != "scflow":  # the teacher rows are the same for every variant
                 config.eval.teacher_steps = ()
         workdir = os.path.join(_WORKDIR.value, name)
-        if not distill.is_done(workdir):
+        if not distill.is_done(config, workdir):
             distill.distill(config, workdir)
-        rows = digits_eval.evaluate(config, workdir)
+        rows = evaluate.evaluate(config, workdir)
         tables[name] = rows
-        print(f"\n== {name} ==\n{digits_eval.format_table(rows)}", flush=True)
+        print(f"\n== {name} ==\n{results.format_table(rows)}", flush=True)
     record("ablations", {"overrides": VARIANTS, "tables": tables,
                          "distill_steps": base.distill.num_steps})
 
