@@ -37,11 +37,6 @@ class Task(Protocol):
         """True: ``disc_fn`` also takes the time of its (noised) input."""
 
     @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        """(h, w, c) of what the flow generates (pixels, or latents that ``decode`` turns into
-        images)."""
-
-    @property
     def null_cond(self) -> np.ndarray | None:
         """The empty prompt's condition (guidance); None for an unconditional task."""
 
@@ -76,14 +71,12 @@ class Task(Protocol):
     # -- data and conditioning ---------------------------------------------------------------
 
     def batches(self, global_batch: int, seed: int, process_rows=None) -> Any:
-        """A source whose ``.batch(step)`` (pure in seed and step) gives this process's rows
-        of the global batch: ``image`` (z0) and, if conditional, ``cond``."""
+        """A source of ``num_examples`` examples whose ``.batch(step)`` (pure in seed and step)
+        gives this process's rows of the global batch: ``image`` (z0) and, if conditional,
+        ``cond``."""
 
     def encode_prompts(self, prompts: list[str]) -> np.ndarray:
         """Prompts -> conditions [N, ...] (the task's frozen text encoder)."""
-
-    def decode(self, x) -> jax.Array:
-        """What the flow generates -> images [B, H, W, C] in [-1, 1]."""
 
     # -- what the stages make ----------------------------------------------------------------
 

@@ -51,10 +51,6 @@ class DigitsTask:
         return _digits_task(json.dumps(key, sort_keys=True))
 
     @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        return self.image_shape
-
-    @property
     def null_cond(self) -> np.ndarray:
         return self.cond_table[-1]
 
@@ -64,9 +60,6 @@ class DigitsTask:
     def encode_prompts(self, prompts: list[str]) -> np.ndarray:
         """Any prompts in the digits vocabulary (an error names the words outside it)."""
         return encode_prompts(self.text, prompts)
-
-    def decode(self, x) -> jax.Array:
-        return x  # the flow generates pixels
 
     def batches(self, global_batch: int, seed: int, process_rows=None) -> InMemoryBatches:
         return InMemoryBatches({k: self.train[k] for k in ("image", "cond")}, global_batch,

@@ -88,10 +88,6 @@ class LatentTask:
         raise NotImplementedError
 
     @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        return self.latent_shape
-
-    @property
     def image_size(self) -> int:
         return self.config.data.image_size
 
