@@ -28,8 +28,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from common import record  # noqa: E402
-from scflow_jax import distill, teacher  # noqa: E402
-from scflow_jax.evaluation import digits_eval  # noqa: E402
+from scflow_jax import distill, evaluate, layout, teacher  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "default.py"))
@@ -103,24 +102,24 @@ def run_seed(base, seed: int, variants: list[str], root: str) -> dict[str, list[
     config = copy.deepcopy(base)
     with config.unlocked():
         config.seed = seed
-    if not teacher.is_done(teacher_dir):
+    if not teacher.is_done(config, teacher_dir):
         teacher.train_teacher(config, teacher_dir)
-    teacher_params = teacher.stage_dirs(teacher_dir).params
+    teacher_params = layout.stage_dirs(teacher_dir, layout.TEACHER).params
     tables, classifier = {}, None
     for name in variants:
         config = _seed_config(base, seed, VARIANTS[name], teacher_params, with_teacher_rows=name == "scflow")
         workdir = os.path.join(seed_dir, name)
-        if not distill.is_done(workdir):
+        if not distill.is_done(config, workdir):
             distill.distill(config, workdir)
         # The digit classifier of a seed is the same for every variant (same data, seed and steps).
-        cached = os.path.join(digits_eval.eval_dir(workdir), "classifier")
+        cached = os.path.join(layout.eval_dir(workdir), "classifier")
         if classifier and not os.path.exists(cached):
             shutil.copytree(classifier, cached)
-        if digits_eval.is_done(workdir):
-            with open(digits_eval.results_path(workdir)) as f:
+        if evaluate.is_done(config, workdir):
+            with open(layout.results_path(workdir)) as f:
                 tables[name] = json.load(f)
         else:
-            tables[name] = digits_eval.evaluate(config, workdir)
+            tables[name] = evaluate.evaluate(config, workdir)
         classifier = classifier or cached
     return tables
 

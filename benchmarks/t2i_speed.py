@@ -51,12 +51,13 @@ import numpy as np  # noqa: E402
 
 from common import (add_output_flags, matmul_rate, random_params, record, time_calls,  # noqa: E402
                     time_train_steps, xla_flops)
-from scflow_jax import distill, distributed, precision, recipes, sampling, sharding  # noqa: E402
+from scflow_jax import distill, distributed, precision, sampling, sharding  # noqa: E402
 from scflow_jax import train_state  # noqa: E402
 from scflow_jax.models import clip, unet_discriminator, unet_sd  # noqa: E402
 from scflow_jax.models.vae import VAE, VAEConfig  # noqa: E402
 from scflow_jax.planning.programs import TINY_UNET, TINY_VAE  # noqa: E402
 from scflow_jax.planning.xla_memory import compiled_memory_gib, fused_attention_calls  # noqa: E402
+from scflow_jax.tasks.text_to_image import TextToImageTask  # noqa: E402
 
 # Dense bf16 matrix peak per device (vendor datasheets, TFLOP/s), matched against device_kind.
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5 lite": 197.0,
@@ -71,7 +72,7 @@ def progress(message: str) -> None:
 
 
 @dataclasses.dataclass(eq=False)
-class RandomT2ITask(recipes.LatentTask):
+class RandomT2ITask(TextToImageTask):
     """The text-to-image recipe's task on random data, with no files: random text states stand in
     for CLIP's (same shape), and each batch is random latents with random text states."""
 

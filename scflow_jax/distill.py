@@ -1,34 +1,29 @@
 """Stage ``distill``: SCFlow distillation of the teacher into a one/few-step student.
 
 One jitted, mesh-sharded step per iteration runs the discriminator update and then the
-generator update against the updated (frozen) discriminator (SCFLOW_SPEC.md sections 3-4).
-The one-step sample ``z0_hat = z1 - S(1, z1)`` is computed once with ``jax.vjp``: the D step
-reads it detached, and its pullback carries the generator GAN gradient into the student.
+generator update against the updated (frozen) discriminator (SCFLOW_SPEC.md sections 3-4); the
+objectives, and the one-step sample both updates share, are losses/scflow.py's. This module
+holds the optimizers, the EMAs, the sharded state and the loop.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from absl import logging
 
-from scflow_jax import checkpoint, precision, sharding, teacher, train_state, trainer, xla_gpu
+from scflow_jax import (checkpoint, layout, precision, sharding, tasks, train_state, trainer,
+                        xla_gpu)
 from scflow_jax.losses import adversarial, scflow
-from scflow_jax.tasks import Task, build_task
 
-STAGE = "distill"
-
-
-def stage_dirs(workdir: str) -> trainer.StageDirs:
-    return trainer.StageDirs(os.path.join(workdir, STAGE))
+STAGE = layout.DISTILL
 
 
-def is_done(workdir: str) -> bool:
-    return checkpoint.params_exist(stage_dirs(workdir).params)
+def is_done(config, workdir: str) -> bool:
+    return checkpoint.params_exist(layout.stage_dirs(workdir, STAGE).params)
 
 
 def validate_scflow_config(cfg) -> None:
@@ -52,11 +47,8 @@ def validate_scflow_config(cfg) -> None:
     for field in ("warmup_rf", "warmup_gan", "warmup_inv"):
         value = cfg[field]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"config.scflow.{field}={value!r} must be a whole number of steps >= 0")
-
-
-def teacher_params_path(config, workdir: str) -> str:
-    return config.distill.teacher_params or teacher.stage_dirs(workdir).params
+            raise ValueError(f"config.scflow.{field}={value!r} must be a whole number of "
+                             f"steps >= 0")
 
 
 def validate_distill_config(config) -> None:
@@ -74,21 +66,12 @@ def validate_distill_config(config) -> None:
             f"(and more devices, config.mesh.fsdp, or config.model.remat to fit memory)")
 
 
-def load_teacher_params(config, workdir: str, task: Task, mesh, rules=None):
+def load_teacher_params(config, workdir: str, task: tasks.Task, mesh, rules=None):
     """The frozen teacher, checked name by name against the student's architecture and
     placed with the student's parameter shardings (FSDP rules): a pretrained checkpoint
-    (recipes, through the task's converter) or the train_teacher stage's export (digits)."""
-    if task.pretrained_teacher:
-        return _place(task.load_teacher_params(), mesh, rules)
-    path = teacher_params_path(config, workdir)
-    if not checkpoint.params_exist(path):
-        raise FileNotFoundError(
-            f"teacher parameters not found at {path} (config.distill.teacher_params; empty "
-            f"means <workdir>/teacher/params, written by --mode=train_teacher)")
-    abstract = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
-    return checkpoint.load_params(path, abstract,
-                                  sharding.state_shardings(abstract, mesh, rules),
-                                  what="teacher parameters")
+    (through the task's converter) or the train_teacher stage's export."""
+    return tasks.load_teacher(task, config, workdir,
+                              lambda abstract: sharding.state_shardings(abstract, mesh, rules))
 
 
 def _place(host_params, mesh, rules):
@@ -96,7 +79,7 @@ def _place(host_params, mesh, rules):
         jax.eval_shape(lambda: host_params), mesh, rules))
 
 
-def networks(task: Task, mesh=None, rules: sharding.ShardingRules | None = None, *,
+def networks(task: tasks.Task, mesh=None, rules: sharding.ShardingRules | None = None, *,
              sigmoid_head: bool | None = None) -> scflow.SCFlowNetworks:
     """Student, target and teacher share the task's flow network; D is the task's. Given the
     ``mesh`` (and the FSDP ``rules``), each runs as ``xla_gpu.network_for_mesh`` says.
@@ -123,6 +106,23 @@ def make_train_step(nets: scflow.SCFlowNetworks, cfg, optimizer, disc_optimizer,
     """
     use_gan = scflow.gan_enabled(cfg)
 
+    def update_discriminator(state, z0, fake, cond, t_minus, rng):
+        """D's AdamW step on L_D (section 4); before the GAN warm-up, computed and discarded."""
+        (_, metrics), grads = jax.value_and_grad(scflow.discriminator_objective, has_aux=True)(
+            state.disc_params, z0, fake, cond, t_minus, rng, nets=nets, cfg=cfg)
+        updates, opt_state = disc_optimizer.update(grads, state.disc_opt_state,
+                                                   state.disc_params)
+        metrics["disc_grad_norm"] = train_state.global_norm(grads)
+        # Computed and discarded rather than skipped by a lax.cond: XLA:CPU runs convolution
+        # gradients inside a conditional many times slower, which costs far more than the
+        # update itself.
+        gan_on = state.step >= cfg.warmup_gan
+        keep_if_on = lambda new, old: jnp.where(gan_on, new, old)  # noqa: E731
+        params = jax.tree.map(keep_if_on, jax.tree.map(jnp.add, state.disc_params, updates),
+                              state.disc_params)
+        opt_state = jax.tree.map(keep_if_on, opt_state, state.disc_opt_state)
+        return params, opt_state, jax.tree.map(lambda m: jnp.where(gan_on, m, 0.0), metrics)
+
     def step_fn(state: train_state.DistillState, batch, frozen):
         rng = jax.random.fold_in(root_key, state.step)
         k_gen, k_dnoise, k_gnoise = jax.random.split(rng, 3)
@@ -131,47 +131,18 @@ def make_train_step(nets: scflow.SCFlowNetworks, cfg, optimizer, disc_optimizer,
             k_gen, z0, cond, teacher_params=frozen["teacher_params"],
             target_params=state.target_params, null_cond=frozen["null_cond"], nets=nets,
             cfg=cfg)
+        one_step = scflow.share_one_step_sample(state.params, inputs.z1, cond, nets=nets,
+                                                cfg=cfg)
         metrics = {}
-
-        z0_hat, one_step_pullback = None, None
-        if scflow.needs_one_step_sample(cfg):
-            z0_hat, one_step_pullback = jax.vjp(
-                lambda p: scflow.one_step_sample(nets.velocity_fn, p, inputs.z1, cond),
-                state.params)
-
         disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
         if use_gan:
-            (_, d_metrics), d_grads = jax.value_and_grad(
-                scflow.discriminator_objective, has_aux=True)(
-                    disc_params, z0, jax.lax.stop_gradient(z0_hat), cond, inputs.t_minus,
-                    k_dnoise, nets=nets, cfg=cfg)
-            d_updates, new_disc_opt_state = disc_optimizer.update(d_grads, disc_opt_state,
-                                                                  disc_params)
-            d_metrics["disc_grad_norm"] = train_state.global_norm(d_grads)
-            # Before the GAN warm-up the D update is computed and discarded. A lax.cond would
-            # skip it, but XLA:CPU runs convolution gradients inside a conditional ~20x slower
-            # (0.45 s -> 8.9 s for this D at batch 32), which costs far more than the update.
-            gan_on = state.step >= cfg.warmup_gan
-            keep_if_on = lambda new, old: jnp.where(gan_on, new, old)  # noqa: E731
-            disc_params = jax.tree.map(keep_if_on, jax.tree.map(jnp.add, disc_params, d_updates),
-                                       disc_params)
-            disc_opt_state = jax.tree.map(keep_if_on, new_disc_opt_state, disc_opt_state)
-            d_metrics = jax.tree.map(lambda m: jnp.where(gan_on, m, 0.0), d_metrics)
+            disc_params, disc_opt_state, d_metrics = update_discriminator(
+                state, z0, one_step.detached(), cond, inputs.t_minus, k_dnoise)
             metrics.update(d_metrics)
 
-        (reg_loss, terms), grads = jax.value_and_grad(
-            scflow.generator_regression_loss, has_aux=True)(
-                state.params, inputs, z0_hat, state.step, nets=nets, cfg=cfg)
-        total = reg_loss
-        if use_gan:
-            weight = scflow.term_weight(cfg.lambda_gan, cfg.warmup_gan, state.step)
-            gan_loss, dgan_dz0 = jax.value_and_grad(scflow.generator_adversarial_loss)(
-                z0_hat, disc_params, cond, inputs.t_minus, k_gnoise, nets=nets, cfg=cfg)
-            (gan_grads,) = one_step_pullback(weight * dgan_dz0)
-            grads = jax.tree.map(jnp.add, grads, gan_grads)
-            terms["loss_gan"] = gan_loss
-            total = total + weight * gan_loss
-
+        (total, terms), grads = scflow.generator_value_and_grad(
+            state.params, one_step, inputs, state.step, disc_params, k_gnoise, nets=nets,
+            cfg=cfg)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = jax.tree.map(jnp.add, state.params, updates)
         new_state = state.replace(
@@ -199,9 +170,9 @@ def init_distill_state(init_disc_params, teacher_params, optimizer, disc_optimiz
         disc_opt_state=disc_optimizer.init(disc_params))
 
 
-def state_initializer(task: Task, optimizer, disc_optimizer, disc_key) -> Callable:
-    """``init_fn(teacher_params) -> DistillState`` for ``task``: the discriminator is the task's, built
-    from the teacher where it takes the teacher's weights (the recipes' UNet-encoder D)."""
+def state_initializer(task: tasks.Task, optimizer, disc_optimizer, disc_key) -> Callable:
+    """``init_fn(teacher_params) -> DistillState`` for ``task``: the discriminator is the task's,
+    built from the teacher where it takes the teacher's weights (the UNet-encoder D)."""
     def init_fn(teacher):
         init_disc = functools.partial(task.init_disc_params, teacher_params=teacher)
         return init_distill_state(init_disc, teacher, optimizer, disc_optimizer, disc_key)
@@ -217,7 +188,7 @@ def _ema_grid(sampler, mesh):
 class DistillSetup:
     """Everything the distillation loop runs, built in its sharded layout."""
     mesh: jax.sharding.Mesh
-    task: Task
+    task: tasks.Task
     state: train_state.DistillState
     abstract_state: Any
     state_shardings: Any
@@ -227,7 +198,8 @@ class DistillSetup:
     data: Any                # .batch(step): this process's rows of each global batch
 
 
-def build_distill(config, workdir: str, teacher_params=None, task: Task | None = None) -> DistillSetup:
+def build_distill(config, workdir: str, teacher_params=None,
+                  task: tasks.Task | None = None) -> DistillSetup:
     """Mesh, task, sharded state, step and data of the distill stage. ``teacher_params``
     (a host tree) replaces loading the teacher export, and ``task`` the config's task (e.g. a
     random-weight recipe task without files), both for benchmarks."""
@@ -236,7 +208,8 @@ def build_distill(config, workdir: str, teacher_params=None, task: Task | None =
     mesh = sharding.mesh_from_config(config)
     sharding.check_global_batch(cfg.batch_size, mesh, "config.distill.batch_size")
     rules = sharding.ShardingRules.from_config(config)
-    task = precision.configure_task(task if task is not None else build_task(config), config)
+    task = precision.configure_task(task if task is not None else tasks.build_task(config),
+                                    config)
     data = task.batches(cfg.batch_size, seed=config.seed + 1,
                         process_rows=sharding.process_batch_indices(mesh, cfg.batch_size))
     if teacher_params is None:
@@ -251,7 +224,8 @@ def build_distill(config, workdir: str, teacher_params=None, task: Task | None =
     null_cond = task.null_cond  # (recipes: encoded by the text encoder, outside any trace)
     init_fn = state_initializer(task, optimizer, disc_optimizer, disc_key)
     state, abstract, shardings = trainer.init_state(init_fn, mesh, rules, teacher_params)
-    # Student, EMAs and D start from the float32 teacher; the frozen copy then halves (bf16 compute).
+    # Student, EMAs and D start from the float32 teacher; the frozen copy then halves (bf16
+    # compute).
     teacher_params = precision.frozen_params(teacher_params, config)
     frozen = {"teacher_params": teacher_params,
               "null_cond": None if null_cond is None
@@ -272,8 +246,9 @@ def distill(config, workdir: str):
     logging.info("[distill] student %d parameters, discriminator %d parameters",
                  train_state.count_params(setup.state.params),
                  train_state.count_params(setup.state.disc_params))
+    dirs = layout.stage_dirs(workdir, STAGE)
     result = trainer.run_loop(
-        stage=STAGE, dirs=stage_dirs(workdir), loop=trainer.LoopConfig(
+        stage=STAGE, dirs=dirs, loop=trainer.LoopConfig(
             cfg.num_steps, cfg.log_every, cfg.checkpoint_every, cfg.keep_checkpoints,
             cfg.sample_every),
         state=setup.state, abstract_state=setup.abstract_state,
@@ -282,7 +257,6 @@ def distill(config, workdir: str):
         sample_images=_ema_grid(setup.task.grid_sampler(config.seed, num_steps=1), setup.mesh)
         if cfg.sample_every else None, grid_rows=setup.task.grid_rows)
     if not result.preempted:
-        checkpoint.save_params(stage_dirs(workdir).params, result.state.ema_params)
-        logging.info("[distill] done: student (eval EMA) exported to %s",
-                     stage_dirs(workdir).params)
+        checkpoint.save_params(dirs.params, result.state.ema_params)
+        logging.info("[distill] done: student (eval EMA) exported to %s", dirs.params)
     return result

@@ -1,6 +1,7 @@
 """Command-line entry: ``python -m scflow_jax.main --config=... --workdir=... --mode=...``.
 
-Thin by design: parse flags, save the config, then call the library function of each stage.
+Thin by design: parse flags, save the config, then call the library function of each stage;
+what a stage does for a given task comes from the task (scflow_jax/tasks/).
 """
 from __future__ import annotations
 
@@ -41,8 +42,9 @@ class _QuietOrbax(std_logging.Filter):
 
 def run(config, workdir: str, mode: str, prompts=(), prompts_file=None) -> int:
     """Runs ``mode``; returns the process exit code (0 also after a SIGTERM checkpoint)."""
-    from scflow_jax import distill, recipes, sample, teacher
-    from scflow_jax.evaluation import digits_eval, real_eval
+    from scflow_jax import distill, evaluate, export, sample, tasks, teacher
+    from scflow_jax.data import prepare
+    from scflow_jax.evaluation import fid
 
     if mode == "plan":  # first: it chooses the devices JAX starts with (planning/targets.py)
         from scflow_jax import planning
@@ -52,52 +54,39 @@ def run(config, workdir: str, mode: str, prompts=(), prompts_file=None) -> int:
     if monitoring.is_main_process():
         monitoring.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
 
-    stages = {
-        "train_teacher": (teacher.train_teacher, teacher.is_done),
-        "distill": (distill.distill, distill.is_done),
-        # The embedded default has its own metrics; the latent recipes use FID / CLIP score.
-        "evaluate": ((digits_eval.evaluate, digits_eval.is_done) if config.data.name == "digits"
-                     else (real_eval.evaluate, real_eval.is_done)),
-    }
-    if mode == "sample":
-        # Prompts given on the command line (flags or a file) replace the config's list.
-        prompts_file = prompts_file or config.sample.get("prompts_file")
-        given = list(prompts) or ([] if prompts_file else list(config.sample.prompts))
-        if not recipes.is_recipe(config):
-            sample.sample_prompts(config, workdir, sample.read_prompts(given, prompts_file))
-        elif recipes.build_recipe_task(config).unconditional:
-            sample.sample_recipe(config, workdir, None)
-        else:
-            sample.sample_recipe(config, workdir, sample.read_prompts(given, prompts_file))
+    # What --mode=all runs in turn, each with the test of its finished output.
+    stages = {"train_teacher": (teacher.train_teacher, teacher.is_done),
+              "distill": (distill.distill, distill.is_done),
+              "evaluate": (evaluate.evaluate, evaluate.is_done)}
+    # Every other mode: one library call (config, workdir).
+    modes = {name: fn for name, (fn, _) in stages.items()}
+    modes.update({
+        "sample": lambda c, w: sample.run(c, w, prompts, prompts_file),
+        "export": lambda c, w: logging.info("[export] student written to %s",
+                                            export.export_student(c, w)),
+        "fid_stats": fid.fid_stats,
+        "prepare_data": lambda c, w: prepare.prepare_from_config(c),
+    })
+    if mode != "all":
+        _stopped_by_sigterm(mode, modes[mode](config, workdir))
         return 0
-    if mode == "export":
-        if not recipes.is_recipe(config):
-            raise ValueError("--mode=export writes a recipe's student in its teacher's format; "
-                             f"config.data.name={config.data.name!r} is not a recipe")
-        logging.info("[export] student written to %s", recipes.export_student(config, workdir))
-        return 0
-    if mode == "fid_stats":
-        from scflow_jax.evaluation import fid
-        fid.fid_stats(config, workdir)
-        return 0
-    if mode == "prepare_data":
-        from scflow_jax.data import prepare
-        prepare.prepare_from_config(config)
-        return 0
-    order = [mode] if mode != "all" else [
-        # A recipe distills a pretrained teacher: nothing to train first.
-        name for name in stages if not (name == "train_teacher" and recipes.is_recipe(config))]
-    for name in order:
-        fn, is_done = stages[name]
-        if mode == "all" and is_done(workdir):
+    for name, (fn, is_done) in stages.items():
+        if name == "train_teacher" and tasks.task_class(config).pretrained_teacher:
+            continue  # a pretrained teacher: nothing to train
+        if is_done(config, workdir):
             logging.info("[%s] already complete in %s: skipped (run --mode=%s to redo)",
                          name, workdir, name)
             continue
-        result = fn(config, workdir)
-        if getattr(result, "preempted", False):
-            logging.warning("stopped by SIGTERM during %s; checkpoint saved", name)
+        if _stopped_by_sigterm(name, fn(config, workdir)):
             return 0
     return 0
+
+
+def _stopped_by_sigterm(stage: str, result) -> bool:
+    if getattr(result, "preempted", False):
+        logging.warning("stopped by SIGTERM during %s; checkpoint saved", stage)
+        return True
+    return False
 
 
 def main(argv):

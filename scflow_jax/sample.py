@@ -1,20 +1,22 @@
-"""Stage ``sample``: prompts (or, unconditional, a number of images) -> PNG files and a grid,
-from the student (the distilled eval EMA) or the teacher."""
+"""Stage ``sample``: prompts (or, for an unconditional task, a number of images) -> PNG files and
+a grid, from the student (the distilled eval EMA) or the teacher, at each step count of
+``config.sample.num_steps``.
+
+Writes ``<workdir>/samples/<model>_<sampler>_<N>steps/``: one PNG per sample (``<prompt>_<k>.png``,
+or ``<index>.png`` without prompts), ``grid.png`` (a row per prompt) and ``prompts.txt``. How the
+samples are drawn (noise, batches, decoding) is the task's ``sample_images``.
+"""
 from __future__ import annotations
 
 import os
 
-import jax
 import numpy as np
 from absl import logging
 
-from scflow_jax import checkpoint, distill, monitoring, precision, sampling, sharding
-from scflow_jax.data import digits
-from scflow_jax.data.tokenizer import WordTokenizer
-from scflow_jax.evaluation import generate, prompts as prompts_lib
-from scflow_jax.tasks import build_task, encode_prompts
+from scflow_jax import checkpoint, layout, monitoring, precision, sharding, tasks
+from scflow_jax.evaluation import prompts as prompts_lib
 
-RECIPE_MODELS = ("student", "teacher")
+MODELS = ("student", "teacher")
 
 
 def read_prompts(prompts, prompts_file: str | None) -> list[str]:
@@ -33,9 +35,14 @@ def read_prompts(prompts, prompts_file: str | None) -> list[str]:
     return out
 
 
-def _load_task(config):
-    """The config's task computing in its ``config.precision`` dtype (parameters stay float32)."""
-    return precision.configure_task(build_task(config), config)
+def run(config, workdir: str, prompts=(), prompts_file: str | None = None):
+    """--mode=sample: prompts given on the command line (flags or a file) replace the config's
+    list; an unconditional task takes none."""
+    if tasks.build_task(config).unconditional:
+        return write_samples(config, workdir, None)
+    prompts_file = prompts_file or config.sample.get("prompts_file")
+    given = list(prompts) or ([] if prompts_file else list(config.sample.prompts))
+    return write_samples(config, workdir, read_prompts(given, prompts_file))
 
 
 def _write_outputs(out_dir: str, names: list[str], images: np.ndarray, grid: np.ndarray,
@@ -51,71 +58,30 @@ def _write_outputs(out_dir: str, names: list[str], images: np.ndarray, grid: np.
                                       ("\n".join(prompts) + "\n").encode("utf-8"))
 
 
-def sample_prompts(config, workdir: str, prompts: list[str]) -> str:
-    """Writes ``<workdir>/samples/<model>_<steps>steps/`` with one PNG per sample and a grid.
-
-    Every process computes the same noise and conditions; each feeds its own rows of the batch
-    (padded to a multiple of the device count) and gets every image back."""
-    cfg = config.sample
-    mesh = sharding.mesh_from_config(config)
-    task = _load_task(config)
-    WordTokenizer(digits.vocabulary(), config.text.max_length)(prompts)  # validates words
-    if cfg.model == "student":
-        path = distill.stage_dirs(workdir).params
-    elif cfg.model == "teacher":
-        path = distill.teacher_params_path(config, workdir)
-    else:
-        raise ValueError(f"config.sample.model={cfg.model!r}; expected 'student' or 'teacher'")
+def _model_params(config, workdir: str, task, mesh):
+    """The sampled network's parameters, whole on every device."""
+    model = config.sample.model
+    if model == "teacher":
+        return tasks.load_teacher(task, config, workdir,
+                                  lambda abstract: sharding.sampler_shardings(abstract, mesh))
+    path = layout.student_params_path(workdir)
     if not checkpoint.params_exist(path):
-        raise FileNotFoundError(f"no {cfg.model} parameters at {path}; train it first")
-    params = task.load_flow_params(path, mesh, what=f"{cfg.model} parameters")
-
-    cond_table = encode_prompts(config, prompts + [""])
-    per = cfg.num_per_prompt
-    cond = np.repeat(cond_table[:-1], per, axis=0)
-    z1 = np.asarray(jax.random.normal(jax.random.PRNGKey(config.seed), (len(cond),) + task.image_shape))
-    batch = sharding.shard_global_batch(
-        sharding.pad_batch({"z1": z1, "cond": cond}, sharding.padded_size(len(cond), mesh)), mesh)
-    images = jax.jit(lambda p, z, c, n: sampling.sample(
-        task.velocity_fn, p, z, c, num_steps=cfg.num_steps, method=cfg.sampler,
-        null_cond=n, guidance=cfg.guidance))(params, batch["z1"], batch["cond"],
-                                             sharding.put_replicated(cond_table[-1], mesh))
-    images = sharding.to_host(images)[:len(cond)]
-    out_dir = os.path.join(workdir, "samples", f"{cfg.model}_{cfg.sampler}_{cfg.num_steps}steps")
-    _write_outputs(out_dir, [f"{i // per:03d}_{i % per:02d}.png" for i in range(len(images))], images,
-                   monitoring.image_grid(images, rows=len(prompts), upscale=4), prompts)
-    logging.info("[sample] %d images from %d prompts written to %s", len(images), len(prompts),
-                 out_dir)
-    return out_dir
+        raise FileNotFoundError(f"no student parameters at {path}: run --mode=distill first")
+    return task.load_flow_params(path, mesh, what="student parameters")
 
 
-def sample_recipe(config, workdir: str, prompts: list[str] | None) -> list[str]:
-    """A latent recipe's samples at every step count of ``config.sample.num_steps`` (1, 2, 4):
-    Euler from per-sample noise (sample i uses ``fold_in(PRNGKey(seed), i)``), VAE-decoded,
-    written to ``<workdir>/samples/<model>_<N>steps/`` (one PNG per sample, ``grid.png``, and
-    ``prompts.txt``). Text-to-image: ``num_per_prompt`` samples per prompt, without guidance
-    (``config.sample.guidance``, 1 for the student); unconditional: ``num_images`` samples.
-    Batches of ``config.sample.batch_size`` (a multiple of the device count) are split over the
-    mesh (``generate.ShardedSampler``, as in evaluation), so a sample is the image the
-    evaluation of the same model, seed and step count scores. Returns the output folders."""
+def write_samples(config, workdir: str, prompts: list[str] | None) -> list[str]:
+    """The samples of ``prompts`` (``config.sample.num_per_prompt`` each), or of
+    ``config.sample.num_images`` unconditional images, at every step count; returns the output
+    folders. Every process computes the same images; process 0 writes them."""
     cfg = config.sample
-    task = _load_task(config)
-    if cfg.model not in RECIPE_MODELS:
-        raise ValueError(f"config.sample.model={cfg.model!r}; expected one of {RECIPE_MODELS}")
-    mesh = sharding.mesh_from_config(config)
-    sharding.check_global_batch(cfg.batch_size, mesh, "config.sample.batch_size")
-    if cfg.model == "student":
-        path = distill.stage_dirs(workdir).params
-        if not checkpoint.params_exist(path):
-            raise FileNotFoundError(f"no student parameters at {path}: run --mode=distill first")
-        params = task.load_flow_params(path, mesh, what="student parameters")
-    else:
-        params = sharding.put_replicated(task.load_teacher_params(), mesh)
-
+    if cfg.model not in MODELS:
+        raise ValueError(f"config.sample.model={cfg.model!r}; expected one of {MODELS}")
+    task = precision.configure_task(tasks.build_task(config), config)
     if task.unconditional:
         if prompts:
-            raise ValueError(f"config.data.name={config.data.name!r} is unconditional: it takes no "
-                             f"prompts (set config.sample.num_images)")
+            raise ValueError(f"config.data.name={config.data.name!r} is unconditional: it takes "
+                             f"no prompts (set config.sample.num_images)")
         num, rows = cfg.num_images, max(1, int(np.sqrt(cfg.num_images)))
         while num % rows:
             rows -= 1
@@ -123,20 +89,19 @@ def sample_recipe(config, workdir: str, prompts: list[str] | None) -> list[str]:
     else:
         per = cfg.num_per_prompt
         num, rows = len(prompts) * per, len(prompts)
-        cond = np.repeat(task.encode_prompts(prompts), per, axis=0)
+        cond = np.repeat(task.encode_prompts(prompts), per, axis=0)  # checks the prompts first
         names = [f"{i // per:03d}_{i % per:02d}.png" for i in range(num)]
+    mesh = sharding.mesh_from_config(config)
+    params = _model_params(config, workdir, task, mesh)
+
     steps = cfg.num_steps if isinstance(cfg.num_steps, (tuple, list)) else (cfg.num_steps,)
     out_dirs = []
     for num_steps in steps:
-        sampler = generate.ShardedSampler(
-            generate.euler_sample_fn(task.velocity_fn, num_steps=num_steps, guidance=cfg.guidance,
-                                     method=cfg.sampler),
-            params, latent_shape=task.latent_shape, seed=config.seed, batch_size=cfg.batch_size, mesh=mesh,
-            null_cond=task.null_cond, decode=task.decode, field="config.sample.batch_size")
-        images = generate.generate_images(sampler, num_samples=num,
-                                          cond_fn=None if cond is None else lambda idx: cond[idx])
-        out_dir = os.path.join(workdir, "samples", f"{cfg.model}_{cfg.sampler}_{num_steps}steps")
-        _write_outputs(out_dir, names, images, monitoring.image_grid(images, rows=rows), prompts)
+        images = task.sample_images(params, cond, num, num_steps=num_steps, config=config,
+                                    mesh=mesh)
+        out_dir = layout.samples_dir(workdir, cfg.model, cfg.sampler, num_steps)
+        grid = monitoring.image_grid(images, rows=rows, upscale=task.sample_grid_upscale)
+        _write_outputs(out_dir, names, images, grid, prompts)
         logging.info("[sample] %d images at %d steps written to %s", num, num_steps, out_dir)
         out_dirs.append(out_dir)
     return out_dirs

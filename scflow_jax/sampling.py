@@ -6,7 +6,7 @@ update arithmetic into the network calls and no Python loop dispatches per step.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,13 @@ def time_grid(num_steps: int) -> jax.Array:
 def grid_time(i, num_steps) -> jax.Array:
     """Point i of ``time_grid(num_steps)``; works for a traced ``num_steps`` too."""
     return 1.0 - jnp.asarray(i, jnp.float32) / jnp.asarray(num_steps, jnp.float32)
+
+
+def sample_noise(seed: int, indices: jax.Array, shape: Sequence[int]) -> jax.Array:
+    """``[len(indices), *shape]``: row k is ``normal(fold_in(PRNGKey(seed), indices[k]), shape)``,
+    so sample i starts from the same noise whatever batch it is drawn in."""
+    key = jax.random.PRNGKey(seed)
+    return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), tuple(shape)))(indices)
 
 
 def sample(velocity_fn: flows.VelocityFn, params: Any, z1: jax.Array, cond: Any, *,

@@ -2,26 +2,20 @@
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 from absl import logging
 
-from scflow_jax import checkpoint, precision, recipes, sharding, train_state, trainer, xla_gpu
-from scflow_jax.data.pipeline import InMemoryBatches
+from scflow_jax import (checkpoint, layout, precision, sharding, tasks, train_state, trainer,
+                        xla_gpu)
 from scflow_jax.losses import flow_matching
-from scflow_jax.tasks import Task, build_task
 
-STAGE = "teacher"
-
-
-def stage_dirs(workdir: str) -> trainer.StageDirs:
-    return trainer.StageDirs(os.path.join(workdir, STAGE))
+STAGE = layout.TEACHER
 
 
-def is_done(workdir: str) -> bool:
-    return checkpoint.params_exist(stage_dirs(workdir).params)
+def is_done(config, workdir: str) -> bool:
+    return checkpoint.params_exist(layout.stage_dirs(workdir, STAGE).params)
 
 
 def split_microbatches(batch: dict, num_micro: int, mesh) -> dict:
@@ -52,7 +46,7 @@ def check_grad_accum(cfg, mesh, field: str = "config.teacher") -> int:
     return steps
 
 
-def make_train_step(task: Task, cfg, optimizer, mesh, root_key, state_shardings=None,
+def make_train_step(task: tasks.Task, cfg, optimizer, mesh, root_key, state_shardings=None,
                     compiler_options=None, rules: sharding.ShardingRules | None = None):
     """The jitted, donated teacher step: flow-matching loss, AdamW, EMA.
 
@@ -106,16 +100,16 @@ def make_train_step(task: Task, cfg, optimizer, mesh, root_key, state_shardings=
     return lambda state, batch: jitted(state, batch, null_cond)
 
 
-def train_teacher(config, workdir: str) -> None:
-    if recipes.is_recipe(config):
+def train_teacher(config, workdir: str):
+    if tasks.task_class(config).pretrained_teacher:
         raise ValueError(f"config.data.name={config.data.name!r} distills a pretrained teacher "
                          f"(config.model.teacher_path): there is no train_teacher stage")
     cfg = config.teacher
     mesh = sharding.mesh_from_config(config)
     sharding.check_global_batch(cfg.batch_size, mesh, "config.teacher.batch_size")
     check_grad_accum(cfg, mesh)
-    task = precision.configure_task(build_task(config), config)
-    dirs = stage_dirs(workdir)
+    task = precision.configure_task(tasks.build_task(config), config)
+    dirs = layout.stage_dirs(workdir, STAGE)
     optimizer = train_state.make_optimizer(cfg.optimizer)
     init_key, root_key = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
 
@@ -126,13 +120,11 @@ def train_teacher(config, workdir: str) -> None:
 
     rules = sharding.ShardingRules.from_config(config)
     state, abstract, shardings = trainer.init_state(init_fn, mesh, rules)
+    data = task.batches(cfg.batch_size, seed=config.seed,
+                        process_rows=sharding.process_batch_indices(mesh, cfg.batch_size))
     trainer.log_parameter_overview(state.params, "teacher")
     logging.info("[teacher] %d parameters, %d training examples, global batch %d",
-                 train_state.count_params(state.params), len(task.train["image"]),
-                 cfg.batch_size)
-    data = InMemoryBatches({k: task.train[k] for k in ("image", "cond")}, cfg.batch_size,
-                           seed=config.seed,
-                           process_rows=sharding.process_batch_indices(mesh, cfg.batch_size))
+                 train_state.count_params(state.params), data.num_examples, cfg.batch_size)
     grid = task.grid_sampler(config.seed, num_steps=16)
     result = trainer.run_loop(
         stage=STAGE, dirs=dirs, loop=trainer.LoopConfig(
@@ -144,7 +136,7 @@ def train_teacher(config, workdir: str) -> None:
         batch_fn=data.batch, mesh=mesh,
         # Replicated parameters make the grid a replicated array every process can read.
         sample_images=lambda state: grid(sharding.put_replicated(state.ema_params, mesh)),
-        grid_rows=len(task.prompts) - 1)
+        grid_rows=task.grid_rows)
     if not result.preempted:
         # The EMA is the teacher that distillation and evaluation use.
         checkpoint.save_params(dirs.params, result.state.ema_params)

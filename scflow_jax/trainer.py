@@ -17,33 +17,11 @@ from absl import logging
 from clu import parameter_overview
 from etils import epath
 
-from scflow_jax import checkpoint, monitoring, sharding
+from scflow_jax import checkpoint, layout, monitoring, sharding
 
 
 class NonFiniteLossError(FloatingPointError):
     """A loss or gradient norm became NaN/Inf; the last good checkpoint is kept."""
-
-
-@dataclasses.dataclass
-class StageDirs:
-    root: str
-
-    @property
-    def checkpoints(self) -> str:
-        return os.path.join(self.root, "checkpoints")
-
-    @property
-    def params(self) -> str:
-        """The stage's exported result (written once the last step is done)."""
-        return os.path.join(self.root, "params")
-
-    @property
-    def tensorboard(self) -> str:
-        return os.path.join(self.root, "tensorboard")
-
-    @property
-    def samples(self) -> str:
-        return os.path.join(self.root, "samples")
 
 
 def check_workdir_writable(workdir: str) -> None:
@@ -134,9 +112,10 @@ class LoopResult:
     preempted: bool
 
 
-def run_loop(*, stage: str, dirs: StageDirs, loop: LoopConfig, state: Any, abstract_state: Any,
-             state_shardings: Any, train_step: Callable, batch_fn: Callable[[int], dict],
-             mesh, sample_images: Callable[[Any], np.ndarray] | None = None,
+def run_loop(*, stage: str, dirs: layout.StageDirs, loop: LoopConfig, state: Any,
+             abstract_state: Any, state_shardings: Any, train_step: Callable,
+             batch_fn: Callable[[int], dict], mesh,
+             sample_images: Callable[[Any], np.ndarray] | None = None,
              grid_rows: int = 1) -> LoopResult:
     """Runs ``train_step`` from the latest checkpoint (or ``state``) to ``loop.num_steps``."""
     ckpt = checkpoint.Checkpointer(dirs.checkpoints, max_to_keep=loop.keep_checkpoints)

@@ -6,7 +6,7 @@ config fields) and job. Joins the cluster through scflow_jax.distributed, then
 
 * job "distill" (default): runs the real distill stage (trainer loop, collective Orbax
   checkpoints, process-0 logging) and records every step's metrics;
-* job "generate": runs the sample stage (``sample.sample_prompts``) on the prompts
+* job "generate": runs the sample stage (``sample.write_samples``) on the prompts
   ``prompts`` and the evaluation sampler (``digits_eval.generate``) on ``num_samples``
   samples of the teacher at ``config.distill.teacher_params``, and records the images
   this process got back and the files it wrote.
@@ -94,7 +94,7 @@ def generate(spec: dict, config, client) -> None:
         save_png(path, grid)
 
     sharding.to_host, monitoring.save_png = synced_to_host, recording_save_png
-    out_dir = sample.sample_prompts(config, spec["workdir"], spec["prompts"])
+    (out_dir,) = sample.write_samples(config, spec["workdir"], spec["prompts"])
 
     task = build_task(config)
     mesh = sharding.mesh_from_config(config)

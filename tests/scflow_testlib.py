@@ -264,8 +264,7 @@ def shared_run() -> SharedRun:
         raise RuntimeError("the shared main.run(..., 'all') failed earlier") from _SHARED["error"]
     if "run" in _SHARED:
         return _SHARED["run"]
-    from scflow_jax import distill, main, teacher
-    from scflow_jax.evaluation import digits_eval
+    from scflow_jax import distill, evaluate, main, teacher
 
     workdir = tempfile.mkdtemp(prefix="scflow_shared_")
     atexit.register(shutil.rmtree, workdir, True)
@@ -288,7 +287,7 @@ def shared_run() -> SharedRun:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(teacher, "train_teacher", spy("train_teacher", teacher.train_teacher))
             mp.setattr(distill, "distill", spy("distill", distill.distill))
-            mp.setattr(digits_eval, "evaluate", spy("evaluate", digits_eval.evaluate))
+            mp.setattr(evaluate, "evaluate", spy("evaluate", evaluate.evaluate))
             start = time.perf_counter()
             code = main.run(config, workdir, "all")
             seconds = time.perf_counter() - start

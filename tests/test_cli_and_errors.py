@@ -18,10 +18,10 @@ import pytest
 from PIL import Image
 
 import scflow_testlib as lib
-from scflow_jax import checkpoint, distill, main, sample, sharding, teacher, trainer
+from scflow_jax import (checkpoint, distill, evaluate, layout, main, sample, sharding, teacher,
+                        trainer)
 from scflow_jax.data.pipeline import InMemoryBatches
-from scflow_jax.evaluation import digits_eval
-from scflow_jax.tasks import build_task
+from scflow_jax.tasks import build_task, digits as digits_task
 
 PROMPTS = ["a handwritten digit one", "a handwritten digit seven"]
 
@@ -40,7 +40,7 @@ def copied_wd(shared, tmp_path_factory):
 
 
 def _results(workdir):
-    with open(digits_eval.results_path(workdir)) as f:
+    with open(layout.results_path(workdir)) as f:
         return json.load(f)
 
 
@@ -87,7 +87,7 @@ def test_all_mode_runs_every_stage_and_writes_every_output(shared):
 
 def test_all_again_skips_every_stage(shared, monkeypatch):
     wd = shared.workdir
-    path = digits_eval.results_path(wd)
+    path = layout.results_path(wd)
     before, mtime = open(path, "rb").read(), os.stat(path).st_mtime_ns
     ckpts = {s: sorted(os.listdir(os.path.join(wd, s, "checkpoints")))
              for s in ("teacher", "distill")}
@@ -96,7 +96,7 @@ def test_all_again_skips_every_stage(shared, monkeypatch):
         raise AssertionError("a finished stage ran again")
 
     for mod, name in ((teacher, "train_teacher"), (distill, "distill"),
-                      (digits_eval, "evaluate")):
+                      (evaluate, "evaluate")):
         monkeypatch.setattr(mod, name, must_not_run)
     start = time.perf_counter()
     assert main.run(shared.config, wd, "all") == 0
@@ -129,7 +129,7 @@ def cli_runs(copied_wd, tmp_path_factory):
     """Three real ``python -m scflow_jax.main`` processes, started together (each is mostly
     interpreter start-up): a valid run on a finished workdir, and two bad overrides."""
     bad_wd = str(tmp_path_factory.mktemp("cli_bad") / "wd")
-    results_before = open(digits_eval.results_path(copied_wd), "rb").read()
+    results_before = open(layout.results_path(copied_wd), "rb").read()
     tiny = "--config=configs/default.py:tiny"
     procs = {
         "ok": lib.start_cli(copied_wd, "all", *lib.cli_flags(**{"eval.num_samples": 20})),
@@ -161,7 +161,7 @@ def test_cli_runs_with_override_and_skips_finished_stages(cli_runs):
         saved = json.load(f)
     assert saved["eval"]["num_samples"] == 20  # the --config.eval.num_samples override
     assert saved["scflow"]["target_ema"] == lib.OVERRIDES["scflow.target_ema"]
-    assert open(digits_eval.results_path(wd), "rb").read() == cli_runs["results_before"]
+    assert open(layout.results_path(wd), "rb").read() == cli_runs["results_before"]
 
 
 def test_cli_unknown_config_key_fails_naming_it(cli_runs):
@@ -191,7 +191,7 @@ def test_batch_not_divisible_by_devices(tmp_path):
 def test_tiny_config_evaluation_fits_the_8_device_test_mesh(tiny_config, tmp_path):
     # An empty workdir: a fitting batch gets as far as "nothing to evaluate".
     with pytest.raises(FileNotFoundError, match="nothing to evaluate"):
-        digits_eval.evaluate(tiny_config, str(tmp_path / "wd"))
+        evaluate.evaluate(tiny_config, str(tmp_path / "wd"))
 
 
 def test_unwritable_workdir(tmp_path):
@@ -273,7 +273,7 @@ def nan_run(tmp_path_factory):
     config = lib.make_config(**{"teacher.num_steps": 8, "teacher.checkpoint_every": 3})
     workdir = str(tmp_path_factory.mktemp("nan") / "wd")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(teacher, "InMemoryBatches", NaNBatches)
+        mp.setattr(digits_task, "InMemoryBatches", NaNBatches)
         with pytest.raises(trainer.NonFiniteLossError) as e:
             main.run(config, workdir, "train_teacher")
     return {"config": config, "workdir": workdir, "error": e.value,
@@ -366,7 +366,7 @@ def test_sample_mode_rejects_empty_prompts_file(shared, copied_wd, tmp_path, mon
     empty = tmp_path / "prompts.txt"
     empty.write_text("")
     seen = []
-    monkeypatch.setattr(sample, "sample_prompts", lambda c, w, p: seen.append(p))
+    monkeypatch.setattr(sample, "write_samples", lambda c, w, p: seen.append(p))
     with pytest.raises(ValueError, match="no prompts"):
         main.run(shared.config, copied_wd, "sample", prompts=(), prompts_file=str(empty))
 
@@ -375,6 +375,6 @@ def test_sample_mode_uses_exactly_the_prompts_file(shared, copied_wd, tmp_path, 
     path = tmp_path / "prompts.txt"
     path.write_text(PROMPTS[0] + "\n")
     seen = []
-    monkeypatch.setattr(sample, "sample_prompts", lambda c, w, p: seen.append(list(p)))
+    monkeypatch.setattr(sample, "write_samples", lambda c, w, p: seen.append(list(p)))
     assert main.run(shared.config, copied_wd, "sample", prompts=(), prompts_file=str(path)) == 0
     assert seen == [[PROMPTS[0]]]

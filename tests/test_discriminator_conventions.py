@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import test_recipes
-from scflow_jax import distill, flows, recipes
+from scflow_jax import distill, flows
 from scflow_jax.default_config import get_config
 from scflow_jax.losses import adversarial, scflow
 from scflow_jax.models import unet_sd
@@ -84,7 +84,7 @@ def test_recipe_d_losses_follow_the_family(tmp_path, recipe, expected):
     config = getattr(test_recipes, {"celebahq256": "celeba_config", "t2i_sd15": "t2i_config"}[recipe])(tmp_path)
     with config.unlocked():
         config.scflow = shipped.scflow  # the shipped recipe's SCFlow settings on tiny networks
-    task = recipes.build_recipe_task(config)
+    task = build_task(config)
     nets = distill.networks(task, sigmoid_head=config.scflow.sigmoid_head)
     assert nets.sigmoid_head is (expected == "sigmoid")
     teacher = task.load_teacher_params()

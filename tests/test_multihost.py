@@ -24,8 +24,8 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 import scflow_testlib as lib
-from scflow_jax import (checkpoint, distill, distributed, precision, sample, sharding, teacher,
-                        train_state, trainer)
+from scflow_jax import (checkpoint, distill, distributed, evaluate, layout, precision, sample,
+                        sharding, teacher, train_state, trainer)
 from scflow_jax.data.pipeline import InMemoryBatches
 from scflow_jax.evaluation import digits_classifier, digits_eval
 from scflow_jax.losses import flow_matching
@@ -226,7 +226,7 @@ def test_sample_stage_gives_the_same_images_on_1_and_8_devices(tmp_path):
         config = lib.make_config(num_devices=devices, **{
             "sample.model": "teacher", "sample.num_per_prompt": 3,
             "distill.teacher_params": teacher_path})
-        out = sample.sample_prompts(config, str(tmp_path / f"wd{devices}"), prompts)
+        (out,) = sample.write_samples(config, str(tmp_path / f"wd{devices}"), prompts)
         pngs[devices] = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)}
     assert len(pngs[1]) == 9 + 2 and pngs[1] == pngs[8]
 
@@ -300,11 +300,11 @@ def test_bf16_compute_reaches_the_sample_and_evaluate_samplers(tmp_path, monkeyp
                                 "distill.teacher_params": teacher_path})
     seen = lib.stop_at_sampler(monkeypatch)
     with pytest.raises(lib.SamplerReached):
-        sample.sample_prompts(config, str(tmp_path / "wd"), ["a handwritten digit one"])
+        sample.write_samples(config, str(tmp_path / "wd"), ["a handwritten digit one"])
     monkeypatch.setattr(digits_classifier, "load_or_train_classifier", lambda *a, **k: None)
     monkeypatch.setattr(digits_classifier, "reference_statistics", lambda *a, **k: None)
     with pytest.raises(lib.SamplerReached):
-        digits_eval.evaluate(config, str(tmp_path / "wd"))
+        evaluate.evaluate(config, str(tmp_path / "wd"))
     assert seen == [jnp.bfloat16, jnp.bfloat16]
 
 
@@ -523,13 +523,13 @@ def test_two_processes_match_one_process(tmp_path):
     abstract = lib.abstract_params(build_task(config))
     mesh = sharding.make_mesh(-1, 1)
     load = lambda wd: lib.to_host(checkpoint.load_params(  # noqa: E731
-        distill.stage_dirs(wd).params, abstract, sharding.state_shardings(abstract, mesh),
+        layout.student_params_path(wd), abstract, sharding.state_shardings(abstract, mesh),
         what=wd))
     # Parameters get 1e-4: Adam divides by sqrt(v), which amplifies the rounding differences
     # of near-zero gradients (the losses above agree to 1e-5).
     lib.assert_trees_close(load(str(tmp_path / "multi")), load(str(tmp_path / "single")),
                            what="exported student", rtol=1e-4, atol=1e-4)
-    multi = distill.stage_dirs(str(tmp_path / "multi"))
+    multi = layout.stage_dirs(str(tmp_path / "multi"), layout.DISTILL)
     assert checkpoint.Checkpointer(multi.checkpoints).all_steps() == [2, 3]
     assert len(glob.glob(os.path.join(multi.tensorboard, "events.out.tfevents.*"))) == 1
 
@@ -554,7 +554,7 @@ def test_two_processes_sample_and_generate_like_one_process(tmp_path):
     config = lib.make_config(num_devices=4)
     for k, v in overrides.items():
         lib.set_field(config, k, v)
-    single_dir = sample.sample_prompts(config, str(tmp_path / "single"), prompts)
+    (single_dir,) = sample.write_samples(config, str(tmp_path / "single"), prompts)
     task = build_task(config)
     mesh = sharding.mesh_from_config(config)
     want = digits_eval.generate(

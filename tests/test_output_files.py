@@ -18,7 +18,7 @@ from etils import epath
 from etils.epath import backend as epath_backend, gpath
 from PIL import Image
 
-from scflow_jax import monitoring, sample
+from scflow_jax import layout, monitoring, sample
 from scflow_jax.evaluation import digits_eval, frechet, generate, real_eval
 
 BUCKET = "gs://bucket/run"
@@ -212,7 +212,7 @@ def test_results_and_resumable_states_on_gs(fake_gcs):
     row = {"row": "student_1", "fid": 3.0}
     real_eval.upsert_results(BUCKET, [row])
     merged = real_eval.upsert_results(BUCKET, [{"row": "teacher_1", "fid": 2.0}, {**row, "fid": 1.0}])
-    assert json.loads(epath.Path(digits_eval.results_path(BUCKET)).read_text()) == merged == [
+    assert json.loads(epath.Path(layout.results_path(BUCKET)).read_text()) == merged == [
         {"row": "teacher_1", "fid": 2.0}, {"row": "student_1", "fid": 1.0}]
     assert digits_eval.is_done(BUCKET)
 

@@ -1,8 +1,9 @@
 """Evaluation of the latent recipes: prompts files, seed-stable sharded generation, FID/CLIP rows, resume.
 
-A fake task implements the recipe interface (RECIPE_CONTRACT.md) with an analytic velocity field, a small
-deterministic "decoder" and a hashed "text encoder", so every test runs in seconds; FID uses a tiny feature
-function (the same FeatureExtractor path as Inception) except in one test with the real Inception network.
+A fake task implements what evaluation asks of a task (scflow_jax/tasks/base.py) with an analytic
+velocity field, a small deterministic "decoder" and a hashed "text encoder", so every test runs in
+seconds; FID uses a tiny feature function (the same FeatureExtractor path as Inception) except in
+one test with the real Inception network.
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ import numpy as np
 import pytest
 
 import clip_testlib
-from scflow_jax import checkpoint, main, sharding
-from scflow_jax.evaluation import clip_score, digits_eval, fid, frechet, generate, prompts, real_eval
+from scflow_jax import checkpoint, layout, main, sampling, sharding
+from scflow_jax.evaluation import clip_score, fid, frechet, generate, prompts, real_eval, results
+from scflow_jax.tasks.latent import LatentTask
 
 LATENT = (4, 4, 2)
 COND = (3, 5)
@@ -62,6 +64,10 @@ class FakeTask:
 
     def load_teacher_params(self):
         return {"a": np.asarray([0.5, -0.2], np.float32), "b": np.asarray([1.0, 0.4], np.float32)}
+
+    # --mode=evaluate runs a task's evaluation: the latent recipes' (real_eval), as theirs do.
+    evaluate = LatentTask.evaluate
+    evaluation_done = LatentTask.evaluation_done
 
 
 STUDENT = {"a": np.asarray([0.3, 0.1], np.float32), "b": np.asarray([-0.5, 0.8], np.float32)}
@@ -193,7 +199,7 @@ def test_more_samples_than_prompts_is_an_error_not_a_cycle():
 # Generation
 
 def test_noise_of_a_sample_depends_only_on_seed_and_index():
-    z = np.asarray(generate.sample_noise(7, jnp.asarray([5, 0, 5]), LATENT))
+    z = np.asarray(sampling.sample_noise(7, jnp.asarray([5, 0, 5]), LATENT))
     for row, i in zip(z, (5, 0, 5)):
         np.testing.assert_array_equal(row, jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(7), i), LATENT))
 
@@ -241,8 +247,8 @@ def test_sampler_compiles_once_for_full_and_ragged_batches():
 # --------------------------------------------------------------------------------------------------------------------
 # The evaluate stage
 
-ROW_KEYS = set(digits_eval.RESULT_KEYS) | {"fid", "clip_score", "clip_cosine", "row", "fid_reference",
-                                          "prompts_file"}
+ROW_KEYS = set(results.RESULT_KEYS) | {"fid", "clip_score", "clip_cosine", "row", "fid_reference",
+                                      "prompts_file"}
 
 
 def test_text_to_image_rows_fid_and_clip_score_match_direct_computation(tmp_path):
@@ -255,7 +261,7 @@ def test_text_to_image_rows_fid_and_clip_score_match_direct_computation(tmp_path
     names = [r["row"] for r in rows]
     assert names == ["student_euler_1steps_cfg1_n11", "student_euler_2steps_cfg1_n11",
                      "teacher_euler_3steps_cfg1.5_n11"]
-    with open(digits_eval.results_path(wd)) as f:
+    with open(layout.results_path(wd)) as f:
         saved = json.load(f)
     assert saved == rows
     for r in saved:
@@ -291,7 +297,7 @@ def test_text_to_image_rows_fid_and_clip_score_match_direct_computation(tmp_path
     task_again = FakeTask()
     again = _run(config, wd, task_again)
     assert task_again.encoded == [] and again == rows
-    with open(digits_eval.results_path(wd)) as f:
+    with open(layout.results_path(wd)) as f:
         assert json.load(f) == rows
 
 

@@ -24,10 +24,11 @@ from PIL import Image
 
 import clip_testlib
 import scflow_testlib
-from scflow_jax import checkpoint, distill, main, precision, recipes, sample, sharding
+from scflow_jax import checkpoint, distill, main, precision, sample, sharding, tasks
 from scflow_jax.evaluation import fid, frechet, real_eval
 from scflow_jax.models import clip, unet_adm, unet_sd, weights
 from scflow_jax.models.vae import VAE, VAEConfig, vae_state_dict_key
+from scflow_jax.tasks import celebahq
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4  # max abs error, float32 (export parity)
@@ -95,7 +96,7 @@ def write_text_encoder(folder: str, max_length: int) -> tuple[str, str]:
 def celeba_config(tmp_path):
     config = load_config("celebahq256")
     config.model.vae_path = write_vae(str(tmp_path / "vae"))
-    adm_config = recipes.adm_config(config, TINY_VAE.latent_channels)
+    adm_config = celebahq.adm_config(config, TINY_VAE.latent_channels)
     params = random_params(_shapes(unet_adm.ADMUNet(adm_config), jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,))), 3)
     config.model.teacher_path = str(tmp_path / "model_480.safetensors")
     weights.write_safetensors(config.model.teacher_path, weights.state_dict_from_params(
@@ -188,7 +189,7 @@ def test_configs_carry_the_published_settings(name):
     assert (c.distill.batch_size, c.data.image_size) == (spec["batch"], spec["size"])
     assert c.model.teacher_path is None and c.model.vae_path is None and c.data.path is None
     if name == "celebahq256":
-        assert recipes.adm_config(c, 4) == unet_adm.ADMConfig.lfm_celeba256()
+        assert celebahq.adm_config(c, 4) == unet_adm.ADMConfig.lfm_celeba256()
         assert (c.disc.channel_base, c.disc.channel_max) == (16384, 512)
     else:
         assert (c.disc.head_channels, c.disc.head_groups) == (256, 32)
@@ -199,23 +200,23 @@ def test_configs_carry_the_published_settings(name):
 def test_missing_paths_and_bad_resolution_name_the_field(tmp_path):
     config = load_config("celebahq256")
     with pytest.raises(ValueError, match=r"config\.model\.vae_path is not set"):
-        recipes.build_recipe_task(config)
+        tasks.build_task(config)
     config.model.vae_path = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=r"config\.model\.vae_path="):
-        recipes.build_recipe_task(config)
+        tasks.build_task(config)
     config.model.vae_path = write_vae(str(tmp_path / "vae"))
-    task = recipes.build_recipe_task(config)
+    task = tasks.build_task(config)
     with pytest.raises(ValueError, match=r"config\.model\.teacher_path is not set"):
         task.load_teacher_params()
     with pytest.raises(ValueError, match=r"config\.data\.path is not set"):
         task.batches(4, seed=0)
     config.data.image_size = 60
     with pytest.raises(ValueError, match=r"config\.data\.image_size=60 .* factor 8"):
-        recipes.build_recipe_task(config)
+        tasks.build_task(config)
     t2i = load_config("t2i_sd15")
     t2i.model.vae_path = config.model.vae_path
     with pytest.raises(ValueError, match=r"config\.model\.teacher_path is not set"):
-        recipes.build_recipe_task(t2i)
+        tasks.build_task(t2i)
 
 
 def test_decoder_runs_in_the_configured_decode_dtype(tmp_path):
@@ -227,7 +228,7 @@ def test_decoder_runs_in_the_configured_decode_dtype(tmp_path):
     images = {}
     for name in ("float32", "bfloat16"):
         config.precision.decode_dtype = name
-        task = recipes.build_recipe_task(config)
+        task = tasks.build_task(config)
         assert task._vae[0].dtype == jnp.dtype(name)
         images[name] = task.decode(latents)
         assert images[name].dtype == jnp.float32 and images[name].shape == (2, 64, 64, 3)
@@ -251,7 +252,7 @@ def test_prompts_file_with_empty_lines_names_them(tmp_path):
 @pytest.mark.slow
 def test_celebahq256_tiny_distill_sample_export(tmp_path):
     config = celeba_config(tmp_path)
-    task = recipes.build_recipe_task(config)
+    task = tasks.build_task(config)
     assert task.unconditional and task.null_cond is None and task.latent_shape == (8, 8, 4)
     teacher = task.load_teacher_params()
     prepare_data(config, tmp_path)
@@ -278,7 +279,7 @@ def test_celebahq256_tiny_distill_sample_export(tmp_path):
     other = load_config("celebahq256")
     other.model.vae_path, other.data.path, other.data.image_size = config.model.vae_path, config.data.path, 128
     with pytest.raises(ValueError, match=r"holds latents of shape \(8, 8, 4\).*image_size=128"):
-        recipes.build_recipe_task(other).batches(4, seed=0)
+        tasks.build_task(other).batches(4, seed=0)
 
 
 def test_the_recipe_student_is_loaded_whole_on_an_fsdp_mesh(tmp_path, monkeypatch):
@@ -287,7 +288,7 @@ def test_the_recipe_student_is_loaded_whole_on_an_fsdp_mesh(tmp_path, monkeypatc
     monkeypatch.setattr(sharding, "ShardingRules", functools.partial(sharding.ShardingRules, fsdp_min_size=1))
     config = celeba_config(tmp_path)
     config.mesh.update(dict(num_devices=8, fsdp=4))
-    task, mesh = recipes.build_recipe_task(config), sharding.mesh_from_config(config)
+    task, mesh = tasks.build_task(config), sharding.mesh_from_config(config)
     student = task.load_teacher_params()
     assert any(not s.is_fully_replicated for s in jax.tree.leaves(sharding.state_shardings(student, mesh)))
     checkpoint.save_params(str(tmp_path / "student"), student)
@@ -308,12 +309,12 @@ def test_bf16_compute_reaches_the_recipe_sample_and_evaluate_samplers(tmp_path, 
     config.sample.model = "teacher"
     seen = scflow_testlib.stop_at_sampler(monkeypatch)
     with pytest.raises(scflow_testlib.SamplerReached):
-        sample.sample_recipe(config, str(tmp_path / "run"), None)
+        sample.write_samples(config, str(tmp_path / "run"), None)
     reference = str(tmp_path / "reference.npz")
     frechet.save_statistics(reference, np.zeros(FEATURE_DIM), np.eye(FEATURE_DIM))
     config.eval.update(fid_reference=reference, student_steps=(), teacher_steps=(1,))
     with pytest.raises(scflow_testlib.SamplerReached):
-        real_eval.evaluate_recipe(config, str(tmp_path / "run"), recipes.build_recipe_task(config),
+        real_eval.evaluate_recipe(config, str(tmp_path / "run"), tasks.build_task(config),
                                   feature_extractor=lambda x: x, feature_dim=FEATURE_DIM)
     assert seen == [jnp.bfloat16, jnp.bfloat16]
 
@@ -324,7 +325,7 @@ def test_latent_task_serves_any_process_rows(tmp_path, monkeypatch):
 
     config = celeba_config(tmp_path)
     config.data.path = str(tmp_path)
-    task = recipes.build_recipe_task(config)
+    task = tasks.build_task(config)
 
     class Source:  # a prepared dataset that matches the task
         scaling_factor, latent_shape = task.vae_config.scaling_factor, task.latent_shape
@@ -343,7 +344,7 @@ def test_latent_task_serves_any_process_rows(tmp_path, monkeypatch):
 def t2i_assets(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("t2i")
     config = t2i_config(tmp_path)
-    return config, recipes.build_recipe_task(config), tmp_path
+    return config, tasks.build_task(config), tmp_path
 
 
 @pytest.mark.slow

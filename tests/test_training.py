@@ -286,6 +286,7 @@ def _teacher_with_sigterm(workdir, monkeypatch, *, in_batch=None, in_report=None
     ``in_report``: the two places a real signal can land."""
     from scflow_jax import main, monitoring, teacher
     from scflow_jax.data.pipeline import InMemoryBatches
+    from scflow_jax.tasks import digits as digits_task
 
     class SignalBatches(InMemoryBatches):
         def batch(self, step):
@@ -300,7 +301,7 @@ def _teacher_with_sigterm(workdir, monkeypatch, *, in_batch=None, in_report=None
             os.kill(os.getpid(), signal.SIGTERM)
         return original_report(self, step, scalars)
 
-    monkeypatch.setattr(teacher, "InMemoryBatches", SignalBatches)
+    monkeypatch.setattr(digits_task, "InMemoryBatches", SignalBatches)
     monkeypatch.setattr(monitoring.Progress, "report", report)
     captured = {}
     original_train = teacher.train_teacher

@@ -1,4 +1,5 @@
-"""Stage ``evaluate`` for the embedded default: the 1/2/4-step quality table.
+"""The embedded default's evaluation (``DigitsTask.evaluate``, --mode=evaluate): the 1/2/4-step
+quality table.
 
 Metrics need no downloaded weights: a small digit classifier, trained once on the real
 training digits and cached in ``<workdir>/eval/classifier``, gives (a) FD, the Fréchet
@@ -20,20 +21,10 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from scflow_jax import checkpoint, distill, monitoring, precision, sampling, sharding
+from scflow_jax import checkpoint, layout, monitoring, precision, sampling, sharding
 from scflow_jax.data import digits
 from scflow_jax.evaluation import digits_classifier
-from scflow_jax.tasks import Task, build_task
-
-RESULT_KEYS = ("model", "sampler", "steps", "cfg", "fd", "accuracy", "num_samples")
-
-
-def eval_dir(workdir: str) -> str:
-    return os.path.join(workdir, "eval")
-
-
-def results_path(workdir: str) -> str:
-    return os.path.join(eval_dir(workdir), "results.json")
+from scflow_jax.evaluation.results import format_table
 
 
 def per_sample_noise(seed: int, num_samples: int, shape: tuple) -> np.ndarray:
@@ -49,14 +40,14 @@ def prompted_labels(num_samples: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def _sampler(task: Task, guidance: float):
+def _sampler(task, guidance: float):
     """One compiled program per guidance scale; the step count is a traced argument."""
     return jax.jit(lambda params, z1, cond, null, num_steps: sampling.sample(
         task.velocity_fn, params, z1, cond, num_steps=num_steps, null_cond=null,
         guidance=guidance))
 
 
-def generate(task: Task, params, noise: np.ndarray, labels: np.ndarray, *, num_steps: int,
+def generate(task, params, noise: np.ndarray, labels: np.ndarray, *, num_steps: int,
              guidance: float, batch_size: int, mesh) -> np.ndarray:
     """Runs the sampler over all samples in sharded batches; a ragged last batch is padded
     and the padding dropped, so exactly ``len(noise)`` samples come back.
@@ -68,8 +59,8 @@ def generate(task: Task, params, noise: np.ndarray, labels: np.ndarray, *, num_s
     out = []
     for start in range(0, len(noise), batch_size):
         z1 = noise[start:start + batch_size]
-        batch = sharding.pad_batch({"z1": z1, "cond": task.conditions(labels[start:start + batch_size])},
-                                   batch_size)
+        cond = task.conditions(labels[start:start + batch_size])
+        batch = sharding.pad_batch({"z1": z1, "cond": cond}, batch_size)
         batch = sharding.shard_global_batch(batch, mesh)
         images = run(params, batch["z1"], batch["cond"], null, jnp.int32(num_steps))
         out.append(sharding.to_host(images)[:len(z1)])
@@ -82,34 +73,17 @@ def _grid(images: np.ndarray, labels: np.ndarray, per_digit: int) -> np.ndarray:
     return monitoring.image_grid(np.concatenate(rows), rows=digits.NUM_CLASSES, upscale=4)
 
 
-# (key, header, width, format) of the metric columns; a column shows when some row has a value for it, so the
-# digits table keeps FD/accuracy and the latent recipes' table (real_eval.py) shows FID/CLIP score.
-METRIC_COLUMNS = (("fd", "FD", 9, ".4f"), ("accuracy", "accuracy", 9, ".4f"), ("fid", "FID", 9, ".3f"),
-                  ("clip_score", "CLIP", 7, ".2f"), ("clip_cosine", "CLIP cos", 8, ".4f"))
-
-
-def format_table(rows: list[dict]) -> str:
-    columns = [c for c in METRIC_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
-    header = f"{'model':<8} {'sampler':<7} {'steps':>5} {'cfg':>5} " + " ".join(
-        f"{title:>{width}}" for _, title, width, _ in columns) + f" {'n':>6}"
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        values = " ".join(f"{'-':>{width}}" if r.get(key) is None else f"{r[key]:>{width}{fmt}}"
-                          for key, _, width, fmt in columns)
-        lines.append(f"{r['model']:<8} {r['sampler']:<7} {r['steps']:>5} {r['cfg']:>5.2f} {values} "
-                     f"{r['num_samples']:>6}")
-    return "\n".join(lines)
-
-
-def evaluate(config, workdir: str) -> list[dict]:
+def evaluate(config, workdir: str, task) -> list[dict]:
+    """--mode=evaluate of the digits task ``task`` (tasks/digits.py): the table of the module
+    docstring, written to ``<workdir>/eval/results.json``."""
     cfg = config.eval
     mesh = sharding.mesh_from_config(config)
     sharding.check_global_batch(cfg.batch_size, mesh, "config.eval.batch_size")
     if cfg.num_samples < 2:
         raise ValueError(f"config.eval.num_samples={cfg.num_samples} must be >= 2")
-    task = precision.configure_task(build_task(config), config)
-    teacher_path = distill.teacher_params_path(config, workdir)
-    student_path = distill.stage_dirs(workdir).params
+    task = precision.configure_task(task, config)
+    teacher_path = layout.teacher_params_path(config, workdir)
+    student_path = layout.student_params_path(workdir)
     models = []
     if checkpoint.params_exist(teacher_path):
         models.append(("teacher", task.load_flow_params(teacher_path, mesh, "teacher parameters")))
@@ -120,7 +94,7 @@ def evaluate(config, workdir: str) -> list[dict]:
             f"nothing to evaluate: no teacher parameters at {teacher_path} and no student at "
             f"{student_path}; run --mode=train_teacher / --mode=distill first")
 
-    out_dir = eval_dir(workdir)
+    out_dir = layout.eval_dir(workdir)
     classifier = digits_classifier.load_or_train_classifier(
         os.path.join(out_dir, "classifier"), task.train["image"], task.train["label"],
         seed=config.seed, steps=cfg.classifier_steps)
@@ -151,11 +125,11 @@ def evaluate(config, workdir: str) -> list[dict]:
         logging.info("[evaluate] %s euler %d steps cfg %.2f: FD %.4f, accuracy %.4f", name,
                      steps, guidance, metrics["fd"], metrics["accuracy"])
     if monitoring.is_main_process():
-        monitoring.write_json_atomic(results_path(workdir), rows)
+        monitoring.write_json_atomic(layout.results_path(workdir), rows)
         print(format_table(rows), flush=True)
     return rows
 
 
 def is_done(workdir: str) -> bool:
-    return epath.Path(results_path(workdir)).is_file()
+    return epath.Path(layout.results_path(workdir)).is_file()
 

@@ -24,17 +24,11 @@ import numpy as np
 
 from scflow_jax import monitoring, sampling, sharding
 
-__all__ = ["sample_noise", "euler_sample_fn", "sampler_program", "ShardedSampler", "num_batches", "batch_indices",
+__all__ = ["euler_sample_fn", "sampler_program", "ShardedSampler", "num_batches", "batch_indices",
            "generate_images", "write_pngs"]
 
 # sample_fn(params, z1 [B, *latent_shape], cond [B, ...] or None, null_cond or None) -> latents, traceable.
 SampleFn = Callable[[Any, jax.Array, Any, Any], jax.Array]
-
-
-def sample_noise(seed: int, indices: jax.Array, shape: Sequence[int]) -> jax.Array:
-    """``[len(indices), *shape]``: row k is ``normal(fold_in(PRNGKey(seed), indices[k]), shape)``."""
-    key = jax.random.PRNGKey(seed)
-    return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), tuple(shape)))(indices)
 
 
 def euler_sample_fn(velocity_fn, *, num_steps: int, guidance: float = 1.0, method: str = "euler") -> SampleFn:
@@ -59,11 +53,11 @@ def batch_indices(batch: int, num_samples: int, batch_size: int) -> np.ndarray:
 
 def sampler_program(sample_fn: SampleFn, *, latent_shape: Sequence[int], seed: int, mesh: jax.sharding.Mesh):
     """``ShardedSampler``'s compiled program: ``(params, indices, cond, null_cond) -> latents``, each sample
-    from its own noise (``sample_noise``), the latents split over the mesh's batch axes."""
+    from its own noise (``sampling.sample_noise``), the latents split over the mesh's batch axes."""
     shape = tuple(int(d) for d in latent_shape)
 
     def program(params, indices, cond, null_cond):
-        return sample_fn(params, sample_noise(seed, indices, shape), cond, null_cond)
+        return sample_fn(params, sampling.sample_noise(seed, indices, shape), cond, null_cond)
 
     return jax.jit(program, out_shardings=sharding.batch_sharding(mesh))
 

@@ -1,4 +1,5 @@
-"""Stage ``evaluate`` for the latent recipes (CelebA-HQ 256, text-to-image): FID and CLIP score tables.
+"""The latent recipes' evaluation (``LatentTask.evaluate``, --mode=evaluate): FID and CLIP score
+tables for CelebA-HQ 256 and text-to-image.
 
 Rows: the student (the eval EMA exported at ``<workdir>/distill/params``) at each of
 ``config.eval.student_steps`` Euler steps without guidance, and the teacher at each of
@@ -16,9 +17,9 @@ and streams them, batch by batch, into
 Resumable: every ``config.eval.save_every`` batches a row saves its FID statistics, CLIP-score sums and batch
 count to ``<workdir>/eval/state/<row>.npz`` (atomically, with a fingerprint of the job; a state saved for
 another job is refused). A rerun continues from there; a finished row is not regenerated. Each finished row is
-written into ``<workdir>/eval/results.json`` (replacing an older row of the same name), in the schema of the
-embedded default (digits_eval.RESULT_KEYS; ``fd``/``accuracy`` are null here) plus ``fid``, ``clip_score``,
-``clip_cosine`` and provenance (``row``, ``fid_reference``, ``prompts_file``).
+written into ``<workdir>/eval/results.json`` (replacing an older row of the same name), in the schema
+of the embedded default (results.RESULT_KEYS; ``fd``/``accuracy`` are null here) plus ``fid``,
+``clip_score``, ``clip_cosine`` and provenance (``row``, ``fid_reference``, ``prompts_file``).
 
 Prompts (text-to-image): ``config.eval.prompts_file`` (prompts.py formats; the first ``num_samples`` prompts,
 -1 = all); sample i is conditioned on prompt i. ``config.eval.write_images`` writes every sample to
@@ -38,12 +39,12 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from scflow_jax import checkpoint, distill, monitoring, precision, sharding
-from scflow_jax.evaluation import digits_eval, fid, frechet, generate, inception, prompts as prompts_lib
+from scflow_jax import checkpoint, layout, monitoring, precision, sharding
+from scflow_jax.evaluation import fid, frechet, generate, inception, prompts as prompts_lib, results
 from scflow_jax.evaluation.clip_score import CLIPScoreAccumulator, clip_cosines
 
 __all__ = ["EVAL_DEFAULTS", "RowAccumulator", "row_name", "validate_eval_config", "upsert_results",
-           "evaluate_recipe", "evaluate", "is_done"]
+           "evaluate_recipe", "is_done"]
 
 SAMPLER = "euler"
 PROGRESS_EVERY_S = 30.0
@@ -179,7 +180,7 @@ def validate_eval_config(config, task, mesh, *, has_extractor: bool = False) -> 
 def upsert_results(workdir: str, rows: list[dict]) -> list[dict]:
     """Writes ``rows`` into ``<workdir>/eval/results.json`` (atomically), replacing older rows of the same
     ``row`` name and keeping every other row; returns the file's new content."""
-    path = digits_eval.results_path(workdir)
+    path = layout.results_path(workdir)
     existing = []
     if epath.Path(path).exists():
         try:
@@ -252,7 +253,7 @@ def evaluate_recipe(config, workdir: str, task, *,
                                                    field="config.eval.num_samples")
     num_samples = len(captions) if captions is not None else int(get("num_samples"))
     total_batches = generate.num_batches(num_samples, batch_size)
-    student_path = get("student_params") or distill.stage_dirs(workdir).params
+    student_path = get("student_params") or layout.student_params_path(workdir)
     plan = ([("student", s, 1.0) for s in get("student_steps")]
             + [("teacher", s, float(get("teacher_guidance"))) for s in get("teacher_steps")])
     if any(m == "student" for m, _, _ in plan) and not checkpoint.params_exist(student_path):
@@ -304,7 +305,7 @@ def evaluate_recipe(config, workdir: str, task, *,
         name = row_name(model, steps, guidance, num_samples)
         identity = _params_identity(student_path) if model == "student" else "task.load_teacher_params"
         acc = RowAccumulator.restore_or_create(
-            os.path.join(digits_eval.eval_dir(workdir), "state", f"{name}.npz"), dim,
+            os.path.join(layout.eval_dir(workdir), "state", f"{name}.npz"), dim,
             save_every=int(get("save_every")),
             fingerprint=_fingerprint(row=name, params=identity, steps=steps, cfg=guidance, **common))
         if acc.num_batches < total_batches:
@@ -314,9 +315,10 @@ def evaluate_recipe(config, workdir: str, task, *,
                 latent_shape=task.latent_shape, seed=seed, batch_size=batch_size, mesh=mesh,
                 null_cond=None if task.unconditional or guidance == 1.0 else task.null_cond,
                 decode=task.decode, field="config.eval.batch_size")
+            image_dir = (os.path.join(layout.eval_dir(workdir), "images", name)
+                         if get("write_images") else None)
             _run_row(name, sampler, acc, total_batches, num_samples, cond_fn, captions,
-                     extractor if reference else None, scorer if clip_path else None,
-                     os.path.join(digits_eval.eval_dir(workdir), "images", name) if get("write_images") else None)
+                     extractor if reference else None, scorer if clip_path else None, image_dir)
         row = _finish_row(name, acc, num_samples, model=model, steps=steps, guidance=guidance,
                           reference=reference, clip=bool(clip_path))
         row["prompts_file"] = None if captions is None else os.path.abspath(get("prompts_file"))
@@ -326,7 +328,7 @@ def evaluate_recipe(config, workdir: str, task, *,
                      row["clip_score"], row["clip_cosine"], num_samples)
     if monitoring.is_main_process():
         monitoring.write_json_atomic(_complete_path(workdir), [r["row"] for r in rows])
-        print(digits_eval.format_table(rows), flush=True)
+        print(results.format_table(rows), flush=True)
     return rows
 
 
@@ -380,15 +382,8 @@ def _finish_row(name, acc, num_samples, *, model, steps, guidance, reference, cl
     return row
 
 
-def evaluate(config, workdir: str) -> list[dict]:
-    """``--mode=evaluate`` for a latent recipe: builds the task and runs ``evaluate_recipe``."""
-    from scflow_jax.tasks import build_task
-
-    return evaluate_recipe(config, workdir, build_task(config))
-
-
 def _complete_path(workdir: str) -> str:
-    return os.path.join(digits_eval.eval_dir(workdir), "complete.json")
+    return os.path.join(layout.eval_dir(workdir), "complete.json")
 
 
 def is_done(workdir: str) -> bool:

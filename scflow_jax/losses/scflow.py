@@ -1,10 +1,17 @@
 """The SCFlow objective (SCFLOW_SPEC.md sections 3-4) as pure functions.
 
+Read in this order: ``generator_objective`` is section 3's last line, every term with its weight
+and warm-up; ``distillation_terms`` and ``consistency_training_terms`` are the regression terms
+with and without a teacher; ``prepare_generator_inputs`` is everything the student's loss needs
+that carries no gradient (teacher and target-network evaluations); ``SharedOneStepSample`` is
+how one evaluation of the one-step sample serves both the discriminator update
+(``discriminator_objective``, section 4) and the generator's L_G.
+
 ``cfg`` below is the ``config.scflow`` group (all Python values, read at trace time):
 init_threshold (delta), trunc_threshold (tau), huber_c, lambda_con, lambda_rf, lambda_gan,
 lambda_inv, warmup_rf, warmup_gan, warmup_inv, teacher_cfg, integer_timesteps, use_teacher,
-r1_gamma, disc_noise_inputs. (``sigmoid_head`` is resolved once, against the discriminator family's
-convention, into ``SCFlowNetworks.sigmoid_head``.)
+r1_gamma, disc_noise_inputs. (``sigmoid_head`` is resolved once, against the discriminator
+family's convention, into ``SCFlowNetworks.sigmoid_head``.)
 
 A term whose lambda is 0 is removed at trace time (no compute); a term still warming up is
 computed with weight 0, so switching it on never recompiles the step.
@@ -12,7 +19,7 @@ computed with weight 0, so switching it on never recompiles the step.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,59 +46,88 @@ class SCFlowNetworks:
     sigmoid_head: bool = False
 
 
-def pseudo_huber(x: jax.Array, y: jax.Array, c: float) -> jax.Array:
-    """Elementwise ``sqrt((x-y)^2 + c^2) - c``, averaged over all elements."""
-    return jnp.mean(jnp.sqrt(jnp.square(x - y) + c * c) - c)
+# ---------------------------------------------------------------------------------------------
+# The generator objective
 
 
-def mean_squared_error(x: jax.Array, y: jax.Array) -> jax.Array:
-    return jnp.mean(jnp.square(x - y))
+def generator_objective(params, z0_hat, inputs: GeneratorInputs, step, disc_params, rng, *,
+                        nets: SCFlowNetworks, cfg):
+    """``L = L_con + lambda_rf*L_rf + lambda_G*L_G + lambda_inv*L_inv`` (SCFLOW_SPEC.md section 3)
+    of the student ``params``: ``(L, terms)``.
+
+    ``z0_hat`` is the student's one-step sample (None when no term uses it) and ``disc_params``
+    the discriminator, already updated this iteration. Differentiate w.r.t. ``params`` and
+    ``z0_hat``: L_rf reads ``z0_hat`` detached, so the gradient w.r.t. it is L_G's alone, which
+    ``generator_value_and_grad`` pulls back into the student.
+    """
+    if cfg.use_teacher:
+        terms = distillation_terms(params, z0_hat, inputs, nets=nets, cfg=cfg)
+    else:
+        terms = consistency_training_terms(params, inputs, nets=nets, cfg=cfg)
+    if gan_enabled(cfg):  # L_G = mean softplus(-D(z0_hat)), D frozen
+        terms["loss_gan"] = generator_adversarial_loss(z0_hat, disc_params, inputs.cond,
+                                                       inputs.t_minus, rng, nets=nets, cfg=cfg)
+    # A term whose lambda is 0 is absent (never computed) and adds nothing; a warming-up term
+    # is computed and weighted 0, so switching it on does not recompile the step.
+    loss = lambda name: terms.get(name, 0.0)  # noqa: E731
+    weight = lambda lam, warmup: term_weight(lam, warmup, step)  # noqa: E731
+    total = (cfg.lambda_con * loss("loss_con")
+             + weight(cfg.lambda_rf, cfg.warmup_rf) * loss("loss_rf")
+             + weight(cfg.lambda_gan, cfg.warmup_gan) * loss("loss_gan")
+             + weight(cfg.lambda_inv, cfg.warmup_inv) * loss("loss_inv"))
+    return total, terms
 
 
-def term_weight(lam: float, warmup: int, step: jax.Array) -> jax.Array:
-    """``lam`` once ``step >= warmup``, else 0 (traced: no recompilation at the switch)."""
-    return jnp.where(step >= warmup, lam, 0.0).astype(jnp.float32)
+def distillation_terms(params, z0_hat, inputs: GeneratorInputs, *, nets: SCFlowNetworks,
+                       cfg) -> dict:
+    """L_con, L_inv (pseudo-Huber against the targets) and the self-corrected L_rf.
+
+    ``cur = x_t - t*S(t, x_t)``; with L_rf also ``x~0 = x~_t - t*S(t, x~_t)`` on the straight
+    coupling ``x~_t = t*z1 + (1-t)*sg(z0_hat)``, the two student evaluations sharing one network
+    call. ``z0_hat`` is read detached: L_rf never sends gradient through it.
+    """
+    use_rf = enabled(cfg, "rf")
+    t, x_t = inputs.t, inputs.x_t
+    if use_rf:
+        x_tilde = flows.interpolate(sg(z0_hat), inputs.z1, t)
+        times, xs = paired_batch.join(t, t), paired_batch.join(x_t, x_tilde)
+        conds = doubled(inputs.cond)
+    else:
+        times, xs, conds = t, x_t, inputs.cond
+    predictions = student_data_prediction(params, times, xs, conds, nets=nets, cfg=cfg)
+    current, x0_tilde = paired_batch.split(predictions) if use_rf else (predictions, None)
+
+    huber = lambda a, b: pseudo_huber(a, b, cfg.huber_c)  # noqa: E731
+    terms = {"loss_con": huber(current, inputs.target_minus)}
+    if enabled(cfg, "inv"):
+        terms["loss_inv"] = huber(current, inputs.target_plus)
+    if use_rf:
+        terms["loss_rf"] = mean_squared_error(x0_tilde, sg(z0_hat))
+    return terms
 
 
-def enabled(cfg, name: str) -> bool:
-    return float(cfg[f"lambda_{name}"]) > 0.0
+def consistency_training_terms(params, inputs: GeneratorInputs, *, nets: SCFlowNetworks,
+                               cfg) -> dict:
+    """Without a teacher (``config.scflow.use_teacher=False``, section 3's last paragraph): the
+    targets come from moves along the data direction (``prepare_generator_inputs``), the
+    distances are squared errors and ``L_rf = mean((cur - z0)^2)``."""
+    current = student_data_prediction(params, inputs.t, inputs.x_t, inputs.cond, nets=nets,
+                                      cfg=cfg)
+    terms = {"loss_con": mean_squared_error(current, inputs.target_minus)}
+    if enabled(cfg, "inv"):
+        terms["loss_inv"] = mean_squared_error(current, inputs.target_plus)
+    if enabled(cfg, "rf"):
+        terms["loss_rf"] = mean_squared_error(current, inputs.z0)
+    return terms
 
 
-def gan_enabled(cfg) -> bool:
-    return enabled(cfg, "gan")
+def student_data_prediction(params, t, x, cond, *, nets: SCFlowNetworks, cfg) -> jax.Array:
+    """``x - t*S(t, x, c)``: the student's jump to t = 0."""
+    return flows.data_prediction(x, t, nets.velocity_fn(params, network_time(t, cfg), x, cond))
 
 
-def needs_one_step_sample(cfg) -> bool:
-    """The one-step sample feeds the GAN term and (with a teacher) the reflow term."""
-    return gan_enabled(cfg) or (enabled(cfg, "rf") and cfg.use_teacher)
-
-
-def network_time(t: jax.Array, cfg) -> jax.Array:
-    """The time fed to networks: floored to integer timesteps for text-to-image teachers."""
-    return flows.floor_to_timestep(t) if cfg.integer_timesteps else t
-
-
-def local_step_sizes(rng: jax.Array, t: jax.Array, delta: float) -> tuple[jax.Array, jax.Array]:
-    """``(u1*min(t, delta), u2*min(1-t, delta))``: random local steps that stay in [0, 1]."""
-    u1, u2 = jax.random.uniform(rng, (2,) + t.shape, dtype=t.dtype)
-    return u1 * jnp.minimum(t, delta), u2 * jnp.minimum(1.0 - t, delta)
-
-
-def doubled(cond):
-    """The condition of a paired batch whose halves share it; ``None`` (unconditional models) stays ``None``."""
-    return None if cond is None else paired_batch.join(cond, cond)
-
-
-def one_step_sample(velocity_fn, params, z1: jax.Array, cond) -> jax.Array:
-    """The student's one-step map ``z1 - S(1, z1, c)``."""
-    t1 = jnp.ones((z1.shape[0],), jnp.float32)
-    return flows.data_prediction(z1, t1, velocity_fn(params, t1, z1, cond))
-
-
-def noised_for_discriminator(x: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
-    """Text-to-image D input ``t*eps + (1-t)*x`` (the interpolation, with fresh noise)."""
-    return flows.interpolate(x, eps, t)
-
+# ---------------------------------------------------------------------------------------------
+# What the generator objective reads without gradient
 
 
 @jax.tree_util.register_dataclass
@@ -137,8 +173,9 @@ def prepare_generator_inputs(rng, z0, cond, *, teacher_params, target_params, nu
     else:
         times, xs, conds = t_minus, x_minus, cond
     v_target = nets.velocity_fn(target_params, network_time(times, cfg), xs, conds)
-    predictions = flows.data_prediction(xs, times, v_target)
-    target_minus, target_plus = paired_batch.split(predictions) if bidirectional else (predictions, None)
+    predictions = flows.data_prediction(xs, times, v_target)  # the target network's
+    target_minus, target_plus = (paired_batch.split(predictions) if bidirectional
+                                 else (predictions, None))
     # Truncation: close to the data the target network is unreliable; the real sample is
     # the exact answer there.
     truncate = flows.broadcast_time(t_minus < cfg.trunc_threshold, z0)
@@ -147,43 +184,63 @@ def prepare_generator_inputs(rng, z0, cond, *, teacher_params, target_params, nu
                                             target_plus))
 
 
-def generator_regression_loss(params, inputs: GeneratorInputs, z0_hat, step, *,
-                              nets: SCFlowNetworks, cfg):
-    """``lambda_con*L_con + lambda_inv*L_inv + lambda_rf*L_rf`` for the student ``params``.
+# ---------------------------------------------------------------------------------------------
+# One one-step sample for the discriminator and the generator updates
 
-    ``z0_hat`` is the (detached) one-step sample: L_rf never sends gradient through it.
-    The student's evaluations at (t, x_t) and at (t, x~_t) share one network call.
+
+@dataclasses.dataclass(frozen=True)
+class SharedOneStepSample:
+    """The student's one-step sample ``z0_hat = z1 - S(1, z1, c)``, computed once per iteration
+    with ``jax.vjp``.
+
+    The discriminator update reads it detached (``detached``); the generator update does not run
+    the student at t = 1 again: ``student_gradient`` pulls the objective's gradient w.r.t.
+    ``z0_hat`` (L_G's) back through the saved linearisation into the student's parameters.
     """
-    t, x_t = inputs.t, inputs.x_t
-    use_rf, use_inv = enabled(cfg, "rf"), enabled(cfg, "inv")
-    self_corrected = use_rf and cfg.use_teacher
-    if self_corrected:
-        z0_hat = sg(z0_hat)
-        x_tilde = flows.interpolate(z0_hat, inputs.z1, t)
-        times, xs = paired_batch.join(t, t), paired_batch.join(x_t, x_tilde)
-        conds = doubled(inputs.cond)
-    else:
-        times, xs, conds = t, x_t, inputs.cond
-    predictions = flows.data_prediction(xs, times, nets.velocity_fn(
-        params, network_time(times, cfg), xs, conds))
-    current, at_x_tilde = paired_batch.split(predictions) if self_corrected else (predictions, None)
+    value: jax.Array
+    pullback: Callable[[jax.Array], tuple[Any]]
 
-    distance = (lambda a, b: pseudo_huber(a, b, cfg.huber_c)) if cfg.use_teacher \
-        else mean_squared_error
-    terms = {"loss_con": distance(current, inputs.target_minus)}
-    weights = {"loss_con": jnp.float32(cfg.lambda_con)}
-    if use_inv:
-        terms["loss_inv"] = distance(current, inputs.target_plus)
-        weights["loss_inv"] = term_weight(cfg.lambda_inv, cfg.warmup_inv, step)
-    if use_rf:
-        terms["loss_rf"] = (mean_squared_error(at_x_tilde, z0_hat) if self_corrected
-                            else mean_squared_error(current, inputs.z0))
-        weights["loss_rf"] = term_weight(cfg.lambda_rf, cfg.warmup_rf, step)
-    loss = sum(weights[k] * terms[k] for k in terms)
-    return loss, terms
+    def detached(self) -> jax.Array:
+        return sg(self.value)
+
+    def student_gradient(self, d_value: jax.Array) -> Any:
+        (grads,) = self.pullback(d_value)
+        return grads
 
 
-def discriminator_at(nets: SCFlowNetworks, t_minus: jax.Array, cfg) -> adversarial.DiscriminatorFn:
+def share_one_step_sample(params, z1: jax.Array, cond, *, nets: SCFlowNetworks,
+                          cfg) -> SharedOneStepSample | None:
+    """The iteration's ``SharedOneStepSample``; None when no term uses one."""
+    if not needs_one_step_sample(cfg):
+        return None
+    value, pullback = jax.vjp(lambda p: one_step_sample(nets.velocity_fn, p, z1, cond), params)
+    return SharedOneStepSample(value, pullback)
+
+
+def generator_value_and_grad(params, one_step: SharedOneStepSample | None,
+                             inputs: GeneratorInputs, step, disc_params, rng, *,
+                             nets: SCFlowNetworks, cfg):
+    """``((L, terms), dL/dparams)`` of ``generator_objective``: automatic differentiation
+    through the student's evaluations at time t, plus L_G's gradient w.r.t. the shared one-step
+    sample pulled back into the student (``SharedOneStepSample.student_gradient``)."""
+    z0_hat = None if one_step is None else one_step.value
+
+    def objective(p, z):
+        return generator_objective(p, z, inputs, step, disc_params, rng, nets=nets, cfg=cfg)
+
+    if not gan_enabled(cfg):  # z0_hat, if any, is read detached (L_rf): no gradient through it
+        return jax.value_and_grad(objective, has_aux=True)(params, z0_hat)
+    (total, terms), (grads, d_z0_hat) = jax.value_and_grad(
+        objective, argnums=(0, 1), has_aux=True)(params, z0_hat)
+    return (total, terms), jax.tree.map(jnp.add, grads, one_step.student_gradient(d_z0_hat))
+
+
+# ---------------------------------------------------------------------------------------------
+# The discriminator and the GAN terms
+
+
+def discriminator_at(nets: SCFlowNetworks, t_minus: jax.Array,
+                     cfg) -> adversarial.DiscriminatorFn:
     """``(params, x, cond) -> logits``: D, told the time of its inputs if it takes one."""
     if not nets.disc_takes_time:
         return nets.disc_fn
@@ -231,3 +288,62 @@ def generator_adversarial_loss(z0_hat, disc_params, cond, t_minus, rng, *,
     disc_fn = discriminator_at(nets, t_minus, cfg)
     return adversarial.generator_loss(disc_fn(sg(disc_params), x, cond),
                                       sigmoid_head=nets.sigmoid_head)
+
+
+# ---------------------------------------------------------------------------------------------
+# Small pieces
+
+
+def pseudo_huber(x: jax.Array, y: jax.Array, c: float) -> jax.Array:
+    """Elementwise ``sqrt((x-y)^2 + c^2) - c``, averaged over all elements."""
+    return jnp.mean(jnp.sqrt(jnp.square(x - y) + c * c) - c)
+
+
+def mean_squared_error(x: jax.Array, y: jax.Array) -> jax.Array:
+    return jnp.mean(jnp.square(x - y))
+
+
+def term_weight(lam: float, warmup: int, step: jax.Array) -> jax.Array:
+    """``lam`` once ``step >= warmup``, else 0 (traced: no recompilation at the switch)."""
+    return jnp.where(step >= warmup, lam, 0.0).astype(jnp.float32)
+
+
+def enabled(cfg, name: str) -> bool:
+    return float(cfg[f"lambda_{name}"]) > 0.0
+
+
+def gan_enabled(cfg) -> bool:
+    return enabled(cfg, "gan")
+
+
+def needs_one_step_sample(cfg) -> bool:
+    """The one-step sample feeds the GAN term and (with a teacher) the reflow term."""
+    return gan_enabled(cfg) or (enabled(cfg, "rf") and cfg.use_teacher)
+
+
+def network_time(t: jax.Array, cfg) -> jax.Array:
+    """The time fed to networks: floored to integer timesteps for text-to-image teachers."""
+    return flows.floor_to_timestep(t) if cfg.integer_timesteps else t
+
+
+def local_step_sizes(rng: jax.Array, t: jax.Array, delta: float) -> tuple[jax.Array, jax.Array]:
+    """``(u1*min(t, delta), u2*min(1-t, delta))``: random local steps that stay in [0, 1]."""
+    u1, u2 = jax.random.uniform(rng, (2,) + t.shape, dtype=t.dtype)
+    return u1 * jnp.minimum(t, delta), u2 * jnp.minimum(1.0 - t, delta)
+
+
+def doubled(cond):
+    """The condition of a paired batch whose halves share it; ``None`` (unconditional models)
+    stays ``None``."""
+    return None if cond is None else paired_batch.join(cond, cond)
+
+
+def one_step_sample(velocity_fn, params, z1: jax.Array, cond) -> jax.Array:
+    """The student's one-step map ``z1 - S(1, z1, c)``."""
+    t1 = jnp.ones((z1.shape[0],), jnp.float32)
+    return flows.data_prediction(z1, t1, velocity_fn(params, t1, z1, cond))
+
+
+def noised_for_discriminator(x: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
+    """Text-to-image D input ``t*eps + (1-t)*x`` (the interpolation, with fresh noise)."""
+    return flows.interpolate(x, eps, t)

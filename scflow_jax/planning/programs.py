@@ -2,8 +2,8 @@
 over its sharded state, or the evaluation sampler's program.
 
 The one module of the planner that knows the stage and task modules. What it uses of them:
-``tasks.build_task``; ``recipes.is_recipe``, ``recipes.build_recipe_task``, ``recipes.LatentTask``
-(and its ``_text_encoder`` / ``null_cond`` / ``batches``, replaced for shapes);
+``tasks.build_task``, ``tasks.task_class`` (``pretrained_teacher``: a latent recipe) and a recipe
+task's ``_text_encoder`` / ``null_cond`` / ``batches``, replaced for shapes;
 ``distill.validate_distill_config``, ``distill.state_initializer``, ``distill.networks``,
 ``distill.make_train_step``; ``precision.configure_task``, ``precision.frozen_params``;
 ``train_state.make_optimizer``, ``train_state.count_params``; ``xla_gpu.from_config``;
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scflow_jax import distill, precision, recipes, sharding, tasks, train_state, xla_gpu
+from scflow_jax import distill, precision, sharding, tasks, train_state, xla_gpu
 from scflow_jax.evaluation import generate
 from scflow_jax.models import clip, unet_sd, weights
 from scflow_jax.models.vae import VAEConfig
@@ -40,11 +40,10 @@ TINY_VAE = VAEConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_n
                      sample_size=64)
 
 
-@dataclasses.dataclass(eq=False)
-class ShapesOnlyRecipeTask(recipes.LatentTask):
-    """A latent recipe's task for planning: its networks and shapes, no weights. The text encoder is
-    its config alone (the discriminator's condition shape), the empty prompt's condition zeros of
-    its shape, and a batch zeros of the dataset's shapes."""
+class ShapesOnly:
+    """Mixed into a latent recipe's task class for planning: its networks and shapes, no weights.
+    The text encoder is its config alone (the discriminator's condition shape), the empty prompt's
+    condition zeros of its shape, and a batch zeros of the dataset's shapes."""
 
     text_config: Any = None
 
@@ -98,7 +97,7 @@ def _text_config(config) -> tuple[clip.CLIPTextConfig, str]:
     return clip.CLIPTextConfig.from_dict(raw), f"config.model.text_encoder_path={path}"
 
 
-def recipe_task(config, tiny_networks: bool = False) -> tuple[ShapesOnlyRecipeTask, dict]:
+def recipe_task(config, tiny_networks: bool = False) -> tuple[Any, dict]:
     """The recipe's task from the ``config.json`` of each model folder the config names (no weights
     read), and where each network's architecture came from. A folder not named is the recipe's
     reference network (SD 1.5's UNet, SD's VAE, CLIP ViT-L/14's text encoder), so a recipe plans
@@ -122,18 +121,18 @@ def recipe_task(config, tiny_networks: bool = False) -> tuple[ShapesOnlyRecipeTa
                 probe[group][name] = os.path.join(reference, folder)
                 architecture[name] = (f"{'a tiny stand-in of ' if tiny_networks else ''}{what} "
                                       f"(config.{field} not set)")
-        task = recipes.build_recipe_task(probe)
-    fields = {f.name: getattr(task, f.name) for f in dataclasses.fields(recipes.LatentTask)}
+        task = tasks.build_task(probe)
+    fields = {f.name: getattr(task, f.name) for f in dataclasses.fields(task)}
     fields["config"] = config
-    text_config = None
+    shapes_only = type(f"ShapesOnly{type(task).__name__}", (ShapesOnly, type(task)), {})(**fields)
     if not task.unconditional:
-        text_config, architecture["text_encoder_path"] = _text_config(config)
-    return ShapesOnlyRecipeTask(**fields, text_config=text_config), architecture
+        shapes_only.text_config, architecture["text_encoder_path"] = _text_config(config)
+    return shapes_only, architecture
 
 
 def build_task(config, tiny_networks: bool = False) -> tuple[Any, dict]:
     """The config's task for planning and where its architecture came from."""
-    if recipes.is_recipe(config):
+    if tasks.task_class(config).pretrained_teacher:  # a latent recipe: planned from its folders
         return recipe_task(config, tiny_networks)
     return tasks.build_task(config), {"model": "config.model"}
 
