@@ -30,14 +30,6 @@ from ml_collections import config_flags  # noqa: E402
 from common import record  # noqa: E402
 from scflow_jax import distill, evaluate, layout, teacher  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "..", "configs", "default.py"))
-_WORKDIR = flags.DEFINE_string("workdir", "runs/ablations", "Root directory of the runs.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (config.seed) to run.")
-_VARIANTS = flags.DEFINE_list("variants", None, "Variants to run (default: all).")
-_RESULTS = flags.DEFINE_string("results", None, "Results file (default: $SCFLOW_BENCHMARK_RESULTS, "
-                               "else runs/benchmarks/results.json).")
-
 VARIANTS = {
     "scflow": {},
     "no_gan": {"lambda_gan": 0.0},
@@ -124,6 +116,19 @@ def run_seed(base, seed: int, variants: list[str], root: str) -> dict[str, list[
     return tables
 
 
+def _define_flags():
+    """The command line, defined only when run as a script: the tests import this module beside
+    scflow_jax.main, whose absl flags share names with these."""
+    global _CONFIG, _WORKDIR, _SEEDS, _VARIANTS, _RESULTS
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", os.path.join(os.path.dirname(__file__), "..", "configs", "default.py"))
+    _WORKDIR = flags.DEFINE_string("workdir", "runs/ablations", "Root directory of the runs.")
+    _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (config.seed) to run.")
+    _VARIANTS = flags.DEFINE_list("variants", None, "Variants to run (default: all).")
+    _RESULTS = flags.DEFINE_string("results", None, "Results file (default: $SCFLOW_BENCHMARK_RESULTS, "
+                                   "else runs/benchmarks/results.json).")
+
+
 def main(_):
     variants = _VARIANTS.value or list(VARIANTS)
     unknown = sorted(set(variants) - set(VARIANTS))
@@ -146,4 +151,5 @@ def main(_):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -30,7 +30,10 @@ LAYERS = (
     (3, "metric and generation libraries", ("evaluation",)),
     (4, "tasks", ("tasks",)),
     (5, "stages", ("teacher", "distill", "evaluate", "sample", "export", "trainer")),
-    (6, "entry point", ("main",)),
+    # --mode=plan builds the distill stage's step from shapes (without running it) to compile it
+    # for a target device: a tool over the stages.
+    (6, "tools over the stages", ("planning",)),
+    (7, "entry point", ("main",)),
 )
 
 # (importer, imported): why this upward import is right. Empty: there is none.

@@ -34,9 +34,8 @@ import hashlib
 import io
 import json
 import os
-import tarfile
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -45,9 +44,10 @@ from absl import logging
 from jax.sharding import Mesh
 
 from scflow_jax import monitoring, sharding
-from scflow_jax.data import latents
+from scflow_jax.data import latents, tfds_source
+from scflow_jax.data.sources import (Source, folder_source, lmdb_source, option, parquet_source,
+                                     require_path, tar_source)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 PLAN_FILE = "prepare_plan.json"
 REPORTS_DIR = "shard_reports"
 DEFAULT_IMAGE_SIZE = {"latents": 256, "text_to_image": 512}
@@ -55,169 +55,13 @@ _PLAN_FIELDS = ("kind", "source", "vae", "text_encoder", "tokenizer", "image_siz
                 "examples_per_shard", "image_column", "caption_column", "num_items", "num_shards", "keys_sha256")
 
 
-def _field(name: str) -> str:
-    """How the user sets ``name``: the CLI flag and the config field of ``--mode=prepare_data``."""
-    return f"--{name} (config.data.prepare.{name})"
-
-
-def _require_path(value: Optional[str], name: str) -> str:
-    if not value:
-        raise ValueError(f"{_field(name)} is required")
-    if not os.path.exists(value):
-        raise FileNotFoundError(f"{_field(name)}={value} does not exist")
-    return value
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Sources: an ordered list of items (key, optional caption) and a main-thread ``fetch`` of their raw payloads.
-
-
-@dataclasses.dataclass
-class Source:
-    description: str
-    keys: list[str]
-    captions: Optional[list[str]]
-    fetch: Callable[[Sequence[int]], list]  # item indices -> payloads: a file path, image bytes or ("raw", bytes)
-    skipped: dict[str, list]                # listing-time skips: missing_caption, ignored_files
-    origin: str = ""                        # what the plan and metadata record as the source
-
-
-def _keep_captioned(keys, captions, payloads, need_captions):
-    """Drops items without a caption when captions are needed; returns the kept lists and the dropped keys."""
-    if not need_captions:
-        return keys, None, payloads, []
-    kept = [i for i, c in enumerate(captions) if c is not None]
-    missing = [keys[i] for i, c in enumerate(captions) if c is None]
-    if not kept:
-        raise ValueError(f"no image has a caption ({len(keys)} images; e.g. {keys[0]!r})")
-    return [keys[i] for i in kept], [captions[i] for i in kept], [payloads[i] for i in kept], missing
-
-
-def folder_source(root: str, need_captions: bool) -> Source:
-    images, ignored, texts = [], [], set()
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            rel = os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/")
-            ext = os.path.splitext(name)[1].lower()
-            if ext in IMAGE_EXTENSIONS:
-                images.append(rel)
-            elif ext == ".txt":
-                texts.add(rel)
-            else:
-                ignored.append(rel)
-    if not images:
-        raise ValueError(f"{_field('input')}={root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found in it or its "
-                         f"subfolders")
-    captions, used = [], set()
-    for rel in images:
-        txt = os.path.splitext(rel)[0] + ".txt"
-        if need_captions and txt in texts:
-            with open(os.path.join(root, txt), encoding="utf-8") as f:
-                captions.append(f.read().strip())
-            used.add(txt)
-        else:
-            captions.append(None)
-    ignored += sorted(texts - used)
-    paths = [os.path.join(root, rel) for rel in images]
-    keys, captions, paths, missing = _keep_captioned(images, captions, paths, need_captions)
-    return Source(f"folder {root}", keys, captions, lambda idx: [paths[i] for i in idx],
-                  {"missing_caption": missing, "ignored_files": ignored})
-
-
-def lmdb_source(root: str) -> Source:
-    try:
-        import lmdb
-    except ImportError:
-        raise ImportError(f"{_field('input')}={root} is an LMDB; reading it needs the `lmdb` package: "
-                          f"pip install lmdb") from None
-    env = lmdb.open(root, readonly=True, lock=False, readahead=False, meminit=False)
-    with env.begin() as txn:
-        raw_keys = list(txn.cursor().iternext(keys=True, values=False))
-    if not raw_keys:
-        raise ValueError(f"{_field('input')}={root}: the LMDB has no entries")
-    text = [bytes(k).decode("utf-8", "replace") for k in raw_keys]
-    order = sorted(range(len(text)), key=lambda i: (int(text[i]), "") if text[i].isdigit() else (-1, text[i]))
-
-    def fetch(idx):
-        with env.begin() as txn:
-            return [("raw", bytes(txn.get(raw_keys[order[i]]))) for i in idx]
-
-    return Source(f"LMDB {root}", [text[i] for i in order], None, fetch, {"missing_caption": [], "ignored_files": []})
-
-
-def parquet_source(path: str, image_column: str, caption_column: str, need_captions: bool) -> Source:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ImportError(f"reading {path} needs the `pyarrow` package: pip install pyarrow") from None
-    file = pq.ParquetFile(path)
-    names = file.schema_arrow.names
-    for name, value in (("image_column", image_column), ("caption_column", caption_column if need_captions else None)):
-        if value is not None and value not in names:
-            raise ValueError(f"{path} has no column {value!r} ({_field(name)}); its columns: {names}")
-    starts = np.cumsum([0] + [file.metadata.row_group(g).num_rows for g in range(file.num_row_groups)])
-    keys = [f"row {i}" for i in range(int(starts[-1]))]
-    if not keys:
-        raise ValueError(f"{_field('input')}={path}: the parquet file has no rows")
-    captions = file.read(columns=[caption_column]).column(0).to_pylist() if need_captions else [None] * len(keys)
-    cache: dict[int, list] = {}
-
-    def fetch(rows):
-        out = []
-        for row in rows:
-            group = int(np.searchsorted(starts, row, side="right") - 1)
-            if group not in cache:  # items are fetched in order: keep one row group in memory
-                cache.clear()
-                cache[group] = file.read_row_group(group, columns=[image_column]).column(0).to_pylist()
-            value = cache[group][row - starts[group]]
-            out.append(value.get("bytes") if isinstance(value, dict) else value)  # HF `Image` columns: {bytes, path}
-        return out
-
-    keys, captions, rows, missing = _keep_captioned(keys, captions, list(range(len(keys))), need_captions)
-    return Source(f"parquet {path}", keys, captions, lambda idx: fetch([rows[i] for i in idx]),
-                  {"missing_caption": missing, "ignored_files": []})
-
-
-def tar_source(path: str, need_captions: bool) -> Source:
-    try:
-        archive = tarfile.open(path)
-    except tarfile.ReadError as e:
-        raise ValueError(f"{_field('input')}={path} is not a readable tar archive: {e}") from None
-    images, texts, ignored = {}, {}, []
-    for member in archive.getmembers():
-        if not member.isfile():
-            continue
-        folder, base = os.path.split(member.name)
-        stem, _, ext = base.partition(".")  # webdataset: the key is everything before the first dot
-        key, ext = f"{folder}/{stem}" if folder else stem, "." + ext.lower()
-        if ext in IMAGE_EXTENSIONS:
-            images[key] = member
-        elif ext == ".txt":
-            texts[key] = member
-        else:
-            ignored.append(member.name)
-    if not images:
-        raise ValueError(f"{_field('input')}={path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the tar")
-    keys = list(images)
-    captions = [archive.extractfile(texts[k]).read().decode("utf-8").strip() if k in texts else None
-                for k in keys] if need_captions else [None] * len(keys)
-    ignored += [m.name for k, m in texts.items() if k not in images or not need_captions]
-    members = [images[k] for k in keys]
-    keys, captions, members, missing = _keep_captioned(keys, captions, members, need_captions)
-    return Source(f"tar {path}", keys, captions, lambda idx: [archive.extractfile(members[i]).read() for i in idx],
-                  {"missing_caption": missing, "ignored_files": ignored})
-
-
 def open_source(path: str, kind: str, image_column: str = "image", caption_column: str = "caption",
                 tfds_data_dir: Optional[str] = None) -> Source:
-    from scflow_jax.data import tfds_source  # it imports this module, so not at the top
-
     need_captions = kind == "text_to_image"
     if tfds_source.is_tfds_spec(path):
         return tfds_source.tfds_source(path, tfds_data_dir, image_column, caption_column,
                                        need_captions)
-    _require_path(path, "input")
+    require_path(path, "input")
     return dataclasses.replace(_open_path(path, need_captions, image_column, caption_column),
                                origin=os.path.abspath(path))
 
@@ -225,7 +69,7 @@ def open_source(path: str, kind: str, image_column: str = "image", caption_colum
 def _open_path(path: str, need_captions: bool, image_column: str, caption_column: str) -> Source:
     if os.path.isfile(os.path.join(path, "data.mdb")):
         if need_captions:
-            raise ValueError(f"{_field('input')}={path} is an LMDB of images without captions: use "
+            raise ValueError(f"{option('input')}={path} is an LMDB of images without captions: use "
                              f"--kind=latents, or a caption folder/parquet/tar for text_to_image")
         return lmdb_source(path)
     if os.path.isdir(path):
@@ -234,7 +78,7 @@ def _open_path(path: str, need_captions: bool, image_column: str, caption_column
         return parquet_source(path, image_column, caption_column, need_captions)
     if path.endswith((".tar", ".tar.gz", ".tgz")):
         return tar_source(path, need_captions)
-    raise ValueError(f"{_field('input')}={path}: expected a folder of images, an LMDB folder (data.mdb), a .parquet "
+    raise ValueError(f"{option('input')}={path}: expected a folder of images, an LMDB folder (data.mdb), a .parquet "
                      f"file, a webdataset .tar or a TFDS dataset (tfds:NAME[/CONFIG][:SPLIT])")
 
 
@@ -403,7 +247,7 @@ def _check_plan(output: str, plan: dict) -> None:
         if changed:
             detail = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise ValueError(f"{output} holds a preparation with other settings or inputs ({detail}). Rerun with the "
-                             f"original settings to finish it, or choose another {_field('output')}")
+                             f"original settings to finish it, or choose another {option('output')}")
     elif monitoring.is_main_process():
         monitoring.write_json_atomic(path, plan)
 
@@ -417,33 +261,31 @@ def prepare(kind: str, input: str, output: str, vae: str, text_encoder: Optional
     from scflow_jax.models.vae import load_vae
 
     if kind not in latents.KINDS:
-        raise ValueError(f"{_field('kind')}={kind!r}; expected one of {latents.KINDS}")
+        raise ValueError(f"{option('kind')}={kind!r}; expected one of {latents.KINDS}")
     if not output:
-        raise ValueError(f"{_field('output')} is required")
+        raise ValueError(f"{option('output')} is required")
     if latent_dtype not in ("float32", "float16"):
-        raise ValueError(f"{_field('latent_dtype')}={latent_dtype!r}; expected float32 or float16")
+        raise ValueError(f"{option('latent_dtype')}={latent_dtype!r}; expected float32 or float16")
     if examples_per_shard <= 0:
-        raise ValueError(f"{_field('examples_per_shard')}={examples_per_shard} must be positive")
+        raise ValueError(f"{option('examples_per_shard')}={examples_per_shard} must be positive")
     image_size = image_size or DEFAULT_IMAGE_SIZE[kind]
     mesh = mesh or encoding_mesh()
     if batch_size <= 0 or batch_size % mesh.devices.size:
-        raise ValueError(f"{_field('batch_size')}={batch_size} must be a positive multiple of the "
+        raise ValueError(f"{option('batch_size')}={batch_size} must be a positive multiple of the "
                          f"{mesh.devices.size} devices of the encoding mesh")
-    from scflow_jax.data import tfds_source  # it imports this module, so not at the top
-
     if tfds_source.is_tfds_spec(input):
         tfds_source.parse_spec(input)  # a malformed spec fails before the models load
     else:
-        _require_path(input, "input")
-    _require_path(vae, "vae")
+        require_path(input, "input")
+    require_path(vae, "vae")
     if kind == "text_to_image":
-        _require_path(text_encoder, "text_encoder")
-        _require_path(tokenizer, "tokenizer")
+        require_path(text_encoder, "text_encoder")
+        require_path(tokenizer, "tokenizer")
 
     vae_model, vae_params = load_vae(vae)
     factor = vae_model.config.downsample_factor
     if image_size <= 0 or image_size % factor:
-        raise ValueError(f"{_field('image_size')}={image_size} is not a positive multiple of the VAE's "
+        raise ValueError(f"{option('image_size')}={image_size} is not a positive multiple of the VAE's "
                          f"downsampling factor {factor}")
     source = open_source(input, kind, image_column, caption_column, tfds_data_dir)
     num_items = len(source.keys)

@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from scflow_jax.data.prepare import Source, _field, _keep_captioned
+from scflow_jax.data.sources import Source, keep_captioned, option
 
 PREFIX = "tfds:"
 SPEC_FORM = "tfds:NAME[/CONFIG][:SPLIT] (e.g. tfds:coco_captions/2014:train)"
@@ -40,7 +40,7 @@ def parse_spec(spec: str) -> tuple[str, Optional[str], str]:
     """``tfds:NAME[/CONFIG][:SPLIT]`` -> (name, config or None, split; default ``train``)."""
     match = _SPEC.fullmatch(spec)
     if not match:
-        raise ValueError(f"{_field('input')}={spec!r} is not a TFDS dataset: expected {SPEC_FORM}")
+        raise ValueError(f"{option('input')}={spec!r} is not a TFDS dataset: expected {SPEC_FORM}")
     return match["name"], match["config"], match["split"] or "train"
 
 
@@ -62,7 +62,7 @@ def _subfolders(folder: str) -> list[str]:
 
 def dataset_version_dir(data_dir: str, name: str, config: Optional[str]) -> str:
     """``data_dir/name[/config]/<newest version>``, or an error naming what ``data_dir`` holds."""
-    where = f"{_field('tfds_data_dir')}={data_dir}"
+    where = f"{option('tfds_data_dir')}={data_dir}"
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"{where} does not exist (it is the folder `tfds build --data_dir` "
                                 f"wrote to)")
@@ -74,7 +74,7 @@ def dataset_version_dir(data_dir: str, name: str, config: Optional[str]) -> str:
     if config is None:
         if not _versions(root) and configs:
             raise ValueError(f"TFDS dataset {name!r} in {data_dir} has configs {configs}: name "
-                             f"one in {_field('input')}, e.g. tfds:{name}/{configs[0]}")
+                             f"one in {option('input')}, e.g. tfds:{name}/{configs[0]}")
         folder = root
     else:
         if config not in configs:
@@ -124,7 +124,7 @@ def _describe(feature, depth: int) -> str:
 
 def _lookup(paths: dict, key: str, field: str, spec: str):
     if key not in paths:
-        raise ValueError(f"{spec} has no feature {key!r} ({_field(field)}); its features: "
+        raise ValueError(f"{spec} has no feature {key!r} ({option(field)}); its features: "
                          f"{sorted(paths)}")
     return paths[key]
 
@@ -202,7 +202,7 @@ def tfds_source(spec: str, data_dir: Optional[str], image_key: str, caption_key:
     paths = _feature_paths(info.features)
     image_path, image_feature, image_depth = _lookup(paths, image_key, "image_column", spec)
     if not isinstance(image_feature, tfds.features.Image) or image_depth:
-        raise ValueError(f"{spec}: feature {image_key!r} ({_field('image_column')}) is "
+        raise ValueError(f"{spec}: feature {image_key!r} ({option('image_column')}) is "
                          f"{_describe(image_feature, image_depth)}, not a tfds.features.Image")
     if np.dtype(image_feature.np_dtype) != np.uint8:
         raise ValueError(f"{spec}: feature {image_key!r} holds {image_feature.np_dtype} images; "
@@ -212,10 +212,10 @@ def tfds_source(spec: str, data_dir: Optional[str], image_key: str, caption_key:
             split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
         num_items = len(records)  # a reversed slice (train[4:2]) fails only here
     except ValueError as e:
-        raise ValueError(f"{_field('input')}={spec}: split {split!r} is not a valid slice of "
+        raise ValueError(f"{option('input')}={spec}: split {split!r} is not a valid slice of "
                          f"{sorted(info.splits)}: {e}") from None
     if not num_items:
-        raise ValueError(f"{_field('input')}={spec}: the split has no examples")
+        raise ValueError(f"{option('input')}={spec}: the split has no examples")
     keys = [f"{split}[{i}]" for i in range(num_items)]
     name_and_config = info.full_name.rsplit("/", 1)[0]
     origin = f"tfds:{name_and_config}:{split} (version {info.version}, {version_dir})"
@@ -224,7 +224,7 @@ def tfds_source(spec: str, data_dir: Optional[str], image_key: str, caption_key:
     if need_captions:
         caption_path, caption_feature, depth = _lookup(paths, caption_key, "caption_column", spec)
         if not _is_string(caption_feature) or depth > 1:
-            raise ValueError(f"{spec}: feature {caption_key!r} ({_field('caption_column')}) is "
+            raise ValueError(f"{spec}: feature {caption_key!r} ({option('caption_column')}) is "
                              f"{_describe(caption_feature, depth)}; captions are a string feature "
                              f"(Text, np.str_) or a Sequence of them (one is chosen per image)")
         parser = _parser(info.features, caption_path)
@@ -243,7 +243,7 @@ def tfds_source(spec: str, data_dir: Optional[str], image_key: str, caption_key:
         return [_get(_decode_or_explain(image_parser, r, skip, image_key, image_feature, 0, spec),
                      image_path) for r in raw]
 
-    keys, captions, rows, missing = _keep_captioned(keys, captions, list(range(num_items)),
+    keys, captions, rows, missing = keep_captioned(keys, captions, list(range(num_items)),
                                                     need_captions)
     return Source(f"TFDS {info.full_name} {split}", keys, captions,
                   lambda idx: fetch([rows[i] for i in idx]),
