@@ -42,10 +42,9 @@ TINY_VAE = VAEConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_n
 
 class ShapesOnly:
     """Mixed into a latent recipe's task class for planning: its networks and shapes, no weights.
-    The text encoder is its config alone (the discriminator's condition shape), the empty prompt's
-    condition zeros of its shape, and a batch zeros of the dataset's shapes."""
-
-    text_config: Any = None
+    The text encoder is its config alone (``text_config``, a field of the mixed class: the
+    discriminator's condition shape), the empty prompt's condition zeros of its shape, and a batch
+    zeros of the dataset's shapes."""
 
     @property
     def _text_encoder(self):
@@ -124,10 +123,13 @@ def recipe_task(config, tiny_networks: bool = False) -> tuple[Any, dict]:
         task = tasks.build_task(probe)
     fields = {f.name: getattr(task, f.name) for f in dataclasses.fields(task)}
     fields["config"] = config
-    shapes_only = type(f"ShapesOnly{type(task).__name__}", (ShapesOnly, type(task)), {})(**fields)
     if not task.unconditional:
-        shapes_only.text_config, architecture["text_encoder_path"] = _text_config(config)
-    return shapes_only, architecture
+        fields["text_config"], architecture["text_encoder_path"] = _text_config(config)
+    # A dataclass, so that text_config survives dataclasses.replace (precision.configure_task).
+    cls = dataclasses.dataclass(eq=False)(type(
+        f"ShapesOnly{type(task).__name__}", (ShapesOnly, type(task)),
+        {"__annotations__": {"text_config": Any}, "text_config": None}))
+    return cls(**fields), architecture
 
 
 def build_task(config, tiny_networks: bool = False) -> tuple[Any, dict]:
