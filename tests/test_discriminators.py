@@ -199,18 +199,6 @@ def test_bad_cond_or_resolution_raises():
         _shapes(d12, jnp.zeros((4, 12, 12, 1)))
 
 
-@pytest.mark.parametrize("kernel,stride,size", [(3, 2, 9), (1, 2, 8), (3, 1, 6), (4, 2, 11)])
-def test_strided_conv_as_matmul_is_the_convolution(kernel, stride, size):
-    from scflow_jax.models.discriminators import strided_conv_as_matmul
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, 5))
-    w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, 5, 7))
-    want = jax.lax.conv_general_dilated(x, w, (stride, stride), "VALID",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    got = strided_conv_as_matmul(x, w, stride)
-    assert got.shape == want.shape
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
-
-
 def _flax_params_from_torch(model):
     """The Flax discriminator's parameters from the PyTorch re-statement's (OIHW -> HWIO, [out, in] -> [in, out];
     ``b4_fc`` reads its 4x4 input flattened NHWC here, NCHW there)."""

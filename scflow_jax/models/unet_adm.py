@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scflow_jax.models import channel_ops, weights
+from scflow_jax.models import weights
 from scflow_jax.models.timestep import sinusoidal_embedding
 from scflow_jax.models.upsample_conv import UpsampleConv, upsample_nearest
 from scflow_jax.models.weights import WeightsError
@@ -124,13 +124,14 @@ class ADMConfig:
 def _group_norm(x, num_groups, dtype, name):
     """guided-diffusion's GroupNorm32 (eps 1e-5) computed in float32, returned in the compute dtype. Called inside
     a compact method, so its scale/bias sit directly under ``name`` (torch ``<name>.weight``/``.bias``)."""
-    return channel_ops.GroupNorm(num_groups=num_groups, epsilon=1e-5, name=name)(x).astype(dtype)
+    return nn.GroupNorm(num_groups=num_groups, epsilon=1e-5, use_fast_variance=False, dtype=jnp.float32,
+                        name=name)(x.astype(jnp.float32)).astype(dtype)
 
 
 def _conv(features, kernel, dtype, name, *, strides=1, zero=False):
     pad = (kernel - 1) // 2
-    return channel_ops.Conv(features, (kernel, kernel), strides=(strides, strides), padding=((pad, pad), (pad, pad)),
-                            dtype=dtype, kernel_init=_zeros if zero else _torch_default_kernel, name=name)
+    return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=((pad, pad), (pad, pad)),
+                   dtype=dtype, kernel_init=_zeros if zero else _torch_default_kernel, name=name)
 
 
 def _upsample_conv(features, dtype, name):
@@ -169,9 +170,7 @@ class ResBlock(nn.Module):
         width = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
         emb_out = nn.Dense(width, dtype=self.dtype, kernel_init=_torch_default_kernel,
                            name="emb_layers_1")(nn.silu(emb))
-        # Per-sample [B, C] values spread over the pixels with broadcast_channels: their gradients are then
-        # matmuls on CPU rather than slow reductions (see channel_ops).
-        per_pixel = lambda v: channel_ops.broadcast_channels(v, h.shape)  # noqa: E731
+        per_pixel = lambda v: v[:, None, None, :]  # noqa: E731 - [B, C] over the pixels
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(emb_out, 2, axis=-1)
             h = norm(h, "out_layers_0") * per_pixel(1 + scale) + per_pixel(shift)
@@ -203,7 +202,7 @@ class AttentionBlock(nn.Module):
         b, height, width, c = x.shape
         tokens = x.reshape(b, height * width, c)
         normed = _group_norm(tokens, self.num_groups, self.dtype, "norm")
-        qkv = channel_ops.Conv(3 * c, (1,), dtype=self.dtype, kernel_init=_torch_default_kernel, name="qkv")(normed)
+        qkv = nn.Conv(3 * c, (1,), dtype=self.dtype, kernel_init=_torch_default_kernel, name="qkv")(normed)
         head_ch = c // self.num_heads
         if self.new_order:
             q, k, v = jnp.moveaxis(qkv.reshape(b, height * width, 3, self.num_heads, head_ch), 2, 0)
@@ -212,7 +211,7 @@ class AttentionBlock(nn.Module):
         logits = jnp.einsum("bthc,bshc->bhts", q, k).astype(jnp.float32) / np.sqrt(head_ch)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         a = jnp.einsum("bhts,bshc->bthc", probs, v).reshape(b, height * width, c)
-        h = channel_ops.Conv(c, (1,), dtype=self.dtype, kernel_init=_zeros, name="proj_out")(a)
+        h = nn.Conv(c, (1,), dtype=self.dtype, kernel_init=_zeros, name="proj_out")(a)
         return (tokens + h).reshape(b, height, width, c)
 
 

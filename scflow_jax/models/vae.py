@@ -185,7 +185,7 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2 then a 3x3 conv (``upsample_conv``: by output phases on CPU)."""
+    """Nearest-neighbour x2 then a 3x3 conv (``UpsampleConv``: by output phases in CPU programs)."""
 
     dtype: Dtype = jnp.float32
 
