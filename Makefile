@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0 torchvision==0.28.0
 # Two workers: the suite is compile-bound and the machines have 2 cores.
 PYTEST_ARGS ?= -n 2
 
-.PHONY: demo test test-heavy install install-test benchmark clean
+.PHONY: demo test test-heavy lint install install-test benchmark clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ test: $(VENV)/.installed-test
 ## test-heavy: the minutes-long end-to-end runs (two real processes, the SD 1.5 recipe)
 test-heavy: $(VENV)/.installed-test
 	$(PY) -m pytest -m heavy $(PYTEST_ARGS)
+
+## lint: ruff's checks (pyproject.toml: pycodestyle with lines of at most 100, pyflakes) and its format
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 benchmark: $(VENV)/.installed
 	$(PY) benchmarks/default_speed.py

@@ -23,7 +23,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
+    "test": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6"],
     # gs:// workdirs: etils.epath (outputs, Orbax's metadata) reaches GCS through gcsfs when TensorFlow is absent.
     "gcs": ["gcsfs"],
     # Only for building TFDS datasets (`tfds build`: coco_captions' and celeb_a_hq's builders call

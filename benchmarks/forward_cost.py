@@ -4,9 +4,8 @@ weights.
 
 The UNet runs on 4 x s x s latents with 77 x 768 text states, the VAE decoder decodes the same
 latents (s = 64: 512 px images, s = 32: 256 px), the Inception takes 299 x 299 images (no resize).
-FLOPs are XLA's count of the program lowered for the device present (``common.xla_flops``; CPU
-programs compute the VAE decoder's upsampling convolutions by output phases,
-models/upsample_conv.py, GPU and TPU programs as written). ``--flops_only`` stops there: the
+FLOPs are XLA's count of the program lowered for the device present (``common.xla_flops``).
+``--flops_only`` stops there: the
 programs are lowered from shapes, so nothing is allocated, compiled or timed. Otherwise each
 forward is compiled and timed (``--repeats`` calls after a warm-up); run that on an otherwise
 idle machine. Weights are drawn on the host (``common.random_params``): the speed and the FLOPs

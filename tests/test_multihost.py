@@ -318,7 +318,7 @@ def _teacher_network(family: str):
     t = jnp.array([0.3, 0.7])
     if family == "small_unet":
         return SmallUNet(out_channels=4, channels=16, attention_levels=(1,)), (x, t, x.reshape(2, 16, 16))
-    if family == "adm":  # its upsampling convolution by phases sums kernel taps (models/upsample_conv.py)
+    if family == "adm":
         return ADMUNet(ADMConfig(in_channels=4, model_channels=16, out_channels=4, num_res_blocks=1,
                                  attention_resolutions=(2,), channel_mult=(1, 2), num_heads=2,
                                  use_scale_shift_norm=True, num_groups=4)), (x, t)

@@ -366,9 +366,8 @@ class Upsample2D(nn.Module):
 
     @nn.compact
     def __call__(self, x, size: Tuple[int, int]):
-        """Nearest-neighbour resize to ``size`` (2x unless the skip it meets is odd-sized), then a 3x3 conv.
-        As written on every platform: computed by output phases (``upsample_conv``, the VAE's and ADM's form
-        on CPU) it was slower on CPU at this UNet's small, wide maps (docs/performance.md)."""
+        """Nearest-neighbour resize to ``size`` (2x unless the skip it meets is odd-sized), then a 3x3
+        conv."""
         h, w = x.shape[1:3]
         if size == (2 * h, 2 * w):
             x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)

@@ -185,7 +185,7 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2 then a 3x3 conv (``UpsampleConv``: by output phases in CPU programs)."""
+    """Nearest-neighbour x2 then a 3x3 conv (``UpsampleConv``)."""
 
     dtype: Dtype = jnp.float32
 
