@@ -117,7 +117,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         teacher_params="",  # default: <workdir>/teacher/params
         grad_accum_steps=1,  # only 1 is supported (see distill.validate_distill_config)
         optimizer=_optimizer(2e-4, grad_clip=1.0),
-        log_every=50, checkpoint_every=200, keep_checkpoints=2, sample_every=200)
+        log_every=50, checkpoint_every=400, keep_checkpoints=2, sample_every=400)
 
     c.scflow = dict(
         init_threshold=0.1,     # delta: max local step

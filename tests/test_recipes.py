@@ -26,7 +26,7 @@ import clip_testlib
 import scflow_testlib
 from scflow_jax import checkpoint, distill, main, precision, sample, sharding, tasks
 from scflow_jax.evaluation import fid, frechet, real_eval
-from scflow_jax.models import clip, unet_adm, unet_sd, weights
+from scflow_jax.models import clip, unet_adm, unet_sd, unet_sd_weights, weights
 from scflow_jax.models.vae import VAE, VAEConfig, vae_state_dict_key
 from scflow_jax.tasks import celebahq
 
@@ -109,7 +109,7 @@ def t2i_config(tmp_path):
     config.model.vae_path = write_vae(str(tmp_path / "vae"))
     config.model.text_encoder_path, config.model.tokenizer_path = write_text_encoder(str(tmp_path), 16)
     teacher = random_params(unet_sd.unet_param_shapes(TINY_UNET), 5)
-    config.model.teacher_path = unet_sd.export_unet_sd(TINY_UNET, teacher, str(tmp_path / "instaflow" / "unet"))
+    config.model.teacher_path = unet_sd_weights.export_unet_sd(TINY_UNET, teacher, str(tmp_path / "instaflow" / "unet"))
     return config
 
 
@@ -371,7 +371,7 @@ def test_t2i_tiny_distill_sample_export(t2i_assets, tmp_path):
     assert grid.shape == (3 * 65 + 1, per * 65 + 1, 3)
 
     assert main.run(config, workdir, "export") == 0
-    loaded_config, exported = unet_sd.load_unet_sd(os.path.join(workdir, "export", "unet"))
+    loaded_config, exported = unet_sd_weights.load_unet_sd(os.path.join(workdir, "export", "unet"))
     assert loaded_config == TINY_UNET
     assert _tree_max_diff(exported, result.state.ema_params) == 0.0
     _check_rows(evaluate_tiny(config, task, workdir, tmp_path), config)
@@ -384,8 +384,8 @@ def test_t2i_export_matches_diffusers(t2i_assets, tmp_path):
     from diffusers import UNet2DConditionModel as TorchUNet
 
     config, task, _ = t2i_assets
-    folder = unet_sd.export_unet_sd(task.network_config, task.load_teacher_params(), str(tmp_path / "unet"))
-    _, params = unet_sd.load_unet_sd(folder)
+    folder = unet_sd_weights.export_unet_sd(task.network_config, task.load_teacher_params(), str(tmp_path / "unet"))
+    _, params = unet_sd_weights.load_unet_sd(folder)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
     t = np.array([999.0, 250.0], np.float32)

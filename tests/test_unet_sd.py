@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from scflow_jax import flows
-from scflow_jax.models import unet_sd, weights
+from scflow_jax.models import unet_sd, unet_sd_weights, weights
 from scflow_jax.models.unet_sd import UNet2DConditionModel, UNetSDConfig
 
 TOL = 1e-4  # max abs error, float32
@@ -98,7 +98,7 @@ def _max_err(a, b):
 @pytest.mark.parity
 def test_forward_matches_diffusers_conv_projection(tiny_folder):
     folder, model = tiny_folder
-    config, params = unet_sd.load_unet_sd(folder)
+    config, params = unet_sd_weights.load_unet_sd(folder)
     assert config.use_linear_projection is False
     x, t, c = _inputs()
     ref = _torch_forward(model, x, t, c)
@@ -112,7 +112,7 @@ def test_forward_matches_diffusers_linear_projection_odd_size(tmp_path):
     the odd skip size, like diffusers' upsample_size)."""
     model = _torch_unet(TINY_LINEAR, seed=3)
     model.save_pretrained(str(tmp_path), safe_serialization=True)
-    config, params = unet_sd.load_unet_sd(str(tmp_path))
+    config, params = unet_sd_weights.load_unet_sd(str(tmp_path))
     assert config.use_linear_projection and config.attention_head_dim == (2, 4)
     assert params["down_blocks_0"]["attentions_0"]["proj_in"]["kernel"].ndim == 2  # a Linear, not a 1x1 conv
     x, t, c = _inputs(height=9, width=10)
@@ -124,7 +124,7 @@ def test_forward_matches_diffusers_linear_projection_odd_size(tmp_path):
 @pytest.mark.parity
 def test_encoder_half_matches_diffusers_mid_block(tiny_folder):
     folder, model = tiny_folder
-    config, params = unet_sd.load_unet_sd(folder)
+    config, params = unet_sd_weights.load_unet_sd(folder)
     x, t, c = _inputs()
     ref = _torch_forward(model, x, t, c, mid_block=True)
     assert ref.shape == (2, 8, 8, 64)
@@ -138,7 +138,7 @@ def test_encoder_half_matches_diffusers_mid_block(tiny_folder):
 @pytest.mark.parity
 def test_velocity_adapter_is_minus_unet_at_1000t(tiny_folder):
     folder, model = tiny_folder
-    config, params = unet_sd.load_unet_sd(folder)
+    config, params = unet_sd_weights.load_unet_sd(folder)
     x, _, c = _inputs()
     t = np.array([0.0105, 0.7005], np.float32)
     velocity_fn = flows.wrap_diffusers_rectified_flow(_jitted_apply(config))
@@ -154,7 +154,7 @@ def test_fp16_checkpoint_loads_into_float32(tmp_path):
     model = _torch_unet(TINY).half()
     model.save_pretrained(str(tmp_path), safe_serialization=True, variant="fp16")
     assert os.listdir(str(tmp_path)).count("diffusion_pytorch_model.fp16.safetensors") == 1
-    config, params = unet_sd.load_unet_sd(str(tmp_path))
+    config, params = unet_sd_weights.load_unet_sd(str(tmp_path))
     leaves = jax.tree.leaves(params)
     assert all(leaf.dtype == np.float32 for leaf in leaves)
     x, t, c = _inputs()
@@ -168,20 +168,20 @@ def test_export_round_trip_through_diffusers(tiny_folder, tmp_path):
     from diffusers import UNet2DConditionModel as TorchUNet
 
     folder, _ = tiny_folder
-    config, params = unet_sd.load_unet_sd(folder)
+    config, params = unet_sd_weights.load_unet_sd(folder)
     x, t, c = _inputs()
     ours = _ours(config, params, x, t, c)
-    out = unet_sd.export_unet_sd(config, params, str(tmp_path / "fp32"))
+    out = unet_sd_weights.export_unet_sd(config, params, str(tmp_path / "fp32"))
     assert json.load(open(os.path.join(out, "config.json")))["_class_name"] == "UNet2DConditionModel"
     reloaded = TorchUNet.from_pretrained(out).eval()
     assert _max_err(_torch_forward(reloaded, x, t, c), ours) <= TOL
     # fp16 export: diffusers reads the halves; compare with our model on the same rounded weights.
-    out16 = unet_sd.export_unet_sd(config, params, str(tmp_path / "fp16"), dtype=np.float16)
+    out16 = unet_sd_weights.export_unet_sd(config, params, str(tmp_path / "fp16"), dtype=np.float16)
     reloaded16 = TorchUNet.from_pretrained(out16).eval().float()
     rounded = jax.tree.map(lambda a: np.asarray(a).astype(np.float16).astype(np.float32), params)
     assert _max_err(_torch_forward(reloaded16, x, t, c), _ours(config, rounded, x, t, c)) <= TOL
     # and our own loader reads the export back bit for bit
-    _, again = unet_sd.load_unet_sd(out)
+    _, again = unet_sd_weights.load_unet_sd(out)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)))
 
 
@@ -195,7 +195,7 @@ def test_sd15_parameter_names_and_shapes_match_diffusers():
     with torch.device("meta"):
         model = TorchUNet.from_config(config.to_dict())
     theirs = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    ours = {unet_sd.unet_sd_key(path): weights.torch_layout_inverse(path[-1], np.empty(s.shape, np.uint8)).shape
+    ours = {unet_sd_weights.unet_sd_key(path): weights.torch_layout_inverse(path[-1], np.empty(s.shape, np.uint8)).shape
             for path, s in weights.flatten_params(unet_sd.unet_param_shapes(config)).items()}
     assert ours == theirs
     assert sum(int(np.prod(s)) for s in ours.values()) == 859_520_964
@@ -208,11 +208,11 @@ def test_sd15_parameter_names_and_shapes_match_diffusers():
 def test_pipeline_folder_and_single_file(tiny_folder, tmp_path):
     folder, _ = tiny_folder
     shutil.copytree(folder, tmp_path / "pipe" / "unet")
-    config, params = unet_sd.load_unet_sd(str(tmp_path / "pipe"))
+    config, params = unet_sd_weights.load_unet_sd(str(tmp_path / "pipe"))
     single = os.path.join(folder, "diffusion_pytorch_model.safetensors")
     with pytest.raises(weights.WeightsError, match="pass config="):
-        unet_sd.load_unet_sd(single)
-    config2, params2 = unet_sd.load_unet_sd(single, config=os.path.join(folder, "config.json"))
+        unet_sd_weights.load_unet_sd(single)
+    config2, params2 = unet_sd_weights.load_unet_sd(single, config=os.path.join(folder, "config.json"))
     assert config2 == config
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)))
 
@@ -232,27 +232,27 @@ def test_missing_config_or_weights(tiny_folder, tmp_path):
     shutil.copytree(folder, no_config)
     os.remove(no_config / "config.json")
     with pytest.raises(weights.WeightsError, match="config.json not found"):
-        unet_sd.load_unet_sd(str(no_config))
+        unet_sd_weights.load_unet_sd(str(no_config))
     no_weights = tmp_path / "no_weights"
     shutil.copytree(folder, no_weights)
     os.remove(no_weights / "diffusion_pytorch_model.safetensors")
     with pytest.raises(weights.WeightsError, match="none of .*diffusion_pytorch_model.safetensors"):
-        unet_sd.load_unet_sd(str(no_weights))
+        unet_sd_weights.load_unet_sd(str(no_weights))
     with pytest.raises(weights.WeightsError, match="does not exist"):
-        unet_sd.load_unet_sd(str(tmp_path / "nowhere"))
+        unet_sd_weights.load_unet_sd(str(tmp_path / "nowhere"))
 
 
 def test_config_weights_mismatch_names_the_first_missing_key(tiny_folder, tmp_path):
     folder, _ = tiny_folder
     deeper = _copy_with_config(folder, tmp_path / "deeper", layers_per_block=2)
     with pytest.raises(weights.WeightsError) as err:
-        unet_sd.load_unet_sd(deeper)
+        unet_sd_weights.load_unet_sd(deeper)
     # keys are checked in sorted path order: attentions_1 comes before resnets_1
     assert "missing key(s): down_blocks.0.attentions.1.norm.bias (for down_blocks_0/attentions_1/norm/bias)" \
         in str(err.value)
     assert "shape mismatch(es): up_blocks.0.resnets.1.conv1.weight" in str(err.value)
     # allow_partial fills the gaps (Flax-style init) and keeps what matched
-    config, params = unet_sd.load_unet_sd(deeper, allow_partial=True)
+    config, params = unet_sd_weights.load_unet_sd(deeper, allow_partial=True)
     source = weights.read_safetensors(os.path.join(deeper, "diffusion_pytorch_model.safetensors"))
     np.testing.assert_array_equal(params["conv_in"]["bias"], source["conv_in.bias"])
     assert config.layers_per_block == 2
@@ -268,7 +268,7 @@ def test_corrupted_safetensors(tiny_folder, tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(weights.WeightsError, match="truncated or corrupted"):
-        unet_sd.load_unet_sd(str(dest))
+        unet_sd_weights.load_unet_sd(str(dest))
 
 
 @pytest.mark.parametrize("field,value", [
@@ -283,7 +283,7 @@ def test_unsupported_config_values_are_named(tiny_folder, tmp_path, field, value
     folder, _ = tiny_folder
     bad = _copy_with_config(folder, tmp_path / "bad", **{field: value})
     with pytest.raises(weights.WeightsError, match=field):
-        unet_sd.load_unet_sd(bad)
+        unet_sd_weights.load_unet_sd(bad)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -153,7 +153,8 @@ def encode_prompts(text, prompts: list[str]) -> np.ndarray:
         eos_token_id=tokenizer.eos_token_id)
     ids = tokenizer(prompts)
     encoder = clip.CLIPTextTransformer(text_config)
-    params = encoder.init(jax.random.PRNGKey(text.init_seed), jnp.asarray(ids))
+    # Jitted: run eagerly, the init compiles each of its operations on its own (seconds).
+    params = jax.jit(encoder.init)(jax.random.PRNGKey(text.init_seed), jnp.asarray(ids))
     return np.asarray(clip.encode_text(params, text_config, ids), np.float32)
 
 

@@ -1,6 +1,6 @@
 """``t2i_sd15``: text-to-image in SD 1.5 latents (4x64x64).
 
-Teacher: a diffusers rectified-flow UNet (InstaFlow / 2-rectified flow: ``unet_sd.load_unet_sd``
+Teacher: a diffusers rectified-flow UNet (InstaFlow / 2-rectified flow: ``unet_sd_weights.load_unet_sd``
 + ``flows.wrap_diffusers_rectified_flow``), guided against the empty prompt; prompts through the
 CLIP text encoder; discriminator: the teacher's UNet encoder with a new head (SCFLOW_SPEC.md
 section 5). Export: a diffusers UNet folder, as the teacher ships.
@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from scflow_jax import flows
-from scflow_jax.models import clip, unet_discriminator, unet_sd, weights
+from scflow_jax.models import clip, unet_discriminator, unet_sd, unet_sd_weights, weights
 from scflow_jax.tasks.latent import LatentTask, required_path
 
 TEACHER_FIELD = ("model.teacher_path", "teacher UNet (diffusers folder)")
@@ -49,7 +49,7 @@ class TextToImageTask(LatentTask):
     def load_teacher_params(self) -> Any:
         """The pretrained teacher through its converter (float32 NumPy tree)."""
         path = required_path(self.config, "model.teacher_path", "teacher checkpoint")
-        config, params = unet_sd.load_unet_sd(path)
+        config, params = unet_sd_weights.load_unet_sd(path)
         if config != self.network_config:
             raise weights.WeightsError(f"teacher UNet config at {path} differs from the one this "
                                        f"task was built from (the folder changed since)")
@@ -111,4 +111,4 @@ class TextToImageTask(LatentTask):
     def export_params(self, params, out_dir: str) -> str:
         """A diffusers UNet folder (``config.json`` + ``diffusion_pytorch_model.safetensors``)
         that ``diffusers.UNet2DConditionModel.from_pretrained`` loads."""
-        return unet_sd.export_unet_sd(self.network_config, params, os.path.join(out_dir, "unet"))
+        return unet_sd_weights.export_unet_sd(self.network_config, params, os.path.join(out_dir, "unet"))
