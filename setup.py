@@ -1,4 +1,5 @@
 """Packaging for scflow_jax: SCFlow (self-corrected flow distillation) in JAX/Flax."""
+
 from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
@@ -31,7 +32,13 @@ EXTRAS_REQUIRE = {
     # reads array_record TFDS datasets without it.
     "tensorflow": ["tensorflow"],
     # PyTorch reference implementations, used only by parity tests and by the .pth converters.
-    "parity": ["torch>=2.5", "torchvision>=0.20", "diffusers>=0.31", "transformers>=4.46", "pytorch-fid>=0.3.0"],
+    "parity": [
+        "torch>=2.5",
+        "torchvision>=0.20",
+        "diffusers>=0.31",
+        "transformers>=4.46",
+        "pytorch-fid>=0.3.0",
+    ],
     # --mode=plan for GPUs that are not here: JAX's CUDA plugin of the installed jax release
     # compiles for a deviceless card on a CPU host (jax's "cuda12-local" extra: no NVIDIA wheels,
     # no driver). cuDNN's library lets jax's checks pass its fused attention into the plan, as on
@@ -45,7 +52,9 @@ setup(
     name="scflow_jax",
     version="0.1.0",
     description="SCFlow: self-corrected flow distillation for one- and few-step generation, in JAX/Flax",
-    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description=open("README.md", encoding="utf-8").read()
+    if __import__("os").path.exists("README.md")
+    else "",
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.11",

@@ -10,6 +10,7 @@ term, consistency only. Each run lives in ``<workdir>/seed<s>/<variant>``, so an
 resumes where it stopped. Prints, per variant and table row, the mean ± sample standard deviation
 over the seeds and the per-seed values, and records them (``--results=PATH``, see ``common.record``).
 """
+
 from __future__ import annotations
 
 import copy
@@ -55,12 +56,19 @@ def summarize(per_seed: dict[int, list[dict]]) -> list[dict]:
         if not all(key in by_key[s] for s in seeds):
             raise ValueError(f"row {key!r} is missing for some seeds: {seeds}")
         first = by_key[seeds[0]][key]
-        row = {"model": first["model"], "steps": first["steps"], "cfg": first["cfg"], "seeds": seeds}
+        row = {
+            "model": first["model"],
+            "steps": first["steps"],
+            "cfg": first["cfg"],
+            "seeds": seeds,
+        }
         for metric in METRICS:
             values = [float(by_key[s][key][metric]) for s in seeds]
-            row[metric] = {"mean": statistics.fmean(values),
-                           "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                           "values": values}
+            row[metric] = {
+                "mean": statistics.fmean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "values": values,
+            }
         out.append(row)
     return out
 
@@ -70,8 +78,10 @@ def format_summary(rows: list[dict]) -> str:
     lines = ["| model | steps | CFG | FD ↓ | prompt accuracy ↑ |", "|---|---|---|---|---|"]
     for r in rows:
         fd, acc = r["fd"], r["accuracy"]
-        lines.append(f"| {r['model']} | {r['steps']} | {r['cfg']:.1f} | {fd['mean']:.2f} ± {fd['std']:.2f} "
-                     f"| {acc['mean']:.3f} ± {acc['std']:.3f} |")
+        lines.append(
+            f"| {r['model']} | {r['steps']} | {r['cfg']:.1f} | {fd['mean']:.2f} ± {fd['std']:.2f} "
+            f"| {acc['mean']:.3f} ± {acc['std']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -99,7 +109,9 @@ def run_seed(base, seed: int, variants: list[str], root: str) -> dict[str, list[
     teacher_params = layout.stage_dirs(teacher_dir, layout.TEACHER).params
     tables, classifier = {}, None
     for name in variants:
-        config = _seed_config(base, seed, VARIANTS[name], teacher_params, with_teacher_rows=name == "scflow")
+        config = _seed_config(
+            base, seed, VARIANTS[name], teacher_params, with_teacher_rows=name == "scflow"
+        )
         workdir = os.path.join(seed_dir, name)
         if not distill.is_done(config, workdir):
             distill.distill(config, workdir)
@@ -121,12 +133,16 @@ def _define_flags():
     scflow_jax.main, whose absl flags share names with these."""
     global _CONFIG, _WORKDIR, _SEEDS, _VARIANTS, _RESULTS
     _CONFIG = config_flags.DEFINE_config_file(
-        "config", os.path.join(os.path.dirname(__file__), "..", "configs", "default.py"))
+        "config", os.path.join(os.path.dirname(__file__), "..", "configs", "default.py")
+    )
     _WORKDIR = flags.DEFINE_string("workdir", "runs/ablations", "Root directory of the runs.")
     _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (config.seed) to run.")
     _VARIANTS = flags.DEFINE_list("variants", None, "Variants to run (default: all).")
-    _RESULTS = flags.DEFINE_string("results", None, "Results file (default: $SCFLOW_BENCHMARK_RESULTS, "
-                                   "else runs/benchmarks/results.json).")
+    _RESULTS = flags.DEFINE_string(
+        "results",
+        None,
+        "Results file (default: $SCFLOW_BENCHMARK_RESULTS, else runs/benchmarks/results.json).",
+    )
 
 
 def main(_):
@@ -145,9 +161,16 @@ def main(_):
     summary = {name: summarize(tables) for name, tables in per_variant.items()}
     for name, rows in summary.items():
         print(f"\n== {name} (seeds {seeds}) ==\n{format_summary(rows)}", flush=True)
-    record("ablations", {"seeds": seeds, "overrides": {k: VARIANTS[k] for k in variants},
-                         "distill_steps": _CONFIG.value.distill.num_steps, "summary": summary},
-           path=_RESULTS.value)
+    record(
+        "ablations",
+        {
+            "seeds": seeds,
+            "overrides": {k: VARIANTS[k] for k in variants},
+            "distill_steps": _CONFIG.value.distill.num_steps,
+            "summary": summary,
+        },
+        path=_RESULTS.value,
+    )
 
 
 if __name__ == "__main__":

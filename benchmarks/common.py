@@ -5,6 +5,7 @@ Results go where the user asks: a script's ``--results=PATH``, else ``$SCFLOW_BE
 else ``runs/benchmarks/results.json`` under the repository (git-ignored). Each entry carries the
 date, the machine, the jax and jaxlib versions and XLA_FLAGS; the project's current figures live in
 docs/performance.md, not in a history of runs in the tree."""
+
 from __future__ import annotations
 
 import datetime
@@ -33,8 +34,11 @@ def time_calls(fn, *, warmup: int, repeats: int) -> dict:
         start = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times), "min_s": min(times),
-            "mean_s": statistics.fmean(times)}
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "mean_s": statistics.fmean(times),
+    }
 
 
 def time_train_steps(compiled_step, state, batches: list, frozen, *, warmup: int, steps: int):
@@ -55,10 +59,12 @@ def forward_and_backward(fn):
     """Jitted ``(*operands, cotangent) -> (fn(*operands), *gradients of <fn(*operands),
     cotangent>)``: one call gives the output and every operand's gradient, as the device checks
     compare them."""
+
     def run(*operands_and_cotangent):
         *operands, cotangent = operands_and_cotangent
         out, vjp = jax.vjp(fn, *operands)
         return (out,) + vjp(cotangent)
+
     return jax.jit(run)
 
 
@@ -74,8 +80,10 @@ def exit_past_tolerance(script: str, entries: list, tolerance: float, meaning: s
     exceeds ``tolerance``."""
     worst = max(max(entry["relative_difference"].values()) for entry in entries)
     if worst > tolerance:
-        raise SystemExit(f"{script}: a relative difference of {worst:.3g} exceeds "
-                         f"--tolerance={tolerance}: {meaning}")
+        raise SystemExit(
+            f"{script}: a relative difference of {worst:.3g} exceeds "
+            f"--tolerance={tolerance}: {meaning}"
+        )
 
 
 def xla_flops(lowered) -> float:
@@ -96,8 +104,10 @@ def xla_flops(lowered) -> float:
 
 # A call of cuDNN's fused attention in a lowered (StableHLO) program, forward or backward, with the
 # shapes of its first two operands, queries [B, T, N, H] and keys [B, S, N, H] (jax's layout).
-_FUSED_ATTENTION = re.compile(r"stablehlo\.custom_call @__cudnn\$fmhaSoftmax(Backward)?\(.*?\} : "
-                              r"\(tensor<(\d+)x(\d+)x(\d+)x(\d+)x\w+>, tensor<\d+x(\d+)x")
+_FUSED_ATTENTION = re.compile(
+    r"stablehlo\.custom_call @__cudnn\$fmhaSoftmax(Backward)?\(.*?\} : "
+    r"\(tensor<(\d+)x(\d+)x(\d+)x(\d+)x\w+>, tensor<\d+x(\d+)x"
+)
 
 
 def fused_attention_flops(lowered_text: str) -> float:
@@ -109,8 +119,14 @@ def fused_attention_flops(lowered_text: str) -> float:
     flops = 0.0
     for match in _FUSED_ATTENTION.finditer(lowered_text):
         backward, batch, queries, heads, head_dim, keys = match.groups()
-        flops += ((8 if backward else 4) * int(batch) * int(queries) * int(keys) * int(heads)
-                  * int(head_dim))
+        flops += (
+            (8 if backward else 4)
+            * int(batch)
+            * int(queries)
+            * int(keys)
+            * int(heads)
+            * int(head_dim)
+        )
     return flops
 
 
@@ -122,18 +138,24 @@ def matmul_rate(dtype, n: int, *, warmup: int = 3, repeats: int = 20) -> dict:
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
     matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(dtype))
     t = time_calls(lambda: matmul(a, b), warmup=warmup, repeats=repeats)
-    return {"matmul_n": n, **t, "gflop_s": 2 * n ** 3 / t["median_s"] / 1e9}
+    return {"matmul_n": n, **t, "gflop_s": 2 * n**3 / t["median_s"] / 1e9}
 
 
 def machine() -> dict:
     dev = jax.devices()[0]
-    return {"platform": dev.platform, "device_kind": dev.device_kind,
-            "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
-            "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "ld_preload": os.environ.get("LD_PRELOAD", ""),  # e.g. tcmalloc (docs/performance.md)
-            "jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__")
-            else __import__("jaxlib").__version__}
+    return {
+        "platform": dev.platform,
+        "device_kind": dev.device_kind,
+        "device_count": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "ld_preload": os.environ.get("LD_PRELOAD", ""),  # e.g. tcmalloc (docs/performance.md)
+        "jax": jax.__version__,
+        "jaxlib": jax.lib.__version__
+        if hasattr(jax.lib, "__version__")
+        else __import__("jaxlib").__version__,
+    }
 
 
 def results_path(path: str | None = None) -> str:
@@ -144,11 +166,19 @@ def results_path(path: str | None = None) -> str:
 
 def add_output_flags(parser) -> None:
     """``--results=PATH`` and ``--no_record`` (also spelled ``--no-record``) for argparse."""
-    parser.add_argument("--results", default=None,
-                        help=f"JSON file the entry is appended to (default ${RESULTS_ENV}, "
-                             f"else runs/benchmarks/results.json)")
-    parser.add_argument("--no_record", "--no-record", dest="no_record", action="store_true",
-                        help="print the result only; write nothing")
+    parser.add_argument(
+        "--results",
+        default=None,
+        help=f"JSON file the entry is appended to (default ${RESULTS_ENV}, "
+        f"else runs/benchmarks/results.json)",
+    )
+    parser.add_argument(
+        "--no_record",
+        "--no-record",
+        dest="no_record",
+        action="store_true",
+        help="print the result only; write nothing",
+    )
 
 
 def record(name: str, result: dict, *, print_only: bool = False, path: str | None = None) -> dict:
@@ -158,8 +188,12 @@ def record(name: str, result: dict, *, print_only: bool = False, path: str | Non
     if print_only:
         print(json.dumps(result), flush=True)
         return result
-    entry = {"benchmark": name, "date": datetime.datetime.now(datetime.timezone.utc)
-             .isoformat(timespec="seconds"), "machine": machine(), **result}
+    entry = {
+        "benchmark": name,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        **result,
+    }
     file = results_path(path)
     entries = []
     if os.path.exists(file):

@@ -17,6 +17,7 @@ Usage: python benchmarks/forward_cost.py [--networks=unet,vae,inception] [--flop
   --tiny: tiny stand-ins of the UNet and VAE (the Inception has no tiny form), a smoke run.
 Prints one JSON line and appends it to the results file (common.py) unless --no_record.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,10 +76,15 @@ def unet_cost(args, unet_config) -> dict:
     for side in args.sizes:
         x = rng.standard_normal((args.batch, side, side, unet_config.in_channels), np.float32)
         t = np.full((args.batch,), 500.0, np.float32)
-        text = rng.standard_normal((args.batch, TEXT_TOKENS, unet_config.cross_attention_dim),
-                                   np.float32)
-        out["latents"].append({"latent": [side, side],
-                               **cost(forward, param_shapes, [x, t, text], args, per=args.batch)})
+        text = rng.standard_normal(
+            (args.batch, TEXT_TOKENS, unet_config.cross_attention_dim), np.float32
+        )
+        out["latents"].append(
+            {
+                "latent": [side, side],
+                **cost(forward, param_shapes, [x, t, text], args, per=args.batch),
+            }
+        )
     return out
 
 
@@ -90,9 +96,13 @@ def vae_cost(args, vae_config) -> dict:
     out = {"decoder_params": train_state.count_params(decoder), "latents": []}
     for side in args.sizes:
         z = rng.standard_normal((args.batch, side, side, vae_config.latent_channels), np.float32)
-        out["latents"].append({"latent": [side, side],
-                               "image_px": side * vae_config.downsample_factor,
-                               **cost(vae.decode, param_shapes, [z], args, per=args.batch)})
+        out["latents"].append(
+            {
+                "latent": [side, side],
+                "image_px": side * vae_config.downsample_factor,
+                **cost(vae.decode, param_shapes, [z], args, per=args.batch),
+            }
+        )
     return out
 
 
@@ -102,24 +112,47 @@ def inception_cost(args) -> dict:
     size = inception.INCEPTION_SIZE
     images = np.random.default_rng(2).random((args.inception_batch, size, size, 3), np.float32)
     # Its own random init: frozen batch norms need positive variances.
-    entry = cost(lambda p, x: model.apply({"params": p}, x), param_shapes, [images], args,
-                 per=args.inception_batch, make_params=inception.init_random_params)
-    return {"params": train_state.count_params(param_shapes), "batch": args.inception_batch,
-            "input": [size, size], **entry}
+    entry = cost(
+        lambda p, x: model.apply({"params": p}, x),
+        param_shapes,
+        [images],
+        args,
+        per=args.inception_batch,
+        make_params=inception.init_random_params,
+    )
+    return {
+        "params": train_state.count_params(param_shapes),
+        "batch": args.inception_batch,
+        "input": [size, size],
+        **entry,
+    }
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--networks", default=",".join(NETWORKS),
-                        help=f"comma-separated, of {', '.join(NETWORKS)}")
-    parser.add_argument("--flops_only", "--flops-only", dest="flops_only", action="store_true",
-                        help="lower and count FLOPs only: nothing allocated, compiled or timed")
-    parser.add_argument("--sizes", default="64,32",
-                        help="latent sides for the UNet and the VAE decoder (comma-separated)")
+    parser.add_argument(
+        "--networks", default=",".join(NETWORKS), help=f"comma-separated, of {', '.join(NETWORKS)}"
+    )
+    parser.add_argument(
+        "--flops_only",
+        "--flops-only",
+        dest="flops_only",
+        action="store_true",
+        help="lower and count FLOPs only: nothing allocated, compiled or timed",
+    )
+    parser.add_argument(
+        "--sizes",
+        default="64,32",
+        help="latent sides for the UNet and the VAE decoder (comma-separated)",
+    )
     parser.add_argument("--batch", type=int, default=1, help="UNet and VAE batch")
     parser.add_argument("--inception_batch", type=int, default=64)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="UNet and VAE compute dtype (the Inception computes in float32)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="UNet and VAE compute dtype (the Inception computes in float32)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per program")
     parser.add_argument("--tiny", action="store_true", help="tiny UNet and VAE (a smoke run)")
     add_output_flags(parser)
@@ -142,13 +175,21 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    unet_config, vae_config = ((TINY_UNET, TINY_VAE) if args.tiny
-                               else (unet_sd.UNetSDConfig(), VAEConfig()))
-    out = {"tiny": args.tiny, "dtype": args.dtype, "batch": args.batch,
-           "flops_only": args.flops_only, "device_kind": jax.devices()[0].device_kind}
-    measure = {"unet_sd": lambda: unet_cost(args, unet_config),
-               "vae_decoder": lambda: vae_cost(args, vae_config),
-               "inception": lambda: inception_cost(args)}
+    unet_config, vae_config = (
+        (TINY_UNET, TINY_VAE) if args.tiny else (unet_sd.UNetSDConfig(), VAEConfig())
+    )
+    out = {
+        "tiny": args.tiny,
+        "dtype": args.dtype,
+        "batch": args.batch,
+        "flops_only": args.flops_only,
+        "device_kind": jax.devices()[0].device_kind,
+    }
+    measure = {
+        "unet_sd": lambda: unet_cost(args, unet_config),
+        "vae_decoder": lambda: vae_cost(args, vae_config),
+        "inception": lambda: inception_cost(args),
+    }
     for name in args.networks:
         key = {"unet": "unet_sd", "vae": "vae_decoder", "inception": "inception"}[name]
         out[key] = measure[key]()

@@ -2,4 +2,5 @@
 
 Usage: python -m scflow_jax.main --config=configs/default.py[:tiny] --workdir=DIR
 """
+
 from scflow_jax.default_config import get_config  # noqa: F401

@@ -6,6 +6,7 @@ ones. Restores compare the saved tree with the expected one first, so a checkpoi
 another configuration fails with the name of the first mismatched parameter instead of a
 deep Orbax/TensorStore error.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,31 +38,36 @@ def _shape_of(meta) -> tuple | None:
 def check_tree_compatible(saved: Any, expected: Any, source: str) -> None:
     """Raises CheckpointMismatchError naming the first missing, unexpected or mis-shaped leaf."""
     saved_leaves = {_path_str(p): m for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
-    expected_leaves = {_path_str(p): a for p, a in
-                       jax.tree_util.tree_flatten_with_path(expected)[0]}
+    expected_leaves = {
+        _path_str(p): a for p, a in jax.tree_util.tree_flatten_with_path(expected)[0]
+    }
     missing = [k for k in expected_leaves if k not in saved_leaves]
     if missing:
         raise CheckpointMismatchError(
             f"{source}: parameter {missing[0]!r} is expected by the configuration but missing "
             f"from the checkpoint ({len(missing)} missing in all); was it written with "
-            f"another model configuration?")
+            f"another model configuration?"
+        )
     unexpected = [k for k in saved_leaves if k not in expected_leaves]
     if unexpected:
         raise CheckpointMismatchError(
             f"{source}: checkpoint has parameter {unexpected[0]!r} that the configuration "
-            f"does not build ({len(unexpected)} unexpected in all)")
+            f"does not build ({len(unexpected)} unexpected in all)"
+        )
     for key, abstract in expected_leaves.items():
         saved_shape = _shape_of(saved_leaves[key])
         want = tuple(getattr(abstract, "shape", ()))
         if saved_shape is not None and saved_shape != want:
             raise CheckpointMismatchError(
                 f"{source}: parameter {key!r} has shape {saved_shape} in the checkpoint but "
-                f"the configuration builds {want}")
+                f"the configuration builds {want}"
+            )
 
 
 def _abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
     return jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
 
 
 class Checkpointer:
@@ -70,11 +76,13 @@ class Checkpointer:
     def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
         self.directory = absolute(directory)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+        )
         # The explicit handler lets a fresh manager (a resumed run) read the saved tree's
         # metadata before restoring; without it Orbax cannot say what the item is.
         self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler())
+            self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler()
+        )
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

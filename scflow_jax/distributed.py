@@ -11,6 +11,7 @@ coordinator first waits for the coordinator's port to accept connections, and JA
 start-up runs in a helper thread whose wait is bounded, so both cases raise a
 ``DistributedInitError`` that says which config field to check, within the timeout.
 """
+
 from __future__ import annotations
 
 import socket
@@ -31,8 +32,7 @@ class DistributedInitError(RuntimeError):
 def _split_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise ValueError(f"config.distributed.coordinator_address={address!r} must be "
-                         f"'host:port'")
+        raise ValueError(f"config.distributed.coordinator_address={address!r} must be 'host:port'")
     return host.strip("[]"), int(port)
 
 
@@ -53,40 +53,57 @@ def wait_for_coordinator(address: str, timeout_s: float) -> None:
         f"accept connections within {timeout_s:g} s "
         f"(config.distributed.initialization_timeout); last error: {last_error}. Check that "
         f"process 0 is running on that host and port and that the port is reachable from "
-        f"this machine.")
+        f"this machine."
+    )
 
 
 def initialize(cfg) -> None:
     """Joins this process to the cluster described by ``cfg`` (config.distributed)."""
-    address, num_processes, process_id = (cfg.get("coordinator_address"),
-                                          cfg.get("num_processes"), cfg.get("process_id"))
+    address, num_processes, process_id = (
+        cfg.get("coordinator_address"),
+        cfg.get("num_processes"),
+        cfg.get("process_id"),
+    )
     timeout = int(cfg.get("initialization_timeout", 300))
     if timeout <= 0:
         raise ValueError(f"config.distributed.initialization_timeout={timeout} must be > 0")
     if num_processes is not None and num_processes < 1:
         raise ValueError(f"config.distributed.num_processes={num_processes} must be >= 1")
-    if process_id is not None and num_processes is not None and not (
-            0 <= process_id < num_processes):
-        raise ValueError(f"config.distributed.process_id={process_id} must lie in "
-                         f"[0, config.distributed.num_processes={num_processes})")
+    if (
+        process_id is not None
+        and num_processes is not None
+        and not (0 <= process_id < num_processes)
+    ):
+        raise ValueError(
+            f"config.distributed.process_id={process_id} must lie in "
+            f"[0, config.distributed.num_processes={num_processes})"
+        )
     # Older JAX had no CPU collectives by default; CPU clusters (and tests) need them.
     if hasattr(jax.config, "jax_cpu_collectives_implementation") and not (
-            jax.config.jax_cpu_collectives_implementation):
+        jax.config.jax_cpu_collectives_implementation
+    ):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
     started = time.monotonic()
     if address and process_id not in (None, 0):
         wait_for_coordinator(address, timeout)
-    logging.info("joining the JAX cluster: coordinator %s, process %s of %s (None: detected)",
-                 address, process_id, num_processes)
+    logging.info(
+        "joining the JAX cluster: coordinator %s, process %s of %s (None: detected)",
+        address,
+        process_id,
+        num_processes,
+    )
 
     outcome: dict = {}
 
     def connect():
         try:
             jax.distributed.initialize(
-                coordinator_address=address, num_processes=num_processes,
-                process_id=process_id, initialization_timeout=timeout + _JAX_DEADLINE_MARGIN_S)
+                coordinator_address=address,
+                num_processes=num_processes,
+                process_id=process_id,
+                initialization_timeout=timeout + _JAX_DEADLINE_MARGIN_S,
+            )
             outcome["ok"] = True
         except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
             outcome["error"] = e
@@ -108,11 +125,17 @@ def initialize(cfg) -> None:
             f"(config.distributed.num_processes) connected to the coordinator at "
             f"{address or '(auto-detected)'}. Check that every process was launched, with "
             f"the same num_processes and distinct process_id values. Exit this process now: "
-            f"JAX aborts it once its own deadline passes.")
+            f"JAX aborts it once its own deadline passes."
+        )
     if num_processes is not None and jax.process_count() != num_processes:
         raise DistributedInitError(
             f"config.distributed.num_processes={num_processes} but JAX reports "
-            f"{jax.process_count()} processes")
-    logging.info("JAX cluster ready: process %d of %d, %d local / %d global devices",
-                 jax.process_index(), jax.process_count(), jax.local_device_count(),
-                 jax.device_count())
+            f"{jax.process_count()} processes"
+        )
+    logging.info(
+        "JAX cluster ready: process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )

@@ -1,5 +1,6 @@
 """Stage ``evaluate``: the task's quality table (``Task.evaluate``: the digits classifier's FD and
 prompt accuracy; FID and CLIP score for the latent recipes), in ``<workdir>/eval/``."""
+
 from __future__ import annotations
 
 from scflow_jax import tasks

@@ -1,5 +1,6 @@
 """Stage ``export``: the distilled student in its teacher's own format (the task chooses it:
 a diffusers UNet folder, a guided-diffusion ``.safetensors``), for use outside this project."""
+
 from __future__ import annotations
 
 import jax

@@ -5,6 +5,7 @@ from t = 0 (data) to t = 1 (noise), ``x_t = t*z1 + (1-t)*z0`` and a velocity net
 ``F(t, x, c)`` predicts ``z1 - z0``. Every loss and sampler in the project speaks only this
 convention; teachers trained with another one are wrapped here, once, at the model boundary.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -53,8 +54,9 @@ def euler_move(x: jax.Array, t_from: jax.Array, t_to: jax.Array, velocity: jax.A
     return x + broadcast_time(t_to - t_from, x) * velocity
 
 
-def sample_time(rng: jax.Array, batch: int, *, integer_timesteps: bool = False,
-                num_timesteps: int = 1000) -> jax.Array:
+def sample_time(
+    rng: jax.Array, batch: int, *, integer_timesteps: bool = False, num_timesteps: int = 1000
+) -> jax.Array:
     """Training times: t ~ U[0, 1), or t = k/num_timesteps with k ~ U{0..num_timesteps-1}."""
     if integer_timesteps:
         k = jax.random.randint(rng, (batch,), 0, num_timesteps)
@@ -80,7 +82,9 @@ def floor_to_timestep(t: jax.Array, num_timesteps: int = 1000) -> jax.Array:
     return timestep_index(t, num_timesteps).astype(jnp.float32) / num_timesteps
 
 
-def classifier_free_guidance(v_cond: jax.Array, v_null: jax.Array, scale: float | jax.Array) -> jax.Array:
+def classifier_free_guidance(
+    v_cond: jax.Array, v_null: jax.Array, scale: float | jax.Array
+) -> jax.Array:
     """``F_w = F(c_null) + w * (F(c) - F(c_null))``; w = 1 is the conditional model."""
     return v_null + scale * (v_cond - v_null)
 
@@ -93,8 +97,11 @@ def guided_velocity(velocity_fn: VelocityFn, params, t, x, cond, null_cond, scal
     if null_cond is None or (isinstance(scale, (int, float)) and scale == 1.0):
         return velocity_fn(params, t, x, cond)
     null = jnp.broadcast_to(null_cond, cond.shape).astype(cond.dtype)
-    v_cond, v_null = paired_batch.split(velocity_fn(
-        params, paired_batch.join(t, t), paired_batch.join(x, x), paired_batch.join(cond, null)))
+    v_cond, v_null = paired_batch.split(
+        velocity_fn(
+            params, paired_batch.join(t, t), paired_batch.join(x, x), paired_batch.join(cond, null)
+        )
+    )
     return classifier_free_guidance(v_cond, v_null, scale)
 
 

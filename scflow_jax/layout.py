@@ -12,6 +12,7 @@ one another:
     <workdir>/samples/<model>_<sampler>_<N>steps/   --mode=sample
     <workdir>/export/                    --mode=export (unless config.export.output_dir)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,6 +26,7 @@ TRAINING_STAGES = (TEACHER, DISTILL)
 @dataclasses.dataclass
 class StageDirs:
     """The folders of a training stage."""
+
     root: str
 
     @property

@@ -6,6 +6,7 @@ produces one set of files.
 Output files (JSON, PNG and the bytes of any other file) are written atomically through
 etils.epath, so a workdir may be local or a ``gs://`` bucket.
 """
+
 from __future__ import annotations
 
 import io
@@ -37,7 +38,9 @@ class MetricWriter:
     sends (TensorBoard reads every event file of a folder).
     """
 
-    def __init__(self, logdir: str, *, upload_every_s: float = 60.0, max_file_bytes: int = 16 << 20):
+    def __init__(
+        self, logdir: str, *, upload_every_s: float = 60.0, max_file_bytes: int = 16 << 20
+    ):
         self._writer = None
         if not is_main_process():
             return
@@ -52,10 +55,13 @@ class MetricWriter:
 
     def _open(self) -> None:
         from tensorboardX import SummaryWriter
+
         # The suffix tells the current file from finished ones, and keeps the files of one run
         # apart when two start within the same second.
         self._suffix = f".{self._segment:04d}"
-        self._writer = SummaryWriter(logdir=self._local_dir, flush_secs=30, filename_suffix=self._suffix)
+        self._writer = SummaryWriter(
+            logdir=self._local_dir, flush_secs=30, filename_suffix=self._suffix
+        )
 
     def _upload(self) -> bool:
         """Copies every local event file that changed since its last copy to the remote logdir
@@ -71,7 +77,9 @@ class MetricWriter:
                 with open(os.path.join(self._local_dir, name), "rb") as f:
                     write_bytes_atomic(target, f.read())
             except Exception as e:  # noqa: BLE001 (any storage error: network, permissions, quota)
-                logging.warning("could not copy TensorBoard events to %s (%s); will retry", target, e)
+                logging.warning(
+                    "could not copy TensorBoard events to %s (%s); will retry", target, e
+                )
                 return False
             self._uploaded_sizes[name] = size
         return True
@@ -82,7 +90,9 @@ class MetricWriter:
         self._writer.flush()
         if not self._upload():
             return
-        current = [size for name, size in self._uploaded_sizes.items() if name.endswith(self._suffix)]
+        current = [
+            size for name, size in self._uploaded_sizes.items() if name.endswith(self._suffix)
+        ]
         if max(current, default=0) >= self._max_file_bytes:
             self._writer.close()  # later records go to a new file
             self._segment += 1
@@ -91,7 +101,9 @@ class MetricWriter:
         # A finished file, once copied at its final size, is only needed in the bucket.
         for name in os.listdir(self._local_dir):
             path = os.path.join(self._local_dir, name)
-            if not name.endswith(self._suffix) and self._uploaded_sizes.get(name) == os.path.getsize(path):
+            if not name.endswith(self._suffix) and self._uploaded_sizes.get(
+                name
+            ) == os.path.getsize(path):
                 os.remove(path)
                 del self._uploaded_sizes[name]
 
@@ -115,14 +127,19 @@ class MetricWriter:
                 if self._upload():
                     shutil.rmtree(self._local_dir, ignore_errors=True)
                 else:
-                    logging.warning("TensorBoard events not copied to %s are kept in %s",
-                                    self._logdir, self._local_dir)
+                    logging.warning(
+                        "TensorBoard events not copied to %s are kept in %s",
+                        self._logdir,
+                        self._local_dir,
+                    )
             self._writer = None
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """[-1, 1] floats -> uint8 in [0, 255]."""
-    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(
+        np.uint8
+    )
 
 
 def image_grid(images: np.ndarray, rows: int, upscale: int = 1, pad: int = 1) -> np.ndarray:
@@ -138,8 +155,10 @@ def image_grid(images: np.ndarray, rows: int, upscale: int = 1, pad: int = 1) ->
     grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
     for i in range(n):
         r, col = divmod(i, cols)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h,
-             pad + col * (w + pad):pad + col * (w + pad) + w] = images[i]
+        grid[
+            pad + r * (h + pad) : pad + r * (h + pad) + h,
+            pad + col * (w + pad) : pad + col * (w + pad) + w,
+        ] = images[i]
     return grid
 
 
@@ -205,6 +224,13 @@ class Progress:
         eta = (self.total - step) / rate if rate > 0 else float("inf")
         shown = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
         if is_main_process():
-            logging.info("[%s] step %d/%d | %s | %.2f steps/s | ETA %s", self.stage, step,
-                         self.total, shown, rate, format_duration(eta))
+            logging.info(
+                "[%s] step %d/%d | %s | %.2f steps/s | ETA %s",
+                self.stage,
+                step,
+                self.total,
+                shown,
+                rate,
+                format_duration(eta),
+            )
         return {"steps_per_sec": rate}

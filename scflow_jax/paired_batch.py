@@ -10,6 +10,7 @@ from ``a``, row 2i+1 from ``b``), each device's rows of the joined batch are its
 ``a`` and ``b``: joining and splitting move no data between devices. Networks treat samples
 independently, so the layout changes no result.
 """
+
 from __future__ import annotations
 
 import jax

@@ -12,6 +12,7 @@ A network with its own ``remat`` field (per-block remat, the better choice for d
 networks) receives the name; any other Linen module is wrapped whole with ``nn.remat``,
 which keeps its parameter tree unchanged.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,8 +41,9 @@ def remat_name(config) -> str:
 def compute_dtype(config) -> Any:
     name = _precision(config, "compute_dtype")
     if name not in COMPUTE_DTYPES:
-        raise ValueError(f"config.precision.compute_dtype={name!r}; expected one of "
-                         f"{sorted(COMPUTE_DTYPES)}")
+        raise ValueError(
+            f"config.precision.compute_dtype={name!r}; expected one of {sorted(COMPUTE_DTYPES)}"
+        )
     return COMPUTE_DTYPES[name]
 
 
@@ -51,8 +53,9 @@ def decode_dtype(config) -> Any:
     the decoder, which at 512 px costs more than the one-step UNet, cheaper on accelerators."""
     name = _precision(config, "decode_dtype")
     if name not in COMPUTE_DTYPES:
-        raise ValueError(f"config.precision.decode_dtype={name!r}; expected one of "
-                         f"{sorted(COMPUTE_DTYPES)}")
+        raise ValueError(
+            f"config.precision.decode_dtype={name!r}; expected one of {sorted(COMPUTE_DTYPES)}"
+        )
     return COMPUTE_DTYPES[name]
 
 
@@ -62,7 +65,8 @@ def validate(config) -> None:
         raise ValueError(
             f"config.precision.param_dtype={name!r} is not supported: parameters, optimizer "
             f"moments and EMAs are kept in float32 (an EMA at rate 0.9999 does not move in "
-            f"bfloat16); use compute_dtype='bfloat16' for bfloat16 compute")
+            f"bfloat16); use compute_dtype='bfloat16' for bfloat16 compute"
+        )
     compute_dtype(config)
     decode_dtype(config)
     remat_policy(remat_name(config))
@@ -75,18 +79,31 @@ def remat_policy(name: str):
     if name == "full":
         return jax.checkpoint_policies.nothing_saveable
     policy = getattr(jax.checkpoint_policies, name, None)
-    if policy is None or name.startswith("_") or name in (
-            "save_from_both_policies", "save_only_these_names", "save_any_names_but_these",
-            "save_anything_except_these_names", "save_and_offload_only_these_names"):
+    if (
+        policy is None
+        or name.startswith("_")
+        or name
+        in (
+            "save_from_both_policies",
+            "save_only_these_names",
+            "save_any_names_but_these",
+            "save_anything_except_these_names",
+            "save_and_offload_only_these_names",
+        )
+    ):
         raise ValueError(
             f"config.model.remat={name!r}; expected 'none', 'full' or a jax.checkpoint_policies "
-            f"policy such as 'dots_saveable' or 'dots_with_no_batch_dims_saveable'")
+            f"policy such as 'dots_saveable' or 'dots_with_no_batch_dims_saveable'"
+        )
     return policy
 
 
 def _init_fields(module: nn.Module) -> dict:
-    return {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
-            if f.init and f.name not in ("parent", "name")}
+    return {
+        f.name: getattr(module, f.name)
+        for f in dataclasses.fields(module)
+        if f.init and f.name not in ("parent", "name")
+    }
 
 
 def configure_module(module: nn.Module, *, dtype: Any, remat: str) -> nn.Module:
@@ -95,8 +112,7 @@ def configure_module(module: nn.Module, *, dtype: Any, remat: str) -> nn.Module:
     if "dtype" in fields:
         fields["dtype"] = dtype
     elif dtype != jnp.float32:
-        logging.warning("%s has no dtype field: it computes in float32",
-                        type(module).__name__)
+        logging.warning("%s has no dtype field: it computes in float32", type(module).__name__)
     policy = remat_policy(remat)
     cls = type(module)
     if "remat" in fields:
@@ -141,5 +157,7 @@ def configure_task(task, config):
     if dtype == jnp.float32 and remat == "none":
         return task
     return dataclasses.replace(
-        task, model=configure_module(task.model, dtype=dtype, remat=remat),
-        discriminator=configure_module(task.discriminator, dtype=dtype, remat=remat))
+        task,
+        model=configure_module(task.model, dtype=dtype, remat=remat),
+        discriminator=configure_module(task.discriminator, dtype=dtype, remat=remat),
+    )

@@ -6,6 +6,7 @@ Writes ``<workdir>/samples/<model>_<sampler>_<N>steps/``: one PNG per sample (``
 or ``<index>.png`` without prompts), ``grid.png`` (a row per prompt) and ``prompts.txt``. How the
 samples are drawn (noise, batches, decoding) is the task's ``sample_images``.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,8 +46,9 @@ def run(config, workdir: str, prompts=(), prompts_file: str | None = None):
     return write_samples(config, workdir, read_prompts(given, prompts_file))
 
 
-def _write_outputs(out_dir: str, names: list[str], images: np.ndarray, grid: np.ndarray,
-                   prompts: list[str] | None) -> None:
+def _write_outputs(
+    out_dir: str, names: list[str], images: np.ndarray, grid: np.ndarray, prompts: list[str] | None
+) -> None:
     """One PNG per sample, ``grid.png`` and ``prompts.txt`` (local or gs://), by process 0 only."""
     if not monitoring.is_main_process():
         return
@@ -54,16 +56,18 @@ def _write_outputs(out_dir: str, names: list[str], images: np.ndarray, grid: np.
         monitoring.save_png(os.path.join(out_dir, name), monitoring.to_uint8(image))
     monitoring.save_png(os.path.join(out_dir, "grid.png"), grid)
     if prompts:
-        monitoring.write_bytes_atomic(os.path.join(out_dir, "prompts.txt"),
-                                      ("\n".join(prompts) + "\n").encode("utf-8"))
+        monitoring.write_bytes_atomic(
+            os.path.join(out_dir, "prompts.txt"), ("\n".join(prompts) + "\n").encode("utf-8")
+        )
 
 
 def _model_params(config, workdir: str, task, mesh):
     """The sampled network's parameters, whole on every device."""
     model = config.sample.model
     if model == "teacher":
-        return tasks.load_teacher(task, config, workdir,
-                                  lambda abstract: sharding.sampler_shardings(abstract, mesh))
+        return tasks.load_teacher(
+            task, config, workdir, lambda abstract: sharding.sampler_shardings(abstract, mesh)
+        )
     path = layout.student_params_path(workdir)
     if not checkpoint.params_exist(path):
         raise FileNotFoundError(f"no student parameters at {path}: run --mode=distill first")
@@ -80,8 +84,10 @@ def write_samples(config, workdir: str, prompts: list[str] | None) -> list[str]:
     task = precision.configure_task(tasks.build_task(config), config)
     if task.unconditional:
         if prompts:
-            raise ValueError(f"config.data.name={config.data.name!r} is unconditional: it takes "
-                             f"no prompts (set config.sample.num_images)")
+            raise ValueError(
+                f"config.data.name={config.data.name!r} is unconditional: it takes "
+                f"no prompts (set config.sample.num_images)"
+            )
         num, rows = cfg.num_images, max(1, int(np.sqrt(cfg.num_images)))
         while num % rows:
             rows -= 1
@@ -97,8 +103,9 @@ def write_samples(config, workdir: str, prompts: list[str] | None) -> list[str]:
     steps = cfg.num_steps if isinstance(cfg.num_steps, (tuple, list)) else (cfg.num_steps,)
     out_dirs = []
     for num_steps in steps:
-        images = task.sample_images(params, cond, num, num_steps=num_steps, config=config,
-                                    mesh=mesh)
+        images = task.sample_images(
+            params, cond, num, num_steps=num_steps, config=config, mesh=mesh
+        )
         out_dir = layout.samples_dir(workdir, cfg.model, cfg.sampler, num_steps)
         grid = monitoring.image_grid(images, rows=rows, upscale=task.sample_grid_upscale)
         _write_outputs(out_dir, names, images, grid, prompts)

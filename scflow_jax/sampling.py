@@ -3,6 +3,7 @@
 The whole trajectory is a ``lax.fori_loop`` inside one jitted function, so XLA fuses the
 update arithmetic into the network calls and no Python loop dispatches per step.
 """
+
 from __future__ import annotations
 
 import functools
@@ -33,10 +34,19 @@ def sample_noise(seed: int, indices: jax.Array, shape: Sequence[int]) -> jax.Arr
     return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), tuple(shape)))(indices)
 
 
-def sample(velocity_fn: flows.VelocityFn, params: Any, z1: jax.Array, cond: Any, *,
-           num_steps: int, method: str = "euler", null_cond: Any = None,
-           guidance: float = 1.0, stochastic_beta: float | None = None,
-           rng: jax.Array | None = None) -> jax.Array:
+def sample(
+    velocity_fn: flows.VelocityFn,
+    params: Any,
+    z1: jax.Array,
+    cond: Any,
+    *,
+    num_steps: int,
+    method: str = "euler",
+    null_cond: Any = None,
+    guidance: float = 1.0,
+    stochastic_beta: float | None = None,
+    rng: jax.Array | None = None,
+) -> jax.Array:
     """Integrates dx/dt = F(t, x, c) from t = 1 to t = 0 on the uniform grid.
 
     ``num_steps`` may be a traced integer: one compiled program then serves every step count
@@ -76,13 +86,16 @@ def sample(velocity_fn: flows.VelocityFn, params: Any, z1: jax.Array, cond: Any,
     return jax.lax.fori_loop(0, num_steps, body, z1)
 
 
-def make_sampler(velocity_fn: flows.VelocityFn, *, num_steps: int, method: str = "euler",
-                 guidance: float = 1.0):
+def make_sampler(
+    velocity_fn: flows.VelocityFn, *, num_steps: int, method: str = "euler", guidance: float = 1.0
+):
     """A jitted ``(params, z1, cond, null_cond) -> x0`` for a fixed step count and guidance."""
-    fn = functools.partial(sample, velocity_fn, num_steps=num_steps, method=method,
-                           guidance=guidance)
-    return jax.jit(lambda params, z1, cond, null_cond=None: fn(params, z1, cond,
-                                                               null_cond=null_cond))
+    fn = functools.partial(
+        sample, velocity_fn, num_steps=num_steps, method=method, guidance=guidance
+    )
+    return jax.jit(
+        lambda params, z1, cond, null_cond=None: fn(params, z1, cond, null_cond=null_cond)
+    )
 
 
 def network_calls(num_steps: int, method: str, guidance: float) -> int:

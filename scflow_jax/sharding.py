@@ -12,6 +12,7 @@ Flax parameter tree, and it is also why optimizer moments, the target network an
 
 Global batch arithmetic is checked here, once, with errors that name the config field.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
-DEFAULT_FSDP_MIN_SIZE = 2 ** 16
+DEFAULT_FSDP_MIN_SIZE = 2**16
 
 
 def resolve_mesh_shape(num_data: int, num_fsdp: int, num_devices: int) -> tuple[int, int]:
@@ -34,41 +35,51 @@ def resolve_mesh_shape(num_data: int, num_fsdp: int, num_devices: int) -> tuple[
         if value == 0 or value < -1:
             raise ValueError(f"config.mesh.{name}={value} must be a positive size or -1")
     if num_data == -1 and num_fsdp == -1:
-        raise ValueError("config.mesh.data and config.mesh.fsdp are both -1; at most one axis "
-                         "can be filled with the remaining devices")
+        raise ValueError(
+            "config.mesh.data and config.mesh.fsdp are both -1; at most one axis "
+            "can be filled with the remaining devices"
+        )
     if num_data == -1 or num_fsdp == -1:
         known = num_fsdp if num_data == -1 else num_data
         if num_devices % known:
             raise ValueError(
                 f"config.mesh.{'fsdp' if num_data == -1 else 'data'}={known} does not divide "
-                f"the {num_devices} devices in use, so the other mesh axis (-1) cannot fill them")
+                f"the {num_devices} devices in use, so the other mesh axis (-1) cannot fill them"
+            )
         filled = num_devices // known
         return (filled, known) if num_data == -1 else (known, filled)
     if num_data * num_fsdp != num_devices:
         shape = f"config.mesh.data={num_data}" + (
-            f" x config.mesh.fsdp={num_fsdp} = {num_data * num_fsdp}" if num_fsdp != 1 else "")
-        raise ValueError(f"{shape} does not match the {num_devices} devices in use "
-                         f"(use -1 for one axis to fill the mesh)")
+            f" x config.mesh.fsdp={num_fsdp} = {num_data * num_fsdp}" if num_fsdp != 1 else ""
+        )
+        raise ValueError(
+            f"{shape} does not match the {num_devices} devices in use "
+            f"(use -1 for one axis to fill the mesh)"
+        )
     return num_data, num_fsdp
 
 
-def make_mesh(num_data: int = -1, num_devices: int = -1, num_fsdp: int = 1, devices=None) -> jax.sharding.Mesh:
+def make_mesh(
+    num_data: int = -1, num_devices: int = -1, num_fsdp: int = 1, devices=None
+) -> jax.sharding.Mesh:
     """A ``(data, fsdp)`` mesh over the first ``num_devices`` devices (-1: all of them) of ``devices``
     (default ``jax.devices()``; a deviceless topology's devices plan a step for hardware not present)."""
     available = list(jax.devices() if devices is None else devices)
     if num_devices == -1:
         num_devices = len(available)
     if not 1 <= num_devices <= len(available):
-        raise ValueError(f"config.mesh.num_devices={num_devices} but {len(available)} "
-                         f"devices are available")
+        raise ValueError(
+            f"config.mesh.num_devices={num_devices} but {len(available)} devices are available"
+        )
     if num_devices != len(available) and jax.process_count() > 1:
         raise ValueError("config.mesh.num_devices must be -1 (all devices) in a multi-process run")
     shape = resolve_mesh_shape(num_data, num_fsdp, num_devices)
     # Auto axes: XLA propagates shardings from the annotated inputs and outputs (GSPMD),
     # so model code needs no sharding annotations of its own.
     auto = jax.sharding.AxisType.Auto
-    return jax.make_mesh(shape, BATCH_AXES, axis_types=(auto, auto),
-                         devices=available[:num_devices])
+    return jax.make_mesh(
+        shape, BATCH_AXES, axis_types=(auto, auto), devices=available[:num_devices]
+    )
 
 
 def mesh_from_config(config, devices=None) -> jax.sharding.Mesh:
@@ -85,11 +96,13 @@ def check_global_batch(global_batch: int, mesh: jax.sharding.Mesh, field: str) -
         raise ValueError(
             f"{field}={global_batch} is not divisible by the number of devices in the mesh "
             f"({n_dev} = config.mesh.data {dict(mesh.shape).get(DATA_AXIS, 1)} x "
-            f"config.mesh.fsdp {fsdp_size(mesh)}); choose a multiple of {n_dev}")
+            f"config.mesh.fsdp {fsdp_size(mesh)}); choose a multiple of {n_dev}"
+        )
     n_proc = jax.process_count()
     if global_batch % n_proc:
         raise ValueError(
-            f"{field}={global_batch} is not divisible by the number of processes ({n_proc})")
+            f"{field}={global_batch} is not divisible by the number of processes ({n_proc})"
+        )
     return global_batch // n_proc
 
 
@@ -124,14 +137,17 @@ class ShardingRules:
     """FSDP rule: a leaf with at least ``fsdp_min_size`` elements is split over the ``fsdp``
     axis along its largest dimension that the axis size divides. A large leaf with no such
     dimension is replicated, or is an error naming it when ``strict``."""
+
     fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE
     strict: bool = False
 
     @classmethod
     def from_config(cls, config) -> "ShardingRules":
         m = config.mesh
-        rules = cls(fsdp_min_size=m.get("fsdp_min_size", DEFAULT_FSDP_MIN_SIZE),
-                    strict=m.get("fsdp_strict", False))
+        rules = cls(
+            fsdp_min_size=m.get("fsdp_min_size", DEFAULT_FSDP_MIN_SIZE),
+            strict=m.get("fsdp_strict", False),
+        )
         if rules.fsdp_min_size < 1:
             raise ValueError(f"config.mesh.fsdp_min_size={rules.fsdp_min_size} must be >= 1")
         return rules
@@ -141,8 +157,9 @@ class UnshardableParameterError(ValueError):
     """Strict FSDP: a large parameter has no dimension the fsdp axis size divides."""
 
 
-def fsdp_spec(shape: tuple[int, ...], num_fsdp: int, rules: ShardingRules,
-              name: str = "") -> P | None:
+def fsdp_spec(
+    shape: tuple[int, ...], num_fsdp: int, rules: ShardingRules, name: str = ""
+) -> P | None:
     """The PartitionSpec of a leaf of ``shape``; ``None`` when a large leaf cannot be split."""
     if num_fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < rules.fsdp_min_size:
         return P()
@@ -153,7 +170,8 @@ def fsdp_spec(shape: tuple[int, ...], num_fsdp: int, rules: ShardingRules,
                 f"parameter {name!r} of shape {tuple(shape)} has no dimension divisible by "
                 f"config.mesh.fsdp={num_fsdp}; choose another fsdp size, raise "
                 f"config.mesh.fsdp_min_size above {int(np.prod(shape))}, or set "
-                f"config.mesh.fsdp_strict=False to replicate it")
+                f"config.mesh.fsdp_strict=False to replicate it"
+            )
         return None
     # Largest dimension; ties go to the later one (a kernel's output features).
     axis = max(divisible, key=lambda i: (shape[i], i))
@@ -173,17 +191,25 @@ class ShardingSummary:
     unshardable: list = dataclasses.field(default_factory=list)  # large leaves kept whole
 
     def describe(self) -> str:
-        mb = lambda b: b / 2 ** 20  # noqa: E731
-        text = (f"FSDP: {self.sharded_leaves} arrays ({mb(self.sharded_bytes):.1f} MiB) sharded, "
-                f"{self.replicated_leaves} arrays ({mb(self.replicated_bytes):.1f} MiB) replicated")
+        mb = lambda b: b / 2**20  # noqa: E731
+        text = (
+            f"FSDP: {self.sharded_leaves} arrays ({mb(self.sharded_bytes):.1f} MiB) sharded, "
+            f"{self.replicated_leaves} arrays ({mb(self.replicated_bytes):.1f} MiB) replicated"
+        )
         if self.unshardable:
-            text += (f"; {len(self.unshardable)} large arrays have no dimension divisible by the "
-                     f"fsdp size and are replicated, e.g. {self.unshardable[0]}")
+            text += (
+                f"; {len(self.unshardable)} large arrays have no dimension divisible by the "
+                f"fsdp size and are replicated, e.g. {self.unshardable[0]}"
+            )
         return text
 
 
-def state_shardings(abstract_state: Any, mesh, rules: ShardingRules | None = None,
-                    summary: ShardingSummary | None = None) -> Any:
+def state_shardings(
+    abstract_state: Any,
+    mesh,
+    rules: ShardingRules | None = None,
+    summary: ShardingSummary | None = None,
+) -> Any:
     """NamedShardings for a state pytree under the FSDP ``rules`` (replicated when the mesh's
     fsdp axis is 1). ``summary``, if given, is filled with sharded/replicated counts."""
     rules = rules or ShardingRules()
@@ -265,8 +291,10 @@ def shard_batch(local_batch: dict, mesh) -> dict:
     """Process-local numpy arrays (this process's rows, see process_batch_indices) -> global
     jax arrays split over the batch axes."""
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-            for k, v in local_batch.items()}
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+        for k, v in local_batch.items()
+    }
 
 
 def shard_global_batch(batch: Any, mesh) -> Any:
@@ -282,9 +310,12 @@ def shard_global_batch(batch: Any, mesh) -> Any:
     def one(x):
         x = np.asarray(x)
         if not x.ndim or x.shape[0] % mesh.devices.size:
-            raise ValueError(f"a global batch of shape {x.shape} does not split over the "
-                             f"{mesh.devices.size} devices of the mesh (pad it with pad_batch)")
+            raise ValueError(
+                f"a global batch of shape {x.shape} does not split over the "
+                f"{mesh.devices.size} devices of the mesh (pad it with pad_batch)"
+            )
         return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
+
     return jax.tree.map(one, batch)
 
 
@@ -292,11 +323,13 @@ def pad_batch(batch: Any, size: int) -> Any:
     """Every array of ``batch`` with copies of its last row appended up to ``size`` rows (a
     short batch in a compiled shape, or a multiple of the device count); callers drop the
     rows past the original count."""
+
     def one(x):
         x = np.asarray(x)
         if not 1 <= len(x) <= size:
             raise ValueError(f"cannot pad a batch of {len(x)} rows to {size} rows")
         return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)]) if len(x) < size else x
+
     return jax.tree.map(one, batch)
 
 
@@ -313,10 +346,12 @@ def put_replicated(tree: Any, mesh) -> Any:
 def to_host(tree: Any) -> Any:
     """Global arrays -> numpy on every process (an all-gather when another process holds
     part of an array; a plain copy otherwise). Collective: every process must call it."""
+
     def one(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return np.asarray(x)
+
     return jax.tree.map(one, tree)
 
 

@@ -1,4 +1,5 @@
 """Stage ``train_teacher``: a rectified-flow teacher trained from scratch on the task data."""
+
 from __future__ import annotations
 
 import functools
@@ -7,8 +8,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from scflow_jax import (checkpoint, layout, precision, sharding, tasks, train_state, trainer,
-                        xla_gpu)
+from scflow_jax import checkpoint, layout, precision, sharding, tasks, train_state, trainer, xla_gpu
 from scflow_jax.losses import flow_matching
 
 STAGE = layout.TEACHER
@@ -24,12 +24,12 @@ def split_microbatches(batch: dict, num_micro: int, mesh) -> dict:
     Strided rather than contiguous: every device then holds an equal part of every
     microbatch, so each accumulation step uses all devices with no data movement.
     """
-    spec = jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
 
     def split(x):
         x = x.reshape((x.shape[0] // num_micro, num_micro) + x.shape[1:]).swapaxes(0, 1)
         return jax.lax.with_sharding_constraint(x, spec)
+
     return jax.tree.map(split, batch)
 
 
@@ -42,12 +42,21 @@ def check_grad_accum(cfg, mesh, field: str = "config.teacher") -> int:
         raise ValueError(
             f"{field}.batch_size={cfg.batch_size} must split into {field}.grad_accum_steps="
             f"{steps} microbatches that each divide over the {mesh.devices.size} devices "
-            f"(a multiple of {steps * mesh.devices.size})")
+            f"(a multiple of {steps * mesh.devices.size})"
+        )
     return steps
 
 
-def make_train_step(task: tasks.Task, cfg, optimizer, mesh, root_key, state_shardings=None,
-                    compiler_options=None, rules: sharding.ShardingRules | None = None):
+def make_train_step(
+    task: tasks.Task,
+    cfg,
+    optimizer,
+    mesh,
+    root_key,
+    state_shardings=None,
+    compiler_options=None,
+    rules: sharding.ShardingRules | None = None,
+):
     """The jitted, donated teacher step: flow-matching loss, AdamW, EMA.
 
     With ``cfg.grad_accum_steps = k > 1`` the global batch is processed as k microbatches
@@ -62,9 +71,14 @@ def make_train_step(task: tasks.Task, cfg, optimizer, mesh, root_key, state_shar
 
     def loss_and_grads(params, batch, rng, null_cond):
         loss_fn = functools.partial(
-            flow_matching.flow_matching_loss, velocity_fn=velocity_fn, z0=batch["image"],
-            cond=batch["cond"], rng=rng, null_cond=null_cond,
-            cond_drop_prob=cfg.cond_drop_prob)
+            flow_matching.flow_matching_loss,
+            velocity_fn=velocity_fn,
+            z0=batch["image"],
+            cond=batch["cond"],
+            rng=rng,
+            null_cond=null_cond,
+            cond_drop_prob=cfg.cond_drop_prob,
+        )
         (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return aux, grads
 
@@ -73,37 +87,50 @@ def make_train_step(task: tasks.Task, cfg, optimizer, mesh, root_key, state_shar
         if num_micro == 1:
             aux, grads = loss_and_grads(state.params, batch, rng, null_cond)
         else:
+
             def accumulate(grad_sum, micro):
                 index, microbatch = micro
-                aux, grads = loss_and_grads(state.params, microbatch,
-                                            jax.random.fold_in(rng, index), null_cond)
+                aux, grads = loss_and_grads(
+                    state.params, microbatch, jax.random.fold_in(rng, index), null_cond
+                )
                 return jax.tree.map(jnp.add, grad_sum, grads), aux
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             grad_sum, auxs = jax.lax.scan(
-                accumulate, zeros,
-                (jnp.arange(num_micro), split_microbatches(batch, num_micro, mesh)))
+                accumulate,
+                zeros,
+                (jnp.arange(num_micro), split_microbatches(batch, num_micro, mesh)),
+            )
             grads = jax.tree.map(lambda g: g / num_micro, grad_sum)
             aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), auxs)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = jax.tree.map(jnp.add, state.params, updates)
         new_state = state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state,
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
             ema_params=train_state.ema_update(
-                state.ema_params, params, train_state.warmed_up_ema_rate(cfg.ema_rate, state.step)))
+                state.ema_params, params, train_state.warmed_up_ema_rate(cfg.ema_rate, state.step)
+            ),
+        )
         return new_state, {**aux, "grad_norm": train_state.global_norm(grads)}
 
     # Explicit output shardings keep the state's layout fixed from step to step.
-    out = {} if state_shardings is None else {
-        "out_shardings": (state_shardings, sharding.replicated(mesh))}
+    out = (
+        {}
+        if state_shardings is None
+        else {"out_shardings": (state_shardings, sharding.replicated(mesh))}
+    )
     jitted = jax.jit(step_fn, donate_argnums=(0,), compiler_options=compiler_options, **out)
     return lambda state, batch: jitted(state, batch, null_cond)
 
 
 def train_teacher(config, workdir: str):
     if tasks.task_class(config).pretrained_teacher:
-        raise ValueError(f"config.data.name={config.data.name!r} distills a pretrained teacher "
-                         f"(config.model.teacher_path): there is no train_teacher stage")
+        raise ValueError(
+            f"config.data.name={config.data.name!r} distills a pretrained teacher "
+            f"(config.model.teacher_path): there is no train_teacher stage"
+        )
     cfg = config.teacher
     mesh = sharding.mesh_from_config(config)
     sharding.check_global_batch(cfg.batch_size, mesh, "config.teacher.batch_size")
@@ -115,28 +142,57 @@ def train_teacher(config, workdir: str):
 
     def init_fn():
         params = task.init_params(init_key)
-        return train_state.FlowTrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                          ema_params=params, opt_state=optimizer.init(params))
+        return train_state.FlowTrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            ema_params=params,
+            opt_state=optimizer.init(params),
+        )
 
     rules = sharding.ShardingRules.from_config(config)
     state, abstract, shardings = trainer.init_state(init_fn, mesh, rules)
-    data = task.batches(cfg.batch_size, seed=config.seed,
-                        process_rows=sharding.process_batch_indices(mesh, cfg.batch_size))
+    data = task.batches(
+        cfg.batch_size,
+        seed=config.seed,
+        process_rows=sharding.process_batch_indices(mesh, cfg.batch_size),
+    )
     trainer.log_parameter_overview(state.params, "teacher")
-    logging.info("[teacher] %d parameters, %d training examples, global batch %d",
-                 train_state.count_params(state.params), data.num_examples, cfg.batch_size)
+    logging.info(
+        "[teacher] %d parameters, %d training examples, global batch %d",
+        train_state.count_params(state.params),
+        data.num_examples,
+        cfg.batch_size,
+    )
     grid = task.grid_sampler(config.seed, num_steps=16)
     result = trainer.run_loop(
-        stage=STAGE, dirs=dirs, loop=trainer.LoopConfig(
-            cfg.num_steps, cfg.log_every, cfg.checkpoint_every, cfg.keep_checkpoints,
-            cfg.sample_every),
-        state=state, abstract_state=abstract, state_shardings=shardings,
-        train_step=make_train_step(task, cfg, optimizer, mesh, root_key, shardings,
-                                   compiler_options=xla_gpu.from_config(config, mesh), rules=rules),
-        batch_fn=data.batch, mesh=mesh,
+        stage=STAGE,
+        dirs=dirs,
+        loop=trainer.LoopConfig(
+            cfg.num_steps,
+            cfg.log_every,
+            cfg.checkpoint_every,
+            cfg.keep_checkpoints,
+            cfg.sample_every,
+        ),
+        state=state,
+        abstract_state=abstract,
+        state_shardings=shardings,
+        train_step=make_train_step(
+            task,
+            cfg,
+            optimizer,
+            mesh,
+            root_key,
+            shardings,
+            compiler_options=xla_gpu.from_config(config, mesh),
+            rules=rules,
+        ),
+        batch_fn=data.batch,
+        mesh=mesh,
         # Replicated parameters make the grid a replicated array every process can read.
         sample_images=lambda state: grid(sharding.put_replicated(state.ema_params, mesh)),
-        grid_rows=task.grid_rows)
+        grid_rows=task.grid_rows,
+    )
     if not result.preempted:
         # The EMA is the teacher that distillation and evaluation use.
         checkpoint.save_params(dirs.params, result.state.ema_params)

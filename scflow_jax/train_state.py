@@ -3,6 +3,7 @@
 Frozen inputs (the teacher's parameters, the null-prompt embedding) are not part of the
 state: they are reloaded from their own source, so a resumed run can never overwrite them.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -18,6 +19,7 @@ PyTree = Any
 @flax.struct.dataclass
 class FlowTrainState:
     """Teacher (rectified-flow) training: parameters, their EMA and the optimizer state."""
+
     step: jax.Array
     params: PyTree
     ema_params: PyTree
@@ -31,6 +33,7 @@ class DistillState:
     params: the student S_theta; target_params: S_theta- (EMA mu, consistency targets);
     ema_params: the evaluation EMA used for sampling; disc_*: the discriminator and its optimizer.
     """
+
     step: jax.Array
     params: PyTree
     target_params: PyTree

@@ -4,6 +4,7 @@ A stage provides a jitted ``train_step(state, batch) -> (state, metrics)`` and a
 source; this module owns everything around it. The workdir is the only run state: rerunning
 the same command resumes from the stage's latest checkpoint.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,8 +38,9 @@ def check_workdir_writable(workdir: str) -> None:
         raise PermissionError(f"workdir {workdir!r} is not writable: {e.strerror or e}") from e
 
 
-def init_state(init_fn: Callable[..., Any], mesh,
-               rules: sharding.ShardingRules | None = None, *args) -> tuple[Any, Any, Any]:
+def init_state(
+    init_fn: Callable[..., Any], mesh, rules: sharding.ShardingRules | None = None, *args
+) -> tuple[Any, Any, Any]:
     """Builds a state directly in its sharded layout: eval_shape, shardings, jit(init).
 
     No process ever holds the whole state: each device materialises only its shards. Arrays
@@ -57,8 +59,11 @@ def init_state(init_fn: Callable[..., Any], mesh,
 
 def log_parameter_overview(params: Any, name: str) -> None:
     if monitoring.is_main_process():
-        logging.info("%s parameters:\n%s", name,
-                     parameter_overview.get_parameter_overview(params, include_stats=False))
+        logging.info(
+            "%s parameters:\n%s",
+            name,
+            parameter_overview.get_parameter_overview(params, include_stats=False),
+        )
 
 
 class _PreemptionFlag:
@@ -72,6 +77,7 @@ class _PreemptionFlag:
         def handler(signum, frame):
             logging.warning("SIGTERM received: saving a checkpoint and stopping")
             self.requested = True
+
         try:
             self._previous = signal.signal(signal.SIGTERM, handler)
         except ValueError:  # not the main thread (e.g. some test runners): no handler
@@ -85,8 +91,11 @@ class _PreemptionFlag:
 
 def _check_finite(stage: str, host_metrics: list[tuple[int, dict]], latest_ckpt) -> None:
     for step, metrics in host_metrics:
-        bad = {k: float(np.asarray(v).ravel()[0]) for k, v in metrics.items()
-               if not np.all(np.isfinite(v))}
+        bad = {
+            k: float(np.asarray(v).ravel()[0])
+            for k, v in metrics.items()
+            if not np.all(np.isfinite(v))
+        }
         if bad:
             # Loss terms first: a NaN loss makes the gradient norm NaN too, not the reverse.
             names = sorted(bad, key=lambda k: (not k.startswith("loss"), k))
@@ -94,7 +103,8 @@ def _check_finite(stage: str, host_metrics: list[tuple[int, dict]], latest_ckpt)
             raise NonFiniteLossError(
                 f"[{stage}] non-finite {names[0]} at step {step} ({shown}); training stopped "
                 f"without saving. The last good checkpoint is step {latest_ckpt} (rerun to "
-                f"resume from it, e.g. with a lower learning rate).")
+                f"resume from it, e.g. with a lower learning rate)."
+            )
 
 
 @dataclasses.dataclass
@@ -112,11 +122,20 @@ class LoopResult:
     preempted: bool
 
 
-def run_loop(*, stage: str, dirs: layout.StageDirs, loop: LoopConfig, state: Any,
-             abstract_state: Any, state_shardings: Any, train_step: Callable,
-             batch_fn: Callable[[int], dict], mesh,
-             sample_images: Callable[[Any], np.ndarray] | None = None,
-             grid_rows: int = 1) -> LoopResult:
+def run_loop(
+    *,
+    stage: str,
+    dirs: layout.StageDirs,
+    loop: LoopConfig,
+    state: Any,
+    abstract_state: Any,
+    state_shardings: Any,
+    train_step: Callable,
+    batch_fn: Callable[[int], dict],
+    mesh,
+    sample_images: Callable[[Any], np.ndarray] | None = None,
+    grid_rows: int = 1,
+) -> LoopResult:
     """Runs ``train_step`` from the latest checkpoint (or ``state``) to ``loop.num_steps``."""
     ckpt = checkpoint.Checkpointer(dirs.checkpoints, max_to_keep=loop.keep_checkpoints)
     start = ckpt.latest_step()
@@ -160,17 +179,28 @@ def run_loop(*, stage: str, dirs: layout.StageDirs, loop: LoopConfig, state: Any
                     flush(done)  # before saving: a non-finite state is never checkpointed
                 if save_now:
                     ckpt.save(done, state, force=True)
-                if sample_images is not None and loop.sample_every and (
-                        done % loop.sample_every == 0 or is_last):
-                    writer.write_images(done, {"samples": monitoring.image_grid(
-                        sample_images(state), rows=grid_rows, upscale=4)})
+                if (
+                    sample_images is not None
+                    and loop.sample_every
+                    and (done % loop.sample_every == 0 or is_last)
+                ):
+                    writer.write_images(
+                        done,
+                        {
+                            "samples": monitoring.image_grid(
+                                sample_images(state), rows=grid_rows, upscale=4
+                            )
+                        },
+                    )
                 if stop and not is_last:
                     preempted = True
-                    logging.warning("[%s] stopped at step %d after SIGTERM; rerun the same "
-                                    "command to resume", stage, done)
+                    logging.warning(
+                        "[%s] stopped at step %d after SIGTERM; rerun the same command to resume",
+                        stage,
+                        done,
+                    )
                     break
     finally:
         ckpt.close()
         writer.close()
     return LoopResult(state=state, preempted=preempted)
-

@@ -11,6 +11,7 @@ from the installed package's metadata: no import, no subprocess), never when the
 sets it (or sets ``SCFLOW_XLA_CPU_DEFAULTS=0``), nor when ``JAX_PLATFORMS`` names only other
 platforms. A newer jaxlib runs with XLA's defaults until its release is checked and added.
 """
+
 from __future__ import annotations
 
 import importlib.metadata

@@ -15,6 +15,7 @@ not measured.
 
 docs/scaling.md explains both; docs/performance.md has the measurements.
 """
+
 from __future__ import annotations
 
 from scflow_jax import sharding

@@ -1,6 +1,7 @@
 """Tiny CLIP models and a tiny CLIP tokenizer folder for test_clip_models.py and test_clip_score.py (not a test
 module). Everything is built locally: random transformers models saved with save_pretrained, and a BPE vocabulary
 written by hand."""
+
 from __future__ import annotations
 
 import json
@@ -11,13 +12,34 @@ import string
 # (as in CLIP, where the end-of-text token is the last id).
 LETTERS = list(string.ascii_lowercase)
 MERGES = [("t", "h"), ("th", "e</w>"), ("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>")]
-VOCAB = LETTERS + [c + "</w>" for c in LETTERS] + [a + b for a, b in MERGES] + ["<|startoftext|>", "<|endoftext|>"]
+VOCAB = (
+    LETTERS
+    + [c + "</w>" for c in LETTERS]
+    + [a + b for a, b in MERGES]
+    + ["<|startoftext|>", "<|endoftext|>"]
+)
 BOS, EOS = len(VOCAB) - 2, len(VOCAB) - 1
-TEXT = dict(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=16, hidden_act="quick_gelu", eos_token_id=EOS,
-            bos_token_id=BOS, pad_token_id=EOS)
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16,
-              patch_size=8, hidden_act="quick_gelu")
+TEXT = dict(
+    vocab_size=len(VOCAB),
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    max_position_embeddings=16,
+    hidden_act="quick_gelu",
+    eos_token_id=EOS,
+    bos_token_id=BOS,
+    pad_token_id=EOS,
+)
+VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=16,
+    patch_size=8,
+    hidden_act="quick_gelu",
+)
 PROJECTION_DIM = 24
 
 
@@ -60,11 +82,16 @@ def text_with_projection(seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     _seed(seed)
-    return randomise(CLIPTextModelWithProjection(CLIPTextConfig(**TEXT, projection_dim=PROJECTION_DIM)), seed)
+    return randomise(
+        CLIPTextModelWithProjection(CLIPTextConfig(**TEXT, projection_dim=PROJECTION_DIM)), seed
+    )
 
 
 def vision_with_projection(seed: int = 0):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     _seed(seed)
-    return randomise(CLIPVisionModelWithProjection(CLIPVisionConfig(**VISION, projection_dim=PROJECTION_DIM)), seed)
+    return randomise(
+        CLIPVisionModelWithProjection(CLIPVisionConfig(**VISION, projection_dim=PROJECTION_DIM)),
+        seed,
+    )

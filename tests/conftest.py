@@ -5,11 +5,13 @@ or an 8-device one in the same process, which is how device-count independence i
 The persistent compilation cache lets tests that build identical programs (the same tiny
 config in several stages) compile once per session.
 """
+
 import os
 import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from scflow_jax import xla_cpu  # noqa: E402
 
@@ -29,6 +31,7 @@ def _let_cuda_torchvision_import_beside_cpu_torch():
     import importlib.metadata
     import sys
     import types
+
     try:
         torch_version = importlib.metadata.version("torch")
         torchvision_version = importlib.metadata.version("torchvision")
@@ -41,8 +44,9 @@ def _let_cuda_torchvision_import_beside_cpu_torch():
 
 _let_cuda_torchvision_import_beside_cpu_torch()
 
-_CACHE = os.environ.get("SCFLOW_TEST_JAX_CACHE",
-                        os.path.join(tempfile.gettempdir(), "scflow_jax_test_cache"))
+_CACHE = os.environ.get(
+    "SCFLOW_TEST_JAX_CACHE", os.path.join(tempfile.gettempdir(), "scflow_jax_test_cache")
+)
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -52,4 +56,5 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 def tiny_config():
     """The embedded default shrunk for tests (unlocked copy: tests may edit it)."""
     from scflow_jax.default_config import get_config
+
     return get_config("tiny")

@@ -11,6 +11,7 @@ config fields) and job. Joins the cluster through scflow_jax.distributed, then
   samples of the teacher at ``config.distill.teacher_params``, and records the images
   this process got back and the files it wrote.
 """
+
 import dataclasses
 import json
 import sys
@@ -56,16 +57,25 @@ def main(spec_path: str) -> None:
             state, metrics = compiled[0](state, batch, setup.frozen)
             recorded.append({k: float(v) for k, v in sharding.to_host(metrics).items()})
             return state, metrics
+
         return dataclasses.replace(setup, train_step=recording_step)
 
     distill.build_distill = recording_build
     result = distill.distill(config, spec["workdir"])
     import jax
+
     params = sharding.to_host(result.state.params)
     with open(spec["out"], "w") as f:
-        json.dump({"process_index": jax.process_index(), "process_count": jax.process_count(),
-                   "device_count": jax.device_count(), "metrics": recorded,
-                   "param_sum": float(sum(abs(x).sum() for x in jax.tree.leaves(params)))}, f)
+        json.dump(
+            {
+                "process_index": jax.process_index(),
+                "process_count": jax.process_count(),
+                "device_count": jax.device_count(),
+                "metrics": recorded,
+                "param_sum": float(sum(abs(x).sum() for x in jax.tree.leaves(params))),
+            },
+            f,
+        )
 
 
 def generate(spec: dict, config, client) -> None:
@@ -101,14 +111,28 @@ def generate(spec: dict, config, client) -> None:
     params = task.load_flow_params(config.distill.teacher_params, mesh, "teacher parameters")
     n = spec["num_samples"]
     images = digits_eval.generate(
-        task, params, digits_eval.per_sample_noise(config.seed, n, task.image_shape),
-        digits_eval.prompted_labels(n), num_steps=2, guidance=1.5,
-        batch_size=config.eval.batch_size, mesh=mesh)
+        task,
+        params,
+        digits_eval.per_sample_noise(config.seed, n, task.image_shape),
+        digits_eval.prompted_labels(n),
+        num_steps=2,
+        guidance=1.5,
+        batch_size=config.eval.batch_size,
+        mesh=mesh,
+    )
     np.save(spec["out"] + ".npy", images)
     with open(spec["out"], "w") as f:
-        json.dump({"process_index": jax.process_index(), "process_count": jax.process_count(),
-                   "device_count": jax.device_count(), "out_dir": out_dir,
-                   "written": written, "gathers": gathers}, f)
+        json.dump(
+            {
+                "process_index": jax.process_index(),
+                "process_count": jax.process_count(),
+                "device_count": jax.device_count(),
+                "out_dir": out_dir,
+                "written": written,
+                "gathers": gathers,
+            },
+            f,
+        )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ and compiled once per machine (persistent compile cache, which subprocesses shar
 test file asks first) and records what each stage returned, so both test files reuse one
 trained teacher, one distilled student and one evaluation.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -93,14 +94,26 @@ def subprocess_env() -> dict:
 
 
 def cli_command(workdir: str, mode: str, *flags: str) -> list[str]:
-    return [sys.executable, "-m", "scflow_jax.main", f"--workdir={workdir}", f"--mode={mode}",
-            *flags]
+    return [
+        sys.executable,
+        "-m",
+        "scflow_jax.main",
+        f"--workdir={workdir}",
+        f"--mode={mode}",
+        *flags,
+    ]
 
 
 def start_cli(workdir: str, mode: str, *flags: str, **popen_kwargs) -> subprocess.Popen:
-    return subprocess.Popen(cli_command(workdir, mode, *flags), cwd=REPO_ROOT,
-                            env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **popen_kwargs)
+    return subprocess.Popen(
+        cli_command(workdir, mode, *flags),
+        cwd=REPO_ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen_kwargs,
+    )
 
 
 # ------------------------------------------------------------------------ state helpers
@@ -114,8 +127,9 @@ def assert_trees_equal(a: Any, b: Any, what: str = "") -> None:
     lb, tb = jax.tree_util.tree_flatten_with_path(b)
     assert ta == tb, f"{what}: tree structures differ"
     for (path, x), (_, y) in zip(la, lb):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
-                                      err_msg=f"{what}: leaf {jax.tree_util.keystr(path)}")
+        np.testing.assert_array_equal(
+            np.asarray(x), np.asarray(y), err_msg=f"{what}: leaf {jax.tree_util.keystr(path)}"
+        )
 
 
 def assert_trees_close(a: Any, b: Any, *, rtol: float, atol: float, what: str = "") -> None:
@@ -123,8 +137,13 @@ def assert_trees_close(a: Any, b: Any, *, rtol: float, atol: float, what: str = 
     lb, tb = jax.tree_util.tree_flatten_with_path(b)
     assert ta == tb, f"{what}: tree structures differ"
     for (path, x), (_, y) in zip(la, lb):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
-                                   err_msg=f"{what}: leaf {jax.tree_util.keystr(path)}")
+        np.testing.assert_allclose(
+            np.asarray(x),
+            np.asarray(y),
+            rtol=rtol,
+            atol=atol,
+            err_msg=f"{what}: leaf {jax.tree_util.keystr(path)}",
+        )
 
 
 def abstract_params(task) -> Any:
@@ -138,8 +157,9 @@ def load_exported_params(config, path: str) -> Any:
 
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.num_devices)
     abstract = abstract_params(build_task(config))
-    return to_host(checkpoint.load_params(path, abstract,
-                                          sharding.state_shardings(abstract, mesh), what=path))
+    return to_host(
+        checkpoint.load_params(path, abstract, sharding.state_shardings(abstract, mesh), what=path)
+    )
 
 
 # ---------------------------------------------------------- stage pieces, as stages build them
@@ -150,13 +170,16 @@ def teacher_init(config):
 
     task = build_task(config)
     optimizer = train_state.make_optimizer(config.teacher.optimizer)
-    init_key, root_key = jax.random.split(
-        jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
+    init_key, root_key = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
 
     def init_fn():
         params = task.init_params(init_key)
-        return train_state.FlowTrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                          ema_params=params, opt_state=optimizer.init(params))
+        return train_state.FlowTrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            ema_params=params,
+            opt_state=optimizer.init(params),
+        )
 
     return task, optimizer, root_key, init_fn
 
@@ -170,8 +193,9 @@ def run_teacher_steps(config, num_steps: int):
     task, optimizer, root_key, init_fn = teacher_init(config)
     state, _, _ = trainer.init_state(init_fn, mesh)
     step = teacher.make_train_step(task, config.teacher, optimizer, mesh, root_key)
-    data = InMemoryBatches({k: task.train[k] for k in ("image", "cond")},
-                           config.teacher.batch_size, seed=config.seed)
+    data = InMemoryBatches(
+        {k: task.train[k] for k in ("image", "cond")}, config.teacher.batch_size, seed=config.seed
+    )
     metrics = []
     for s in range(num_steps):
         state, m = step(state, sharding.shard_batch(data.batch(s), mesh))
@@ -181,12 +205,12 @@ def run_teacher_steps(config, num_steps: int):
 
 @dataclasses.dataclass
 class DistillRun:
-    metrics: list            # per step, numpy
-    states: list             # states[i]: the state after i steps (numpy); states[0] = init
-    teacher_loaded: Any      # the frozen teacher as loaded, copied to numpy before step 1
-    teacher_after: Any       # the frozen teacher device arrays read back after the last step
-    cache_size: int | None   # compiled variants of the jitted step after the run
-    traces: int              # how many times the step function was traced
+    metrics: list  # per step, numpy
+    states: list  # states[i]: the state after i steps (numpy); states[0] = init
+    teacher_loaded: Any  # the frozen teacher as loaded, copied to numpy before step 1
+    teacher_after: Any  # the frozen teacher device arrays read back after the last step
+    cache_size: int | None  # compiled variants of the jitted step after the run
+    traces: int  # how many times the step function was traced
 
 
 def run_distill_steps(config, workdir: str, num_steps: int) -> DistillRun:
@@ -202,13 +226,22 @@ def run_distill_steps(config, workdir: str, num_steps: int) -> DistillRun:
     teacher_loaded = to_host(teacher_params)
     optimizer = train_state.make_optimizer(config.distill.optimizer)
     disc_optimizer = train_state.make_optimizer(config.disc.optimizer)
-    disc_key, root_key = jax.random.split(
-        jax.random.fold_in(jax.random.PRNGKey(config.seed), 2))
+    disc_key, root_key = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.seed), 2))
     state, _, _ = trainer.init_state(
-        functools.partial(distill.init_distill_state, task.init_disc_params, teacher_params,
-                          optimizer, disc_optimizer, disc_key), mesh)
-    frozen = {"teacher_params": teacher_params,
-              "null_cond": sharding.put_replicated(jnp.asarray(task.null_cond), mesh)}
+        functools.partial(
+            distill.init_distill_state,
+            task.init_disc_params,
+            teacher_params,
+            optimizer,
+            disc_optimizer,
+            disc_key,
+        ),
+        mesh,
+    )
+    frozen = {
+        "teacher_params": teacher_params,
+        "null_cond": sharding.put_replicated(jnp.asarray(task.null_cond), mesh),
+    }
 
     # Count traces with a side effect inside the traced function (works whatever jax's
     # private cache API is): wrap the task's velocity function, which every trace calls.
@@ -223,10 +256,14 @@ def run_distill_steps(config, workdir: str, num_steps: int) -> DistillRun:
             traces["active"] = True
             return original_velocity(*args)
 
-    step = distill.make_train_step(distill.networks(CountingTask()), config.scflow, optimizer,
-                                   disc_optimizer, root_key)
-    data = InMemoryBatches({k: task.train[k] for k in ("image", "cond")},
-                           config.distill.batch_size, seed=config.seed + 1)
+    step = distill.make_train_step(
+        distill.networks(CountingTask()), config.scflow, optimizer, disc_optimizer, root_key
+    )
+    data = InMemoryBatches(
+        {k: task.train[k] for k in ("image", "cond")},
+        config.distill.batch_size,
+        seed=config.seed + 1,
+    )
     states, metrics = [to_host(state)], []
     for s in range(num_steps):
         traces["active"] = False
@@ -235,9 +272,14 @@ def run_distill_steps(config, workdir: str, num_steps: int) -> DistillRun:
         metrics.append(to_host(m))
         states.append(to_host(state))
     cache_size = step._cache_size() if hasattr(step, "_cache_size") else None
-    return DistillRun(metrics=metrics, states=states, teacher_loaded=teacher_loaded,
-                      teacher_after=to_host(frozen["teacher_params"]), cache_size=cache_size,
-                      traces=traces["n"])
+    return DistillRun(
+        metrics=metrics,
+        states=states,
+        teacher_loaded=teacher_loaded,
+        teacher_after=to_host(frozen["teacher_params"]),
+        cache_size=cache_size,
+        traces=traces["n"],
+    )
 
 
 # ------------------------------------------------------------------------- the shared run
@@ -247,9 +289,9 @@ class SharedRun:
     config: Any
     exit_code: int
     seconds: float
-    teacher_state: Any       # teacher LoopResult.state (numpy), as the stage returned it
+    teacher_state: Any  # teacher LoopResult.state (numpy), as the stage returned it
     teacher_preempted: bool
-    distill_state: Any       # distill LoopResult.state (numpy)
+    distill_state: Any  # distill LoopResult.state (numpy)
     distill_preempted: bool
     eval_rows: list
     stage_calls: list
@@ -281,6 +323,7 @@ def shared_run() -> SharedRun:
             else:
                 captured[name] = (to_host(result.state), result.preempted)
             return result
+
         return wrapper
 
     try:
@@ -295,10 +338,17 @@ def shared_run() -> SharedRun:
         _SHARED["error"] = e
         raise
     _SHARED["run"] = SharedRun(
-        workdir=workdir, config=config, exit_code=code, seconds=seconds,
-        teacher_state=captured["train_teacher"][0], teacher_preempted=captured["train_teacher"][1],
-        distill_state=captured["distill"][0], distill_preempted=captured["distill"][1],
-        eval_rows=captured["evaluate"], stage_calls=calls)
+        workdir=workdir,
+        config=config,
+        exit_code=code,
+        seconds=seconds,
+        teacher_state=captured["train_teacher"][0],
+        teacher_preempted=captured["train_teacher"][1],
+        distill_state=captured["distill"][0],
+        distill_preempted=captured["distill"][1],
+        eval_rows=captured["evaluate"],
+        stage_calls=calls,
+    )
     return _SHARED["run"]
 
 

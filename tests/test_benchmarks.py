@@ -2,6 +2,7 @@
 is known to work before the GPU time is spent: the SD 1.5 recipe's speed (t2i_speed.py, end to end:
 heavy, about two minutes of compiling), the forward costs (forward_cost.py), the device attention
 check (attention_check.py), and where every script writes its results (common.record)."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,9 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "benchmarks"))
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+)
 import common  # noqa: E402
 import forward_cost  # noqa: E402
 import t2i_speed  # noqa: E402
@@ -23,8 +25,16 @@ from scflow_jax.models import unet_sd  # noqa: E402
 
 @pytest.mark.heavy
 def test_generate_part_times_unet_and_vae_decode():
-    out = t2i_speed.main(["--part=generate", "--tiny", "--no_record", "--batch_sizes=1,2",
-                          "--repeats=2", "--peak_tflops=1"])
+    out = t2i_speed.main(
+        [
+            "--part=generate",
+            "--tiny",
+            "--no_record",
+            "--batch_sizes=1,2",
+            "--repeats=2",
+            "--peak_tflops=1",
+        ]
+    )
     expected_unet = train_state.count_params(unet_sd.unet_param_shapes(t2i_speed.TINY_UNET))
     assert out["unet_params"] == expected_unet and out["image_px"] == 64
     assert [b["batch"] for b in out["batches"]] == [1, 2]
@@ -36,13 +46,24 @@ def test_generate_part_times_unet_and_vae_decode():
         assert entry["gflop_per_image"] > 0.01
         assert entry["mfu"] == pytest.approx(entry["achieved_tflops_per_device"] / 1.0)
     assert out["batches"][0]["gflop_per_image"] == pytest.approx(
-        out["batches"][1]["gflop_per_image"], rel=0.02)
+        out["batches"][1]["gflop_per_image"], rel=0.02
+    )
 
 
 @pytest.mark.heavy
 def test_distill_part_runs_the_recipe_step_with_every_term_on_a_mesh():
-    out = t2i_speed.main(["--part=distill", "--tiny", "--no_record", "--batch=8", "--steps=1",
-                          "--warmup=0", "--peak_tflops=1", "--fsdp=2"])
+    out = t2i_speed.main(
+        [
+            "--part=distill",
+            "--tiny",
+            "--no_record",
+            "--batch=8",
+            "--steps=1",
+            "--warmup=0",
+            "--peak_tflops=1",
+            "--fsdp=2",
+        ]
+    )
     assert out["compute_dtype"] == "bfloat16" and out["remat"] == "full"
     # The session's eight fake devices, two of them on the fsdp axis.
     assert out["mesh"] == {"data": 4, "fsdp": 2, "processes": 1} and out["devices"] == 8
@@ -68,7 +89,7 @@ def test_distill_part_runs_the_recipe_step_with_every_term_on_a_mesh():
 def test_peak_part_reports_the_matmul_rate_of_its_own_timing():
     out = t2i_speed.main(["--part=peak", "--tiny", "--no_record"])
     assert out["matmul_n"] == 256 and out["median_s"] > 0
-    assert out["bf16_matmul_tflops"] == pytest.approx(2 * 256 ** 3 / out["median_s"] / 1e12)
+    assert out["bf16_matmul_tflops"] == pytest.approx(2 * 256**3 / out["median_s"] / 1e12)
 
 
 def test_t2i_speed_names_a_bad_mesh(capsys):
@@ -78,10 +99,12 @@ def test_t2i_speed_names_a_bad_mesh(capsys):
 
 
 def test_forward_cost_counts_per_sample_and_times_each_network():
-    one = forward_cost.main(["--tiny", "--no_record", "--networks=unet,vae", "--sizes=8,16",
-                             "--repeats=1"])
-    two = forward_cost.main(["--tiny", "--no_record", "--networks=unet,vae", "--sizes=8",
-                             "--batch=2", "--flops_only"])
+    one = forward_cost.main(
+        ["--tiny", "--no_record", "--networks=unet,vae", "--sizes=8,16", "--repeats=1"]
+    )
+    two = forward_cost.main(
+        ["--tiny", "--no_record", "--networks=unet,vae", "--sizes=8", "--batch=2", "--flops_only"]
+    )
     unet, vae = one["unet_sd"], one["vae_decoder"]
     tiny_unet = unet_sd.unet_param_shapes(t2i_speed.TINY_UNET)
     assert unet["params"] == train_state.count_params(tiny_unet)
@@ -100,21 +123,25 @@ def test_forward_cost_counts_per_sample_and_times_each_network():
 
 
 def test_forward_cost_counts_the_fid_inception_from_shapes():
-    out = forward_cost.main(["--no_record", "--networks=inception", "--inception_batch=2",
-                             "--flops_only"])
+    out = forward_cost.main(
+        ["--no_record", "--networks=inception", "--inception_batch=2", "--flops_only"]
+    )
     # InceptionV3 at 299 px: 5.7 G multiply-adds per image.
     assert out["inception"]["gflop_per_sample"] == pytest.approx(11.0, rel=0.05)
     assert out["inception"]["params"] > 2e7 and out["inception"]["input"] == [299, 299]
 
 
-@pytest.mark.parametrize("flags, says", [
-    (["--networks=unet,clip"], "--networks: ['clip']; choose from unet, vae, inception"),
-    (["--networks= , "], "--networks: none given"),
-    (["--sizes=64,x"], "--sizes='64,x' must be comma-separated integers"),
-    (["--sizes=0"], "--sizes=[0] must all be >= 1"),
-    (["--batch=0"], "--batch=0 must be >= 1"),
-    (["--repeats=0"], "--repeats=0 must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--networks=unet,clip"], "--networks: ['clip']; choose from unet, vae, inception"),
+        (["--networks= , "], "--networks: none given"),
+        (["--sizes=64,x"], "--sizes='64,x' must be comma-separated integers"),
+        (["--sizes=0"], "--sizes=[0] must all be >= 1"),
+        (["--batch=0"], "--batch=0 must be >= 1"),
+        (["--repeats=0"], "--repeats=0 must be >= 1"),
+    ],
+)
 def test_forward_cost_names_bad_flags(flags, says, capsys):
     with pytest.raises(SystemExit):
         forward_cost.parse_args(flags)
@@ -127,16 +154,21 @@ def test_attention_check_compares_the_device_attention_with_xla(monkeypatch):
 
     out = attention_check.main(["--tiny", "--no_record", "--rows=2"])
     assert [(c["queries"], c["keys"]) for c in out["cases"]] == [
-        case[:2] for case in attention_check.TINY_CASES]
+        case[:2] for case in attention_check.TINY_CASES
+    ]
     for case in out["cases"]:  # on this CPU both sides are XLA's attention
         assert case["kernel"] == "xla_attention"
         assert set(case["relative_difference"].values()) == {0.0}
         assert case["kernel_fwd_bwd_ms"] > 0 and case["xla_fwd_bwd_ms"] > 0
     # A kernel that computes something else is caught, by how much and against what.
-    monkeypatch.setattr(attention, "dot_product_attention",
-                        lambda q, k, v: 1.1 * attention.xla_attention(q, k, v))
-    with pytest.raises(SystemExit, match=r"relative difference of 0\.\d+ exceeds --tolerance=0.05: "
-                                         r"the device's attention does not compute XLA's"):
+    monkeypatch.setattr(
+        attention, "dot_product_attention", lambda q, k, v: 1.1 * attention.xla_attention(q, k, v)
+    )
+    with pytest.raises(
+        SystemExit,
+        match=r"relative difference of 0\.\d+ exceeds --tolerance=0.05: "
+        r"the device's attention does not compute XLA's",
+    ):
         attention_check.main(["--tiny", "--no_record", "--rows=2"])
 
 
@@ -152,8 +184,11 @@ def test_record_writes_where_it_is_asked_with_the_date_and_machine(monkeypatch, 
     common.record("printed", {"figure": 4.0}, print_only=True)
     assert json.loads(capsys.readouterr().out.splitlines()[-1]) == {"figure": 4.0}
     common.record("four", {"figure": 5.0})
-    files = {"runs/results.json": ["one"], "env/results.json": ["two", "four"],
-             "flag.json": ["three"]}
+    files = {
+        "runs/results.json": ["one"],
+        "env/results.json": ["two", "four"],
+        "flag.json": ["three"],
+    }
     for file, names in files.items():
         with open(tmp_path / file) as f:
             entries = json.load(f)

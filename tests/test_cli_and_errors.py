@@ -3,6 +3,7 @@
 The end-to-end run is the session's shared ``main.run(config, wd, "all")`` (scflow_testlib),
 also used by test_training.py; tests that write into a workdir use a copy of it.
 """
+
 from __future__ import annotations
 
 import glob
@@ -18,8 +19,17 @@ import pytest
 from PIL import Image
 
 import scflow_testlib as lib
-from scflow_jax import (checkpoint, distill, evaluate, layout, main, sample, sharding, teacher,
-                        trainer)
+from scflow_jax import (
+    checkpoint,
+    distill,
+    evaluate,
+    layout,
+    main,
+    sample,
+    sharding,
+    teacher,
+    trainer,
+)
 from scflow_jax.data.pipeline import InMemoryBatches
 from scflow_jax.tasks import build_task, digits as digits_task
 
@@ -64,8 +74,9 @@ def test_all_mode_runs_every_stage_and_writes_every_output(shared):
     assert rows == json.loads(json.dumps(shared.eval_rows))
     assert isinstance(rows, list)
     for row in rows:
-        assert set(row) == {"model", "sampler", "steps", "cfg", "fd", "accuracy",
-                            "num_samples"}, row
+        assert set(row) == {"model", "sampler", "steps", "cfg", "fd", "accuracy", "num_samples"}, (
+            row
+        )
         assert row["num_samples"] == config.eval.num_samples
         assert row["sampler"] == "euler"
         assert np.isfinite(row["fd"]) and row["fd"] >= 0
@@ -73,8 +84,10 @@ def test_all_mode_runs_every_stage_and_writes_every_output(shared):
     got = sorted((r["model"], r["steps"], r["cfg"]) for r in rows)
     cfgs = sorted({1.0, float(config.eval.teacher_guidance)})
     assert len(cfgs) == 2
-    want = sorted([("teacher", s, g) for s in config.eval.teacher_steps for g in cfgs]
-                  + [("student", s, 1.0) for s in config.eval.student_steps])
+    want = sorted(
+        [("teacher", s, g) for s in config.eval.teacher_steps for g in cfgs]
+        + [("student", s, 1.0) for s in config.eval.student_steps]
+    )
     assert got == want
 
     grids = sorted(os.listdir(os.path.join(wd, "eval", "grids")))
@@ -89,38 +102,39 @@ def test_all_again_skips_every_stage(shared, monkeypatch):
     wd = shared.workdir
     path = layout.results_path(wd)
     before, mtime = open(path, "rb").read(), os.stat(path).st_mtime_ns
-    ckpts = {s: sorted(os.listdir(os.path.join(wd, s, "checkpoints")))
-             for s in ("teacher", "distill")}
+    ckpts = {
+        s: sorted(os.listdir(os.path.join(wd, s, "checkpoints"))) for s in ("teacher", "distill")
+    }
 
     def must_not_run(*_):
         raise AssertionError("a finished stage ran again")
 
-    for mod, name in ((teacher, "train_teacher"), (distill, "distill"),
-                      (evaluate, "evaluate")):
+    for mod, name in ((teacher, "train_teacher"), (distill, "distill"), (evaluate, "evaluate")):
         monkeypatch.setattr(mod, name, must_not_run)
     start = time.perf_counter()
     assert main.run(shared.config, wd, "all") == 0
     assert time.perf_counter() - start < 30
     assert open(path, "rb").read() == before and os.stat(path).st_mtime_ns == mtime
-    assert ckpts == {s: sorted(os.listdir(os.path.join(wd, s, "checkpoints")))
-                     for s in ("teacher", "distill")}
+    assert ckpts == {
+        s: sorted(os.listdir(os.path.join(wd, s, "checkpoints"))) for s in ("teacher", "distill")
+    }
 
 
 def test_sample_mode_writes_pngs_and_grid(shared, copied_wd):
     config = shared.config
     assert main.run(config, copied_wd, "sample", prompts=PROMPTS) == 0
-    out = os.path.join(copied_wd, "samples",
-                       f"student_{config.sample.sampler}_{config.sample.num_steps}steps")
+    out = os.path.join(
+        copied_wd, "samples", f"student_{config.sample.sampler}_{config.sample.num_steps}steps"
+    )
     per = config.sample.num_per_prompt
     pngs = sorted(f for f in os.listdir(out) if f.endswith(".png") and f != "grid.png")
-    assert pngs == sorted(f"{i:03d}_{j:02d}.png" for i in range(len(PROMPTS))
-                          for j in range(per))
+    assert pngs == sorted(f"{i:03d}_{j:02d}.png" for i in range(len(PROMPTS)) for j in range(per))
     with Image.open(os.path.join(out, pngs[0])) as im:
         assert im.size == (8, 8)
     with Image.open(os.path.join(out, "grid.png")) as im:
         assert im.size == (per * 33 + 1, len(PROMPTS) * 33 + 1)
     with open(os.path.join(out, "prompts.txt")) as f:
-        assert f.read().split("\n")[:len(PROMPTS)] == PROMPTS
+        assert f.read().split("\n")[: len(PROMPTS)] == PROMPTS
 
 
 # ----------------------------------------------------------------------- the real CLI
@@ -133,10 +147,10 @@ def cli_runs(copied_wd, tmp_path_factory):
     tiny = "--config=configs/default.py:tiny"
     procs = {
         "ok": lib.start_cli(copied_wd, "all", *lib.cli_flags(**{"eval.num_samples": 20})),
-        "unknown_key": lib.start_cli(bad_wd, "train_teacher", tiny,
-                                     "--config.teacher.no_such_field=1"),
-        "bad_type": lib.start_cli(bad_wd, "train_teacher", tiny,
-                                  "--config.teacher.num_steps=abc"),
+        "unknown_key": lib.start_cli(
+            bad_wd, "train_teacher", tiny, "--config.teacher.no_such_field=1"
+        ),
+        "bad_type": lib.start_cli(bad_wd, "train_teacher", tiny, "--config.teacher.num_steps=abc"),
     }
     out = {}
     try:
@@ -147,8 +161,7 @@ def cli_runs(copied_wd, tmp_path_factory):
         for proc in procs.values():
             if proc.poll() is None:
                 proc.kill()
-    return {"runs": out, "workdir": copied_wd, "bad_wd": bad_wd,
-            "results_before": results_before}
+    return {"runs": out, "workdir": copied_wd, "bad_wd": bad_wd, "results_before": results_before}
 
 
 def test_cli_runs_with_override_and_skips_finished_stages(cli_runs):
@@ -156,7 +169,10 @@ def test_cli_runs_with_override_and_skips_finished_stages(cli_runs):
     assert code == 0, stderr[-3000:]
     wd = cli_runs["workdir"]
     for stage in ("train_teacher", "distill", "evaluate"):
-        assert re.search(rf"\[{stage}\] already complete .*skipped", stderr), (stage, stderr[-3000:])
+        assert re.search(rf"\[{stage}\] already complete .*skipped", stderr), (
+            stage,
+            stderr[-3000:],
+        )
     with open(os.path.join(wd, "config.json")) as f:
         saved = json.load(f)
     assert saved["eval"]["num_samples"] == 20  # the --config.eval.num_samples override
@@ -204,8 +220,10 @@ def test_unwritable_workdir(tmp_path):
 
 
 def _leaf_paths(tree) -> dict:
-    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
 
 
 def test_distill_with_teacher_from_other_channels_names_parameter_and_shapes(shared, tmp_path):
@@ -214,8 +232,11 @@ def test_distill_with_teacher_from_other_channels_names_parameter_and_shapes(sha
     with pytest.raises(checkpoint.CheckpointMismatchError) as e:
         distill.distill(config, str(tmp_path / "wd"))
     msg = str(e.value)
-    m = re.search(r"parameter '([^']+)' has shape (\([^)]*\)) in the checkpoint but the "
-                  r"configuration builds (\([^)]*\))", msg)
+    m = re.search(
+        r"parameter '([^']+)' has shape (\([^)]*\)) in the checkpoint but the "
+        r"configuration builds (\([^)]*\))",
+        msg,
+    )
     assert m, msg
     saved = _leaf_paths(lib.abstract_params(build_task(shared.config)))
     expected = _leaf_paths(lib.abstract_params(build_task(config)))
@@ -254,8 +275,11 @@ def test_resume_from_checkpoint_of_other_config_names_parameter(shared):
     finally:
         ckpt.close()
     msg = str(e.value)
-    assert re.search(r"parameter '[^']+' has shape \(.*\) in the checkpoint but the "
-                     r"configuration builds \(.*\)", msg), msg
+    assert re.search(
+        r"parameter '[^']+' has shape \(.*\) in the checkpoint but the "
+        r"configuration builds \(.*\)",
+        msg,
+    ), msg
 
 
 @pytest.fixture(scope="module")
@@ -276,8 +300,12 @@ def nan_run(tmp_path_factory):
         mp.setattr(digits_task, "InMemoryBatches", NaNBatches)
         with pytest.raises(trainer.NonFiniteLossError) as e:
             main.run(config, workdir, "train_teacher")
-    return {"config": config, "workdir": workdir, "error": e.value,
-            "ckpt_dir": os.path.join(workdir, "teacher", "checkpoints")}
+    return {
+        "config": config,
+        "workdir": workdir,
+        "error": e.value,
+        "ckpt_dir": os.path.join(workdir, "teacher", "checkpoints"),
+    }
 
 
 def test_nan_loss_stops_naming_step_and_last_good_checkpoint(nan_run):
@@ -322,12 +350,19 @@ def test_nan_last_good_checkpoint_loads_with_checkpointer(nan_run):
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored))
 
 
-@pytest.mark.parametrize("field,value,exc,needles", [
-    ("scflow.init_threshold", 1.5, ValueError, ["config.scflow.init_threshold", "1.5"]),
-    ("scflow.trunc_threshold", -0.1, ValueError, ["config.scflow.trunc_threshold", "-0.1"]),
-    ("distill.teacher_params", "/nonexistent", FileNotFoundError,
-     ["/nonexistent", "config.distill.teacher_params"]),
-])
+@pytest.mark.parametrize(
+    "field,value,exc,needles",
+    [
+        ("scflow.init_threshold", 1.5, ValueError, ["config.scflow.init_threshold", "1.5"]),
+        ("scflow.trunc_threshold", -0.1, ValueError, ["config.scflow.trunc_threshold", "-0.1"]),
+        (
+            "distill.teacher_params",
+            "/nonexistent",
+            FileNotFoundError,
+            ["/nonexistent", "config.distill.teacher_params"],
+        ),
+    ],
+)
 def test_distill_rejects_bad_settings(field, value, exc, needles, tmp_path):
     config = lib.make_config(**{field: value})
     with pytest.raises(exc) as e:
@@ -358,8 +393,6 @@ def test_sample_rejects_words_outside_vocabulary(shared, copied_wd):
     with pytest.raises(ValueError) as e:
         main.run(shared.config, copied_wd, "sample", prompts=["a handwritten digit eleven"])
     assert "eleven" in str(e.value) and "vocabulary" in str(e.value)
-
-
 
 
 def test_sample_mode_rejects_empty_prompts_file(shared, copied_wd, tmp_path, monkeypatch):

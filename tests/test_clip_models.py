@@ -10,8 +10,19 @@ import pytest
 
 import clip_testlib as lib
 from scflow_jax.models import weights
-from scflow_jax.models.clip import CLIPTextConfig, CLIPTextTransformer, load_clip_text, load_clip_tokenizer
-from scflow_jax.models.clip_vision import CLIP, CLIPConfig, CLIPVisionConfig, load_clip, preprocess_images
+from scflow_jax.models.clip import (
+    CLIPTextConfig,
+    CLIPTextTransformer,
+    load_clip_text,
+    load_clip_tokenizer,
+)
+from scflow_jax.models.clip_vision import (
+    CLIP,
+    CLIPConfig,
+    CLIPVisionConfig,
+    load_clip,
+    preprocess_images,
+)
 
 PARITY_ATOL = 1e-4  # max abs error, float32
 
@@ -49,7 +60,9 @@ def test_text_with_projection_parity(tmp_path):
         torch_mask = None if m is None else torch.from_numpy(m).long()
         with torch.no_grad():
             out = hf(input_ids=torch.from_numpy(ids).long(), attention_mask=torch_mask)
-            hf_pooled = hf.text_model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch_mask).pooler_output
+            hf_pooled = hf.text_model(
+                input_ids=torch.from_numpy(ids).long(), attention_mask=torch_mask
+            ).pooler_output
         hidden, pooled = CLIPTextTransformer(config).apply({"params": text_params}, ids, m)
         assert _max_err(hidden, out.last_hidden_state) <= PARITY_ATOL
         assert _max_err(pooled, hf_pooled) <= PARITY_ATOL
@@ -85,12 +98,17 @@ def test_full_clip_model_parity_and_text_loader_layouts(tmp_path):
     hf = lib.clip_model(seed=1)
     hf.save_pretrained(str(tmp_path / "clip"))
     clip, params = load_clip(str(tmp_path / "clip"))
-    assert clip.config == CLIPConfig(text=CLIPTextConfig.from_dict(lib.TEXT), vision=CLIPVisionConfig(**lib.VISION),
-                                     projection_dim=lib.PROJECTION_DIM)
+    assert clip.config == CLIPConfig(
+        text=CLIPTextConfig.from_dict(lib.TEXT),
+        vision=CLIPVisionConfig(**lib.VISION),
+        projection_dim=lib.PROJECTION_DIM,
+    )
     ids, mask = _ids_and_mask()
     pixels = _pixels_nchw(seed=2)
     with torch.no_grad():
-        text = hf.text_model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long())
+        text = hf.text_model(
+            input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long()
+        )
         vision = hf.vision_model(pixel_values=torch.from_numpy(pixels))
         text_embeds = hf.text_projection(text.pooler_output)
         image_embeds = hf.visual_projection(vision.pooler_output)
@@ -112,7 +130,9 @@ def test_full_clip_model_parity_and_text_loader_layouts(tmp_path):
     legacy = tmp_path / "legacy"
     legacy.mkdir()
     shutil.copy(tmp_path / "pipeline" / "text_encoder" / "config.json", legacy / "config.json")
-    source = weights.read_safetensors(str(tmp_path / "pipeline" / "text_encoder" / "model.safetensors"))
+    source = weights.read_safetensors(
+        str(tmp_path / "pipeline" / "text_encoder" / "model.safetensors")
+    )
     assert not any(k.startswith("text_model.") for k in source)
     prefixed = {f"text_model.{k}": np.array(v) for k, v in source.items()}
     prefixed["text_model.embeddings.position_ids"] = np.arange(16, dtype=np.int64)[None]
@@ -128,17 +148,25 @@ def test_tokenizer(tmp_path):
     from transformers import CLIPTokenizer
 
     folder = lib.write_tokenizer(str(tmp_path / "pipeline" / "tokenizer"))
-    tok = load_clip_tokenizer(str(tmp_path / "pipeline"), max_length=8)  # pipeline root: uses tokenizer/
+    tok = load_clip_tokenizer(
+        str(tmp_path / "pipeline"), max_length=8
+    )  # pipeline root: uses tokenizer/
     ids, mask = tok(["the cat", "A dog", "cat cat cat cat cat cat cat cat"])
     v = {t: i for i, t in enumerate(lib.VOCAB)}
     assert ids.dtype == np.int32 and mask.dtype == np.int32 and ids.shape == (3, 8)
     assert ids[0].tolist() == [lib.BOS, v["the</w>"], v["cat</w>"]] + [lib.EOS] * 5
     assert ids[1].tolist() == [lib.BOS, v["a</w>"], v["dog</w>"]] + [lib.EOS] * 5  # lower-cased
     assert mask[0].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
-    assert ids[2].tolist() == [lib.BOS] + [v["cat</w>"]] * 6 + [lib.EOS] and mask[2].all()  # truncated, eos kept
+    assert (
+        ids[2].tolist() == [lib.BOS] + [v["cat</w>"]] * 6 + [lib.EOS] and mask[2].all()
+    )  # truncated, eos kept
     assert tok.eos_token_id == lib.EOS
     reference = CLIPTokenizer.from_pretrained(folder, local_files_only=True)(
-        ["the cat", "A dog", "cat cat cat cat cat cat cat cat"], padding="max_length", max_length=8, truncation=True)
+        ["the cat", "A dog", "cat cat cat cat cat cat cat cat"],
+        padding="max_length",
+        max_length=8,
+        truncation=True,
+    )
     np.testing.assert_array_equal(ids, np.asarray(reference["input_ids"]))
     np.testing.assert_array_equal(mask, np.asarray(reference["attention_mask"]))
     assert load_clip_tokenizer(folder)(["the"])[0].shape == (1, 77)
@@ -166,8 +194,9 @@ def test_preprocessing_matches_clip_image_processor():
     for h, w in ((512, 512), (160, 100), (64, 64)):  # shrink, non-square with a crop, enlarge
         # Float input: the same resize kernel; we clip the bicubic overshoot (the processor does not on floats).
         x = rng.uniform(0, 1, (2, h, w, 3)).astype(np.float32)
-        ref = processor(images=torch.from_numpy(x.transpose(0, 3, 1, 2)), do_rescale=False,
-                        return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)
+        ref = processor(
+            images=torch.from_numpy(x.transpose(0, 3, 1, 2)), do_rescale=False, return_tensors="np"
+        )["pixel_values"].transpose(0, 2, 3, 1)
         ours = np.asarray(preprocess_images(jnp.asarray(x), value_range=(0.0, 1.0)))
         assert ours.shape == (2, 224, 224, 3)
         assert np.max(np.abs(ours - np.clip(ref, lo, hi))) <= 1e-4
@@ -206,14 +235,20 @@ def test_bad_clip_folders(tmp_path):
     from scflow_jax.models.clip import clip_key_function
 
     key_for = clip_key_function("")
-    state = {key_for(path): np.asarray(v).T if path[-1] == "kernel" else np.asarray(v)
-             for path, v in traverse_util.flatten_dict(params).items()}
+    state = {
+        key_for(path): np.asarray(v).T if path[-1] == "kernel" else np.asarray(v)
+        for path, v in traverse_util.flatten_dict(params).items()
+    }
     folder = tmp_path / "text"
     folder.mkdir()
     with pytest.raises(weights.WeightsError, match="config.json not found"):
         load_clip(str(folder))
-    config = {"architectures": ["CLIPTextModelWithProjection"], "model_type": "clip_text_model",
-              "projection_dim": 8, **lib.TEXT}
+    config = {
+        "architectures": ["CLIPTextModelWithProjection"],
+        "model_type": "clip_text_model",
+        "projection_dim": 8,
+        **lib.TEXT,
+    }
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(weights.WeightsError, match="model.safetensors"):
         load_clip(str(folder))
@@ -222,9 +257,13 @@ def test_bad_clip_folders(tmp_path):
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
         np.testing.assert_array_equal(np.asarray(a), b)
     (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
-    with pytest.raises(weights.WeightsError, match=r"missing key\(s\): text_model\.encoder\.layers\.2\."):
+    with pytest.raises(
+        weights.WeightsError, match=r"missing key\(s\): text_model\.encoder\.layers\.2\."
+    ):
         load_clip(str(folder))
-    with pytest.raises(weights.WeightsError, match=r"missing key\(s\): text_model\.encoder\.layers\.2\."):
+    with pytest.raises(
+        weights.WeightsError, match=r"missing key\(s\): text_model\.encoder\.layers\.2\."
+    ):
         load_clip_text(str(folder))
     (folder / "config.json").write_text(json.dumps({**config, "projection_dim": 16}))
     with pytest.raises(weights.WeightsError, match=r"shape mismatch.*text_projection\.weight"):

@@ -101,7 +101,7 @@ def test_causality():
     h1, h2 = np.asarray(h1), np.asarray(h2)
     np.testing.assert_allclose(h2[:, :k], h1[:, :k], atol=1e-6, rtol=0)
     assert np.all(np.max(np.abs(h2[:, k] - h1[:, k]), axis=-1) > 1e-3)
-    assert np.all(np.max(np.abs(h2[:, k + 1:] - h1[:, k + 1:]), axis=-1) > 1e-5)
+    assert np.all(np.max(np.abs(h2[:, k + 1 :] - h1[:, k + 1 :]), axis=-1) > 1e-5)
 
 
 def test_pooled_is_first_eos():
@@ -178,16 +178,32 @@ def test_from_dict():
     }
     cfg = CLIPTextConfig.from_dict(hf_clip)
     assert cfg == CLIPTextConfig(
-        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-        num_attention_heads=4, max_position_embeddings=32, hidden_act="gelu",
-        layer_norm_eps=1e-6, eos_token_id=999,
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        hidden_act="gelu",
+        layer_norm_eps=1e-6,
+        eos_token_id=999,
     )
     # Flat text-model config (e.g. SD's text_encoder/config.json); missing keys keep defaults.
-    flat = {"architectures": ["CLIPTextModel"], "hidden_size": 1024, "num_attention_heads": 16,
-            "eos_token_id": 2, "unknown_key": 1, "projection_dim": 512}
+    flat = {
+        "architectures": ["CLIPTextModel"],
+        "hidden_size": 1024,
+        "num_attention_heads": 16,
+        "eos_token_id": 2,
+        "unknown_key": 1,
+        "projection_dim": 512,
+    }
     cfg2 = CLIPTextConfig.from_dict(flat)
     assert cfg2.hidden_size == 1024 and cfg2.num_attention_heads == 16 and cfg2.eos_token_id == 2
-    assert cfg2.vocab_size == 49408 and cfg2.num_hidden_layers == 12 and cfg2.hidden_act == "quick_gelu"
+    assert (
+        cfg2.vocab_size == 49408
+        and cfg2.num_hidden_layers == 12
+        and cfg2.hidden_act == "quick_gelu"
+    )
     # Defaults are CLIP ViT-L/14's text encoder.
     assert CLIPTextConfig.from_dict({}) == CLIPTextConfig()
     assert dataclasses.astuple(CLIPTextConfig())[:6] == (49408, 768, 3072, 12, 12, 77)
@@ -246,20 +262,27 @@ def _np_reference(params, cfg, ids, attention_mask=None):
     acts = {
         "quick_gelu": lambda x: x / (1.0 + np.exp(-1.702 * x)),
         "gelu": lambda x: 0.5 * x * (1.0 + erf(x / np.sqrt(2.0))),
-        "gelu_new": lambda x: 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3))),
+        "gelu_new": lambda x: (
+            0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+        ),
     }
     b, l = ids.shape
     h, hd = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
-    x = p["embeddings/token_embedding/embedding"][ids] + p["embeddings/position_embedding/embedding"][:l]
+    x = (
+        p["embeddings/token_embedding/embedding"][ids]
+        + p["embeddings/position_embedding/embedding"][:l]
+    )
     allowed = np.tril(np.ones((l, l), bool))[None, None]
     if attention_mask is not None:
         allowed = allowed & attention_mask.astype(bool)[:, None, None, :]
     for i in range(cfg.num_hidden_layers):
         pre = f"encoder/layers_{i}"
         y = ln(x, f"{pre}/layer_norm1")
-        q, k, v = (dense(y, f"{pre}/self_attn/{n}").reshape(b, l, h, hd).transpose(0, 2, 1, 3)
-                   for n in ("q_proj", "k_proj", "v_proj"))
-        s = q @ k.transpose(0, 1, 3, 2) * hd ** -0.5
+        q, k, v = (
+            dense(y, f"{pre}/self_attn/{n}").reshape(b, l, h, hd).transpose(0, 2, 1, 3)
+            for n in ("q_proj", "k_proj", "v_proj")
+        )
+        s = q @ k.transpose(0, 1, 3, 2) * hd**-0.5
         s = np.where(allowed, s, -np.inf)
         s = np.exp(s - s.max(-1, keepdims=True))
         a = (s / s.sum(-1, keepdims=True)) @ v
@@ -280,7 +303,10 @@ def test_matches_numpy_reference(act):
     # Randomise LayerNorm params and biases (init makes them 1 / 0) so every parameter matters.
     flat = traverse_util.flatten_dict(variables["params"], sep="/")
     keys = jax.random.split(jax.random.PRNGKey(7), len(flat))
-    flat = {k: v + 0.1 * jax.random.normal(kk, v.shape) for kk, (k, v) in zip(keys, sorted(flat.items()))}
+    flat = {
+        k: v + 0.1 * jax.random.normal(kk, v.shape)
+        for kk, (k, v) in zip(keys, sorted(flat.items()))
+    }
     params = traverse_util.unflatten_dict(flat, sep="/")
     mask = np.ones((3, SEQ), np.int32)
     mask[0, 1] = 0
@@ -325,7 +351,7 @@ def test_hf_name_mapping_roundtrip(prefix):
         elif parts[-1] in ("scale", "embedding"):
             parts[-1] = "weight"
         state_dict[prefix + ".".join(parts)] = _FakeTensor(value)
-    assert "encoder.layers.1.self_attn.out_proj.weight" in {k[len(prefix):] for k in state_dict}
+    assert "encoder.layers.1.self_attn.out_proj.weight" in {k[len(prefix) :] for k in state_dict}
     mapped = traverse_util.flatten_dict(_hf_to_flax(state_dict, cfg.num_hidden_layers), sep="/")
     assert set(mapped) == set(flat)
     for k in flat:
@@ -339,7 +365,7 @@ def _hf_to_flax(state_dict, num_layers):
         if key.endswith("position_ids"):
             continue  # buffer, not a parameter
         if key.startswith("text_model."):  # transformers < 5 nests the modules under text_model
-            key = key[len("text_model."):]
+            key = key[len("text_model.") :]
         parts = key.split(".")
         if parts[0] == "encoder":
             assert parts[1] == "layers"
@@ -371,12 +397,22 @@ def test_parity_with_hf_transformers():
 
     torch.manual_seed(0)
     hf_cfg = HFConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=MAX_POS, hidden_act="quick_gelu",
-        layer_norm_eps=1e-5, eos_token_id=EOS, bos_token_id=EOS - 1, pad_token_id=0,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=MAX_POS,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+        eos_token_id=EOS,
+        bos_token_id=EOS - 1,
+        pad_token_id=0,
     )
     hf = CLIPTextModel(hf_cfg).eval()
-    with torch.no_grad():  # HF zero-inits biases and unit-inits LayerNorms; perturb so the mapping is tested
+    with (
+        torch.no_grad()
+    ):  # HF zero-inits biases and unit-inits LayerNorms; perturb so the mapping is tested
         for p in hf.parameters():
             p.add_(0.05 * torch.randn_like(p))
 
@@ -392,7 +428,9 @@ def test_parity_with_hf_transformers():
         with torch.no_grad():
             out = hf(
                 input_ids=torch.from_numpy(ids).long(),
-                attention_mask=None if attention_mask is None else torch.from_numpy(attention_mask).long(),
+                attention_mask=None
+                if attention_mask is None
+                else torch.from_numpy(attention_mask).long(),
             )
         hidden, pooled = model.apply({"params": params}, ids, attention_mask)
         hf_hidden = out.last_hidden_state.numpy()

@@ -1,4 +1,5 @@
 """Error paths checked before any compilation: mesh shape, dataset name, SCFlow settings."""
+
 import pytest
 
 from scflow_jax import distill, sharding, tasks
@@ -36,9 +37,15 @@ def test_unknown_dataset_is_named(tiny_config):
         tasks.build_task(tiny_config)
 
 
-@pytest.mark.parametrize("field,value", [
-    ("target_ema", 1.5), ("eval_ema", -0.1), ("huber_c", 0.0), ("lambda_rf", -0.1),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("target_ema", 1.5),
+        ("eval_ema", -0.1),
+        ("huber_c", 0.0),
+        ("lambda_rf", -0.1),
+    ],
+)
 def test_scflow_settings_out_of_range_are_named(tiny_config, field, value):
     tiny_config.scflow[field] = value
     with pytest.raises(ValueError, match=rf"config.scflow.{field}="):

@@ -1,5 +1,6 @@
 """Each discriminator family as the authors have it (SCFLOW_SPEC.md sections 3-5): which output the GAN losses
 take, the text-to-image head's shapes, the time of D's noised inputs, integer timesteps, and D's health metrics."""
+
 from __future__ import annotations
 
 import logging
@@ -26,10 +27,14 @@ def _softplus(x):
 # ------------------------------------------------------------------------------------------------ integer timesteps
 def test_timestep_index_is_exact_for_every_k_over_1000():
     k = np.arange(1001)
-    made = {"k/1000 (correctly rounded)": k.astype(np.float32) / np.float32(1000),
-            "k*0.001": k.astype(np.float32) * np.float32(0.001),
-            "k/1000 under jit": np.asarray(jax.jit(lambda i: i.astype(jnp.float32) / 1000.0)(k))}
-    assert (np.floor(made["k/1000 (correctly rounded)"] * np.float32(1000)) != k).any()  # the plain floor's miss
+    made = {
+        "k/1000 (correctly rounded)": k.astype(np.float32) / np.float32(1000),
+        "k*0.001": k.astype(np.float32) * np.float32(0.001),
+        "k/1000 under jit": np.asarray(jax.jit(lambda i: i.astype(jnp.float32) / 1000.0)(k)),
+    }
+    assert (
+        np.floor(made["k/1000 (correctly rounded)"] * np.float32(1000)) != k
+    ).any()  # the plain floor's miss
     for how, t in made.items():
         for mode, fn in (("eager", flows.timestep_index), ("jit", jax.jit(flows.timestep_index))):
             got = np.asarray(fn(t))
@@ -37,7 +42,11 @@ def test_timestep_index_is_exact_for_every_k_over_1000():
             # The network time k/1000 maps back to k (floored times are fixed points).
             assert (np.asarray(fn(flows.floor_to_timestep(t))) == k).all(), (how, mode)
     # Times between timesteps still floor: 0.2509 is in timestep 250, 0.9999 in 999.
-    assert np.asarray(flows.timestep_index(np.float32([0.2509, 0.9999, 0.0004]))).tolist() == [250, 999, 0]
+    assert np.asarray(flows.timestep_index(np.float32([0.2509, 0.9999, 0.0004]))).tolist() == [
+        250,
+        999,
+        0,
+    ]
 
 
 # ------------------------------------------------------------------------------------------- sigmoid per family
@@ -48,8 +57,9 @@ def test_family_conventions():
 
 def _disc_loss_takes(nets, disc_params, real, fake, cond, t_minus, cfg):
     """Which output the built networks' D loss takes: 'logit' or 'sigmoid' (the other one must not match)."""
-    _, aux = scflow.discriminator_objective(disc_params, real, fake, cond, t_minus, jax.random.key(0),
-                                            nets=nets, cfg=cfg)
+    _, aux = scflow.discriminator_objective(
+        disc_params, real, fake, cond, t_minus, jax.random.key(0), nets=nets, cfg=cfg
+    )
     disc = scflow.discriminator_at(nets, t_minus, cfg)
     if cfg.disc_noise_inputs:
         eps = jax.random.normal(jax.random.key(0), real.shape, real.dtype)
@@ -57,31 +67,49 @@ def _disc_loss_takes(nets, disc_params, real, fake, cond, t_minus, cfg):
         real, fake = (scflow.noised_for_discriminator(x, s, eps) for x in (real, fake))
     lr, lf = np.asarray(disc(disc_params, real, cond)), np.asarray(disc(disc_params, fake, cond))
     as_logit = np.mean(_softplus(-lr)) + np.mean(_softplus(lf))
-    as_sigmoid = np.mean(_softplus(-1 / (1 + np.exp(-lr)))) + np.mean(_softplus(1 / (1 + np.exp(-lf))))
+    as_sigmoid = np.mean(_softplus(-1 / (1 + np.exp(-lr)))) + np.mean(
+        _softplus(1 / (1 + np.exp(-lf)))
+    )
     assert abs(as_logit - as_sigmoid) > 1e-3  # the two readings are told apart
     got = float(aux["loss_disc"])
-    return "logit" if abs(got - as_logit) < 1e-5 * max(1.0, abs(as_logit)) else (
-        "sigmoid" if abs(got - as_sigmoid) < 1e-5 * max(1.0, abs(as_sigmoid)) else f"neither: {got}")
+    return (
+        "logit"
+        if abs(got - as_logit) < 1e-5 * max(1.0, abs(as_logit))
+        else (
+            "sigmoid"
+            if abs(got - as_sigmoid) < 1e-5 * max(1.0, abs(as_sigmoid))
+            else f"neither: {got}"
+        )
+    )
 
 
 def test_embedded_default_latent_d_takes_raw_logits():
-    config = get_config()  # the shipped default (the task only depends on its data/model/disc groups)
+    config = (
+        get_config()
+    )  # the shipped default (the task only depends on its data/model/disc groups)
     assert config.scflow.sigmoid_head is None
     task = build_task(get_config("tiny"))
     nets = distill.networks(task, sigmoid_head=config.scflow.sigmoid_head)
     assert nets.sigmoid_head is False
     rng = np.random.default_rng(0)
-    real, fake = (jnp.asarray(rng.standard_normal((4,) + task.image_shape), jnp.float32) * 2 for _ in range(2))
+    real, fake = (
+        jnp.asarray(rng.standard_normal((4,) + task.image_shape), jnp.float32) * 2 for _ in range(2)
+    )
     cond = jnp.asarray(task.conditions(np.arange(4)))
     params = jax.jit(task.init_disc_params)(jax.random.PRNGKey(1))
-    assert _disc_loss_takes(nets, params, real, fake, cond, jnp.full((4,), 0.5), config.scflow) == "logit"
+    assert (
+        _disc_loss_takes(nets, params, real, fake, cond, jnp.full((4,), 0.5), config.scflow)
+        == "logit"
+    )
 
 
 @pytest.mark.parametrize("recipe,expected", [("celebahq256", "logit"), ("t2i_sd15", "sigmoid")])
 def test_recipe_d_losses_follow_the_family(tmp_path, recipe, expected):
     shipped = test_recipes.load_config(recipe, None)
     assert shipped.scflow.sigmoid_head is None
-    config = getattr(test_recipes, {"celebahq256": "celeba_config", "t2i_sd15": "t2i_config"}[recipe])(tmp_path)
+    config = getattr(
+        test_recipes, {"celebahq256": "celeba_config", "t2i_sd15": "t2i_config"}[recipe]
+    )(tmp_path)
     with config.unlocked():
         config.scflow = shipped.scflow  # the shipped recipe's SCFlow settings on tiny networks
     task = build_task(config)
@@ -90,8 +118,13 @@ def test_recipe_d_losses_follow_the_family(tmp_path, recipe, expected):
     teacher = task.load_teacher_params()
     params = jax.jit(task.init_disc_params)(jax.random.PRNGKey(1), teacher)
     rng = np.random.default_rng(0)
-    real, fake = (jnp.asarray(rng.standard_normal((4,) + task.latent_shape), jnp.float32) * 3 for _ in range(2))
-    cond = None if task.unconditional else jnp.asarray(task.encode_prompts(["a cat", "the dog"] * 2))
+    real, fake = (
+        jnp.asarray(rng.standard_normal((4,) + task.latent_shape), jnp.float32) * 3
+        for _ in range(2)
+    )
+    cond = (
+        None if task.unconditional else jnp.asarray(task.encode_prompts(["a cat", "the dog"] * 2))
+    )
     t_minus = jnp.asarray([0.1005, 0.3, 0.6, 0.9], jnp.float32)
     assert _disc_loss_takes(nets, params, real, fake, cond, t_minus, config.scflow) == expected
 
@@ -108,10 +141,15 @@ def test_sigmoid_head_against_the_convention_is_logged(caplog):
 
 # ------------------------------------------------------------------------------------------- text-to-image head
 def test_t2i_head_shapes_on_the_sd15_layout():
-    d = UNetDiscriminator(unet_sd.UNetSDConfig(), head_channels=256, head_groups=32)  # SD 1.5 defaults
+    d = UNetDiscriminator(
+        unet_sd.UNetSDConfig(), head_channels=256, head_groups=32
+    )  # SD 1.5 defaults
     x, t, cond = jnp.zeros((1, 64, 64, 4)), jnp.zeros((1,)), jnp.zeros((1, 77, 768))
-    mid = jax.eval_shape(lambda: unet_sd.UNet2DConditionModel(d.unet_config).init_with_output(
-        jax.random.PRNGKey(0), x, t, cond, method=unet_sd.UNet2DConditionModel.encode)[0])
+    mid = jax.eval_shape(
+        lambda: unet_sd.UNet2DConditionModel(d.unet_config).init_with_output(
+            jax.random.PRNGKey(0), x, t, cond, method=unet_sd.UNet2DConditionModel.encode
+        )[0]
+    )
     assert mid.shape == (1, 8, 8, 1280)
     params = jax.eval_shape(d.init, jax.random.PRNGKey(0), x, t, cond)["params"]
     assert set(params) == {"unet", "head_down", "head_norm", "head_out"}
@@ -123,13 +161,26 @@ def test_t2i_head_shapes_on_the_sd15_layout():
 
 def test_t2i_head_on_too_small_a_mid_feature_names_the_latent_size():
     config = unet_sd.UNetSDConfig(
-        sample_size=8, block_out_channels=(8, 8, 8), layers_per_block=1, cross_attention_dim=8,
-        norm_num_groups=4, attention_head_dim=2,
-        down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3)
+        sample_size=8,
+        block_out_channels=(8, 8, 8),
+        layers_per_block=1,
+        cross_attention_dim=8,
+        norm_num_groups=4,
+        attention_head_dim=2,
+        down_block_types=("DownBlock2D",) * 3,
+        up_block_types=("UpBlock2D",) * 3,
+    )
     d = UNetDiscriminator(config, head_channels=8, head_groups=4)
-    with pytest.raises(ValueError, match=r"latents of 8x8 give 2x2.*at least 16x16.*config.data.image_size"):
-        jax.eval_shape(d.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)),
-                       jnp.zeros((1, 3, 8)))
+    with pytest.raises(
+        ValueError, match=r"latents of 8x8 give 2x2.*at least 16x16.*config.data.image_size"
+    ):
+        jax.eval_shape(
+            d.init,
+            jax.random.PRNGKey(0),
+            jnp.zeros((1, 8, 8, 4)),
+            jnp.zeros((1,)),
+            jnp.zeros((1, 3, 8)),
+        )
 
 
 # ------------------------------------------------------------------------- D's noised input at the time it is told
@@ -142,21 +193,30 @@ def test_d_noise_level_equals_the_time_it_is_told(tiny_config):
         seen.append((x, t))
         return jnp.sum(x.reshape(x.shape[0], -1), -1) * params
 
-    nets = scflow.SCFlowNetworks(velocity_fn=None, teacher_velocity_fn=None, disc_fn=disc_fn,
-                                 disc_takes_time=True)
+    nets = scflow.SCFlowNetworks(
+        velocity_fn=None, teacher_velocity_fn=None, disc_fn=disc_fn, disc_takes_time=True
+    )
     shape = (3, 4, 4, 2)
     t_minus = jnp.asarray([0.2519, 0.5, 0.0991], jnp.float32)  # floored: 0.251, 0.5, 0.099
     zeros, key = jnp.zeros(shape), jax.random.key(7)
-    scflow.discriminator_objective(jnp.float32(1.0), zeros, zeros, None, t_minus, key, nets=nets, cfg=cfg)
-    scflow.generator_adversarial_loss(zeros, jnp.float32(1.0), None, t_minus, key, nets=nets, cfg=cfg)
+    scflow.discriminator_objective(
+        jnp.float32(1.0), zeros, zeros, None, t_minus, key, nets=nets, cfg=cfg
+    )
+    scflow.generator_adversarial_loss(
+        zeros, jnp.float32(1.0), None, t_minus, key, nets=nets, cfg=cfg
+    )
     eps = np.asarray(jax.random.normal(key, shape))
     told = np.asarray(flows.floor_to_timestep(t_minus))
     np.testing.assert_allclose(told, [0.251, 0.5, 0.099], atol=1e-7)
     assert len(seen) == 3  # real and fake in the D step, the one-step sample in the G step
     for x, t in seen:
-        np.testing.assert_allclose(np.asarray(t), told, rtol=1e-6)  # (the task scales it for the UNet)
+        np.testing.assert_allclose(
+            np.asarray(t), told, rtol=1e-6
+        )  # (the task scales it for the UNet)
         # x = s * eps + (1 - s) * 0: its noise level is exactly the time D is given.
-        np.testing.assert_allclose(np.asarray(x), told[:, None, None, None] * eps, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(
+            np.asarray(x), told[:, None, None, None] * eps, rtol=1e-5, atol=1e-7
+        )
 
 
 # --------------------------------------------------------------------------------------------------- D's health

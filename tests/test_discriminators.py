@@ -30,7 +30,9 @@ def _n_params(params) -> int:
 
 def _shapes(module, *args):
     """(variables, output) as ShapeDtypeStructs, without running or compiling anything."""
-    out, variables = jax.eval_shape(lambda *a: module.init_with_output(jax.random.PRNGKey(0), *a), *args)
+    out, variables = jax.eval_shape(
+        lambda *a: module.init_with_output(jax.random.PRNGKey(0), *a), *args
+    )
     return variables, out
 
 
@@ -60,7 +62,9 @@ def _cond(b, cond_dim):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_output_shape_and_dtype(resolution, cond_dim, dtype):
     b = 4
-    d = StyleGANDiscriminator(resolution=resolution, in_channels=3, cond_dim=cond_dim, dtype=dtype, **SMALL)
+    d = StyleGANDiscriminator(
+        resolution=resolution, in_channels=3, cond_dim=cond_dim, dtype=dtype, **SMALL
+    )
     x = jnp.zeros((b, resolution, resolution, 3))
     variables, logits = _shapes(d, x, _cond(b, cond_dim))
     assert logits.shape == (b,)
@@ -79,7 +83,9 @@ def test_output_shape_and_dtype(resolution, cond_dim, dtype):
 def test_param_count_reference_config():
     """Issue 8's discriminator (4x16x16 latents, base 2048, max 128, mbstd group 4): 128 channels throughout;
     fromrgb 640 + two blocks of 311,552 + b4_conv 148,736 (129 inputs with mbstd) + b4_fc 262,272 + b4_out 129."""
-    d = StyleGANDiscriminator(resolution=16, in_channels=4, channel_base=2048, channel_max=128, mbstd_group_size=4)
+    d = StyleGANDiscriminator(
+        resolution=16, in_channels=4, channel_base=2048, channel_max=128, mbstd_group_size=4
+    )
     variables, _ = _shapes(d, jnp.zeros((4, 16, 16, 4)))
     assert _n_params(variables) == 1_034_881
 
@@ -132,7 +138,9 @@ def test_minibatch_stddev_identical_group_is_zero():
     y2 = mbstd(x2, group_size=g, num_channels=1)
     assert y2.shape == (8, 4, 4, 7)
     assert float(jnp.min(y2[..., 6])) > 1.0
-    np.testing.assert_allclose(np.asarray(y2[..., 6]), np.asarray(y2[:, :1, :1, 6]) * np.ones((1, 4, 4)))
+    np.testing.assert_allclose(
+        np.asarray(y2[..., 6]), np.asarray(y2[:, :1, :1, 6]) * np.ones((1, 4, 4))
+    )
 
 
 def test_minibatch_stddev_group_clamped_to_batch():
@@ -181,7 +189,9 @@ def test_input_gradients_finite_and_nonzero(cond_dim):
     x = _randn(b, 16, 16, 4)
     cond = _cond(b, cond_dim)
     params = _numpy_params(d, x, cond)
-    value_and_grad = jax.jit(jax.value_and_grad(lambda p, inp, c: jnp.sum(d.apply(p, inp, c)), argnums=1))
+    value_and_grad = jax.jit(
+        jax.value_and_grad(lambda p, inp, c: jnp.sum(d.apply(p, inp, c)), argnums=1)
+    )
     logits, grad = value_and_grad(params, x, cond)
     assert bool(jnp.isfinite(logits))
     assert grad.shape == x.shape
@@ -246,9 +256,17 @@ def test_matches_torch_restatement_with_r1_gradient(resolution):
     x_torch = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).requires_grad_(True)
     logits_torch = model(x_torch)
     (grad_torch,) = torch.autograd.grad(logits_torch.sum(), x_torch)
-    logits, grad = jax.value_and_grad(lambda x: disc.apply({"params": params}, x).sum())(jnp.asarray(x))
+    logits, grad = jax.value_and_grad(lambda x: disc.apply({"params": params}, x).sum())(
+        jnp.asarray(x)
+    )
     per_sample = disc.apply({"params": params}, jnp.asarray(x))
-    assert np.abs(logits_torch.detach().numpy()).max() > 0.1  # a meaningful comparison, not two zeros
-    np.testing.assert_allclose(np.asarray(per_sample), logits_torch.detach().numpy(), atol=1e-4, rtol=1e-4)
+    assert (
+        np.abs(logits_torch.detach().numpy()).max() > 0.1
+    )  # a meaningful comparison, not two zeros
+    np.testing.assert_allclose(
+        np.asarray(per_sample), logits_torch.detach().numpy(), atol=1e-4, rtol=1e-4
+    )
     np.testing.assert_allclose(float(logits), float(logits_torch.detach().sum()), rtol=1e-4)
-    np.testing.assert_allclose(np.asarray(grad), grad_torch.numpy().transpose(0, 2, 3, 1), atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(grad), grad_torch.numpy().transpose(0, 2, 3, 1), atol=1e-5, rtol=1e-4
+    )

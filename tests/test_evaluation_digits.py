@@ -1,4 +1,5 @@
 """Tests for the Fréchet-distance utilities and the digits-demo classifier metric (CPU)."""
+
 from __future__ import annotations
 
 import json

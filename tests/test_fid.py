@@ -3,6 +3,7 @@
 Parity tests build pytorch-fid's own ``InceptionV3`` (its FID blocks, random weights, nothing downloaded) and
 compare 2048-d pool features: max abs error <= 1e-4 in fp32.
 """
+
 import os
 
 import jax
@@ -20,6 +21,7 @@ PARITY_TOL = 1e-4  # max abs error of fp32 features against the PyTorch referenc
 # --------------------------------------------------------------------------------------------------------------------
 # A pytorch-fid Inception with random weights
 
+
 def _build_reference_inception(monkeypatch_ctx):
     """pytorch-fid's ``InceptionV3([3], resize_input=True, normalize_input=True)`` with the FID blocks, built by
     pytorch-fid's ``fid_inception_v3`` with the weights download replaced by a random torchvision state dict.
@@ -34,8 +36,9 @@ def _build_reference_inception(monkeypatch_ctx):
     import torchvision
 
     def fake_download(url, progress=True):
-        return torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False,
-                                               num_classes=1008).state_dict()
+        return torchvision.models.inception_v3(
+            weights=None, aux_logits=False, init_weights=False, num_classes=1008
+        ).state_dict()
 
     captured = {}
     original = pfi.fid_inception_v3
@@ -70,7 +73,9 @@ def reference_inception(tmp_path_factory):
         model, inner = _build_reference_inception(mp)
     path = str(tmp_path_factory.mktemp("inception") / "pt_inception-random.pth")
     state = inner.state_dict()
-    assert "fc.weight" in state and any(k.endswith("num_batches_tracked") for k in state)  # must be ignorable
+    assert "fc.weight" in state and any(
+        k.endswith("num_batches_tracked") for k in state
+    )  # must be ignorable
     torch.save(state, path)
     return model, path
 
@@ -86,6 +91,7 @@ def _torch_features(model, images_nhwc):
 # --------------------------------------------------------------------------------------------------------------------
 # Inception parity
 
+
 @pytest.mark.parity
 def test_resize_matches_torch_bilinear_without_antialias():
     import torch
@@ -94,14 +100,30 @@ def test_resize_matches_torch_bilinear_without_antialias():
     rng = np.random.default_rng(0)
     for h, w in [(64, 64), (320, 320), (32, 48), (512, 400), (299, 299)]:
         x = rng.random((2, h, w, 3), dtype=np.float32)
-        ref = F.interpolate(torch.from_numpy(x.transpose(0, 3, 1, 2)), size=(299, 299), mode="bilinear",
-                            align_corners=False).numpy().transpose(0, 2, 3, 1)
+        ref = (
+            F.interpolate(
+                torch.from_numpy(x.transpose(0, 3, 1, 2)),
+                size=(299, 299),
+                mode="bilinear",
+                align_corners=False,
+            )
+            .numpy()
+            .transpose(0, 2, 3, 1)
+        )
         ours = np.asarray(inception.resize_for_inception(jnp.asarray(x)))
         assert np.abs(ours - ref).max() <= 1e-6, (h, w)
     # jax.image.resize's default (antialias on downsampling) is NOT torch's resize: the reason for antialias=False.
     x = rng.random((1, 320, 320, 3), dtype=np.float32)
-    ref = F.interpolate(torch.from_numpy(x.transpose(0, 3, 1, 2)), size=(299, 299), mode="bilinear",
-                        align_corners=False).numpy().transpose(0, 2, 3, 1)
+    ref = (
+        F.interpolate(
+            torch.from_numpy(x.transpose(0, 3, 1, 2)),
+            size=(299, 299),
+            mode="bilinear",
+            align_corners=False,
+        )
+        .numpy()
+        .transpose(0, 2, 3, 1)
+    )
     antialiased = np.asarray(jax.image.resize(jnp.asarray(x), (1, 299, 299, 3), "bilinear"))
     assert np.abs(antialiased - ref).max() > 1e-2
 
@@ -130,7 +152,9 @@ def test_load_inception_rejects_other_networks(reference_inception, tmp_path):
     _, path = reference_inception
     # Another network entirely: every key is reported.
     other = str(tmp_path / "other.pth")
-    torch.save(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).state_dict(), other)
+    torch.save(
+        torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).state_dict(), other
+    )
     with pytest.raises(WeightsError) as info:
         inception.load_inception(other)
     msg = str(info.value)
@@ -174,7 +198,9 @@ def test_fid_stats_mode_matches_pytorch_fid_on_a_folder(reference_inception, tmp
     images_dir.mkdir()
     rng = np.random.default_rng(3)
     for i in range(5):
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(images_dir / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(
+            images_dir / f"{i}.png"
+        )
     config = get_config("tiny")
     config.fid.inception_path = path
     config.fid.images_dir = str(images_dir)
@@ -184,8 +210,9 @@ def test_fid_stats_mode_matches_pytorch_fid_on_a_folder(reference_inception, tmp
     mu, sigma = frechet.load_statistics(config.fid.output_npz, expected_dim=inception.FEATURE_DIM)
 
     files = sorted(str(p) for p in images_dir.glob("*.png"))
-    ref_mu, ref_sigma = calculate_activation_statistics(files, model, batch_size=2, dims=2048, device="cpu",
-                                                        num_workers=0)
+    ref_mu, ref_sigma = calculate_activation_statistics(
+        files, model, batch_size=2, dims=2048, device="cpu", num_workers=0
+    )
     assert np.abs(mu - ref_mu).max() <= PARITY_TOL
     assert np.abs(sigma - ref_sigma).max() <= PARITY_TOL
 
@@ -203,8 +230,10 @@ def _tiny_features(params, images):
 
 def _tiny_params():
     rng = np.random.default_rng(4)
-    return {"w": rng.normal(size=(4 * 4 * 3, FEATURE_DIM)).astype(np.float32) / 4,
-            "b": rng.normal(size=(FEATURE_DIM,)).astype(np.float32)}
+    return {
+        "w": rng.normal(size=(4 * 4 * 3, FEATURE_DIM)).astype(np.float32) / 4,
+        "b": rng.normal(size=(FEATURE_DIM,)).astype(np.float32),
+    }
 
 
 def _images(n, seed=5):
@@ -222,10 +251,15 @@ def test_sharded_statistics_do_not_depend_on_device_count_and_count_a_ragged_bat
     results = {}
     for devices in (1, 8):
         extract = _extractor(devices)
-        acc = fid.accumulate(extract, lambda i: images[i * 8:(i + 1) * 8], 5, fid.FIDAccumulator(FEATURE_DIM))
+        acc = fid.accumulate(
+            extract, lambda i: images[i * 8 : (i + 1) * 8], 5, fid.FIDAccumulator(FEATURE_DIM)
+        )
         assert acc.num_samples == 37 and acc.num_batches == 5
         results[devices] = acc.statistics.statistics()
-        assert extract(images[:3]).shape == (3, FEATURE_DIM)  # a short call returns exactly its rows
+        assert extract(images[:3]).shape == (
+            3,
+            FEATURE_DIM,
+        )  # a short call returns exactly its rows
         assert extract(images).shape == (37, FEATURE_DIM)  # a long call is chunked
     ref_mu, ref_sigma = frechet.feature_statistics(expected)
     for mu, sigma in results.values():
@@ -236,15 +270,22 @@ def test_sharded_statistics_do_not_depend_on_device_count_and_count_a_ragged_bat
 
 
 def test_batch_size_must_divide_devices():
-    with pytest.raises(ValueError, match="config.fid.batch_size=12 is not divisible by the number of devices"):
-        fid.FeatureExtractor(_tiny_features, _tiny_params(), sharding.make_mesh(num_devices=8), 12,
-                             field="config.fid.batch_size")
+    with pytest.raises(
+        ValueError, match="config.fid.batch_size=12 is not divisible by the number of devices"
+    ):
+        fid.FeatureExtractor(
+            _tiny_features,
+            _tiny_params(),
+            sharding.make_mesh(num_devices=8),
+            12,
+            field="config.fid.batch_size",
+        )
 
 
 def test_interrupted_accumulation_resumes_to_the_uninterrupted_statistics(tmp_path):
     images = _images(45)
     extract = _extractor(8)
-    get_batch = lambda i: images[i * 8:(i + 1) * 8]  # noqa: E731
+    get_batch = lambda i: images[i * 8 : (i + 1) * 8]  # noqa: E731
     full = fid.accumulate(extract, get_batch, 6, fid.FIDAccumulator(FEATURE_DIM))
 
     state = str(tmp_path / "acc.npz")
@@ -262,8 +303,13 @@ def test_interrupted_accumulation_resumes_to_the_uninterrupted_statistics(tmp_pa
     assert fetched == [0, 1, 2, 3]
 
     fetched.clear()
-    resumed = fid.FIDAccumulator.restore_or_create(state, FEATURE_DIM, save_every=3, fingerprint="job")
-    assert (resumed.num_batches, resumed.num_samples) == (3, 24)  # saved after batch 3; batch 4 is redone
+    resumed = fid.FIDAccumulator.restore_or_create(
+        state, FEATURE_DIM, save_every=3, fingerprint="job"
+    )
+    assert (resumed.num_batches, resumed.num_samples) == (
+        3,
+        24,
+    )  # saved after batch 3; batch 4 is redone
     fid.accumulate(extract, lambda i: fetched.append(i) or get_batch(i), 6, resumed)
     assert fetched == [3, 4, 5]
     assert resumed.num_samples == full.num_samples == 45
@@ -305,7 +351,9 @@ def test_image_listing_is_recursive_and_an_empty_folder_is_an_error(tmp_path):
     Image.fromarray(np.zeros((5, 7, 3), np.uint8)).save(folder / "c.png")
     batch = fid._stack_images([files[0], str(folder / "c.png")])
     assert batch.shape == (2, 299, 299, 3)
-    np.testing.assert_allclose(batch[0], np.asarray(inception.resize_for_inception(image[None]))[0], atol=1e-6)
+    np.testing.assert_allclose(
+        batch[0], np.asarray(inception.resize_for_inception(image[None]))[0], atol=1e-6
+    )
 
 
 def test_fid_stats_config_errors_name_the_field(tmp_path):

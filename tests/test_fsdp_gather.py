@@ -1,6 +1,7 @@
 """FSDP networks gather their parameters where they run (sharding.gathered_at_use): with the parameters split,
 XLA may split the computation instead and move activations between devices; gathered, only parameters move.
 The samplers hold their network whole instead (sharding.sampler_shardings)."""
+
 import functools
 import re
 
@@ -13,7 +14,9 @@ import scflow_testlib as lib
 from scflow_jax import checkpoint, distill, sharding, teacher, xla_gpu
 from scflow_jax.tasks import build_task
 
-_ACTIVATION_MOVES = re.compile(r"\b(all-reduce|all-to-all|reduce-scatter|collective-permute)(-start)?\(")
+_ACTIVATION_MOVES = re.compile(
+    r"\b(all-reduce|all-to-all|reduce-scatter|collective-permute)(-start)?\("
+)
 
 
 def _network(params, x):
@@ -25,7 +28,9 @@ RULES = sharding.ShardingRules(fsdp_min_size=1)  # split even these small kernel
 
 
 def _fsdp_inputs(mesh, batch=16):
-    kernel = NamedSharding(mesh, P(None, sharding.FSDP_AXIS))  # as RULES split it: along its output features
+    kernel = NamedSharding(
+        mesh, P(None, sharding.FSDP_AXIS)
+    )  # as RULES split it: along its output features
     params = {"w": jax.random.normal(jax.random.PRNGKey(0), (64, 128)) / 8.0}
     x = jax.random.normal(jax.random.PRNGKey(1), (batch, 64))
     return jax.device_put(params, kernel), jax.device_put(x, sharding.batch_sharding(mesh))
@@ -36,8 +41,15 @@ def test_a_gathered_network_moves_only_its_parameters_and_keeps_the_batch_split(
     params, x = _fsdp_inputs(mesh)
     out = sharding.batch_sharding(mesh)
     plain = jax.jit(_network, out_shardings=out).lower(params, x).compile().as_text()
-    gathered = jax.jit(sharding.gathered_at_use(_network, mesh, RULES), out_shardings=out).lower(params, x).compile().as_text()
-    assert _ACTIVATION_MOVES.search(plain), "XLA no longer splits this network's computation: the test shows nothing"
+    gathered = (
+        jax.jit(sharding.gathered_at_use(_network, mesh, RULES), out_shardings=out)
+        .lower(params, x)
+        .compile()
+        .as_text()
+    )
+    assert _ACTIVATION_MOVES.search(plain), (
+        "XLA no longer splits this network's computation: the test shows nothing"
+    )
     assert not _ACTIVATION_MOVES.search(gathered)
     assert "all-gather" in gathered
 
@@ -53,7 +65,9 @@ def test_gathering_changes_neither_the_loss_nor_the_gradients_nor_their_layout()
     loss_value, grads = loss(sharding.gathered_at_use(_network, mesh, RULES))(params, x)
     np.testing.assert_allclose(loss_value, plain_loss, rtol=1e-6)
     np.testing.assert_allclose(grads["w"], plain_grads["w"], rtol=1e-5, atol=1e-7)
-    assert grads["w"].sharding.is_equivalent_to(params["w"].sharding, 2)  # reduce-scattered back to FSDP's split
+    assert grads["w"].sharding.is_equivalent_to(
+        params["w"].sharding, 2
+    )  # reduce-scattered back to FSDP's split
 
 
 def test_without_an_fsdp_axis_the_network_is_left_as_it_is():
@@ -69,14 +83,18 @@ def _gather_as_on_gpus(monkeypatch) -> list:
         wrapped.append(network_fn)
         return gathered_at_use(network_fn, mesh, rules)
 
-    monkeypatch.setattr(xla_gpu, "gathers_parameters_at_use", lambda mesh: sharding.fsdp_size(mesh) > 1)
+    monkeypatch.setattr(
+        xla_gpu, "gathers_parameters_at_use", lambda mesh: sharding.fsdp_size(mesh) > 1
+    )
     monkeypatch.setattr(sharding, "gathered_at_use", recording)
     return wrapped
 
 
 def _one_distill_step(config, teacher_params):
     setup = distill.build_distill(config, workdir="", teacher_params=teacher_params)
-    state, metrics = setup.train_step(setup.state, sharding.shard_batch(setup.data.batch(0), setup.mesh))
+    state, metrics = setup.train_step(
+        setup.state, sharding.shard_batch(setup.data.batch(0), setup.mesh)
+    )
     return lib.to_host(metrics), lib.to_host(state)
 
 
@@ -102,11 +120,15 @@ def test_the_teacher_step_gathers_its_network_under_the_gpu_policy(monkeypatch):
 
 def test_the_samplers_hold_the_student_whole_on_an_fsdp_mesh(tmp_path, monkeypatch):
     # FSDP's default rules leave the tiny network whole; split even its kernels, as they split the real ones.
-    monkeypatch.setattr(sharding, "ShardingRules", functools.partial(sharding.ShardingRules, fsdp_min_size=1))
+    monkeypatch.setattr(
+        sharding, "ShardingRules", functools.partial(sharding.ShardingRules, fsdp_min_size=1)
+    )
     config = lib.make_config(num_devices=8, mesh__fsdp=4)
     task, mesh = build_task(config), sharding.mesh_from_config(config)
     params = task.init_params(jax.random.PRNGKey(0))
-    assert any(not s.is_fully_replicated for s in jax.tree.leaves(sharding.state_shardings(params, mesh)))
+    assert any(
+        not s.is_fully_replicated for s in jax.tree.leaves(sharding.state_shardings(params, mesh))
+    )
     checkpoint.save_params(str(tmp_path / "student"), params)
     loaded = task.load_flow_params(str(tmp_path / "student"), mesh, "student parameters")
     assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(loaded))

@@ -8,6 +8,7 @@ package's ``__init__`` -> that package).
 
 Layers, lowest first. A module may import modules of its own layer or of lower ones only.
 """
+
 from __future__ import annotations
 
 import ast
@@ -22,9 +23,25 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 # prefix; a module that no prefix matches fails the test, so a new module must be placed.
 LAYERS = (
     (1, "maths and networks", ("flows", "paired_batch", "models", "losses")),
-    (2, "infrastructure", ("__init__", "default_config", "sharding", "checkpoint", "precision",
-                           "monitoring", "train_state", "sampling", "layout", "data",
-                           "distributed", "xla_cpu", "xla_gpu")),
+    (
+        2,
+        "infrastructure",
+        (
+            "__init__",
+            "default_config",
+            "sharding",
+            "checkpoint",
+            "precision",
+            "monitoring",
+            "train_state",
+            "sampling",
+            "layout",
+            "data",
+            "distributed",
+            "xla_cpu",
+            "xla_gpu",
+        ),
+    ),
     # The evaluation procedures (digits_eval, real_eval) take the task they evaluate as an
     # argument and are run by it (Task.evaluate), so they sit below the tasks.
     (3, "metric and generation libraries", ("evaluation",)),
@@ -44,7 +61,7 @@ STAGE_LAYER, SHARED_STAGE_MODULES = 5, {f"{PACKAGE}.trainer"}
 
 
 def _module_name(path: str) -> str:
-    rel = os.path.relpath(path, os.path.dirname(ROOT))[:-len(".py")].split(os.sep)
+    rel = os.path.relpath(path, os.path.dirname(ROOT))[: -len(".py")].split(os.sep)
     if rel[-1] == "__init__":
         rel = rel[:-1]  # a package's __init__ is the package itself
     return ".".join(rel)
@@ -87,7 +104,7 @@ def imports_of(module: str, path: str, modules: dict[str, str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # relative: from the importing module's package upwards
-                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
             # "from pkg import name": the submodule pkg.name if there is one, else pkg.
             names = [f"{base}.{alias.name}" for alias in node.names]
@@ -101,7 +118,7 @@ def imports_of(module: str, path: str, modules: dict[str, str]) -> set[str]:
 
 
 def layer_of(module: str) -> int | None:
-    short = module[len(PACKAGE) + 1:] if module != PACKAGE else "__init__"
+    short = module[len(PACKAGE) + 1 :] if module != PACKAGE else "__init__"
     best, best_len = None, -1
     for layer, _, prefixes in LAYERS:
         for prefix in prefixes:
@@ -158,7 +175,7 @@ def _same_cycle(a: list[str], b: list[str]) -> bool:
     if len(a) != len(b):
         return False
     ring = b[:-1] + b[:-1]
-    return any(ring[i:i + len(a) - 1] == a[:-1] for i in range(len(b) - 1))
+    return any(ring[i : i + len(a) - 1] == a[:-1] for i in range(len(b) - 1))
 
 
 def _closed_path(graph, component: set[str], start: str) -> list[str]:
@@ -193,9 +210,13 @@ def upward_imports(graph: dict[str, set[str]]) -> list[str]:
 
 
 def stage_to_stage_imports(graph: dict[str, set[str]]) -> list[str]:
-    return [f"{module} imports {target}" for module, targets in graph.items()
-            if layer_of(module) == STAGE_LAYER for target in sorted(targets)
-            if layer_of(target) == STAGE_LAYER and target not in SHARED_STAGE_MODULES]
+    return [
+        f"{module} imports {target}"
+        for module, targets in graph.items()
+        if layer_of(module) == STAGE_LAYER
+        for target in sorted(targets)
+        if layer_of(target) == STAGE_LAYER and target not in SHARED_STAGE_MODULES
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -232,11 +253,14 @@ def test_stages_do_not_import_each_other(graph):
 
 def test_the_checks_catch_what_they_are_for():
     """A cycle and an upward import in a made-up graph are found and named."""
-    made_up = {f"{PACKAGE}.flows": {f"{PACKAGE}.sampling"},
-               f"{PACKAGE}.sampling": {f"{PACKAGE}.flows"},
-               f"{PACKAGE}.main": set()}
+    made_up = {
+        f"{PACKAGE}.flows": {f"{PACKAGE}.sampling"},
+        f"{PACKAGE}.sampling": {f"{PACKAGE}.flows"},
+        f"{PACKAGE}.main": set(),
+    }
     assert cycles(made_up) == [[f"{PACKAGE}.flows", f"{PACKAGE}.sampling", f"{PACKAGE}.flows"]]
-    assert upward_imports(made_up) == [f"{PACKAGE}.flows (layer 1) imports {PACKAGE}.sampling "
-                                       f"(layer 2)"]
+    assert upward_imports(made_up) == [
+        f"{PACKAGE}.flows (layer 1) imports {PACKAGE}.sampling (layer 2)"
+    ]
     stages = {f"{PACKAGE}.sample": {f"{PACKAGE}.distill", f"{PACKAGE}.trainer"}}
     assert stage_to_stage_imports(stages) == [f"{PACKAGE}.sample imports {PACKAGE}.distill"]

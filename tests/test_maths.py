@@ -4,6 +4,7 @@ Every expected value is derived analytically (closed forms of toy fields) or rec
 independently in numpy from the quantities the code returns; nothing is copied from a run.
 The toy "networks" are plain closures over small parameter dicts, so nothing big compiles.
 """
+
 from __future__ import annotations
 
 import ml_collections
@@ -85,8 +86,9 @@ def test_classifier_free_guidance_endpoints_and_formula():
     vc, vn = _rand(8, (2, 3)), _rand(9, (2, 3))
     np.testing.assert_allclose(flows.classifier_free_guidance(vc, vn, 1.0), vc, atol=1e-6)
     np.testing.assert_allclose(flows.classifier_free_guidance(vc, vn, 0.0), vn, atol=0)
-    np.testing.assert_allclose(flows.classifier_free_guidance(vc, vn, 1.5),
-                               vn + 1.5 * (vc - vn), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        flows.classifier_free_guidance(vc, vn, 1.5), vn + 1.5 * (vc - vn), rtol=1e-6, atol=1e-6
+    )
 
 
 def _counting(fn):
@@ -101,8 +103,11 @@ def _counting(fn):
 
 def _toy_velocity(params, t, x, cond):
     """Depends on t, x and cond, so a mixed-up argument changes the value."""
-    return (params["w"] * x + flows.broadcast_time(t, x)
-            + flows.broadcast_time(jnp.sum(cond, axis=-1), x))
+    return (
+        params["w"] * x
+        + flows.broadcast_time(t, x)
+        + flows.broadcast_time(jnp.sum(cond, axis=-1), x)
+    )
 
 
 def test_guided_velocity_matches_two_call_formula_with_one_doubled_call():
@@ -118,8 +123,12 @@ def test_guided_velocity_matches_two_call_formula_with_one_doubled_call():
     assert calls[0] == ((2 * batch,), (2 * batch, 2, 2), (2 * batch, 4))
     v_cond = _toy_velocity(params, t, x, cond)
     v_null = _toy_velocity(params, t, x, jnp.broadcast_to(null, cond.shape))
-    np.testing.assert_allclose(v, np.asarray(v_null) + 2.5 * (np.asarray(v_cond) - np.asarray(v_null)),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        v,
+        np.asarray(v_null) + 2.5 * (np.asarray(v_cond) - np.asarray(v_null)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     # Guidance 1 (or no null condition) is a single conditional call on the plain batch.
     calls.clear()
     np.testing.assert_allclose(flows.guided_velocity(fn, params, t, x, cond, null, 1.0), v_cond)
@@ -140,8 +149,9 @@ def test_sample_time_ranges():
 
 def test_floor_to_timestep():
     t = jnp.array([0.0, 0.0015, 0.2567, 0.5, 0.9999, 1.0])
-    np.testing.assert_allclose(flows.floor_to_timestep(t),
-                               [0.0, 0.001, 0.256, 0.5, 0.999, 1.0], atol=1e-7)
+    np.testing.assert_allclose(
+        flows.floor_to_timestep(t), [0.0, 0.001, 0.256, 0.5, 0.999, 1.0], atol=1e-7
+    )
     np.testing.assert_allclose(flows.floor_to_timestep(jnp.array([0.26]), 10), [0.2], atol=1e-7)
 
 
@@ -196,8 +206,9 @@ def test_sampling_linear_field_matches_closed_form(num_steps):
     np.testing.assert_allclose(euler, (1 - a * h) ** num_steps * z1, rtol=1e-5, atol=1e-6)
     # Heun per step: x_e = (1-ah)x; x' = x - h/2 (a x + a x_e) = (1 - ah + (ah)^2/2) x.
     heun = sampling.sample(lin, None, z1, None, num_steps=num_steps, method="heun")
-    np.testing.assert_allclose(heun, (1 - a * h + (a * h) ** 2 / 2) ** num_steps * z1,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        heun, (1 - a * h + (a * h) ** 2 / 2) ** num_steps * z1, rtol=1e-5, atol=1e-6
+    )
     # Both approach the exact solution exp(-a) z1, Heun more closely.
     exact = np.exp(-a) * z1
     if num_steps > 1:
@@ -226,10 +237,19 @@ def test_make_sampler_jitted_equals_unjitted():
     z1, cond = _rand(26, (3, 4)), _rand(27, (3, 2))
     null = np.zeros((2,), np.float32)
     for guidance in (1.0, 2.0):
-        sampler = sampling.make_sampler(_toy_velocity, num_steps=3, method="heun",
-                                        guidance=guidance)
-        eager = sampling.sample(_toy_velocity, params, z1, cond, num_steps=3, method="heun",
-                                null_cond=null, guidance=guidance)
+        sampler = sampling.make_sampler(
+            _toy_velocity, num_steps=3, method="heun", guidance=guidance
+        )
+        eager = sampling.sample(
+            _toy_velocity,
+            params,
+            z1,
+            cond,
+            num_steps=3,
+            method="heun",
+            null_cond=null,
+            guidance=guidance,
+        )
         np.testing.assert_allclose(sampler(params, z1, cond, null), eager, rtol=1e-5, atol=1e-5)
 
 
@@ -237,32 +257,36 @@ def test_sampler_argument_errors():
     with pytest.raises(ValueError, match="num_steps"):
         sampling.sample(_const_field(1.0), None, jnp.zeros((1, 2)), None, num_steps=0)
     with pytest.raises(ValueError, match="rk4"):
-        sampling.sample(_const_field(1.0), None, jnp.zeros((1, 2)), None, num_steps=2,
-                        method="rk4")
+        sampling.sample(_const_field(1.0), None, jnp.zeros((1, 2)), None, num_steps=2, method="rk4")
     with pytest.raises(ValueError, match="rng"):
-        sampling.sample(_const_field(1.0), None, jnp.zeros((1, 2)), None, num_steps=2,
-                        stochastic_beta=0.5)
+        sampling.sample(
+            _const_field(1.0), None, jnp.zeros((1, 2)), None, num_steps=2, stochastic_beta=0.5
+        )
 
 
 def test_stochastic_sampling():
     params = {"w": jnp.float32(0.5)}
     z1, cond = _rand(28, (3, 4)), _rand(29, (3, 2))
     det = sampling.sample(_toy_velocity, params, z1, cond, num_steps=1)
-    sto = sampling.sample(_toy_velocity, params, z1, cond, num_steps=1, stochastic_beta=0.0,
-                          rng=jax.random.key(0))
+    sto = sampling.sample(
+        _toy_velocity, params, z1, cond, num_steps=1, stochastic_beta=0.0, rng=jax.random.key(0)
+    )
     np.testing.assert_allclose(sto, det, rtol=1e-6, atol=1e-6)
     # Two steps, beta = 0: x_half = 0.5*x0_hat + 0.5*z1, then x0 = x_half - 0.5 F(0.5, x_half).
-    sto2 = sampling.sample(_toy_velocity, params, z1, cond, num_steps=2, stochastic_beta=0.0,
-                           rng=jax.random.key(0))
+    sto2 = sampling.sample(
+        _toy_velocity, params, z1, cond, num_steps=2, stochastic_beta=0.0, rng=jax.random.key(0)
+    )
     c = cond.sum(-1)[:, None]
     x0_hat = z1 - 1.0 * (0.5 * z1 + 1.0 + c)
     x_half = 0.5 * x0_hat + 0.5 * z1
     np.testing.assert_allclose(sto2, x_half - 0.5 * (0.5 * x_half + 0.5 + c), rtol=1e-5, atol=1e-5)
     # beta = 1 re-noises with fresh noise: the result depends on the key.
-    a = sampling.sample(_toy_velocity, params, z1, cond, num_steps=2, stochastic_beta=1.0,
-                        rng=jax.random.key(0))
-    b = sampling.sample(_toy_velocity, params, z1, cond, num_steps=2, stochastic_beta=1.0,
-                        rng=jax.random.key(1))
+    a = sampling.sample(
+        _toy_velocity, params, z1, cond, num_steps=2, stochastic_beta=1.0, rng=jax.random.key(0)
+    )
+    b = sampling.sample(
+        _toy_velocity, params, z1, cond, num_steps=2, stochastic_beta=1.0, rng=jax.random.key(1)
+    )
     assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3
 
 
@@ -271,8 +295,9 @@ def test_sample_is_one_program_with_a_loop(method, per_step):
     fn, calls = _counting(_toy_velocity)
     params = {"w": jnp.float32(0.5)}
     z1, cond = jnp.zeros((2, 3)), jnp.zeros((2, 2))
-    lowered = jax.jit(lambda p, z, c: sampling.sample(fn, p, z, c, num_steps=4, method=method)
-                      ).lower(params, z1, cond)
+    lowered = jax.jit(
+        lambda p, z, c: sampling.sample(fn, p, z, c, num_steps=4, method=method)
+    ).lower(params, z1, cond)
     assert "while" in lowered.as_text()
     # The network is traced once per loop body, not once per step.
     assert len(calls) == per_step
@@ -298,7 +323,9 @@ def test_flow_matching_loss_is_velocity_regression():
     assert float(loss) < 1e-6 and float(aux["loss_fm"]) == float(loss)
     loss, _ = flow_matching.flow_matching_loss(0.3, exact_plus_c, z0, cond, rng)
     np.testing.assert_allclose(loss, 0.09, rtol=1e-3)
-    grad = jax.grad(lambda p: flow_matching.flow_matching_loss(p, exact_plus_c, z0, cond, rng)[0])(0.3)
+    grad = jax.grad(lambda p: flow_matching.flow_matching_loss(p, exact_plus_c, z0, cond, rng)[0])(
+        0.3
+    )
     np.testing.assert_allclose(grad, 0.6, rtol=1e-3)
 
 
@@ -311,8 +338,9 @@ def test_flow_matching_noise_and_times_are_standard():
 
     z0 = jnp.zeros((1000, 4))
     cond = jnp.ones((1000, 2))
-    loss, _ = flow_matching.flow_matching_loss(None, zero, z0, cond, jax.random.key(0),
-                                               null_cond=jnp.zeros((2,)), cond_drop_prob=0.5)
+    loss, _ = flow_matching.flow_matching_loss(
+        None, zero, z0, cond, jax.random.key(0), null_cond=jnp.zeros((2,)), cond_drop_prob=0.5
+    )
     # With z0 = 0 the loss is mean(z1^2) ~ 1 (chi-square mean over 4000 elements, sd 0.022).
     assert 0.9 < float(loss) < 1.1
     assert seen["t"].min() >= 0 and seen["t"].max() < 1 and 0.45 < seen["t"].mean() < 0.55
@@ -344,11 +372,13 @@ def test_pseudo_huber():
     x, y = _rand(40, (3, 5)), _rand(41, (3, 5))
     c = 0.3
     d = x.astype(np.float64) - y
-    np.testing.assert_allclose(scflow.pseudo_huber(x, y, c), np.mean(np.sqrt(d * d + c * c) - c),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        scflow.pseudo_huber(x, y, c), np.mean(np.sqrt(d * d + c * c) - c), rtol=1e-5
+    )
     small = np.full((4,), 1e-2, np.float32)
-    np.testing.assert_allclose(scflow.pseudo_huber(small, 0 * small, 1.0), 0.5 * 1e-4 / 1.0,
-                               rtol=2e-2)
+    np.testing.assert_allclose(
+        scflow.pseudo_huber(small, 0 * small, 1.0), 0.5 * 1e-4 / 1.0, rtol=2e-2
+    )
     big = np.array([100.0, -200.0], np.float32)
     np.testing.assert_allclose(scflow.pseudo_huber(big, 0 * big, 0.01), 150.0 - 0.01, rtol=1e-6)
     assert float(scflow.pseudo_huber(x, x, 0.01)) == 0.0
@@ -357,8 +387,11 @@ def test_pseudo_huber():
 
 @pytest.mark.parametrize("delta", [0.1, 1.0])
 def test_local_step_sizes_stay_in_range(delta):
-    t = jnp.asarray(np.concatenate([[0.0, 1.0, delta, 1 - delta],
-                                    np.random.default_rng(0).uniform(size=4000)]).astype(np.float32))
+    t = jnp.asarray(
+        np.concatenate(
+            [[0.0, 1.0, delta, 1 - delta], np.random.default_rng(0).uniform(size=4000)]
+        ).astype(np.float32)
+    )
     dm, dp = (np.asarray(a) for a in scflow.local_step_sizes(jax.random.key(0), t, delta))
     t = np.asarray(t)
     tol = 1e-7
@@ -396,8 +429,11 @@ def _np_toy(w, t, x, cond):
 
 def _teacher_fn(params, t, x, cond):
     """A different function from the student's, so swapped networks would show."""
-    return (params["a"] * x + 2.0 * flows.broadcast_time(t, x)
-            - flows.broadcast_time(jnp.mean(cond, axis=-1), x))
+    return (
+        params["a"] * x
+        + 2.0 * flows.broadcast_time(t, x)
+        - flows.broadcast_time(jnp.mean(cond, axis=-1), x)
+    )
 
 
 def _np_teacher(a, t, x, cond):
@@ -428,8 +464,7 @@ def _nets(teacher=_teacher_fn, student=_toy_velocity, disc=_toy_disc):
 
 
 def _np_inputs(inp):
-    return {k: (None if v is None else np.asarray(v, np.float64))
-            for k, v in vars(inp).items()}
+    return {k: (None if v is None else np.asarray(v, np.float64)) for k, v in vars(inp).items()}
 
 
 def test_prepare_generator_inputs_targets_truncation_and_cfg(tiny_config):
@@ -439,8 +474,15 @@ def test_prepare_generator_inputs_targets_truncation_and_cfg(tiny_config):
     student, scalls = _counting(_toy_velocity)
     tp, sp = {"a": jnp.float32(0.6)}, {"w": jnp.float32(-0.3)}
     inp = scflow.prepare_generator_inputs(
-        jax.random.key(7), z0, cond, teacher_params=tp, target_params=sp, null_cond=null,
-        nets=_nets(teacher, student), cfg=cfg)
+        jax.random.key(7),
+        z0,
+        cond,
+        teacher_params=tp,
+        target_params=sp,
+        null_cond=null,
+        nets=_nets(teacher, student),
+        cfg=cfg,
+    )
     # One teacher call (CFG on the doubled batch), one target call (t-, t+ doubled batch).
     assert [c[1][0] for c in tcalls] == [2 * B]
     assert [c[1][0] for c in scalls] == [2 * B]
@@ -463,8 +505,9 @@ def test_prepare_generator_inputs_targets_truncation_and_cfg(tiny_config):
     assert truncated.any() and (~truncated).any(), "seed must give both kinds of rows"
     for i in range(B):
         expected = z0n[i] if truncated[i] else pred[i]
-        np.testing.assert_allclose(n["target_minus"][i], expected, rtol=1e-4, atol=1e-5,
-                                   err_msg=f"row {i}, t-={tm[i]}")
+        np.testing.assert_allclose(
+            n["target_minus"][i], expected, rtol=1e-4, atol=1e-5, err_msg=f"row {i}, t-={tm[i]}"
+        )
     assert n["target_plus"] is not None and n["target_plus"].shape == SHAPE
 
 
@@ -476,13 +519,21 @@ def test_prepare_generator_inputs_target_plus_is_an_up_step(tiny_config):
     z0, cond, null = _data(60)
     zero = lambda params, t, x, c: jnp.zeros_like(x)  # noqa: E731
     inp = scflow.prepare_generator_inputs(
-        jax.random.key(8), z0, cond, teacher_params={"a": jnp.float32(0.6)}, target_params=None,
-        null_cond=null, nets=_nets(student=zero), cfg=cfg)
+        jax.random.key(8),
+        z0,
+        cond,
+        teacher_params={"a": jnp.float32(0.6)},
+        target_params=None,
+        null_cond=null,
+        nets=_nets(student=zero),
+        cfg=cfg,
+    )
     n = _np_inputs(inp)
     condn = np.asarray(cond, np.float64)
     v_t = _np_teacher(0.6, n["t"], n["x_t"], condn)  # teacher_cfg = 1: conditional only
-    np.testing.assert_allclose(n["target_minus"],
-                               n["x_t"] - _bt(n["t"] - n["t_minus"], v_t) * v_t, atol=1e-5)
+    np.testing.assert_allclose(
+        n["target_minus"], n["x_t"] - _bt(n["t"] - n["t_minus"], v_t) * v_t, atol=1e-5
+    )
     d_plus = ((n["target_plus"] - n["x_t"]) / v_t).reshape(B, -1)
     np.testing.assert_allclose(d_plus, np.broadcast_to(d_plus[:, :1], d_plus.shape), atol=1e-4)
     d_plus = d_plus[:, 0]
@@ -499,8 +550,15 @@ def test_prepare_generator_inputs_without_inverse_or_teacher(tiny_config):
 
     student, scalls = _counting(_toy_velocity)
     inp = scflow.prepare_generator_inputs(
-        jax.random.key(9), z0, cond, teacher_params=None, target_params={"w": jnp.float32(0.2)},
-        null_cond=null, nets=_nets(teacher=no_teacher, student=student), cfg=cfg)
+        jax.random.key(9),
+        z0,
+        cond,
+        teacher_params=None,
+        target_params={"w": jnp.float32(0.2)},
+        null_cond=null,
+        nets=_nets(teacher=no_teacher, student=student),
+        cfg=cfg,
+    )
     assert inp.target_plus is None
     assert [c[1][0] for c in scalls] == [B]  # only t-: no doubled batch
     n = _np_inputs(inp)
@@ -527,9 +585,15 @@ def test_prepare_generator_inputs_integer_timesteps(tiny_config):
         return _toy_velocity(params, t, x, c)
 
     inp = scflow.prepare_generator_inputs(
-        jax.random.key(10), z0, cond, teacher_params={"a": jnp.float32(0.6)},
-        target_params={"w": jnp.float32(0.2)}, null_cond=null, nets=_nets(teacher, student),
-        cfg=cfg)
+        jax.random.key(10),
+        z0,
+        cond,
+        teacher_params={"a": jnp.float32(0.6)},
+        target_params={"w": jnp.float32(0.2)},
+        null_cond=null,
+        nets=_nets(teacher, student),
+        cfg=cfg,
+    )
     n = _np_inputs(inp)
     k = n["t"] * 1000
     np.testing.assert_allclose(k, np.round(k), atol=1e-3)  # t is k/1000 already
@@ -557,22 +621,31 @@ def _full_loss(tiny_config, **edits):
 
     def loss(params, target_params, teacher_params, z0_hat, step):
         inp = scflow.prepare_generator_inputs(
-            jax.random.key(11), z0, cond, teacher_params=teacher_params,
-            target_params=target_params, null_cond=null, nets=nets, cfg=cfg)
-        return scflow.generator_objective(params, z0_hat, inp, step, None, None, nets=nets,
-                                          cfg=cfg)
+            jax.random.key(11),
+            z0,
+            cond,
+            teacher_params=teacher_params,
+            target_params=target_params,
+            null_cond=null,
+            nets=nets,
+            cfg=cfg,
+        )
+        return scflow.generator_objective(params, z0_hat, inp, step, None, None, nets=nets, cfg=cfg)
 
     return loss, cfg, (z0, cond, null), nets
 
 
 def test_generator_regression_gradients_are_stopped(tiny_config):
     loss, cfg, (z0, cond, null), nets = _full_loss(
-        tiny_config, teacher_cfg=1.5, trunc_threshold=0.2)
+        tiny_config, teacher_cfg=1.5, trunc_threshold=0.2
+    )
     sp, tgt, tp = {"w": jnp.float32(0.3)}, {"w": jnp.float32(-0.2)}, {"a": jnp.float32(0.5)}
     z0_hat = jnp.asarray(_rand(91, SHAPE))
     step = jnp.asarray(0, jnp.int32)
     f = lambda *a: loss(*a)[0]  # noqa: E731
-    g_student, g_target, g_teacher, g_hat = jax.grad(f, argnums=(0, 1, 2, 3))(sp, tgt, tp, z0_hat, step)
+    g_student, g_target, g_teacher, g_hat = jax.grad(f, argnums=(0, 1, 2, 3))(
+        sp, tgt, tp, z0_hat, step
+    )
     assert abs(float(g_student["w"])) > 1e-4
     assert float(g_target["w"]) == 0.0
     assert float(g_teacher["a"]) == 0.0
@@ -593,8 +666,9 @@ def test_generator_adversarial_loss_gradients(tiny_config):
     t_minus = jnp.full((B,), 0.3)
 
     def f(z, d):
-        return scflow.generator_adversarial_loss(z, d, cond, t_minus, jax.random.key(0),
-                                                 nets=nets, cfg=cfg)
+        return scflow.generator_adversarial_loss(
+            z, d, cond, t_minus, jax.random.key(0), nets=nets, cfg=cfg
+        )
 
     g_z, g_d = jax.grad(f, argnums=(0, 1))(z0_hat, dp)
     assert float(jnp.max(jnp.abs(g_z))) > 1e-4
@@ -611,7 +685,7 @@ def _np_regression_terms(n, w, z0_hat, huber_c, use_teacher):
 
     def dist(a, b):
         d = a - b
-        return np.mean(np.sqrt(d * d + huber_c ** 2) - huber_c) if use_teacher else np.mean(d * d)
+        return np.mean(np.sqrt(d * d + huber_c**2) - huber_c) if use_teacher else np.mean(d * d)
 
     terms = {"loss_con": dist(current, n["target_minus"])}
     if n["target_plus"] is not None:
@@ -627,23 +701,49 @@ def _np_regression_terms(n, w, z0_hat, huber_c, use_teacher):
 
 @pytest.mark.parametrize("use_teacher", [True, False])
 def test_generator_regression_terms_and_warmups(tiny_config, use_teacher):
-    cfg = _cfg(tiny_config, lambda_con=1.0, lambda_rf=0.3, lambda_inv=0.2, warmup_rf=10,
-               warmup_inv=5, huber_c=0.05, use_teacher=use_teacher, trunc_threshold=0.2,
-               lambda_gan=0.0)
+    cfg = _cfg(
+        tiny_config,
+        lambda_con=1.0,
+        lambda_rf=0.3,
+        lambda_inv=0.2,
+        warmup_rf=10,
+        warmup_inv=5,
+        huber_c=0.05,
+        use_teacher=use_teacher,
+        trunc_threshold=0.2,
+        lambda_gan=0.0,
+    )
     z0, cond, null = _data(100)
     nets = _nets()
     inp = scflow.prepare_generator_inputs(
-        jax.random.key(12), z0, cond, teacher_params={"a": jnp.float32(0.4)},
-        target_params={"w": jnp.float32(0.1)}, null_cond=null, nets=nets, cfg=cfg)
+        jax.random.key(12),
+        z0,
+        cond,
+        teacher_params={"a": jnp.float32(0.4)},
+        target_params={"w": jnp.float32(0.1)},
+        null_cond=null,
+        nets=nets,
+        cfg=cfg,
+    )
     z0_hat = _rand(101, SHAPE)
     n = _np_inputs(inp)
     expected = _np_regression_terms(n, 0.25, z0_hat.astype(np.float64), 0.05, use_teacher)
-    for step, weights in [(0, dict(loss_con=1.0)), (5, dict(loss_con=1.0, loss_inv=0.2)),
-                          (9, dict(loss_con=1.0, loss_inv=0.2)),
-                          (10, dict(loss_con=1.0, loss_inv=0.2, loss_rf=0.3))]:
+    for step, weights in [
+        (0, dict(loss_con=1.0)),
+        (5, dict(loss_con=1.0, loss_inv=0.2)),
+        (9, dict(loss_con=1.0, loss_inv=0.2)),
+        (10, dict(loss_con=1.0, loss_inv=0.2, loss_rf=0.3)),
+    ]:
         loss, terms = scflow.generator_objective(
-            {"w": jnp.float32(0.25)}, jnp.asarray(z0_hat), inp, jnp.asarray(step, jnp.int32),
-            None, None, nets=nets, cfg=cfg)
+            {"w": jnp.float32(0.25)},
+            jnp.asarray(z0_hat),
+            inp,
+            jnp.asarray(step, jnp.int32),
+            None,
+            None,
+            nets=nets,
+            cfg=cfg,
+        )
         assert set(terms) == {"loss_con", "loss_inv", "loss_rf"}
         for k in terms:
             np.testing.assert_allclose(terms[k], expected[k], rtol=1e-4, err_msg=k)
@@ -654,23 +754,40 @@ def test_generator_regression_terms_and_warmups(tiny_config, use_teacher):
 def test_zero_lambda_terms_are_absent(tiny_config):
     z0, cond, null = _data(110)
     nets = _nets()
-    for off, present in [("lambda_inv", {"loss_con", "loss_rf"}),
-                         ("lambda_rf", {"loss_con", "loss_inv"})]:
+    for off, present in [
+        ("lambda_inv", {"loss_con", "loss_rf"}),
+        ("lambda_rf", {"loss_con", "loss_inv"}),
+    ]:
         cfg = _cfg(tiny_config, lambda_gan=0.0, **{off: 0.0})
         inp = scflow.prepare_generator_inputs(
-            jax.random.key(13), z0, cond, teacher_params={"a": jnp.float32(0.4)},
-            target_params={"w": jnp.float32(0.1)}, null_cond=null, nets=nets, cfg=cfg)
+            jax.random.key(13),
+            z0,
+            cond,
+            teacher_params={"a": jnp.float32(0.4)},
+            target_params={"w": jnp.float32(0.1)},
+            null_cond=null,
+            nets=nets,
+            cfg=cfg,
+        )
         assert (inp.target_plus is None) == (off == "lambda_inv")
         student, calls = _counting(_toy_velocity)
         loss, terms = scflow.generator_objective(
-            {"w": jnp.float32(0.25)}, jnp.asarray(_rand(111, SHAPE)), inp,
-            jnp.asarray(100, jnp.int32), None, None, nets=_nets(student=student), cfg=cfg)
+            {"w": jnp.float32(0.25)},
+            jnp.asarray(_rand(111, SHAPE)),
+            inp,
+            jnp.asarray(100, jnp.int32),
+            None,
+            None,
+            nets=_nets(student=student),
+            cfg=cfg,
+        )
         assert set(terms) == present
         # Without L_rf the student runs on the plain batch (no x~_t half).
         assert calls[0][1][0] == (B if off == "lambda_rf" else 2 * B)
         n = _np_inputs(inp)
-        expected = _np_regression_terms(n, 0.25, _rand(111, SHAPE).astype(np.float64),
-                                        cfg.huber_c, True)
+        expected = _np_regression_terms(
+            n, 0.25, _rand(111, SHAPE).astype(np.float64), cfg.huber_c, True
+        )
         lam = {"loss_con": cfg.lambda_con, "loss_rf": cfg.lambda_rf, "loss_inv": cfg.lambda_inv}
         np.testing.assert_allclose(loss, sum(lam[k] * expected[k] for k in present), rtol=1e-4)
     cfg = _cfg(tiny_config, lambda_gan=0.0, lambda_rf=0.1)
@@ -681,14 +798,29 @@ def test_zero_lambda_terms_are_absent(tiny_config):
 
 def _gan_setup(tiny_config, **edits):
     """Every term on, the GAN term warming up until step 5, and a toy discriminator."""
-    settings = dict(lambda_con=1.0, lambda_rf=0.3, lambda_inv=0.2, lambda_gan=0.4, warmup_rf=0,
-                    warmup_inv=0, warmup_gan=5, trunc_threshold=0.2)
+    settings = dict(
+        lambda_con=1.0,
+        lambda_rf=0.3,
+        lambda_inv=0.2,
+        lambda_gan=0.4,
+        warmup_rf=0,
+        warmup_inv=0,
+        warmup_gan=5,
+        trunc_threshold=0.2,
+    )
     cfg = _cfg(tiny_config, **{**settings, **edits})
     z0, cond, null = _data(150)
     nets = _nets()
     inp = scflow.prepare_generator_inputs(
-        jax.random.key(14), z0, cond, teacher_params={"a": jnp.float32(0.4)},
-        target_params={"w": jnp.float32(0.1)}, null_cond=null, nets=nets, cfg=cfg)
+        jax.random.key(14),
+        z0,
+        cond,
+        teacher_params={"a": jnp.float32(0.4)},
+        target_params={"w": jnp.float32(0.1)},
+        null_cond=null,
+        nets=nets,
+        cfg=cfg,
+    )
     return cfg, inp, nets, {"W": jnp.asarray(_rand(151, SHAPE[1:]))}
 
 
@@ -698,30 +830,42 @@ def test_generator_objective_holds_the_gan_term_with_its_weight_and_warmup(tiny_
     cfg, inp, nets, dp = _gan_setup(tiny_config)
     z0_hat = jnp.asarray(_rand(152, SHAPE))
     params, key = {"w": jnp.float32(0.25)}, jax.random.key(0)
-    expected = _np_regression_terms(_np_inputs(inp), 0.25, np.asarray(z0_hat, np.float64),
-                                    cfg.huber_c, True)
+    expected = _np_regression_terms(
+        _np_inputs(inp), 0.25, np.asarray(z0_hat, np.float64), cfg.huber_c, True
+    )
     logits = np.tanh(np.asarray(dp["W"], np.float64)[None] * np.asarray(z0_hat, np.float64))
     expected["loss_gan"] = np.mean(_softplus(-logits.reshape(B, -1).sum(-1)))
-    g_gan = jax.grad(lambda z: scflow.generator_adversarial_loss(
-        z, dp, inp.cond, inp.t_minus, key, nets=nets, cfg=cfg))(z0_hat)
+    g_gan = jax.grad(
+        lambda z: scflow.generator_adversarial_loss(
+            z, dp, inp.cond, inp.t_minus, key, nets=nets, cfg=cfg
+        )
+    )(z0_hat)
     assert float(jnp.max(jnp.abs(g_gan))) > 1e-4  # so the gradient checks tell on from off
     for step in (0, 4, 5, 9):
-        def objective(p, z):
-            return scflow.generator_objective(p, z, inp, jnp.asarray(step, jnp.int32), dp, key,
-                                              nets=nets, cfg=cfg)
 
-        (loss, terms), (_, g_z) = jax.value_and_grad(objective, argnums=(0, 1),
-                                                     has_aux=True)(params, z0_hat)
+        def objective(p, z):
+            return scflow.generator_objective(
+                p, z, inp, jnp.asarray(step, jnp.int32), dp, key, nets=nets, cfg=cfg
+            )
+
+        (loss, terms), (_, g_z) = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(
+            params, z0_hat
+        )
         assert set(terms) == {"loss_con", "loss_rf", "loss_inv", "loss_gan"}
         for k in terms:
             np.testing.assert_allclose(terms[k], expected[k], rtol=1e-4, err_msg=k)
         w_gan = 0.4 if step >= 5 else 0.0
-        manual = (expected["loss_con"] + 0.3 * expected["loss_rf"]
-                  + w_gan * expected["loss_gan"] + 0.2 * expected["loss_inv"])
+        manual = (
+            expected["loss_con"]
+            + 0.3 * expected["loss_rf"]
+            + w_gan * expected["loss_gan"]
+            + 0.2 * expected["loss_inv"]
+        )
         np.testing.assert_allclose(loss, manual, rtol=1e-4, err_msg=f"step {step}")
         # L_rf reads z0_hat detached: the gradient w.r.t. it is the weighted L_G's.
-        np.testing.assert_allclose(g_z, w_gan * np.asarray(g_gan), rtol=1e-5, atol=1e-9,
-                                   err_msg=f"step {step}")
+        np.testing.assert_allclose(
+            g_z, w_gan * np.asarray(g_gan), rtol=1e-5, atol=1e-9, err_msg=f"step {step}"
+        )
 
 
 def test_shared_one_step_sample_gives_the_whole_objective_gradient(tiny_config):
@@ -733,8 +877,9 @@ def test_shared_one_step_sample_gives_the_whole_objective_gradient(tiny_config):
     nets = _nets(student=student)
     params, step, key = {"w": jnp.float32(0.25)}, jnp.asarray(3, jnp.int32), jax.random.key(1)
     shared = scflow.share_one_step_sample(params, inp.z1, inp.cond, nets=nets, cfg=cfg)
-    (loss, terms), grads = scflow.generator_value_and_grad(params, shared, inp, step, dp, key,
-                                                           nets=nets, cfg=cfg)
+    (loss, terms), grads = scflow.generator_value_and_grad(
+        params, shared, inp, step, dp, key, nets=nets, cfg=cfg
+    )
     assert [c[1][0] for c in calls] == [B, 2 * B]  # t = 1 once; (x_t, x~_t) in one call
 
     def whole(p):
@@ -747,8 +892,11 @@ def test_shared_one_step_sample_gives_the_whole_objective_gradient(tiny_config):
         np.testing.assert_allclose(terms[k], ref_terms[k], rtol=1e-6, err_msg=k)
     np.testing.assert_allclose(grads["w"], ref_grads["w"], rtol=1e-5)
     # The pulled-back L_G gradient is a real part of it.
-    local = jax.grad(lambda p: scflow.generator_objective(
-        p, shared.value, inp, step, dp, key, nets=nets, cfg=cfg)[0])(params)
+    local = jax.grad(
+        lambda p: scflow.generator_objective(
+            p, shared.value, inp, step, dp, key, nets=nets, cfg=cfg
+        )[0]
+    )(params)
     assert abs(float(grads["w"] - local["w"])) > 1e-3 * abs(float(grads["w"]))
 
 
@@ -763,8 +911,15 @@ def test_discriminator_objective_matches_formulas(tiny_config):
     real, fake = _rand(130, SHAPE), _rand(131, SHAPE)
     dp = {"W": jnp.asarray(_rand(132, SHAPE[1:]))}
     loss, aux = scflow.discriminator_objective(
-        dp, jnp.asarray(real), jnp.asarray(fake), None, jnp.full((B,), 0.5), jax.random.key(0),
-        nets=_nets(), cfg=cfg)
+        dp,
+        jnp.asarray(real),
+        jnp.asarray(fake),
+        None,
+        jnp.full((B,), 0.5),
+        jax.random.key(0),
+        nets=_nets(),
+        cfg=cfg,
+    )
     W = np.asarray(dp["W"], np.float64)[None]
     d = lambda x: np.tanh(W * x).reshape(B, -1).sum(-1)  # noqa: E731
     gan = np.mean(_softplus(-d(real))) + np.mean(_softplus(d(fake)))
@@ -774,9 +929,18 @@ def test_discriminator_objective_matches_formulas(tiny_config):
     np.testing.assert_allclose(aux["r1"], r1, rtol=1e-4)
     np.testing.assert_allclose(loss, gan + r1, rtol=1e-5)
     # The fake branch is detached: no gradient to the generator's output through L_D.
-    g_fake = jax.grad(lambda f: scflow.discriminator_objective(
-        dp, jnp.asarray(real), f, None, jnp.full((B,), 0.5), jax.random.key(0),
-        nets=_nets(), cfg=cfg)[0])(jnp.asarray(fake))
+    g_fake = jax.grad(
+        lambda f: scflow.discriminator_objective(
+            dp,
+            jnp.asarray(real),
+            f,
+            None,
+            jnp.full((B,), 0.5),
+            jax.random.key(0),
+            nets=_nets(),
+            cfg=cfg,
+        )[0]
+    )(jnp.asarray(fake))
     assert float(jnp.max(jnp.abs(g_fake))) == 0.0
 
 
@@ -789,11 +953,16 @@ def test_discriminator_objective_matches_formulas(tiny_config):
 def test_gan_losses_are_softplus_formulas(sigmoid_head):
     real, fake = _rand(140, (7,), 3.0), _rand(141, (7,), 3.0)
     h = (lambda x: _sigmoid(x)) if sigmoid_head else (lambda x: np.asarray(x, np.float64))
-    np.testing.assert_allclose(adversarial.generator_loss(fake, sigmoid_head=sigmoid_head),
-                               np.mean(np.log1p(np.exp(-h(fake)))), rtol=1e-5)
+    np.testing.assert_allclose(
+        adversarial.generator_loss(fake, sigmoid_head=sigmoid_head),
+        np.mean(np.log1p(np.exp(-h(fake)))),
+        rtol=1e-5,
+    )
     np.testing.assert_allclose(
         adversarial.discriminator_loss(real, fake, sigmoid_head=sigmoid_head),
-        np.mean(np.log1p(np.exp(-h(real)))) + np.mean(np.log1p(np.exp(h(fake)))), rtol=1e-5)
+        np.mean(np.log1p(np.exp(-h(real)))) + np.mean(np.log1p(np.exp(h(fake)))),
+        rtol=1e-5,
+    )
 
 
 def test_r1_penalty_matches_finite_differences():
@@ -832,16 +1001,18 @@ def test_ema_update():
             e, nw, o = ema, new, out
             for p in path:
                 e, nw, o = e[p], nw[p], o[p]
-            np.testing.assert_allclose(o, rate * e.astype(np.float64) + (1 - rate) * nw,
-                                       rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(
+                o, rate * e.astype(np.float64) + (1 - rate) * nw, rtol=1e-6, atol=1e-7
+            )
     # Traced rate (as in a jitted step).
     out = jax.jit(train_state.ema_update)(ema, new, jnp.float32(0.75))
     np.testing.assert_allclose(out["a"], 0.75 * ema["a"] + 0.25 * new["a"], rtol=1e-6)
 
 
 def _opt_cfg(**kw):
-    base = dict(learning_rate=1e-2, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=0.0,
-                lr_warmup_steps=0)
+    base = dict(
+        learning_rate=1e-2, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=0.0, lr_warmup_steps=0
+    )
     base.update(kw)
     return ml_collections.ConfigDict(base)
 
@@ -877,7 +1048,9 @@ def test_make_optimizer_clips_at_every_step():
     small = [{"p": g["p"] * 0.1} for g in normalised]
     np.testing.assert_allclose(
         _run_updates(train_state.make_optimizer(_opt_cfg(grad_clip=clip)), params, small)[2],
-        _run_updates(train_state.make_optimizer(_opt_cfg()), params, small)[2], rtol=1e-6)
+        _run_updates(train_state.make_optimizer(_opt_cfg()), params, small)[2],
+        rtol=1e-6,
+    )
 
 
 def test_make_optimizer_is_adamw_with_warmup():

@@ -4,6 +4,7 @@ and process 0 as the only writer.
 gs:// is served by an in-memory fsspec filesystem registered for the ``gs``/``gcs`` protocols, so the real
 etils.epath GCS code path runs (epath -> fsspec) without gcsfs and without network.
 """
+
 from __future__ import annotations
 
 import io
@@ -32,7 +33,9 @@ def fake_gcs(monkeypatch, tmp_path):
 
     from fsspec.implementations.memory import MemoryFileSystem
 
-    registry = importlib.import_module("fsspec.registry")  # the module (fsspec.registry is a mapping)
+    registry = importlib.import_module(
+        "fsspec.registry"
+    )  # the module (fsspec.registry is a mapping)
 
     class InMemoryGCS(MemoryFileSystem):
         protocol = ("gs", "gcs")
@@ -111,10 +114,11 @@ def test_json_png_and_npz_go_to_gs_as_single_objects(fake_gcs):
 def _tfrecords(data: bytes) -> list[bytes]:
     """The records of a TFRecord file (length, its crc, payload, its crc; crcs not checked here)."""
     import struct
+
     records, at = [], 0
     while at < len(data):
-        (length,) = struct.unpack("<Q", data[at:at + 8])
-        records.append(data[at + 12:at + 12 + length])
+        (length,) = struct.unpack("<Q", data[at : at + 8])
+        records.append(data[at + 12 : at + 12 + length])
         at += 12 + length + 4
     return records
 
@@ -143,7 +147,9 @@ def test_tensorboard_events_go_to_gs_in_bounded_files(fake_gcs):
                 else:
                     scalars.append((value.tag, event.step, round(value.simple_value, 6)))
     # Every record written is in exactly one of the files: nothing lost at a roll-over, nothing twice.
-    assert sorted(scalars) == sorted([("loss", s, 0.5 * s) for s in range(12)] + [("lr", s, 1e-4) for s in range(12)])
+    assert sorted(scalars) == sorted(
+        [("loss", s, 0.5 * s) for s in range(12)] + [("lr", s, 1e-4) for s in range(12)]
+    )
     assert images == [(12, "samples")]
     assert not os.path.exists(local_dir)
 
@@ -169,8 +175,13 @@ def test_tensorboard_copy_failures_do_not_stop_the_run_and_are_retried(fake_gcs,
     writer.close()
 
     from tensorboardX.proto import event_pb2
-    steps = sorted(event_pb2.Event.FromString(record).step for data in _objects(fake_gcs).values()
-                   for record in _tfrecords(data) if event_pb2.Event.FromString(record).summary.value)
+
+    steps = sorted(
+        event_pb2.Event.FromString(record).step
+        for data in _objects(fake_gcs).values()
+        for record in _tfrecords(data)
+        if event_pb2.Event.FromString(record).summary.value
+    )
     assert steps == list(range(12))  # the outage lost nothing
 
     # An outage at close: the events not copied stay on the local disk rather than being deleted.
@@ -195,15 +206,22 @@ def test_tensorboard_copies_wait_for_the_upload_interval(fake_gcs):
 def test_sample_folder_on_gs(fake_gcs):
     images = np.linspace(-1, 1, 2 * 4 * 4 * 1, dtype=np.float32).reshape(2, 4, 4, 1)
     out_dir = f"{BUCKET}/samples/student_euler_1steps"
-    sample._write_outputs(out_dir, ["000_00.png", "000_01.png"], images,
-                          monitoring.image_grid(images, rows=1), ["a handwritten digit one"])
+    sample._write_outputs(
+        out_dir,
+        ["000_00.png", "000_01.png"],
+        images,
+        monitoring.image_grid(images, rows=1),
+        ["a handwritten digit one"],
+    )
     generate.write_pngs(f"{BUCKET}/eval/images", [7], images[:1])
     objects = _objects(fake_gcs)
-    assert sorted(objects) == sorted([f"{out_dir}/{n}" for n in ("000_00.png", "000_01.png", "grid.png",
-                                                                "prompts.txt")]
-                                     + [f"{BUCKET}/eval/images/000007.png"])
-    np.testing.assert_array_equal(_png(objects[f"{out_dir}/000_01.png"]),
-                                  monitoring.to_uint8(images[1])[..., 0])
+    assert sorted(objects) == sorted(
+        [f"{out_dir}/{n}" for n in ("000_00.png", "000_01.png", "grid.png", "prompts.txt")]
+        + [f"{BUCKET}/eval/images/000007.png"]
+    )
+    np.testing.assert_array_equal(
+        _png(objects[f"{out_dir}/000_01.png"]), monitoring.to_uint8(images[1])[..., 0]
+    )
     assert objects[f"{out_dir}/prompts.txt"] == b"a handwritten digit one\n"
 
 
@@ -211,9 +229,14 @@ def test_results_and_resumable_states_on_gs(fake_gcs):
     assert not digits_eval.is_done(BUCKET) and not real_eval.is_done(BUCKET)
     row = {"row": "student_1", "fid": 3.0}
     real_eval.upsert_results(BUCKET, [row])
-    merged = real_eval.upsert_results(BUCKET, [{"row": "teacher_1", "fid": 2.0}, {**row, "fid": 1.0}])
-    assert json.loads(epath.Path(layout.results_path(BUCKET)).read_text()) == merged == [
-        {"row": "teacher_1", "fid": 2.0}, {"row": "student_1", "fid": 1.0}]
+    merged = real_eval.upsert_results(
+        BUCKET, [{"row": "teacher_1", "fid": 2.0}, {**row, "fid": 1.0}]
+    )
+    assert (
+        json.loads(epath.Path(layout.results_path(BUCKET)).read_text())
+        == merged
+        == [{"row": "teacher_1", "fid": 2.0}, {"row": "student_1", "fid": 1.0}]
+    )
     assert digits_eval.is_done(BUCKET)
 
     state = f"{BUCKET}/eval/state/student_1.npz"
@@ -232,8 +255,13 @@ def test_results_and_resumable_states_on_gs(fake_gcs):
 def test_only_process_0_writes(tmp_path, monkeypatch):
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     images = np.zeros((1, 4, 4, 1), np.float32)
-    sample._write_outputs(str(tmp_path / "samples"), ["000_00.png"], images,
-                          monitoring.image_grid(images, rows=1), ["a prompt"])
+    sample._write_outputs(
+        str(tmp_path / "samples"),
+        ["000_00.png"],
+        images,
+        monitoring.image_grid(images, rows=1),
+        ["a prompt"],
+    )
     generate.write_pngs(str(tmp_path / "images"), [0], images)
     assert real_eval.upsert_results(str(tmp_path), [{"row": "r"}]) == [{"row": "r"}]
     assert os.listdir(tmp_path) == []

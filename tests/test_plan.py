@@ -5,6 +5,7 @@ TPU slices) and every bad setting, named by its config field.
 This suite installs neither JAX's CUDA plugin nor libtpu: the GPU and TPU paths are tested up to
 the compiler (target files, pool arithmetic, XLA:TPU's refusal, the error that names the missing
 extra); the CPU target runs whole."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,7 +25,7 @@ from scflow_jax.models import unet_sd
 from scflow_jax.planning import plan_mode, programs, report, targets, xla_memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GIB = 2 ** 30
+GIB = 2**30
 # Text states of CLIP ViT-L/14, which the plan takes for the t2i recipe without a text encoder
 # folder; the tiny stand-ins of SD's UNet and VAE.
 TEXT_TOKENS, TEXT_DIM = 77, 768
@@ -33,8 +34,9 @@ H100_BYTES = 84929347584  # gpu_targets/h100.txtpb's device_memory_size
 
 
 def load_config(name: str, variant: str = ""):
-    spec = importlib.util.spec_from_file_location(f"plan_{name}",
-                                                  os.path.join(REPO, "configs", f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(
+        f"plan_{name}", os.path.join(REPO, "configs", f"{name}.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(variant)
@@ -53,8 +55,9 @@ def tiny_t2i(tmp_path, *, devices: int, fsdp: int, batch: int = 8, **plan):
     config = load_config("t2i_sd15")
     config.data.image_size = 64
     config.disc.update(dict(head_channels=16, head_groups=4))
-    config.model.teacher_path = _write_json(str(tmp_path / "unet" / "config.json"),
-                                            TINY_UNET.to_dict())
+    config.model.teacher_path = _write_json(
+        str(tmp_path / "unet" / "config.json"), TINY_UNET.to_dict()
+    )
     vae = {"_class_name": "AutoencoderKL", **dataclasses.asdict(TINY_VAE)}
     config.model.vae_path = _write_json(str(tmp_path / "vae" / "config.json"), vae)
     config.mesh.update(dict(num_devices=devices, fsdp=fsdp, data=-1, fsdp_min_size=1024))
@@ -77,8 +80,9 @@ def test_plan_splits_the_state_over_fsdp_and_keeps_it_whole_without(tmp_path):
     assert parts["params"] * GIB == 4 * student
     assert parts["target_params"] == parts["ema_params"] == parts["params"]
     shapes = jax.tree.leaves(unet_sd.unet_param_shapes(TINY_UNET))
-    assert parts["teacher"] * GIB == sum((2 if leaf.ndim >= 2 else 4) * math.prod(leaf.shape)
-                                         for leaf in shapes)
+    assert parts["teacher"] * GIB == sum(
+        (2 if leaf.ndim >= 2 else 4) * math.prod(leaf.shape) for leaf in shapes
+    )
     assert parts["params"] / 2 < parts["teacher"] < parts["params"] * 0.6
     assert parts["disc_params"] * GIB == 4 * whole["parameters"]["discriminator"]
     assert 2 * parts["params"] <= parts["opt_state"] <= 2 * parts["params"] + 64 / GIB
@@ -125,23 +129,27 @@ def test_plan_of_a_tiny_recipe_variant_needs_no_model_folder(tmp_path):
     t2i.plan.update(dict(compile=False, output=str(tmp_path / "t2i.json")))
     out = plan_mode.plan(t2i, str(tmp_path))
     assert out["parameters"]["student"] == train_state.count_params(
-        unet_sd.unet_param_shapes(TINY_UNET))
+        unet_sd.unet_param_shapes(TINY_UNET)
+    )
     assert out["architecture"]["teacher_path"].startswith("a tiny stand-in of SD 1.5's UNet")
     celeba = load_config("celebahq256", "tiny")
     celeba.plan.update(dict(compile=False, output=str(tmp_path / "celeba.json")))
     out = plan_mode.plan(celeba, str(tmp_path))
-    assert out["architecture"] == {"adm": "config.model.adm",
-                                   "vae_path": "a tiny stand-in of SD's VAE (config.model.vae_path "
-                                               "not set)"}
+    assert out["architecture"] == {
+        "adm": "config.model.adm",
+        "vae_path": "a tiny stand-in of SD's VAE (config.model.vae_path not set)",
+    }
     assert out["gib_per_device"]["inputs"] * GIB == 4 * 4 * 8 * 8 * 4  # 4 latents of 8x8x4
     named = tiny_t2i(tmp_path / "named", devices=1, fsdp=1, tiny_networks=True)
-    named.model.teacher_path = _write_json(str(tmp_path / "other" / "config.json"),
-                                           dataclasses.replace(TINY_UNET, layers_per_block=2)
-                                           .to_dict())
+    named.model.teacher_path = _write_json(
+        str(tmp_path / "other" / "config.json"),
+        dataclasses.replace(TINY_UNET, layers_per_block=2).to_dict(),
+    )
     out = plan_mode.plan(named, str(tmp_path))
     assert out["architecture"]["teacher_path"] == f"config.model.teacher_path={tmp_path / 'other'}"
     assert out["parameters"]["student"] > train_state.count_params(
-        unet_sd.unet_param_shapes(TINY_UNET))
+        unet_sd.unet_param_shapes(TINY_UNET)
+    )
 
 
 def _plan(tmp_path, **kw):
@@ -153,14 +161,20 @@ def test_plan_names_a_batch_the_mesh_cannot_split_and_every_bad_setting(tmp_path
         _plan(tmp_path, devices=4, fsdp=1, batch=6)
     with pytest.raises(ValueError, match=r"num_devices=16 but 8 devices"):
         _plan(tmp_path, devices=16, fsdp=1, batch=16)
-    bad = ((dict(memory_gib=-1.0), "config.plan.memory_gib=-1.0 must be a number >= 0"),
-           (dict(sampler_steps=-1), "config.plan.sampler_steps=-1 must be a number >= 0"),
-           (dict(tpu_hbm_cap_mib=1024), "config.plan.tpu_hbm_cap_mib=1024 needs a TPU target"),
-           (dict(target="h900"),
-            "config.plan.target='h900' is not a target: .*a GPU \\(a100-80g, h100, h200"),
-           (dict(target="cpu:0"),
-            "config.plan.target='cpu:0': the device count after ':' must be a positive"),
-           (dict(target="h100:-2"), "config.plan.target='h100:-2': the device count"))
+    bad = (
+        (dict(memory_gib=-1.0), "config.plan.memory_gib=-1.0 must be a number >= 0"),
+        (dict(sampler_steps=-1), "config.plan.sampler_steps=-1 must be a number >= 0"),
+        (dict(tpu_hbm_cap_mib=1024), "config.plan.tpu_hbm_cap_mib=1024 needs a TPU target"),
+        (
+            dict(target="h900"),
+            "config.plan.target='h900' is not a target: .*a GPU \\(a100-80g, h100, h200",
+        ),
+        (
+            dict(target="cpu:0"),
+            "config.plan.target='cpu:0': the device count after ':' must be a positive",
+        ),
+        (dict(target="h100:-2"), "config.plan.target='h100:-2': the device count"),
+    )
     for settings, message in bad:
         with pytest.raises(ValueError, match=message):
             _plan(tmp_path, devices=4, fsdp=1, **settings)
@@ -170,11 +184,12 @@ def test_plan_names_a_batch_the_mesh_cannot_split_and_every_bad_setting(tmp_path
         plan_mode.plan(config, str(tmp_path))
     # A config given as plain dicts (no ConfigDict to check the types first).
     for plan, message in (
-            ({"compile": "yes"}, "config.plan.compile='yes' must be True or False"),
-            ({"tiny_networks": 1}, "config.plan.tiny_networks=1 must be True or False"),
-            ({"sampler_steps": 1.5}, "config.plan.sampler_steps=1.5 must be an integer"),
-            ({"memory_gib": "16"}, "config.plan.memory_gib='16' must be a number >= 0"),
-            ({"target": 5}, "config.plan.target=5 must be a string")):
+        ({"compile": "yes"}, "config.plan.compile='yes' must be True or False"),
+        ({"tiny_networks": 1}, "config.plan.tiny_networks=1 must be True or False"),
+        ({"sampler_steps": 1.5}, "config.plan.sampler_steps=1.5 must be an integer"),
+        ({"memory_gib": "16"}, "config.plan.memory_gib='16' must be a number >= 0"),
+        ({"target": 5}, "config.plan.target=5 must be a string"),
+    ):
         with pytest.raises(ValueError, match=message):
             plan_mode.plan_settings({"plan": plan})
     assert plan_mode.plan_settings({})["target"].kind == "host"  # a config without the group
@@ -185,8 +200,9 @@ def test_plan_on_cpu_devices_takes_those_present_and_names_a_shortfall(tmp_path)
     out = _plan(tmp_path, devices=-1, fsdp=2, **{"target": "cpu:2"})
     assert out["devices"] == 2 and out["mesh"] == {"data": 1, "fsdp": 2}
     assert out["target"] == "cpu:2"
-    with pytest.raises(targets.PlanTargetError,
-                       match=r"asks for 16 CPU devices, but JAX started with 8"):
+    with pytest.raises(
+        targets.PlanTargetError, match=r"asks for 16 CPU devices, but JAX started with 8"
+    ):
         _plan(tmp_path, devices=-1, fsdp=1, batch=16, **{"target": "cpu:16"})
     assert _plan(tmp_path, devices=2, fsdp=1, memory_gib=3.5)["usable_gib"] == 3.5
 
@@ -235,15 +251,22 @@ class _Lowered:
 
 def _analysis(arguments, outputs, aliased, temporaries):
     return types.SimpleNamespace(
-        argument_size_in_bytes=int(arguments * GIB), output_size_in_bytes=int(outputs * GIB),
-        alias_size_in_bytes=int(aliased * GIB), temp_size_in_bytes=int(temporaries * GIB))
+        argument_size_in_bytes=int(arguments * GIB),
+        output_size_in_bytes=int(outputs * GIB),
+        alias_size_in_bytes=int(aliased * GIB),
+        temp_size_in_bytes=int(temporaries * GIB),
+    )
 
 
 def test_compiled_memory_gib_reads_the_buffer_assignment_and_says_when_there_is_none():
     assert xla_memory.compiled_memory_gib(_Compiled(_analysis(3, 3.5, 3, 0.25))) == {
-        "arguments": 3.0, "outputs_not_aliased": 0.5, "temporaries": 0.25}
+        "arguments": 3.0,
+        "outputs_not_aliased": 0.5,
+        "temporaries": 0.25,
+    }
     assert xla_memory.compiled_memory_gib(_Compiled(None)) == {
-        "note": "no memory analysis on this backend"}
+        "note": "no memory analysis on this backend"
+    }
     with pytest.raises(RuntimeError, match="config.plan.compile=False"):
         xla_memory.compile_for_plan(_Lowered(_Compiled(None)))
 
@@ -252,16 +275,19 @@ def _refusal(needed: str, limit: str) -> Exception:
     """XLA:TPU's error for a step whose temporaries it could not bring under its memory limit."""
     return jax.errors.JaxRuntimeError(
         f"RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
-        f"temporaries ({needed}) exceeds available HBM ({limit}).")
+        f"temporaries ({needed}) exceeds available HBM ({limit})."
+    )
 
 
 def test_compile_for_plan_reads_xla_buffers_or_xla_tpu_s_out_of_memory_refusal():
-    text = ("%ag = f32[8,4] all-gather-start(f32[4,4] %p)\n"
-            "%t = (f32[2], f32[2]) all-to-all(f32[2] %x, f32[2] %y)\n"
-            "%g = f32[8] all-gather(f32[4] %q), dimensions={0}\n"
-            "%name.all-reduce = f32[2] add(%a, %b)\n"
-            "%fa = (bf16[4,8,256,40], f32[4,8,256]) custom-call(%q, %k, %v), "
-            'custom_call_target="__cudnn$fmhaSoftmax"')
+    text = (
+        "%ag = f32[8,4] all-gather-start(f32[4,4] %p)\n"
+        "%t = (f32[2], f32[2]) all-to-all(f32[2] %x, f32[2] %y)\n"
+        "%g = f32[8] all-gather(f32[4] %q), dimensions={0}\n"
+        "%name.all-reduce = f32[2] add(%a, %b)\n"
+        "%fa = (bf16[4,8,256,40], f32[4,8,256]) custom-call(%q, %k, %v), "
+        'custom_call_target="__cudnn$fmhaSoftmax"'
+    )
     lowered = _Lowered(_Compiled(_analysis(3, 3.5, 3, 9.25), text))
     compiled = xla_memory.compile_for_plan(lowered, {"xla_gpu_enable_triton_gemm": False})
     assert lowered.options == [{"xla_gpu_enable_triton_gemm": False}]
@@ -280,32 +306,63 @@ def test_compile_for_plan_reads_xla_buffers_or_xla_tpu_s_out_of_memory_refusal()
     # the planned state and batch, against the chip.
     capped = xla_memory.compile_for_plan(_Lowered(_refusal("9216.00M", "1024.00M")))
     assert capped["buffers"] == {"temporaries": 9.0} and capped["limit_gib"] == 1.0
-    assert xla_memory.fit(capped, 2.7, 16.0) == {"total": 11.7, "fits": True,
-                                                  "left": pytest.approx(4.3)}
+    assert xla_memory.fit(capped, 2.7, 16.0) == {
+        "total": 11.7,
+        "fits": True,
+        "left": pytest.approx(4.3),
+    }
     assert xla_memory.fit(capped, 2.7, 11.5)["fits"] is False
     # Any other compile failure is not a fit answer: it propagates.
     with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
         xla_memory.compile_for_plan(
-            _Lowered(jax.errors.JaxRuntimeError("INTERNAL: a compiler bug")))
+            _Lowered(jax.errors.JaxRuntimeError("INTERNAL: a compiler bug"))
+        )
 
 
 def test_report_shows_a_refusal_and_a_verdict_in_the_table_s_units():
-    record = {"program": "distill_step", "data": "t2i_sd15", "batch": 40, "batch_per_device": 5.0,
-              "devices": 8,
-              "device_kind": "TPU v5 lite", "target": "v5e:2x4", "mesh": {"data": 1, "fsdp": 8},
-              "compute_dtype": "bfloat16", "remat": "full", "compiler": "XLA:TPU",
-              "usable_gib": 16.0,
-              "usable_source": "HBM of a v5e chip", "fits": True, "left_gib": 5.94,
-              "xla": {"refused": "...", "limit_gib": 1.0, "buffers": {"temporaries": 7.35}},
-              "gib_per_device": {"state": {"params": 0.4, "opt_state": 0.8, "target_params": 0.4,
-                                           "ema_params": 0.4, "teacher": 0.2, "disc_params": 0.17,
-                                           "disc_opt_state": 0.33, "step": 4 / GIB},
-                                 "state_total": 2.7, "inputs": 0.01, "temporaries": 7.35,
-                                 "outputs_not_aliased": 0.0, "total": 10.06}}
+    record = {
+        "program": "distill_step",
+        "data": "t2i_sd15",
+        "batch": 40,
+        "batch_per_device": 5.0,
+        "devices": 8,
+        "device_kind": "TPU v5 lite",
+        "target": "v5e:2x4",
+        "mesh": {"data": 1, "fsdp": 8},
+        "compute_dtype": "bfloat16",
+        "remat": "full",
+        "compiler": "XLA:TPU",
+        "usable_gib": 16.0,
+        "usable_source": "HBM of a v5e chip",
+        "fits": True,
+        "left_gib": 5.94,
+        "xla": {"refused": "...", "limit_gib": 1.0, "buffers": {"temporaries": 7.35}},
+        "gib_per_device": {
+            "state": {
+                "params": 0.4,
+                "opt_state": 0.8,
+                "target_params": 0.4,
+                "ema_params": 0.4,
+                "teacher": 0.2,
+                "disc_params": 0.17,
+                "disc_opt_state": 0.33,
+                "step": 4 / GIB,
+            },
+            "state_total": 2.7,
+            "inputs": 0.01,
+            "temporaries": 7.35,
+            "outputs_not_aliased": 0.0,
+            "total": 10.06,
+        },
+    }
     rows = dict(report.state_rows(record["gib_per_device"]["state"]))
-    assert rows == {"student parameters": 0.4, "student optimizer moments": 0.8,
-                    "target + eval EMAs": 0.8,
-                    "teacher (frozen)": 0.2, "discriminator + its moments": pytest.approx(0.5)}
+    assert rows == {
+        "student parameters": 0.4,
+        "student optimizer moments": 0.8,
+        "target + eval EMAs": 0.8,
+        "teacher (frozen)": 0.2,
+        "discriminator + its moments": pytest.approx(0.5),
+    }
     table = report.format_table(record)
     assert "GiB per device" in table and "XLA:TPU refused under 1" in table
     assert "yes, 5.94 left" in table
@@ -328,8 +385,10 @@ def test_gpu_targets_read_their_card_and_fit_jax_s_allocator_pool(monkeypatch, t
     assert targets.usable_memory(h100, [], memory_gib=70.0) == (70.0, "config.plan.memory_gib")
     for bad_fraction in ("0.0", "1.5", "most"):
         monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", bad_fraction)
-        with pytest.raises(targets.PlanTargetError, match=f"XLA_PYTHON_CLIENT_MEM_FRACTION="
-                                                          f"'{bad_fraction}' must be a number in"):
+        with pytest.raises(
+            targets.PlanTargetError,
+            match=f"XLA_PYTHON_CLIENT_MEM_FRACTION='{bad_fraction}' must be a number in",
+        ):
             targets.usable_memory(h100, [])
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
     for name, gib in (("a100-80g", 79.26), ("h200", 141.0)):
@@ -346,8 +405,9 @@ def test_gpu_targets_read_their_card_and_fit_jax_s_allocator_pool(monkeypatch, t
         targets.parse_target(str(not_a_target))
     # Without JAX's CUDA plugin (this suite's venv), or a target it cannot read: the field and the
     # extra.
-    unreadable = dataclasses.replace(targets.parse_target("h100:2"),
-                                     gpu_target_text="not a target {")
+    unreadable = dataclasses.replace(
+        targets.parse_target("h100:2"), gpu_target_text="not a target {"
+    )
     missing = r"config.plan.target='h100:2': no GPU compiler .*pip install -e '\.\[plan-gpu\]'"
     with pytest.raises(targets.PlanTargetError, match=missing):
         targets.devices(unreadable)
@@ -358,8 +418,11 @@ def test_tpu_targets_name_a_missing_compiler_and_an_unknown_chip():
     assert (v5e.kind, v5e.name, v5e.compiler) == ("tpu", "v5e:2x4", "XLA:TPU")
     assert targets.usable_memory(v5e, []) == (16.0, "HBM of a v5e chip")
     assert targets.usable_memory(targets.parse_target("v5p:2x2x1"), [])[0] == 95.0
-    with pytest.raises(targets.PlanTargetError, match=r"a v9x chip is not known here; give it as "
-                                                      r"config.plan.memory_gib"):
+    with pytest.raises(
+        targets.PlanTargetError,
+        match=r"a v9x chip is not known here; give it as "
+        r"config.plan.memory_gib",
+    ):
         targets.usable_memory(targets.parse_target("v9x:2x2"), [])
     assert targets.usable_memory(targets.parse_target("v9x:2x2"), [], memory_gib=48.0)[0] == 48.0
     # Without libtpu (this suite's venv), or with a slice libtpu does not know: the field and the
@@ -384,7 +447,8 @@ def test_plan_counts_what_xla_counts_as_the_step_arguments(tmp_path):
     assert xla["arguments"] * GIB == pytest.approx(planned, abs=64)
     assert xla["temporaries"] > 0 and out["fits"] is True
     assert out["gib_per_device"]["total"] == pytest.approx(
-        xla["arguments"] + xla["outputs_not_aliased"] + xla["temporaries"])
+        xla["arguments"] + xla["outputs_not_aliased"] + xla["temporaries"]
+    )
     assert out["collectives"].get("all-gather", 0) > 0  # FSDP's parameter gathers, at least
 
 
@@ -407,19 +471,35 @@ def test_plan_mode_on_the_embedded_default_compiles_for_cpu_devices(tmp_path):
     starts (the session's 8 become the 2 asked for), compiles the tiny default's step and writes its
     record where it is asked to."""
     output = tmp_path / "out" / "plan.json"
-    done = subprocess.run(scflow_testlib.cli_command(
-        str(tmp_path / "wd"), "plan", "--config=configs/default.py:tiny",
-        "--config.plan.target=cpu:2", "--config.mesh.fsdp=2", "--config.mesh.data=1",
-        f"--config.plan.output={output}"),
-        cwd=REPO, env=scflow_testlib.subprocess_env(), capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        scflow_testlib.cli_command(
+            str(tmp_path / "wd"),
+            "plan",
+            "--config=configs/default.py:tiny",
+            "--config.plan.target=cpu:2",
+            "--config.mesh.fsdp=2",
+            "--config.mesh.data=1",
+            f"--config.plan.output={output}",
+        ),
+        cwd=REPO,
+        env=scflow_testlib.subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     with open(output) as f:
         out = json.load(f)
     assert (out["program"], out["data"], out["devices"], out["mesh"]) == (
-        "distill_step", "digits", 2, {"data": 1, "fsdp": 2})
+        "distill_step",
+        "digits",
+        2,
+        {"data": 1, "fsdp": 2},
+    )
     xla = out["xla"]["buffers"]
     assert xla["temporaries"] > 0 and out["fits"] is True and out["compiler"] == "XLA:CPU"
     assert xla["arguments"] >= out["gib_per_device"]["state_total"]
     assert out["gib_per_device"]["total"] == pytest.approx(
-        xla["arguments"] + xla["outputs_not_aliased"] + xla["temporaries"])
+        xla["arguments"] + xla["outputs_not_aliased"] + xla["temporaries"]
+    )
     assert "fits" in done.stdout and "temporaries (XLA:CPU)" in done.stdout

@@ -1,6 +1,7 @@
 """models/platform_forms.py: each CPU form computes its plain form's function (values and derivatives),
 programs get the form of the platform they are lowered for, and no other module chooses by platform;
 models/upsample_conv.py's layer is nn.Conv on the upsampled map."""
+
 import ast
 import os
 
@@ -31,15 +32,22 @@ def test_strided_conv_as_matmul_is_the_convolution_to_second_order(kernel, strid
     def r1_like(form):
         def penalty(w, x):
             grad_x = jax.grad(lambda x: jnp.sum(jnp.tanh(form(x, w, stride))))(x)
-            return jnp.sum(grad_x ** 2)
+            return jnp.sum(grad_x**2)
+
         return jax.grad(penalty)(w, x)
 
-    got, want = (platform_forms.strided_conv_as_matmul(x, w, stride),
-                 platform_forms.strided_conv_plain(x, w, stride))
+    got, want = (
+        platform_forms.strided_conv_as_matmul(x, w, stride),
+        platform_forms.strided_conv_plain(x, w, stride),
+    )
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(r1_like(platform_forms.strided_conv_as_matmul),
-                               r1_like(platform_forms.strided_conv_plain), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        r1_like(platform_forms.strided_conv_as_matmul),
+        r1_like(platform_forms.strided_conv_plain),
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 def _exported(fn, *shapes, platform):
@@ -52,8 +60,12 @@ def _exported(fn, *shapes, platform):
 def test_programs_get_the_form_of_the_platform_they_are_lowered_for(platform):
     """The CPU form in CPU programs only (whatever the host): the strided conv and its gradients
     are products there, convolutions elsewhere."""
-    strided = _exported(lambda x, w: platform_forms.strided_conv(x, w, 2), (1, 5, 5, 2), (3, 3, 2, 4),
-                        platform=platform)
+    strided = _exported(
+        lambda x, w: platform_forms.strided_conv(x, w, 2),
+        (1, 5, 5, 2),
+        (3, 3, 2, 4),
+        platform=platform,
+    )
     assert ("stablehlo.convolution" in strided) == (platform != "cpu")
     assert ("stablehlo.dot_general" in strided) == (platform == "cpu")
 
@@ -76,12 +88,19 @@ PLATFORM_CHOOSERS = {"platform_forms.py", "attention.py"}
 def _platform_choices(path: str) -> list[str]:
     with open(path, encoding="utf-8") as f:
         tree = ast.parse(f.read())
-    return [node.attr for node in ast.walk(tree)
-            if isinstance(node, ast.Attribute) and node.attr in ("platform_dependent", "default_backend")]
+    return [
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and node.attr in ("platform_dependent", "default_backend")
+    ]
 
 
 def test_only_the_named_model_modules_choose_by_platform():
     models = os.path.join(PACKAGE, "models")
-    choosers = {name for name in os.listdir(models)
-                if name.endswith(".py") and _platform_choices(os.path.join(models, name))}
+    choosers = {
+        name
+        for name in os.listdir(models)
+        if name.endswith(".py") and _platform_choices(os.path.join(models, name))
+    }
     assert choosers == PLATFORM_CHOOSERS

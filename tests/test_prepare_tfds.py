@@ -7,6 +7,7 @@ without TensorFlow): ``tiny_faces`` (images and a label, one corrupt image) and 
 captions, ``objects``, and a single ``title`` string). Models are test_data_prepare's tiny VAE and
 CLIP text encoder.
 """
+
 import hashlib
 import json
 import os
@@ -27,19 +28,25 @@ from test_data_prepare import models  # noqa: F401  (the tiny VAE / CLIP fixture
 CORRUPT = b"not a png"
 # Per example: its image and its captions. The third has none (skipped as missing_caption); the
 # SHA-256 choice differs from "the first caption" for some examples (asserted below).
-COCO = [("a.png", ["a cat on a mat", "the cat sits", "one cat"]),
-        ("b.png", ["a dog"]),
-        ("sub/c.png", []),
-        ("sub/d.png", ["two dogs", "dogs playing", "a pair of dogs", "dogs", "the dogs run"]),
-        ("sub/e.png", ["  a cat and a dog  ", "cat, dog"])]
+COCO = [
+    ("a.png", ["a cat on a mat", "the cat sits", "one cat"]),
+    ("b.png", ["a dog"]),
+    ("sub/c.png", []),
+    ("sub/d.png", ["two dogs", "dogs playing", "a pair of dogs", "dogs", "the dogs run"]),
+    ("sub/e.png", ["  a cat and a dog  ", "cat, dog"]),
+]
 
 
 class TinyFaces(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-            {"image": tfds.features.Image(), "label": tfds.features.ClassLabel(num_classes=2)}))
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {"image": tfds.features.Image(), "label": tfds.features.ClassLabel(num_classes=2)}
+            ),
+        )
 
     def _split_generators(self, dl_manager):
         return {"train": self._generate_examples()}
@@ -54,20 +61,36 @@ class TinyCoco(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="2014")]
 
     def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(), "image/id": np.int64,
-            "captions": tfds.features.Sequence({"text": np.str_, "id": np.int64}),
-            "objects": tfds.features.Sequence({"label": tfds.features.ClassLabel(num_classes=3)}),
-            "title": tfds.features.Text()}))
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(),
+                    "image/id": np.int64,
+                    "captions": tfds.features.Sequence({"text": np.str_, "id": np.int64}),
+                    "objects": tfds.features.Sequence(
+                        {"label": tfds.features.ClassLabel(num_classes=3)}
+                    ),
+                    "title": tfds.features.Text(),
+                }
+            ),
+        )
 
     def _split_generators(self, dl_manager):
         return {"train": self._generate_examples()}
 
     def _generate_examples(self):
         for i, (name, captions) in enumerate(COCO):
-            yield i, {"image": IMAGES[name], "image/id": i, "title": f"picture {name}",
-                      "captions": {"text": captions, "id": list(range(len(captions)))},
-                      "objects": {"label": [i % 3]}}
+            yield (
+                i,
+                {
+                    "image": IMAGES[name],
+                    "image/id": i,
+                    "title": f"picture {name}",
+                    "captions": {"text": captions, "id": list(range(len(captions)))},
+                    "objects": {"label": [i % 3]},
+                },
+            )
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +103,13 @@ def data_dir(tmp_path_factory):
 
 def _stored_examples(data_dir, name, split="train"):
     """The split as a user reads it with TFDS (images left encoded), in TFDS's record order."""
-    ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
-                          decoders={"image": tfds.decode.SkipDecoding()})
+    ds = tfds.data_source(
+        name,
+        split=split,
+        data_dir=data_dir,
+        download=False,
+        decoders={"image": tfds.decode.SkipDecoding()},
+    )
     return [ds[i] for i in range(len(ds))]
 
 
@@ -110,8 +138,9 @@ def test_latents_from_tfds_and_resume(data_dir, models, tmp_path):  # noqa: F811
     metadata = prepare.prepare("latents", "tfds:tiny_faces", output, models["vae"], **settings)
 
     assert metadata["num_examples"] == 5 and metadata["num_shards"] == 3
-    assert metadata["source"] == (f"tfds:tiny_faces:train (version 1.0.0, "
-                                  f"{os.path.join(data_dir, 'tiny_faces', '1.0.0')})")
+    assert metadata["source"] == (
+        f"tfds:tiny_faces:train (version 1.0.0, {os.path.join(data_dir, 'tiny_faces', '1.0.0')})"
+    )
     assert [u["key"] for u in metadata["skipped"]["unreadable"]] == [f"train[{bad[0]}]"]
     ds = LatentDataset(output)
     assert [ds[i]["key"] for i in range(len(ds))] == [f"train[{i}]" for i in good]
@@ -129,8 +158,11 @@ def test_latents_from_tfds_and_resume(data_dir, models, tmp_path):  # noqa: F811
     assert sorted(after) == sorted(before)
     assert all(after[n] == before[n] for n in before if n != victim)
     # Another split is another input: refused, naming the change.
-    with pytest.raises(ValueError, match=r"source: 'tfds:tiny_faces:train .*' -> "
-                                         r"'tfds:tiny_faces:train\[:4\] .*--output"):
+    with pytest.raises(
+        ValueError,
+        match=r"source: 'tfds:tiny_faces:train .*' -> "
+        r"'tfds:tiny_faces:train\[:4\] .*--output",
+    ):
         prepare.prepare("latents", "tfds:tiny_faces:train[:4]", output, models["vae"], **settings)
 
 
@@ -140,9 +172,18 @@ def test_text_to_image_from_coco_style_captions(data_dir, models, tmp_path):  # 
     expected = [_sha_choice(t) for t in texts if t]
     assert any(_sha_choice(t) != t[0].strip() for t in texts if t)  # not simply the first caption
     output = str(tmp_path / "coco_t2i")
-    metadata = prepare.prepare("text_to_image", "tfds:tiny_coco/2014:train", output, models["vae"],
-                               models["text_encoder"], models["tokenizer"], image_size=SIZE,
-                               batch_size=8, caption_column="captions/text", tfds_data_dir=data_dir)
+    metadata = prepare.prepare(
+        "text_to_image",
+        "tfds:tiny_coco/2014:train",
+        output,
+        models["vae"],
+        models["text_encoder"],
+        models["tokenizer"],
+        image_size=SIZE,
+        batch_size=8,
+        caption_column="captions/text",
+        tfds_data_dir=data_dir,
+    )
     empty = [i for i, t in enumerate(texts) if not t]
     assert metadata["skipped"]["missing_caption"] == [f"train[{i}]" for i in empty]
     assert metadata["num_examples"] == 4 and metadata["cond_shape"] == [16, 32]
@@ -154,15 +195,25 @@ def test_text_to_image_from_coco_style_captions(data_dir, models, tmp_path):  # 
 
 
 def test_main_mode_prepare_data_with_a_single_caption_feature(  # noqa: F811
-        data_dir, models, tiny_config, tmp_path):
+    data_dir, models, tiny_config, tmp_path
+):
     examples = _stored_examples(data_dir, "tiny_coco/2014")
     tiny_config.data.prepare.update(
-        kind="text_to_image", input="tfds:tiny_coco/2014", output=str(tmp_path / "out"),
-        vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=models["tokenizer"],
-        image_size=SIZE, batch_size=8, caption_column="title", tfds_data_dir=data_dir)
+        kind="text_to_image",
+        input="tfds:tiny_coco/2014",
+        output=str(tmp_path / "out"),
+        vae=models["vae"],
+        text_encoder=models["text_encoder"],
+        tokenizer=models["tokenizer"],
+        image_size=SIZE,
+        batch_size=8,
+        caption_column="title",
+        tfds_data_dir=data_dir,
+    )
     assert main.run(tiny_config, str(tmp_path / "work"), "prepare_data") == 0
-    _check_text_records(LatentDataset(str(tmp_path / "out")), models,
-                        [e["title"].decode() for e in examples])
+    _check_text_records(
+        LatentDataset(str(tmp_path / "out")), models, [e["title"].decode() for e in examples]
+    )
 
 
 def _tfrecord_copy(data_dir, tmp_path):
@@ -182,17 +233,26 @@ def test_clear_errors(data_dir, models, tmp_path, monkeypatch):  # noqa: F811
         return prepare.open_source(spec, kind, image, caption, where)
 
     for spec in ("tfds:", "tfds:Faces", "tfds:tiny_faces/", "tfds:tiny_faces:", "tfds:a/b/c"):
-        with pytest.raises(ValueError, match=r"--input \(config.data.prepare.input\)=.* is not "
-                                             r"a TFDS dataset: expected "
-                                             r"tfds:NAME\[/CONFIG\]\[:SPLIT\]"):
+        with pytest.raises(
+            ValueError,
+            match=r"--input \(config.data.prepare.input\)=.* is not "
+            r"a TFDS dataset: expected "
+            r"tfds:NAME\[/CONFIG\]\[:SPLIT\]",
+        ):
             prepare.prepare("latents", spec, str(tmp_path / "out"), models["vae"], image_size=SIZE)
     with pytest.raises(FileNotFoundError, match=r"--tfds_data_dir .*nowhere does not exist"):
         open_("tfds:tiny_faces", where=str(tmp_path / "nowhere"))
-    with pytest.raises(ValueError, match=r"no TFDS dataset 'faces'; it holds: \['tiny_coco', "
-                                         r"'tiny_faces'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"no TFDS dataset 'faces'; it holds: \['tiny_coco', "
+        r"'tiny_faces'\]",
+    ):
         open_("tfds:faces")
-    with pytest.raises(ValueError, match=r"has configs \['2014'\]: name one .* "
-                                         r"tfds:tiny_coco/2014"):
+    with pytest.raises(
+        ValueError,
+        match=r"has configs \['2014'\]: name one .* "
+        r"tfds:tiny_coco/2014",
+    ):
         open_("tfds:tiny_coco")
     with pytest.raises(ValueError, match=r"no config '2017'; its configs: \['2014'\]"):
         open_("tfds:tiny_coco/2017")
@@ -201,22 +261,33 @@ def test_clear_errors(data_dir, models, tmp_path, monkeypatch):  # noqa: F811
     with pytest.raises(ValueError, match=r"split 'train\[4:2\]'"):
         open_("tfds:tiny_faces:train[4:2]")
     features = r"\['captions/id', 'captions/text', 'image', 'image/id', 'objects/label', 'title'\]"
-    with pytest.raises(ValueError, match=r"no feature 'img' \(--image_column .*its features: "
-                                         + features):
+    with pytest.raises(
+        ValueError, match=r"no feature 'img' \(--image_column .*its features: " + features
+    ):
         open_("tfds:tiny_coco/2014", image="img")
-    with pytest.raises(ValueError, match=r"'title' \(--image_column .*\) is Text, not a "
-                                         r"tfds.features.Image"):
+    with pytest.raises(
+        ValueError,
+        match=r"'title' \(--image_column .*\) is Text, not a "
+        r"tfds.features.Image",
+    ):
         open_("tfds:tiny_coco/2014", image="title")
-    with pytest.raises(ValueError, match=r"no feature 'caption' \(--caption_column .*its features: "
-                                         + features):
+    with pytest.raises(
+        ValueError, match=r"no feature 'caption' \(--caption_column .*its features: " + features
+    ):
         open_("tfds:tiny_coco/2014", "text_to_image")
-    with pytest.raises(ValueError, match=r"'objects/label' \(--caption_column .*\) is "
-                                         r"Sequence\(ClassLabel\); captions are a string feature"):
+    with pytest.raises(
+        ValueError,
+        match=r"'objects/label' \(--caption_column .*\) is "
+        r"Sequence\(ClassLabel\); captions are a string feature",
+    ):
         open_("tfds:tiny_coco/2014", "text_to_image", caption="objects/label")
-    with pytest.raises(ValueError, match=r"stored as tfrecord; .*tfds convert_format "
-                                         r"--dataset_version_dir=.*tiny_faces/1.0.0 "
-                                         r"--out_file_format=array_record.*"
-                                         r"scflow_jax\[tensorflow\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"stored as tfrecord; .*tfds convert_format "
+        r"--dataset_version_dir=.*tiny_faces/1.0.0 "
+        r"--out_file_format=array_record.*"
+        r"scflow_jax\[tensorflow\]",
+    ):
         open_("tfds:tiny_faces", where=_tfrecord_copy(data_dir, tmp_path))
 
     # A feature whose TFDS decoding imports TensorFlow (none of Image, Text or np.str_ does in
@@ -225,8 +296,11 @@ def test_clear_errors(data_dir, models, tmp_path, monkeypatch):  # noqa: F811
         raise ModuleNotFoundError("No module named 'tensorflow'", name="tensorflow")
 
     monkeypatch.setattr(tfds.features.FeaturesDict, "deserialize_example_np", needs_tensorflow)
-    with pytest.raises(ValueError, match=r"decodes feature 'captions/text' \(Sequence\(Tensor\)\) "
-                                         r"only with TensorFlow.*scflow_jax\[tensorflow\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"decodes feature 'captions/text' \(Sequence\(Tensor\)\) "
+        r"only with TensorFlow.*scflow_jax\[tensorflow\]",
+    ):
         open_("tfds:tiny_coco/2014", "text_to_image", caption="captions/text")
 
 
@@ -234,21 +308,40 @@ def test_cli_reads_tfds_without_importing_tensorflow(data_dir, models, tmp_path)
     """The standalone CLI on a TFDS input, in a fresh interpreter: TensorFlow is never imported
     (where it is not installed, as here, an import would fail the run)."""
     out = tmp_path / "out"
-    argv = ["prepare", "--kind=latents", "--input=tfds:tiny_faces:train[1:]", f"--output={out}",
-            f"--tfds_data_dir={data_dir}", f"--vae={models['vae']}", f"--image_size={SIZE}",
-            "--batch_size=2", "--examples_per_shard=8"]
-    script = ("import runpy, sys\n"
-              f"sys.argv = {argv!r}\n"
-              "try:\n"
-              "    runpy.run_module('scflow_jax.data.prepare', run_name='__main__')\n"
-              "except SystemExit as e:\n"
-              "    assert not e.code, e.code\n"
-              "print('tensorflow imported:', 'tensorflow' in sys.modules)\n")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    argv = [
+        "prepare",
+        "--kind=latents",
+        "--input=tfds:tiny_faces:train[1:]",
+        f"--output={out}",
+        f"--tfds_data_dir={data_dir}",
+        f"--vae={models['vae']}",
+        f"--image_size={SIZE}",
+        "--batch_size=2",
+        "--examples_per_shard=8",
+    ]
+    script = (
+        "import runpy, sys\n"
+        f"sys.argv = {argv!r}\n"
+        "try:\n"
+        "    runpy.run_module('scflow_jax.data.prepare', run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "print('tensorflow imported:', 'tensorflow' in sys.modules)\n"
+    )
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    }
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                            timeout=300, cwd=root)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=root,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "tensorflow imported: False" in result.stdout
     examples = _stored_examples(data_dir, "tiny_faces", "train[1:]")

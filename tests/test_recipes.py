@@ -8,6 +8,7 @@ The dataset is prepared from random images by --mode=prepare_data (the tiny VAE,
 Inception.
 Parity tolerance (export -> diffusers): max abs error <= 1e-4 in float32.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,16 +34,27 @@ from scflow_jax.tasks import celebahq
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4  # max abs error, float32 (export parity)
 
-TINY_VAE = VAEConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, sample_size=64)
+TINY_VAE = VAEConfig(
+    block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, sample_size=64
+)
 # One cross-attention level plus the cross-attention mid block: the smallest graph of the family (compile time
 # dominates these tests).
 TINY_UNET = unet_sd.UNetSDConfig(
-    sample_size=8, block_out_channels=(16,), layers_per_block=1, cross_attention_dim=32, norm_num_groups=8,
-    attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",))
+    sample_size=8,
+    block_out_channels=(16,),
+    layers_per_block=1,
+    cross_attention_dim=32,
+    norm_num_groups=8,
+    attention_head_dim=2,
+    down_block_types=("CrossAttnDownBlock2D",),
+    up_block_types=("CrossAttnUpBlock2D",),
+)
 
 
 def load_config(name: str, variant: str = "tiny"):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", os.path.join(REPO, "configs", f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(
+        f"recipe_{name}", os.path.join(REPO, "configs", f"{name}.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(variant)
@@ -76,20 +88,30 @@ def _write_json(path, obj):
 
 def write_vae(folder: str) -> str:
     params = random_params(VAE(TINY_VAE).param_shapes(), 1)
-    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(TINY_VAE).items()}
+    cfg = {
+        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(TINY_VAE).items()
+    }
     _write_json(os.path.join(folder, "config.json"), {"_class_name": "AutoencoderKL", **cfg})
-    weights.write_safetensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"),
-                              weights.state_dict_from_params(params, vae_state_dict_key))
+    weights.write_safetensors(
+        os.path.join(folder, "diffusion_pytorch_model.safetensors"),
+        weights.state_dict_from_params(params, vae_state_dict_key),
+    )
     return folder
 
 
 def write_text_encoder(folder: str, max_length: int) -> tuple[str, str]:
-    text_config = clip.CLIPTextConfig.tiny(vocab_size=len(clip_testlib.VOCAB), max_position_embeddings=max_length)
-    params = random_params(_shapes(clip.CLIPTextTransformer(text_config), jnp.zeros((1, 4), jnp.int32)), 2)
+    text_config = clip.CLIPTextConfig.tiny(
+        vocab_size=len(clip_testlib.VOCAB), max_position_embeddings=max_length
+    )
+    params = random_params(
+        _shapes(clip.CLIPTextTransformer(text_config), jnp.zeros((1, 4), jnp.int32)), 2
+    )
     encoder = os.path.join(folder, "text_encoder")
     _write_json(os.path.join(encoder, "config.json"), dataclasses.asdict(text_config))
-    weights.write_safetensors(os.path.join(encoder, "model.safetensors"), weights.state_dict_from_params(
-        params, clip.clip_key_function("text_model.")))
+    weights.write_safetensors(
+        os.path.join(encoder, "model.safetensors"),
+        weights.state_dict_from_params(params, clip.clip_key_function("text_model.")),
+    )
     return encoder, clip_testlib.write_tokenizer(os.path.join(folder, "tokenizer"))
 
 
@@ -97,19 +119,26 @@ def celeba_config(tmp_path):
     config = load_config("celebahq256")
     config.model.vae_path = write_vae(str(tmp_path / "vae"))
     adm_config = celebahq.adm_config(config, TINY_VAE.latent_channels)
-    params = random_params(_shapes(unet_adm.ADMUNet(adm_config), jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,))), 3)
+    params = random_params(
+        _shapes(unet_adm.ADMUNet(adm_config), jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,))), 3
+    )
     config.model.teacher_path = str(tmp_path / "model_480.safetensors")
-    weights.write_safetensors(config.model.teacher_path, weights.state_dict_from_params(
-        params, unet_adm.torch_key))
+    weights.write_safetensors(
+        config.model.teacher_path, weights.state_dict_from_params(params, unet_adm.torch_key)
+    )
     return config
 
 
 def t2i_config(tmp_path):
     config = load_config("t2i_sd15")
     config.model.vae_path = write_vae(str(tmp_path / "vae"))
-    config.model.text_encoder_path, config.model.tokenizer_path = write_text_encoder(str(tmp_path), 16)
+    config.model.text_encoder_path, config.model.tokenizer_path = write_text_encoder(
+        str(tmp_path), 16
+    )
     teacher = random_params(unet_sd.unet_param_shapes(TINY_UNET), 5)
-    config.model.teacher_path = unet_sd_weights.export_unet_sd(TINY_UNET, teacher, str(tmp_path / "instaflow" / "unet"))
+    config.model.teacher_path = unet_sd_weights.export_unet_sd(
+        TINY_UNET, teacher, str(tmp_path / "instaflow" / "unet")
+    )
     return config
 
 
@@ -142,7 +171,9 @@ def evaluate_tiny(config, task, workdir, tmp_path):
     for Inception (real_eval's own tests cover the Inception path): returns the rows."""
     rng = np.random.default_rng(4)
     reference = str(tmp_path / "reference.npz")
-    frechet.save_statistics(reference, rng.normal(size=FEATURE_DIM) * 0.1, np.eye(FEATURE_DIM) * 0.05)
+    frechet.save_statistics(
+        reference, rng.normal(size=FEATURE_DIM) * 0.1, np.eye(FEATURE_DIM) * 0.05
+    )
     config.eval.fid_reference = reference
     if not task.unconditional:
         captions = tmp_path / "captions.txt"
@@ -151,20 +182,26 @@ def evaluate_tiny(config, task, workdir, tmp_path):
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.num_devices)
     size = config.data.image_size
     w = rng.normal(size=(size * size * 3, FEATURE_DIM)).astype(np.float32) / size
-    extractor = fid.FeatureExtractor(lambda p, x: jnp.tanh(x.reshape(x.shape[0], -1) @ p), w, mesh,
-                                     config.eval.batch_size)
-    return real_eval.evaluate_recipe(config, workdir, task, feature_extractor=extractor,
-                                     feature_dim=FEATURE_DIM, mesh=mesh)
+    extractor = fid.FeatureExtractor(
+        lambda p, x: jnp.tanh(x.reshape(x.shape[0], -1) @ p), w, mesh, config.eval.batch_size
+    )
+    return real_eval.evaluate_recipe(
+        config, workdir, task, feature_extractor=extractor, feature_dim=FEATURE_DIM, mesh=mesh
+    )
 
 
 def _check_rows(rows, config):
-    assert [(r["model"], r["steps"]) for r in rows] == [("student", s) for s in config.eval.student_steps]
+    assert [(r["model"], r["steps"]) for r in rows] == [
+        ("student", s) for s in config.eval.student_steps
+    ]
     assert all(np.isfinite(r["fid"]) and r["fid"] > 0 for r in rows)
 
 
 def _tree_max_diff(a, b) -> float:
-    return max(float(jnp.max(jnp.abs(jnp.asarray(x) - jnp.asarray(y))))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return max(
+        float(jnp.max(jnp.abs(jnp.asarray(x) - jnp.asarray(y))))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
 
 
 def _png(path) -> np.ndarray:
@@ -175,16 +212,45 @@ def _png(path) -> np.ndarray:
 @pytest.mark.parametrize("name", ["celebahq256", "t2i_sd15"])
 def test_configs_carry_the_published_settings(name):
     c = load_config(name, None)
-    spec = {"celebahq256": dict(delta=0.1, tau=0.4, warm=(1000, 0, 1000), lr=(2e-5, 1e-4), wd=0.0, cfg=1.0,
-                                r1=1.0, noise=False, integer=False, batch=64, size=256),
-            "t2i_sd15": dict(delta=0.1, tau=0.1, warm=(0, 500, 500), lr=(1e-5, 1e-5), wd=1e-2, cfg=1.5, r1=0.0,
-                             noise=True, integer=True, batch=40, size=512)}[name]
+    spec = {
+        "celebahq256": dict(
+            delta=0.1,
+            tau=0.4,
+            warm=(1000, 0, 1000),
+            lr=(2e-5, 1e-4),
+            wd=0.0,
+            cfg=1.0,
+            r1=1.0,
+            noise=False,
+            integer=False,
+            batch=64,
+            size=256,
+        ),
+        "t2i_sd15": dict(
+            delta=0.1,
+            tau=0.1,
+            warm=(0, 500, 500),
+            lr=(1e-5, 1e-5),
+            wd=1e-2,
+            cfg=1.5,
+            r1=0.0,
+            noise=True,
+            integer=True,
+            batch=40,
+            size=512,
+        ),
+    }[name]
     s = c.scflow
     assert (s.init_threshold, s.trunc_threshold) == (spec["delta"], spec["tau"])
     assert (s.warmup_rf, s.warmup_gan, s.warmup_inv) == spec["warm"]
     assert (c.distill.optimizer.learning_rate, c.disc.optimizer.learning_rate) == spec["lr"]
     assert c.distill.optimizer.weight_decay == c.disc.optimizer.weight_decay == spec["wd"]
-    assert (s.target_ema, s.eval_ema, s.teacher_cfg, s.r1_gamma) == (0.9, 0.9999, spec["cfg"], spec["r1"])
+    assert (s.target_ema, s.eval_ema, s.teacher_cfg, s.r1_gamma) == (
+        0.9,
+        0.9999,
+        spec["cfg"],
+        spec["r1"],
+    )
     assert (s.disc_noise_inputs, s.integer_timesteps) == (spec["noise"], spec["integer"])
     assert (c.distill.batch_size, c.data.image_size) == (spec["batch"], spec["size"])
     assert c.model.teacher_path is None and c.model.vae_path is None and c.data.path is None
@@ -193,8 +259,11 @@ def test_configs_carry_the_published_settings(name):
         assert (c.disc.channel_base, c.disc.channel_max) == (16384, 512)
     else:
         assert (c.disc.head_channels, c.disc.head_groups) == (256, 32)
-        assert (c.precision.compute_dtype, c.precision.param_dtype, c.model.remat) == ("bfloat16", "float32",
-                                                                                        "full")
+        assert (c.precision.compute_dtype, c.precision.param_dtype, c.model.remat) == (
+            "bfloat16",
+            "float32",
+            "full",
+        )
 
 
 def test_missing_paths_and_bad_resolution_name_the_field(tmp_path):
@@ -271,13 +340,18 @@ def test_celebahq256_tiny_distill_sample_export(tmp_path):
         assert os.path.isfile(os.path.join(out, "grid.png"))
 
     assert main.run(config, workdir, "export") == 0
-    exported = unet_adm.load_unet_adm(os.path.join(workdir, "export", "model.safetensors"),
-                                      task.network_config)
+    exported = unet_adm.load_unet_adm(
+        os.path.join(workdir, "export", "model.safetensors"), task.network_config
+    )
     assert _tree_max_diff(exported, student) == 0.0
     _check_rows(evaluate_tiny(config, task, workdir, tmp_path), config)
 
     other = load_config("celebahq256")
-    other.model.vae_path, other.data.path, other.data.image_size = config.model.vae_path, config.data.path, 128
+    other.model.vae_path, other.data.path, other.data.image_size = (
+        config.model.vae_path,
+        config.data.path,
+        128,
+    )
     with pytest.raises(ValueError, match=r"holds latents of shape \(8, 8, 4\).*image_size=128"):
         tasks.build_task(other).batches(4, seed=0)
 
@@ -285,12 +359,16 @@ def test_celebahq256_tiny_distill_sample_export(tmp_path):
 def test_the_recipe_student_is_loaded_whole_on_an_fsdp_mesh(tmp_path, monkeypatch):
     """--mode=sample and --mode=evaluate hold the exported student whole (sharding.sampler_shardings)."""
     # FSDP's default rules leave the tiny network whole; split even its kernels, as they split the real ones.
-    monkeypatch.setattr(sharding, "ShardingRules", functools.partial(sharding.ShardingRules, fsdp_min_size=1))
+    monkeypatch.setattr(
+        sharding, "ShardingRules", functools.partial(sharding.ShardingRules, fsdp_min_size=1)
+    )
     config = celeba_config(tmp_path)
     config.mesh.update(dict(num_devices=8, fsdp=4))
     task, mesh = tasks.build_task(config), sharding.mesh_from_config(config)
     student = task.load_teacher_params()
-    assert any(not s.is_fully_replicated for s in jax.tree.leaves(sharding.state_shardings(student, mesh)))
+    assert any(
+        not s.is_fully_replicated for s in jax.tree.leaves(sharding.state_shardings(student, mesh))
+    )
     checkpoint.save_params(str(tmp_path / "student"), student)
     loaded = task.load_flow_params(str(tmp_path / "student"), mesh, "student parameters")
     assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(loaded))
@@ -314,8 +392,13 @@ def test_bf16_compute_reaches_the_recipe_sample_and_evaluate_samplers(tmp_path, 
     frechet.save_statistics(reference, np.zeros(FEATURE_DIM), np.eye(FEATURE_DIM))
     config.eval.update(fid_reference=reference, student_steps=(), teacher_steps=(1,))
     with pytest.raises(scflow_testlib.SamplerReached):
-        real_eval.evaluate_recipe(config, str(tmp_path / "run"), tasks.build_task(config),
-                                  feature_extractor=lambda x: x, feature_dim=FEATURE_DIM)
+        real_eval.evaluate_recipe(
+            config,
+            str(tmp_path / "run"),
+            tasks.build_task(config),
+            feature_extractor=lambda x: x,
+            feature_dim=FEATURE_DIM,
+        )
     assert seen == [jnp.bfloat16, jnp.bfloat16]
 
 
@@ -365,8 +448,9 @@ def test_t2i_tiny_distill_sample_export(t2i_assets, tmp_path):
     assert main.run(config, workdir, "sample") == 0
     out = os.path.join(workdir, "samples", "student_euler_1steps")
     per = config.sample.num_per_prompt
-    assert sorted(os.listdir(out)) == sorted(["grid.png", "prompts.txt"] + [
-        f"{i:03d}_{j:02d}.png" for i in range(3) for j in range(per)])
+    assert sorted(os.listdir(out)) == sorted(
+        ["grid.png", "prompts.txt"] + [f"{i:03d}_{j:02d}.png" for i in range(3) for j in range(per)]
+    )
     grid = _png(os.path.join(out, "grid.png"))
     assert grid.shape == (3 * 65 + 1, per * 65 + 1, 3)
 
@@ -384,7 +468,9 @@ def test_t2i_export_matches_diffusers(t2i_assets, tmp_path):
     from diffusers import UNet2DConditionModel as TorchUNet
 
     config, task, _ = t2i_assets
-    folder = unet_sd_weights.export_unet_sd(task.network_config, task.load_teacher_params(), str(tmp_path / "unet"))
+    folder = unet_sd_weights.export_unet_sd(
+        task.network_config, task.load_teacher_params(), str(tmp_path / "unet")
+    )
     _, params = unet_sd_weights.load_unet_sd(folder)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
@@ -393,8 +479,15 @@ def test_t2i_export_matches_diffusers(t2i_assets, tmp_path):
     ours = np.asarray(jax.jit(unet_sd.make_unet_apply(task.network_config))(params, x, t, cond))
     model = TorchUNet.from_pretrained(folder).eval()
     with torch.no_grad():
-        theirs = model(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t),
-                       encoder_hidden_states=torch.from_numpy(np.array(cond))).sample.numpy().transpose(0, 2, 3, 1)
+        theirs = (
+            model(
+                torch.from_numpy(x.transpose(0, 3, 1, 2)),
+                torch.from_numpy(t),
+                encoder_hidden_states=torch.from_numpy(np.array(cond)),
+            )
+            .sample.numpy()
+            .transpose(0, 2, 3, 1)
+        )
     err = float(np.max(np.abs(ours - theirs)))
     assert np.abs(theirs).max() > 0.1 and err <= TOL, err
 

@@ -5,13 +5,16 @@ perturbed away from zero so each term depends on every layer. The expected value
 this code on jax 0.10.2 (CPU). Reordering float32 sums moves them by up to ~1.5e-5 relative
 (measured: channel sums computed as dots against plain sums), so the tolerance is 5e-5; a change that
 moves any value further changed the computation."""
+
 import os
 import sys
 
 import jax
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+)
 import distill_step  # noqa: E402
 
 from scflow_jax import sharding  # noqa: E402
@@ -47,10 +50,16 @@ EXPECTED = {  # metric@iteration (0: first step from the initial state, 1: the n
 
 
 def test_one_iteration_keeps_its_loss_values():
-    b = distill_step.build(False, sharding.make_mesh(1, 1), setup=distill_step.tiny_setup(), perturb=0.05)
+    b = distill_step.build(
+        False, sharding.make_mesh(1, 1), setup=distill_step.tiny_setup(), perturb=0.05
+    )
     state, metrics = b["step"](b["state"], b["batch"], b["frozen"])
     _, metrics2 = b["step"](state, b["batch"], b["frozen"])
-    got = {f"{k}@{i}": float(v) for i, m in enumerate((metrics, metrics2)) for k, v in jax.device_get(m).items()}
+    got = {
+        f"{k}@{i}": float(v)
+        for i, m in enumerate((metrics, metrics2))
+        for k, v in jax.device_get(m).items()
+    }
     assert set(got) == set(EXPECTED)
     for name, value in EXPECTED.items():
         assert got[name] == pytest.approx(value, rel=5e-5, abs=1e-8), name

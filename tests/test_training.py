@@ -5,6 +5,7 @@ Cost control (2-core CPU, compile-bound): one test configuration for every run
 (scflow_testlib.make_config), one session-wide ``main.run(..., "all")`` reused by both test
 files, and module-scoped fixtures so each distinct program is traced once per module.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,8 @@ import pytest
 import scflow_testlib as lib
 from scflow_jax import checkpoint, sharding, train_state
 
-N_TEACHER = 3     # teacher steps compared across device counts
-N_DISTILL = 4     # distill steps: covers every warm-up switch (2 and 3)
+N_TEACHER = 3  # teacher steps compared across device counts
+N_DISTILL = 4  # distill steps: covers every warm-up switch (2 and 3)
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +50,13 @@ def perturbed_teacher(shared, tmp_path_factory):
     zero), which makes the self-corrected reflow loss ~1e-9, too small for the warm-up test
     to see. The noise gives a teacher whose velocity depends on (t, x) without any extra
     training or compilation (only the teacher path changes)."""
-    params = lib.load_exported_params(shared.config,
-                                      os.path.join(shared.workdir, "teacher", "params"))
+    params = lib.load_exported_params(
+        shared.config, os.path.join(shared.workdir, "teacher", "params")
+    )
     rng = np.random.default_rng(0)
-    noisy = jax.tree.map(lambda p: (p + 0.05 * rng.standard_normal(p.shape)).astype(p.dtype),
-                         params)
+    noisy = jax.tree.map(
+        lambda p: (p + 0.05 * rng.standard_normal(p.shape)).astype(p.dtype), params
+    )
     path = str(tmp_path_factory.mktemp("teacher") / "params")
     checkpoint.save_params(path, noisy)
     return path
@@ -63,9 +66,14 @@ def perturbed_teacher(shared, tmp_path_factory):
 def distill_runs(perturbed_teacher, tmp_path_factory):
     """N_DISTILL distill steps from the same teacher export, on 1 and 8 devices."""
     workdir = str(tmp_path_factory.mktemp("distill_runs"))
-    return {n: lib.run_distill_steps(
-        lib.make_config(num_devices=n, **{"distill.teacher_params": perturbed_teacher}),
-        workdir, N_DISTILL) for n in (1, 8)}
+    return {
+        n: lib.run_distill_steps(
+            lib.make_config(num_devices=n, **{"distill.teacher_params": perturbed_teacher}),
+            workdir,
+            N_DISTILL,
+        )
+        for n in (1, 8)
+    }
 
 
 # --------------------------------------------------------------- device-count independence
@@ -75,16 +83,17 @@ def test_teacher_step_same_on_1_and_8_devices(teacher_runs):
     for step, (a, b) in enumerate(zip(m1, m8), start=1):
         assert set(a) == set(b)
         for k in a:
-            np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5,
-                                       err_msg=f"teacher step {step} metric {k}")
+            np.testing.assert_allclose(
+                a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=f"teacher step {step} metric {k}"
+            )
     assert int(s1.step) == int(s8.step) == N_TEACHER
     lib.assert_trees_close(s1.params, s8.params, rtol=1e-4, atol=1e-5, what="teacher params")
-    lib.assert_trees_close(s1.ema_params, s8.ema_params, rtol=1e-4, atol=1e-5,
-                           what="teacher EMA")
+    lib.assert_trees_close(s1.ema_params, s8.ema_params, rtol=1e-4, atol=1e-5, what="teacher EMA")
     # The steps did something (so the comparison is not between two initial states).
     assert all(np.isfinite(m["loss_fm"]) and m["grad_norm"] > 0 for m in m1)
-    assert any(np.any(p != e) for p, e in zip(jax.tree.leaves(s1.params),
-                                              jax.tree.leaves(s1.ema_params)))
+    assert any(
+        np.any(p != e) for p, e in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s1.ema_params))
+    )
 
 
 def test_distill_step_same_on_1_and_8_devices(distill_runs):
@@ -93,8 +102,9 @@ def test_distill_step_same_on_1_and_8_devices(distill_runs):
     for step, (a, b) in enumerate(zip(r1.metrics, r8.metrics), start=1):
         assert set(a) == set(b)
         for k in a:
-            np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5,
-                                       err_msg=f"distill step {step} metric {k}")
+            np.testing.assert_allclose(
+                a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=f"distill step {step} metric {k}"
+            )
     # Gradients: Adam's first/second moments (opt_state mu, nu) are running sums of the
     # gradients, so they compare the gradients of every step. They agree to fp32 noise
     # (observed relative L2 difference well below 1e-6).
@@ -105,12 +115,15 @@ def test_distill_step_same_on_1_and_8_devices(distill_runs):
         b = np.concatenate([np.ravel(x) for x in b]).astype(np.float64)
         return np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30)
 
-    floats = lambda tree: [x for x in jax.tree.leaves(tree)  # noqa: E731 - not the counts
-                           if np.issubdtype(np.asarray(x).dtype, np.floating)]
+    floats = lambda tree: [
+        x
+        for x in jax.tree.leaves(tree)  # noqa: E731 - not the counts
+        if np.issubdtype(np.asarray(x).dtype, np.floating)
+    ]
     for field in ("opt_state", "disc_opt_state"):
         a, b = floats(getattr(f1, field)), floats(getattr(f8, field))
         assert len(a) == len(b) > 0
-        for moments in (a[:len(a) // 2], a[len(a) // 2:]):  # mu leaves, then nu leaves
+        for moments in (a[: len(a) // 2], a[len(a) // 2 :]):  # mu leaves, then nu leaves
             assert any(np.any(x != 0) for x in moments)
         ratio = rel_l2(a, b)
         assert ratio < 1e-4, (field, ratio)
@@ -121,13 +134,14 @@ def test_distill_step_same_on_1_and_8_devices(distill_runs):
     lr = lib.make_config().distill.optimizer.learning_rate
     for field in ("params", "target_params", "ema_params", "disc_params"):
         a, b, t = (jax.tree.leaves(getattr(s, field)) for s in (f1, f8, f0))
-        lib.assert_trees_close(a, b, rtol=1e-4, atol=0.25 * N_DISTILL * lr,
-                               what=f"distill {field}")
+        lib.assert_trees_close(a, b, rtol=1e-4, atol=0.25 * N_DISTILL * lr, what=f"distill {field}")
         ratio = rel_l2([x - z for x, z in zip(a, t)], [y - z for y, z in zip(b, t)])
         assert ratio < 1e-2, (field, ratio)
     # The student actually moved away from the teacher.
-    moved = max(float(np.max(np.abs(a - b))) for a, b in zip(
-        jax.tree.leaves(f1.params), jax.tree.leaves(r1.teacher_loaded)))
+    moved = max(
+        float(np.max(np.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(f1.params), jax.tree.leaves(r1.teacher_loaded))
+    )
     assert moved > 1e-5
 
 
@@ -157,8 +171,9 @@ def test_teacher_checkpoint_round_trip_is_bit_identical(teacher_runs, tmp_path):
     config = lib.make_config()
     _, state = teacher_runs[1]
     assert int(state.step) == N_TEACHER
-    restored = _save_and_restore(state, _teacher_abstract(config), config,
-                                 str(tmp_path / "ckpt"), N_TEACHER)
+    restored = _save_and_restore(
+        state, _teacher_abstract(config), config, str(tmp_path / "ckpt"), N_TEACHER
+    )
     assert int(restored.step) == N_TEACHER
     lib.assert_trees_equal(restored, state, "teacher checkpoint")
 
@@ -178,10 +193,14 @@ def test_stage_checkpoints_restore_in_a_new_checkpointer(shared):
     config = shared.config
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.num_devices)
     for stage, abstract, returned, final in (
-            ("teacher", _teacher_abstract(config), shared.teacher_state, lib.TEACHER_STEPS),
-            ("distill", jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                     shared.distill_state), shared.distill_state,
-             config.distill.num_steps)):
+        ("teacher", _teacher_abstract(config), shared.teacher_state, lib.TEACHER_STEPS),
+        (
+            "distill",
+            jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), shared.distill_state),
+            shared.distill_state,
+            config.distill.num_steps,
+        ),
+    ):
         ckpt = checkpoint.Checkpointer(os.path.join(shared.workdir, stage, "checkpoints"))
         try:
             assert ckpt.latest_step() == final
@@ -192,11 +211,13 @@ def test_stage_checkpoints_restore_in_a_new_checkpointer(shared):
 
 
 def test_teacher_export_is_the_final_ema(shared):
-    exported = lib.load_exported_params(shared.config,
-                                        os.path.join(shared.workdir, "teacher", "params"))
+    exported = lib.load_exported_params(
+        shared.config, os.path.join(shared.workdir, "teacher", "params")
+    )
     lib.assert_trees_equal(exported, shared.teacher_state.ema_params, "teacher export")
-    student = lib.load_exported_params(shared.config,
-                                       os.path.join(shared.workdir, "distill", "params"))
+    student = lib.load_exported_params(
+        shared.config, os.path.join(shared.workdir, "distill", "params")
+    )
     lib.assert_trees_equal(student, shared.distill_state.ema_params, "student export")
 
 
@@ -228,8 +249,9 @@ class _Reader:
                 if seen >= len(self.lines):
                     break
             time.sleep(0.01)
-        raise AssertionError(f"no line matching {pattern!r} (rc={proc.poll()}):\n"
-                             + "".join(self.lines[-40:]))
+        raise AssertionError(
+            f"no line matching {pattern!r} (rc={proc.poll()}):\n" + "".join(self.lines[-40:])
+        )
 
     def text(self) -> str:
         self._thread.join(30)
@@ -258,9 +280,13 @@ def sigterm_run(tmp_path_factory):
             proc.kill()
     log = reader.text()
     m = re.search(r"stopped at step (\d+) after SIGTERM", log)
-    return {"workdir": workdir, "rc": rc, "log": log,
-            "reached": int(m.group(1)) if m else None,
-            "ckpt_dir": os.path.join(workdir, "teacher", "checkpoints")}
+    return {
+        "workdir": workdir,
+        "rc": rc,
+        "log": log,
+        "reached": int(m.group(1)) if m else None,
+        "ckpt_dir": os.path.join(workdir, "teacher", "checkpoints"),
+    }
 
 
 def test_sigterm_cli_exits_0_mid_training_without_export(sigterm_run):
@@ -268,16 +294,16 @@ def test_sigterm_cli_exits_0_mid_training_without_export(sigterm_run):
     assert sigterm_run["rc"] == 0, log[-3000:]
     assert sigterm_run["reached"] is not None, log[-3000:]
     assert 0 < sigterm_run["reached"] < lib.TEACHER_STEPS
-    assert not os.path.exists(os.path.join(sigterm_run["workdir"], "teacher", "params")), \
+    assert not os.path.exists(os.path.join(sigterm_run["workdir"], "teacher", "params")), (
         "a preempted run must not export parameters"
-
-
+    )
 
 
 def test_sigterm_cli_leaves_a_checkpoint_at_the_step_reached(sigterm_run):
     assert sigterm_run["reached"] is not None
-    assert _steps_on_disk(sigterm_run["ckpt_dir"])[-1:] == [sigterm_run["reached"]], \
-        sigterm_run["log"][-3000:]
+    assert _steps_on_disk(sigterm_run["ckpt_dir"])[-1:] == [sigterm_run["reached"]], sigterm_run[
+        "log"
+    ][-3000:]
 
 
 def _teacher_with_sigterm(workdir, monkeypatch, *, in_batch=None, in_report=None):
@@ -400,9 +426,11 @@ def test_teacher_is_bit_identical_after_distillation(shared, distill_runs, pertu
     # The session's full distill stage (checkpoints, export of the student) left the
     # teacher export it read exactly as the teacher stage returned it.
     reloaded = lib.load_exported_params(
-        shared.config, os.path.join(shared.workdir, "teacher", "params"))
-    lib.assert_trees_equal(reloaded, shared.teacher_state.ema_params,
-                           "teacher export vs the teacher stage's result")
+        shared.config, os.path.join(shared.workdir, "teacher", "params")
+    )
+    lib.assert_trees_equal(
+        reloaded, shared.teacher_state.ema_params, "teacher export vs the teacher stage's result"
+    )
 
 
 def test_target_and_eval_ema_follow_their_rules(distill_runs):
@@ -414,8 +442,12 @@ def test_target_and_eval_ema_follow_their_rules(distill_runs):
     after1 = run.states[1]
     leaves = lambda t: jax.tree.leaves(t)  # noqa: E731
     moved = 0.0
-    for t, s, tgt, ema in zip(leaves(teacher), leaves(after1.params),
-                              leaves(after1.target_params), leaves(after1.ema_params)):
+    for t, s, tgt, ema in zip(
+        leaves(teacher),
+        leaves(after1.params),
+        leaves(after1.target_params),
+        leaves(after1.ema_params),
+    ):
         np.testing.assert_allclose(tgt, mu * t + (1 - mu) * s, rtol=0, atol=1e-6)
         np.testing.assert_allclose(ema, r * t + (1 - r) * s, rtol=0, atol=1e-6)
         moved = max(moved, float(np.max(np.abs(s - t))))
@@ -423,9 +455,13 @@ def test_target_and_eval_ema_follow_their_rules(distill_runs):
     assert moved > 1e-4
     # And the rules hold at every later step (EMA of the previous EMA).
     for prev, cur in zip(run.states[1:], run.states[2:]):
-        for p_t, p_e, s, tgt, ema in zip(leaves(prev.target_params), leaves(prev.ema_params),
-                                         leaves(cur.params), leaves(cur.target_params),
-                                         leaves(cur.ema_params)):
+        for p_t, p_e, s, tgt, ema in zip(
+            leaves(prev.target_params),
+            leaves(prev.ema_params),
+            leaves(cur.params),
+            leaves(cur.target_params),
+            leaves(cur.ema_params),
+        ):
             np.testing.assert_allclose(tgt, mu * p_t + (1 - mu) * s, rtol=0, atol=1e-6)
             np.testing.assert_allclose(ema, r * p_e + (1 - r) * s, rtol=0, atol=1e-6)
 
@@ -438,14 +474,20 @@ def test_warmups_switch_terms_on_without_recompiling(distill_runs):
     for step, m in enumerate(run.metrics):  # ``step`` = state.step when the step ran
         for k in ("loss", "loss_con", "loss_rf", "loss_inv", "loss_gan", "loss_disc"):
             assert k in m and np.isfinite(m[k]), (step, k, m)
-        on = {"rf": step >= cfg.warmup_rf, "inv": step >= cfg.warmup_inv,
-              "gan": step >= cfg.warmup_gan}
-        expected = (cfg.lambda_con * m["loss_con"]
-                    + cfg.lambda_rf * m["loss_rf"] * on["rf"]
-                    + cfg.lambda_inv * m["loss_inv"] * on["inv"]
-                    + cfg.lambda_gan * m["loss_gan"] * on["gan"])
-        np.testing.assert_allclose(m["loss"], expected, rtol=1e-6, atol=1e-7,
-                                   err_msg=f"step {step}: {m}")
+        on = {
+            "rf": step >= cfg.warmup_rf,
+            "inv": step >= cfg.warmup_inv,
+            "gan": step >= cfg.warmup_gan,
+        }
+        expected = (
+            cfg.lambda_con * m["loss_con"]
+            + cfg.lambda_rf * m["loss_rf"] * on["rf"]
+            + cfg.lambda_inv * m["loss_inv"] * on["inv"]
+            + cfg.lambda_gan * m["loss_gan"] * on["gan"]
+        )
+        np.testing.assert_allclose(
+            m["loss"], expected, rtol=1e-6, atol=1e-7, err_msg=f"step {step}: {m}"
+        )
         if not any(on.values()):
             assert m["loss"] == pytest.approx(cfg.lambda_con * m["loss_con"], rel=1e-7, abs=0)
         if on["gan"]:
@@ -456,8 +498,9 @@ def test_warmups_switch_terms_on_without_recompiling(distill_runs):
     # checks tell "on" from "off".
     last = run.metrics[-1]
     for name in ("rf", "inv", "gan"):
-        assert cfg[f"lambda_{name}"] * abs(last[f"loss_{name}"]) > 1e-6 * abs(last["loss"]) + 1e-7, \
-            (name, last)
+        assert (
+            cfg[f"lambda_{name}"] * abs(last[f"loss_{name}"]) > 1e-6 * abs(last["loss"]) + 1e-7
+        ), (name, last)
     # One compilation for all four steps across the switches.
     assert run.traces == 1
     if run.cache_size is not None:
@@ -465,16 +508,20 @@ def test_warmups_switch_terms_on_without_recompiling(distill_runs):
     # The discriminator was frozen before the GAN warm-up and trained after it.
     s = run.states
     lib.assert_trees_equal(s[cfg.warmup_gan].disc_params, s[0].disc_params, "disc before warm-up")
-    assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(s[-1].disc_params),
-                                              jax.tree.leaves(s[0].disc_params)))
+    assert any(
+        np.any(a != b)
+        for a, b in zip(jax.tree.leaves(s[-1].disc_params), jax.tree.leaves(s[0].disc_params))
+    )
 
 
 # --------------------------------------------------------------------- gradient clipping
 def test_gradient_clipping_applies_at_every_step():
     """make_optimizer (what both stages use) clips at every step, not only the first."""
-    opt_cfg = ml_collections.ConfigDict(dict(learning_rate=0.1, b1=0.9, b2=0.999,
-                                             weight_decay=0.0, grad_clip=1e-3,
-                                             lr_warmup_steps=0))
+    opt_cfg = ml_collections.ConfigDict(
+        dict(
+            learning_rate=0.1, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=1e-3, lr_warmup_steps=0
+        )
+    )
     clipped = train_state.make_optimizer(opt_cfg)
     reference = optax.adamw(0.1, b1=0.9, b2=0.999, weight_decay=0.0)
     unclipped_cfg = ml_collections.ConfigDict(dict(opt_cfg.to_dict(), grad_clip=0.0))
@@ -482,9 +529,13 @@ def test_gradient_clipping_applies_at_every_step():
 
     params = {"w": jnp.ones((4, 3)), "b": jnp.zeros((3,))}
     rng = np.random.default_rng(0)
-    grads_seq = [{"w": jnp.asarray(rng.normal(size=(4, 3)) * 10 ** k, jnp.float32),
-                  "b": jnp.asarray(rng.normal(size=(3,)) * 10 ** k, jnp.float32)}
-                 for k in (0, 2, -1, 1)]
+    grads_seq = [
+        {
+            "w": jnp.asarray(rng.normal(size=(4, 3)) * 10**k, jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(3,)) * 10**k, jnp.float32),
+        }
+        for k in (0, 2, -1, 1)
+    ]
     s_c, s_r, s_u = clipped.init(params), reference.init(params), unclipped.init(params)
     for step, g in enumerate(grads_seq):
         norm = float(optax.global_norm(g))
@@ -495,5 +546,7 @@ def test_gradient_clipping_applies_at_every_step():
         u_u, s_u = unclipped.update(g, s_u, params)
         lib.assert_trees_close(u_c, u_r, rtol=1e-5, atol=1e-7, what=f"clipped step {step}")
         if step > 0:  # Adam's first step is scale-free; later the clipping shows
-            assert any(np.max(np.abs(np.asarray(a) - np.asarray(b))) > 1e-4
-                       for a, b in zip(jax.tree.leaves(u_c), jax.tree.leaves(u_u))), step
+            assert any(
+                np.max(np.abs(np.asarray(a) - np.asarray(b))) > 1e-4
+                for a, b in zip(jax.tree.leaves(u_c), jax.tree.leaves(u_u))
+            ), step

@@ -22,14 +22,26 @@ from scflow_jax.models.unet_sd import UNet2DConditionModel, UNetSDConfig
 TOL = 1e-4  # max abs error, float32
 
 # The brief's tiny UNet: every block type (CrossAttnDown, Down, Up, CrossAttnUp), 1x1-conv projections.
-TINY = dict(block_out_channels=[32, 64], layers_per_block=1, cross_attention_dim=32, norm_num_groups=8,
-            sample_size=16, attention_head_dim=8, down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"])
+TINY = dict(
+    block_out_channels=[32, 64],
+    layers_per_block=1,
+    cross_attention_dim=32,
+    norm_num_groups=8,
+    sample_size=16,
+    attention_head_dim=8,
+    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+)
 # Linear projections, per-block head counts, two transformer layers per attention module, cross-attention on
 # both levels.
-TINY_LINEAR = dict(TINY, use_linear_projection=True, attention_head_dim=[2, 4], transformer_layers_per_block=2,
-                   down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-                   up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
+TINY_LINEAR = dict(
+    TINY,
+    use_linear_projection=True,
+    attention_head_dim=[2, 4],
+    transformer_layers_per_block=2,
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+)
 TOKENS = 7
 
 
@@ -61,8 +73,11 @@ def _torch_forward(model, x, t, c, *, mid_block=False):
     hook = model.mid_block.register_forward_hook(lambda m, i, o: captured.setdefault("mid", o))
     try:
         with torch.no_grad():
-            out = model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t),
-                        torch.from_numpy(c)).sample
+            out = model(
+                torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
+                torch.from_numpy(t),
+                torch.from_numpy(c),
+            ).sample
     finally:
         hook.remove()
     out = captured["mid"] if mid_block else out
@@ -114,7 +129,9 @@ def test_forward_matches_diffusers_linear_projection_odd_size(tmp_path):
     model.save_pretrained(str(tmp_path), safe_serialization=True)
     config, params = unet_sd_weights.load_unet_sd(str(tmp_path))
     assert config.use_linear_projection and config.attention_head_dim == (2, 4)
-    assert params["down_blocks_0"]["attentions_0"]["proj_in"]["kernel"].ndim == 2  # a Linear, not a 1x1 conv
+    assert (
+        params["down_blocks_0"]["attentions_0"]["proj_in"]["kernel"].ndim == 2
+    )  # a Linear, not a 1x1 conv
     x, t, c = _inputs(height=9, width=10)
     ref = _torch_forward(model, x, t, c)
     assert np.std(ref) > 0.1
@@ -129,9 +146,16 @@ def test_encoder_half_matches_diffusers_mid_block(tiny_folder):
     ref = _torch_forward(model, x, t, c, mid_block=True)
     assert ref.shape == (2, 8, 8, 64)
     enc_params = unet_sd.encoder_params(params)
-    assert sorted(enc_params) == ["conv_in", "down_blocks_0", "down_blocks_1", "mid_block", "time_embedding"]
-    ours = jax.jit(functools.partial(UNet2DConditionModel(config).apply, method=UNet2DConditionModel.encode))(
-        {"params": enc_params}, x, t, c)
+    assert sorted(enc_params) == [
+        "conv_in",
+        "down_blocks_0",
+        "down_blocks_1",
+        "mid_block",
+        "time_embedding",
+    ]
+    ours = jax.jit(
+        functools.partial(UNet2DConditionModel(config).apply, method=UNet2DConditionModel.encode)
+    )({"params": enc_params}, x, t, c)
     assert _max_err(ours, ref) <= TOL
 
 
@@ -172,7 +196,9 @@ def test_export_round_trip_through_diffusers(tiny_folder, tmp_path):
     x, t, c = _inputs()
     ours = _ours(config, params, x, t, c)
     out = unet_sd_weights.export_unet_sd(config, params, str(tmp_path / "fp32"))
-    assert json.load(open(os.path.join(out, "config.json")))["_class_name"] == "UNet2DConditionModel"
+    assert (
+        json.load(open(os.path.join(out, "config.json")))["_class_name"] == "UNet2DConditionModel"
+    )
     reloaded = TorchUNet.from_pretrained(out).eval()
     assert _max_err(_torch_forward(reloaded, x, t, c), ours) <= TOL
     # fp16 export: diffusers reads the halves; compare with our model on the same rounded weights.
@@ -182,7 +208,9 @@ def test_export_round_trip_through_diffusers(tiny_folder, tmp_path):
     assert _max_err(_torch_forward(reloaded16, x, t, c), _ours(config, rounded, x, t, c)) <= TOL
     # and our own loader reads the export back bit for bit
     _, again = unet_sd_weights.load_unet_sd(out)
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)))
+    assert all(
+        np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again))
+    )
 
 
 @pytest.mark.parity
@@ -195,8 +223,12 @@ def test_sd15_parameter_names_and_shapes_match_diffusers():
     with torch.device("meta"):
         model = TorchUNet.from_config(config.to_dict())
     theirs = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    ours = {unet_sd_weights.unet_sd_key(path): weights.torch_layout_inverse(path[-1], np.empty(s.shape, np.uint8)).shape
-            for path, s in weights.flatten_params(unet_sd.unet_param_shapes(config)).items()}
+    ours = {
+        unet_sd_weights.unet_sd_key(path): weights.torch_layout_inverse(
+            path[-1], np.empty(s.shape, np.uint8)
+        ).shape
+        for path, s in weights.flatten_params(unet_sd.unet_param_shapes(config)).items()
+    }
     assert ours == theirs
     assert sum(int(np.prod(s)) for s in ours.values()) == 859_520_964
 
@@ -212,9 +244,13 @@ def test_pipeline_folder_and_single_file(tiny_folder, tmp_path):
     single = os.path.join(folder, "diffusion_pytorch_model.safetensors")
     with pytest.raises(weights.WeightsError, match="pass config="):
         unet_sd_weights.load_unet_sd(single)
-    config2, params2 = unet_sd_weights.load_unet_sd(single, config=os.path.join(folder, "config.json"))
+    config2, params2 = unet_sd_weights.load_unet_sd(
+        single, config=os.path.join(folder, "config.json")
+    )
     assert config2 == config
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)))
+    assert all(
+        np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2))
+    )
 
 
 def _copy_with_config(folder, dest, **changes):
@@ -248,16 +284,22 @@ def test_config_weights_mismatch_names_the_first_missing_key(tiny_folder, tmp_pa
     with pytest.raises(weights.WeightsError) as err:
         unet_sd_weights.load_unet_sd(deeper)
     # keys are checked in sorted path order: attentions_1 comes before resnets_1
-    assert "missing key(s): down_blocks.0.attentions.1.norm.bias (for down_blocks_0/attentions_1/norm/bias)" \
+    assert (
+        "missing key(s): down_blocks.0.attentions.1.norm.bias (for down_blocks_0/attentions_1/norm/bias)"
         in str(err.value)
+    )
     assert "shape mismatch(es): up_blocks.0.resnets.1.conv1.weight" in str(err.value)
     # allow_partial fills the gaps (Flax-style init) and keeps what matched
     config, params = unet_sd_weights.load_unet_sd(deeper, allow_partial=True)
     source = weights.read_safetensors(os.path.join(deeper, "diffusion_pytorch_model.safetensors"))
     np.testing.assert_array_equal(params["conv_in"]["bias"], source["conv_in.bias"])
     assert config.layers_per_block == 2
-    np.testing.assert_array_equal(params["down_blocks_0"]["resnets_1"]["norm1"]["scale"], np.ones(32, np.float32))
-    assert 0.5 < np.std(params["down_blocks_0"]["resnets_1"]["conv1"]["kernel"]) * np.sqrt(9 * 32) < 2
+    np.testing.assert_array_equal(
+        params["down_blocks_0"]["resnets_1"]["norm1"]["scale"], np.ones(32, np.float32)
+    )
+    assert (
+        0.5 < np.std(params["down_blocks_0"]["resnets_1"]["conv1"]["kernel"]) * np.sqrt(9 * 32) < 2
+    )
 
 
 def test_corrupted_safetensors(tiny_folder, tmp_path):
@@ -271,14 +313,17 @@ def test_corrupted_safetensors(tiny_folder, tmp_path):
         unet_sd_weights.load_unet_sd(str(dest))
 
 
-@pytest.mark.parametrize("field,value", [
-    ("down_block_types", ["SimpleCrossAttnDownBlock2D", "DownBlock2D"]),
-    ("up_block_types", ["UpBlock2D", "AttnUpBlock2D"]),
-    ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
-    ("addition_embed_type", "text_time"),
-    ("class_embed_type", "timestep"),
-    ("resnet_time_scale_shift", "scale_shift"),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("down_block_types", ["SimpleCrossAttnDownBlock2D", "DownBlock2D"]),
+        ("up_block_types", ["UpBlock2D", "AttnUpBlock2D"]),
+        ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
+        ("addition_embed_type", "text_time"),
+        ("class_embed_type", "timestep"),
+        ("resnet_time_scale_shift", "scale_shift"),
+    ],
+)
 def test_unsupported_config_values_are_named(tiny_folder, tmp_path, field, value):
     folder, _ = tiny_folder
     bad = _copy_with_config(folder, tmp_path / "bad", **{field: value})
@@ -291,14 +336,23 @@ def test_unsupported_config_values_are_named(tiny_folder, tmp_path, field, value
 
 
 def test_config_from_dict_ignores_unknown_keys_and_round_trips():
-    d = dict(TINY, _class_name="UNet2DConditionModel", _diffusers_version="0.42.1", some_future_key=3,
-             only_cross_attention=[False, False], num_attention_heads=None, dropout=0.0)
+    d = dict(
+        TINY,
+        _class_name="UNet2DConditionModel",
+        _diffusers_version="0.42.1",
+        some_future_key=3,
+        only_cross_attention=[False, False],
+        num_attention_heads=None,
+        dropout=0.0,
+    )
     config = UNetSDConfig.from_dict(d)
     assert config.block_out_channels == (32, 64) and config.attention_head_dim == 8
     assert UNetSDConfig.from_dict(config.to_dict()) == config
     assert hash(config) == hash(UNetSDConfig.from_dict(config.to_dict()))
     with pytest.raises(ValueError, match="attention_head_dim"):
-        UNetSDConfig.from_dict(dict(TINY, attention_head_dim=5))  # 5 heads do not divide 32 channels
+        UNetSDConfig.from_dict(
+            dict(TINY, attention_head_dim=5)
+        )  # 5 heads do not divide 32 channels
     with pytest.raises(ValueError, match="layers_per_block"):
         UNetSDConfig.from_dict(dict(TINY, layers_per_block=[1, 1, 1]))
 
@@ -307,10 +361,15 @@ def test_encode_init_builds_exactly_the_encoder_subtree_and_remat_keeps_the_tree
     config = UNetSDConfig.from_dict(TINY)
     args = unet_sd._init_inputs(config)
     full = unet_sd.unet_param_shapes(config)
-    enc = jax.eval_shape(functools.partial(UNet2DConditionModel(config).init, method=UNet2DConditionModel.encode),
-                         jax.random.PRNGKey(0), *args)["params"]
+    enc = jax.eval_shape(
+        functools.partial(UNet2DConditionModel(config).init, method=UNet2DConditionModel.encode),
+        jax.random.PRNGKey(0),
+        *args,
+    )["params"]
     assert jax.tree.structure(enc) == jax.tree.structure(unet_sd.encoder_params(full))
-    rematted = jax.eval_shape(UNet2DConditionModel(config, remat=True).init, jax.random.PRNGKey(0), *args)["params"]
+    rematted = jax.eval_shape(
+        UNet2DConditionModel(config, remat=True).init, jax.random.PRNGKey(0), *args
+    )["params"]
     assert jax.tree.map(lambda s: s.shape, rematted) == jax.tree.map(lambda s: s.shape, full)
 
 
@@ -338,4 +397,6 @@ def test_layout_inverse_undoes_torch_layout():
     for shape in [(5, 3), (5, 3, 2), (5, 3, 2, 4), (7,)]:
         a = rng.standard_normal(shape)
         for leaf in ("kernel", "bias", "scale"):
-            np.testing.assert_array_equal(weights.torch_layout_inverse(leaf, weights.torch_layout(leaf, a)), a)
+            np.testing.assert_array_equal(
+                weights.torch_layout_inverse(leaf, weights.torch_layout(leaf, a)), a
+            )

@@ -11,12 +11,26 @@ import pytest
 from flax import traverse_util
 
 from scflow_jax.models import weights
-from scflow_jax.models.vae import VAE, DiagonalGaussian, VAEConfig, load_vae, rename_legacy_attention_keys
+from scflow_jax.models.vae import (
+    VAE,
+    DiagonalGaussian,
+    VAEConfig,
+    load_vae,
+    rename_legacy_attention_keys,
+)
 
 # Two levels (one downsample), 8/16 channels, one resnet per level: a few thousand parameters.
-TINY = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-            norm_num_groups=4, sample_size=16, down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2)
+TINY = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    norm_num_groups=4,
+    sample_size=16,
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+)
 PARITY_ATOL = 1e-4  # max abs error, float32
 
 
@@ -25,8 +39,12 @@ def _torch_vae(seed=0):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    model = AutoencoderKL(**{k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}).eval()
-    with torch.no_grad():  # diffusers zero-inits nothing here, but norms are 1/0: randomise every tensor
+    model = AutoencoderKL(
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}
+    ).eval()
+    with (
+        torch.no_grad()
+    ):  # diffusers zero-inits nothing here, but norms are 1/0: randomise every tensor
         for p in model.parameters():
             p.copy_(0.3 * torch.randn_like(p))
     return model
@@ -45,9 +63,15 @@ def _images(n=2, size=16, seed=0):
 
 
 def test_config_from_diffusers_dict():
-    d = {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512], "sample_size": 256,
-         "force_upcast": True, "latents_mean": None, "down_block_types": ["DownEncoderBlock2D"] * 4,
-         "up_block_types": ["UpDecoderBlock2D"] * 4}
+    d = {
+        "_class_name": "AutoencoderKL",
+        "block_out_channels": [128, 256, 512, 512],
+        "sample_size": 256,
+        "force_upcast": True,
+        "latents_mean": None,
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+    }
     cfg = VAEConfig.from_dict(d)
     assert cfg == VAEConfig(sample_size=256)
     assert cfg.scaling_factor == 0.18215 and cfg.downsample_factor == 8
@@ -68,21 +92,28 @@ def test_shapes_scaling_and_posterior():
     z = vae.images_to_latents(params, x)
     np.testing.assert_allclose(np.asarray(z), 0.18215 * np.asarray(mean), rtol=1e-6, atol=1e-7)
     rec = vae.latents_to_images(params, z)
-    np.testing.assert_allclose(np.asarray(rec), np.clip(np.asarray(vae.decode(params, mean)), -1, 1),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(rec), np.clip(np.asarray(vae.decode(params, mean)), -1, 1), rtol=1e-5, atol=1e-5
+    )
     assert rec.shape == x.shape and float(jnp.abs(rec).max()) <= 1.0
     # Posterior sample: mean + std * eps with the given key.
     post = DiagonalGaussian(mean, logvar)
     s1 = vae.images_to_latents(params, x, jax.random.PRNGKey(3))
     eps = jax.random.normal(jax.random.PRNGKey(3), mean.shape)
-    np.testing.assert_allclose(np.asarray(s1), 0.18215 * np.asarray(mean + post.std * eps), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(s1), 0.18215 * np.asarray(mean + post.std * eps), rtol=1e-5, atol=1e-6
+    )
     assert not np.allclose(np.asarray(s1), np.asarray(z))
     with pytest.raises(ValueError, match="NHWC"):
         vae.encode(params, jnp.zeros((1, 3, 16, 16)))
     # shift_factor (SD3-style VAEs) enters the same one place.
     shifted = VAE(VAEConfig(**TINY, shift_factor=0.5))
-    np.testing.assert_allclose(np.asarray(shifted.images_to_latents(params, x)),
-                               0.18215 * (np.asarray(mean) - 0.5), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(shifted.images_to_latents(params, x)),
+        0.18215 * (np.asarray(mean) - 0.5),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_bf16_and_remat_keep_the_tree():
@@ -92,8 +123,9 @@ def test_bf16_and_remat_keep_the_tree():
     ref = VAE(cfg).decode(params, VAE(cfg).encode(params, x).mean)
     remat = VAE(cfg, remat=True)
     assert jax.tree.structure(remat.param_shapes()) == jax.tree.structure(params)
-    np.testing.assert_allclose(np.asarray(remat.decode(params, remat.encode(params, x).mean)), np.asarray(ref),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(remat.decode(params, remat.encode(params, x).mean)), np.asarray(ref), atol=1e-5
+    )
     loss = lambda p: jnp.mean(remat.decode(p, jnp.ones((1, 8, 8, 4))) ** 2)
     grads = jax.grad(loss)(params)
     assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
@@ -116,7 +148,11 @@ def test_parity_with_diffusers(saved_vae):
         ref_mean = post.mean.numpy().transpose(0, 2, 3, 1)
         ref_logvar = post.logvar.numpy().transpose(0, 2, 3, 1)
         z = np.random.default_rng(1).normal(size=(2, 8, 8, 4)).astype(np.float32)
-        ref_dec = model.decode(torch.from_numpy(z.transpose(0, 3, 1, 2))).sample.numpy().transpose(0, 2, 3, 1)
+        ref_dec = (
+            model.decode(torch.from_numpy(z.transpose(0, 3, 1, 2)))
+            .sample.numpy()
+            .transpose(0, 2, 3, 1)
+        )
     mean, logvar = vae.encode(params, x)
     dec = vae.decode(params, z)
     assert np.max(np.abs(np.asarray(mean) - ref_mean)) <= PARITY_ATOL
@@ -131,7 +167,9 @@ def test_legacy_attention_names_load(saved_vae, tmp_path):
 
     model, folder = saved_vae
     _, params = load_vae(folder)
-    source = weights.read_safetensors(os.path.join(folder, "vae", "diffusion_pytorch_model.safetensors"))
+    source = weights.read_safetensors(
+        os.path.join(folder, "vae", "diffusion_pytorch_model.safetensors")
+    )
     legacy_names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
     legacy = {}
     for key, value in source.items():
@@ -165,9 +203,13 @@ def test_bin_and_fp16_variants(saved_vae, tmp_path):
     fp16_dir = tmp_path / "fp16"
     fp16_dir.mkdir()
     shutil.copy(os.path.join(folder, "vae", "config.json"), fp16_dir / "config.json")
-    source = weights.read_safetensors(os.path.join(folder, "vae", "diffusion_pytorch_model.safetensors"))
-    weights.write_safetensors(str(fp16_dir / "diffusion_pytorch_model.fp16.safetensors"),
-                              {k: np.asarray(v, np.float16) for k, v in source.items()})
+    source = weights.read_safetensors(
+        os.path.join(folder, "vae", "diffusion_pytorch_model.safetensors")
+    )
+    weights.write_safetensors(
+        str(fp16_dir / "diffusion_pytorch_model.fp16.safetensors"),
+        {k: np.asarray(v, np.float16) for k, v in source.items()},
+    )
     _, fp16_params = load_vae(str(fp16_dir))
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(fp16_params)):
         assert b.dtype == np.float32
@@ -183,7 +225,10 @@ def test_bad_folders(tmp_path):
     folder.mkdir()
     with pytest.raises(weights.WeightsError, match="config.json not found"):
         load_vae(str(folder))
-    config = {"_class_name": "AutoencoderKL", **{k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}}
+    config = {
+        "_class_name": "AutoencoderKL",
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()},
+    }
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(weights.WeightsError, match="diffusion_pytorch_model.safetensors"):
         load_vae(str(folder))
@@ -193,7 +238,9 @@ def test_bad_folders(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), b)
     # Config/weights mismatch: two resnets per level expected, one present -> the missing keys are named.
     (folder / "config.json").write_text(json.dumps({**config, "layers_per_block": 2}))
-    with pytest.raises(weights.WeightsError, match=r"missing key\(s\): decoder\.up_blocks\.0\.resnets\.2"):
+    with pytest.raises(
+        weights.WeightsError, match=r"missing key\(s\): decoder\.up_blocks\.0\.resnets\.2"
+    ):
         load_vae(str(folder))
     # Wider channels: shape mismatches named.
     (folder / "config.json").write_text(json.dumps({**config, "block_out_channels": [8, 32]}))

@@ -23,7 +23,9 @@ def _tensors():
 
 
 def test_safetensors_round_trip_matches_reference_library(tmp_path):
-    t = {k: v for k, v in _tensors().items() if v.dtype != ml_dtypes.bfloat16}  # reference numpy API lacks bf16
+    t = {
+        k: v for k, v in _tensors().items() if v.dtype != ml_dtypes.bfloat16
+    }  # reference numpy API lacks bf16
     ours = str(tmp_path / "ours.safetensors")
     W.write_safetensors(ours, t, metadata={"format": "pt"})
     loaded_by_reference = safetensors_numpy.load_file(ours)
@@ -93,16 +95,22 @@ def test_torch_state_dict_reader_refuses_pickled_code(tmp_path):
 
 
 def test_hf_style_key():
-    assert W.hf_style_key(("encoder", "layers_3", "self_attn", "q_proj", "kernel"), ["layers"]) == \
-        "encoder.layers.3.self_attn.q_proj.weight"
+    assert (
+        W.hf_style_key(("encoder", "layers_3", "self_attn", "q_proj", "kernel"), ["layers"])
+        == "encoder.layers.3.self_attn.q_proj.weight"
+    )
     assert W.hf_style_key(("conv_in", "bias")) == "conv_in.bias"
-    assert W.hf_style_key(("norm_1", "scale")) == "norm_1.weight"  # not a list module: underscore kept
+    assert (
+        W.hf_style_key(("norm_1", "scale")) == "norm_1.weight"
+    )  # not a list module: underscore kept
 
 
 def _expected():
     return {
-        "conv": {"kernel": jax.ShapeDtypeStruct((3, 3, 3, 8), np.float32),
-                 "bias": jax.ShapeDtypeStruct((8,), np.float32)},
+        "conv": {
+            "kernel": jax.ShapeDtypeStruct((3, 3, 3, 8), np.float32),
+            "bias": jax.ShapeDtypeStruct((8,), np.float32),
+        },
         "blocks_0": {"proj": {"kernel": jax.ShapeDtypeStruct((8, 5), np.float32)}},
         "blocks_1": {"norm": {"scale": jax.ShapeDtypeStruct((5,), np.float32)}},
     }
@@ -115,8 +123,12 @@ def _key(path):
 def test_assemble_transposes_and_casts():
     t = _tensors()
     params = W.assemble_params(_expected(), t, _key, what="toy")
-    np.testing.assert_array_equal(params["conv"]["kernel"], np.transpose(t["conv.weight"], (2, 3, 1, 0)))
-    np.testing.assert_array_equal(params["blocks_0"]["proj"]["kernel"], t["blocks.0.proj.weight"].T.astype(np.float32))
+    np.testing.assert_array_equal(
+        params["conv"]["kernel"], np.transpose(t["conv.weight"], (2, 3, 1, 0))
+    )
+    np.testing.assert_array_equal(
+        params["blocks_0"]["proj"]["kernel"], t["blocks.0.proj.weight"].T.astype(np.float32)
+    )
     assert params["blocks_1"]["norm"]["scale"].dtype == np.float32
 
 
@@ -134,7 +146,9 @@ def test_assemble_reports_every_problem_by_name():
     assert "1 unexpected key(s): extra.weight" in msg
     # ignore_unused silences only what it names
     with pytest.raises(W.WeightsError) as e:
-        W.assemble_params(_expected(), t, _key, what="toy", ignore_unused=lambda k: k == "extra.weight")
+        W.assemble_params(
+            _expected(), t, _key, what="toy", ignore_unused=lambda k: k == "extra.weight"
+        )
     assert "unexpected" not in str(e.value)
 
 
@@ -142,7 +156,9 @@ def test_partial_load_only_when_allowed_and_uses_fallback():
     t = _tensors()
     del t["conv.bias"]
     fallback = jax.tree.map(lambda s: np.full(s.shape, 7.0, s.dtype), _expected())
-    params = W.assemble_params(_expected(), t, _key, what="toy", allow_partial=True, fallback=fallback)
+    params = W.assemble_params(
+        _expected(), t, _key, what="toy", allow_partial=True, fallback=fallback
+    )
     np.testing.assert_array_equal(params["conv"]["bias"], np.full((8,), 7.0, np.float32))
     with pytest.raises(W.WeightsError, match="fallback"):
         W.assemble_params(_expected(), t, _key, what="toy", allow_partial=True)

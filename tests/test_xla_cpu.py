@@ -1,4 +1,5 @@
 """scflow_jax.xla_cpu: the XLA:CPU flags are added only when safe and wanted, without a probe process."""
+
 import os
 import subprocess
 import sys
@@ -8,8 +9,12 @@ from scflow_jax import xla_cpu
 
 def _starts_a_cpu_backend(xla_flags: str) -> bool:
     env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu")
-    probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices('cpu')"], env=env,
-                           capture_output=True, timeout=300)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import jax; jax.devices('cpu')"],
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
     return probe.returncode == 0
 
 
@@ -41,4 +46,6 @@ def test_accelerator_only_runs_are_left_alone():
     env = {"JAX_PLATFORMS": "cuda", "XLA_FLAGS": "--a=1"}
     assert not xla_cpu.apply_defaults(env, series=(0, 10)) and env["XLA_FLAGS"] == "--a=1"
     env = {"JAX_PLATFORMS": "cuda,cpu"}
-    assert xla_cpu.apply_defaults(env, series=(0, 10)) and env["XLA_FLAGS"] == xla_cpu.YNN_FUSIONS_OFF
+    assert (
+        xla_cpu.apply_defaults(env, series=(0, 10)) and env["XLA_FLAGS"] == xla_cpu.YNN_FUSIONS_OFF
+    )

@@ -1,6 +1,7 @@
 """What the training steps do differently on several GPUs (xla_gpu.py): which meshes get synchronous
 collectives (the config field, and that the stages compile their step with them) and which gather FSDP
 parameters where a network runs (and that the stages' networks do)."""
+
 import types
 
 import jax
@@ -18,13 +19,18 @@ REFUSED = {"xla_gpu_disable_async_collectives": "NOT_A_COLLECTIVE"}
 
 def stub_mesh(platform: str, count: int, fsdp: int = 1):
     """What xla_gpu reads of a mesh, for platforms this machine does not have."""
-    return types.SimpleNamespace(shape={"data": count // fsdp, "fsdp": fsdp}, devices=np.array(
-        [types.SimpleNamespace(platform=platform) for _ in range(count)], dtype=object))
+    return types.SimpleNamespace(
+        shape={"data": count // fsdp, "fsdp": fsdp},
+        devices=np.array(
+            [types.SimpleNamespace(platform=platform) for _ in range(count)], dtype=object
+        ),
+    )
 
 
 def test_several_gpus_run_collectives_synchronously_unless_asked_to_overlap():
     assert xla_gpu.step_compiler_options(stub_mesh("gpu", 2)) == {
-        "xla_gpu_disable_async_collectives": "ALLREDUCE,REDUCESCATTER,ALLGATHER"}
+        "xla_gpu_disable_async_collectives": "ALLREDUCE,REDUCESCATTER,ALLGATHER"
+    }
     assert xla_gpu.step_compiler_options(stub_mesh("gpu", 8), overlap_collectives=True) is None
     assert xla_gpu.step_compiler_options(stub_mesh("gpu", 1)) is None  # no collectives to run
 
@@ -66,5 +72,7 @@ def test_the_teacher_stage_compiles_its_step_with_the_configs_options(monkeypatc
 def test_only_fsdp_meshes_of_several_gpus_gather_parameters_where_networks_run():
     assert xla_gpu.gathers_parameters_at_use(stub_mesh("gpu", 8, fsdp=4))
     assert not xla_gpu.gathers_parameters_at_use(stub_mesh("gpu", 8, fsdp=1))  # nothing is split
-    assert not xla_gpu.gathers_parameters_at_use(stub_mesh("tpu", 8, fsdp=8))  # XLA:TPU: more memory with it
-    assert not xla_gpu.gathers_parameters_at_use(sharding.make_mesh(1, 8, 8))   # CPU
+    assert not xla_gpu.gathers_parameters_at_use(
+        stub_mesh("tpu", 8, fsdp=8)
+    )  # XLA:TPU: more memory with it
+    assert not xla_gpu.gathers_parameters_at_use(sharding.make_mesh(1, 8, 8))  # CPU

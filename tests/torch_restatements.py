@@ -9,6 +9,7 @@ tests. Independent of the Flax code.
   (equalized learning rate, [1, 3, 3, 1] low-pass before every 2x downsampling, minibatch-stddev epilogue,
   unconditional), with its blur written the way PyTorch code writes it: a depthwise convolution.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,6 +22,7 @@ from torch.nn import functional as F
 if TYPE_CHECKING:  # the ADM modules read an ADMConfig's fields; nothing else of scflow_jax is used
     from scflow_jax.models.unet_adm import ADMConfig
 
+
 def _t_embedding(t, dim):
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
@@ -32,11 +34,18 @@ class TResBlock(tnn.Module):
     def __init__(self, ch, emb_ch, out_ch, cfg, up=False, down=False):
         super().__init__()
         self.scale_shift, self.up, self.down = cfg.use_scale_shift_norm, up, down
-        self.in_layers = tnn.Sequential(tnn.GroupNorm(cfg.num_groups, ch), tnn.SiLU(),
-                                        tnn.Conv2d(ch, out_ch, 3, padding=1))
-        self.emb_layers = tnn.Sequential(tnn.SiLU(), tnn.Linear(emb_ch, out_ch * (2 if self.scale_shift else 1)))
-        self.out_layers = tnn.Sequential(tnn.GroupNorm(cfg.num_groups, out_ch), tnn.SiLU(), tnn.Dropout(0.0),
-                                         tnn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.in_layers = tnn.Sequential(
+            tnn.GroupNorm(cfg.num_groups, ch), tnn.SiLU(), tnn.Conv2d(ch, out_ch, 3, padding=1)
+        )
+        self.emb_layers = tnn.Sequential(
+            tnn.SiLU(), tnn.Linear(emb_ch, out_ch * (2 if self.scale_shift else 1))
+        )
+        self.out_layers = tnn.Sequential(
+            tnn.GroupNorm(cfg.num_groups, out_ch),
+            tnn.SiLU(),
+            tnn.Dropout(0.0),
+            tnn.Conv2d(out_ch, out_ch, 3, padding=1),
+        )
         self.skip_connection = tnn.Identity() if ch == out_ch else tnn.Conv2d(ch, out_ch, 1)
 
     def _resample(self, x):
@@ -112,12 +121,19 @@ class TorchADM(tnn.Module):
         super().__init__()
         mc, emb_ch = cfg.model_channels, 4 * cfg.model_channels
         self.cfg = cfg
-        self.time_embed = tnn.Sequential(tnn.Linear(mc, emb_ch), tnn.SiLU(), tnn.Linear(emb_ch, emb_ch))
+        self.time_embed = tnn.Sequential(
+            tnn.Linear(mc, emb_ch), tnn.SiLU(), tnn.Linear(emb_ch, emb_ch)
+        )
         if cfg.num_classes is not None:
             self.label_emb = tnn.Embedding(cfg.num_classes, emb_ch)
-        heads_down = lambda c: c // cfg.num_head_channels if cfg.num_head_channels else cfg.num_heads
-        heads_up = lambda c: (c // cfg.num_head_channels if cfg.num_head_channels
-                              else cfg.num_heads_upsample or cfg.num_heads)
+        heads_down = lambda c: (
+            c // cfg.num_head_channels if cfg.num_head_channels else cfg.num_heads
+        )
+        heads_up = lambda c: (
+            c // cfg.num_head_channels
+            if cfg.num_head_channels
+            else cfg.num_heads_upsample or cfg.num_heads
+        )
         ch = mc * cfg.channel_mult[0]
         self.input_blocks = tnn.ModuleList([TSeq(tnn.Conv2d(cfg.in_channels, ch, 3, padding=1))])
         chans, ds = [ch], 1
@@ -130,12 +146,20 @@ class TorchADM(tnn.Module):
                 self.input_blocks.append(TSeq(*layers))
                 chans.append(ch)
             if level != len(cfg.channel_mult) - 1:
-                self.input_blocks.append(TSeq(TResBlock(ch, emb_ch, ch, cfg, down=True) if cfg.resblock_updown
-                                              else TDown(ch, cfg.conv_resample)))
+                self.input_blocks.append(
+                    TSeq(
+                        TResBlock(ch, emb_ch, ch, cfg, down=True)
+                        if cfg.resblock_updown
+                        else TDown(ch, cfg.conv_resample)
+                    )
+                )
                 chans.append(ch)
                 ds *= 2
-        self.middle_block = TSeq(TResBlock(ch, emb_ch, ch, cfg), TAttention(ch, heads_down(ch), cfg),
-                                 TResBlock(ch, emb_ch, ch, cfg))
+        self.middle_block = TSeq(
+            TResBlock(ch, emb_ch, ch, cfg),
+            TAttention(ch, heads_down(ch), cfg),
+            TResBlock(ch, emb_ch, ch, cfg),
+        )
         self.output_blocks = tnn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
@@ -144,12 +168,18 @@ class TorchADM(tnn.Module):
                 if ds in cfg.attention_resolutions:
                     layers.append(TAttention(ch, heads_up(ch), cfg))
                 if level and i == cfg.num_res_blocks:
-                    layers.append(TResBlock(ch, emb_ch, ch, cfg, up=True) if cfg.resblock_updown
-                                  else TUp(ch, cfg.conv_resample))
+                    layers.append(
+                        TResBlock(ch, emb_ch, ch, cfg, up=True)
+                        if cfg.resblock_updown
+                        else TUp(ch, cfg.conv_resample)
+                    )
                     ds //= 2
                 self.output_blocks.append(TSeq(*layers))
-        self.out = tnn.Sequential(tnn.GroupNorm(cfg.num_groups, ch), tnn.SiLU(),
-                                  tnn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.out = tnn.Sequential(
+            tnn.GroupNorm(cfg.num_groups, ch),
+            tnn.SiLU(),
+            tnn.Conv2d(ch, cfg.out_channels, 3, padding=1),
+        )
 
     def forward(self, t, x, y=None):  # LFM's call order
         emb = self.time_embed(_t_embedding(t, self.cfg.model_channels))
@@ -194,7 +224,9 @@ class TEqualizedConv(tnn.Module):
     def forward(self, x):
         w = self.weight * self.scale
         if self.down == 2:
-            p = (4 - 2) + (self.k - 1)  # total padding that makes blur + stride-2 conv halve H and W
+            p = (4 - 2) + (
+                self.k - 1
+            )  # total padding that makes blur + stride-2 conv halve H and W
             x = F.conv2d(F.pad(x, ((p + 1) // 2, p // 2) * 2), self.blur, groups=x.shape[1])
             x = F.conv2d(x, w, self.bias, stride=2)
         else:
@@ -248,7 +280,9 @@ class TorchStyleGANDiscriminator(tnn.Module):
         self.blocks = tnn.ModuleDict()
         res = resolution
         while res >= 8:
-            self.blocks[f"b{res}"] = TDiscriminatorBlock(channels(res), channels(res), channels(res // 2))
+            self.blocks[f"b{res}"] = TDiscriminatorBlock(
+                channels(res), channels(res), channels(res // 2)
+            )
             res //= 2
         c4 = channels(4)
         self.b4_conv = TEqualizedConv(c4 + 1, c4, 3)

@@ -3,6 +3,7 @@
 Ships inside the scikit-learn wheel, so nothing is downloaded. Each image is captioned
 "a handwritten digit <name>"; the empty prompt is the null condition for guidance.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,8 +31,8 @@ def vocabulary() -> list[str]:
 
 @dataclasses.dataclass
 class DigitsSplit:
-    train_images: np.ndarray   # [N, 8, 8, 1] float32 in [-1, 1]
-    train_labels: np.ndarray   # [N] int32
+    train_images: np.ndarray  # [N, 8, 8, 1] float32 in [-1, 1]
+    train_labels: np.ndarray  # [N] int32
     heldout_images: np.ndarray
     heldout_labels: np.ndarray
 
@@ -50,5 +51,5 @@ def load_digits_split(heldout_fraction: float = 0.2, seed: int = 0) -> DigitsSpl
     for c in range(NUM_CLASSES):
         idx = np.flatnonzero(labels == c)
         rng.shuffle(idx)
-        heldout[idx[:int(round(heldout_fraction * len(idx)))]] = True
+        heldout[idx[: int(round(heldout_fraction * len(idx)))]] = True
     return DigitsSplit(images[~heldout], labels[~heldout], images[heldout], labels[heldout])

@@ -22,6 +22,7 @@ image. The two are not identical, since the VAE's convolutions are not mirror-sy
 decodes to (nearly) the mirrored image and is a latent the decoder understands; it halves preparation time and
 storage compared with storing a second, flipped posterior. Pass ``hflip=False`` where exactness matters.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,12 +56,15 @@ def read_metadata(data_dir: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{path} not found: {data_dir} is not a prepared dataset (or its preparation did not finish; rerun "
-            f"`python -m scflow_jax.data.prepare` with the same flags to complete it)")
+            f"`python -m scflow_jax.data.prepare` with the same flags to complete it)"
+        )
     with open(path) as f:
         metadata = json.load(f)
     if metadata.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version={metadata.get('format_version')!r}, this reader understands "
-                         f"{FORMAT_VERSION}")
+        raise ValueError(
+            f"{path}: format_version={metadata.get('format_version')!r}, this reader understands "
+            f"{FORMAT_VERSION}"
+        )
     if metadata.get("kind") not in KINDS:
         raise ValueError(f"{path}: kind={metadata.get('kind')!r}, expected one of {KINDS}")
     return metadata
@@ -78,11 +82,15 @@ class LatentDataset:
         paths = [os.path.join(data_dir, shard_name(i, n)) for i in range(n)]
         missing = [os.path.basename(p) for p in paths if not os.path.isfile(p)]
         if missing:
-            raise FileNotFoundError(f"{data_dir}: shards listed in {METADATA_FILE} are missing: {missing}")
+            raise FileNotFoundError(
+                f"{data_dir}: shards listed in {METADATA_FILE} are missing: {missing}"
+            )
         self._source = grain.ArrayRecordDataSource(paths)
         if len(self._source) != self.metadata["num_examples"]:
-            raise ValueError(f"{data_dir}: the shards hold {len(self._source)} records but {METADATA_FILE} says "
-                             f"num_examples={self.metadata['num_examples']}")
+            raise ValueError(
+                f"{data_dir}: the shards hold {len(self._source)} records but {METADATA_FILE} says "
+                f"num_examples={self.metadata['num_examples']}"
+            )
 
     def __len__(self) -> int:
         return len(self._source)
@@ -106,17 +114,27 @@ class LatentBatches:
     are exactly the global batch a single process would load.
     """
 
-    def __init__(self, data_dir: str, global_batch: int, seed: int, *, hflip: bool = True,
-                 process_rows: np.ndarray | None = None):
+    def __init__(
+        self,
+        data_dir: str,
+        global_batch: int,
+        seed: int,
+        *,
+        hflip: bool = True,
+        process_rows: np.ndarray | None = None,
+    ):
         import jax
 
         self.dataset = LatentDataset(data_dir)
         self.metadata = self.dataset.metadata
         if process_rows is None and global_batch % jax.process_count():
-            raise ValueError(f"global batch {global_batch} is not divisible by the number of processes "
-                             f"({jax.process_count()})")
-        self._order = InMemoryBatches({"index": np.arange(len(self.dataset))}, global_batch, seed,
-                                      process_rows=process_rows)
+            raise ValueError(
+                f"global batch {global_batch} is not divisible by the number of processes "
+                f"({jax.process_count()})"
+            )
+        self._order = InMemoryBatches(
+            {"index": np.arange(len(self.dataset))}, global_batch, seed, process_rows=process_rows
+        )
         self.global_batch = global_batch
         self.num_examples = self._order.num_examples
         self.steps_per_epoch = self._order.steps_per_epoch
@@ -135,7 +153,9 @@ class LatentBatches:
         images, conds = [], []
         for index, record in zip(indices, self.dataset.get_many(indices)):
             rng = np.random.default_rng([self.seed, step, int(index)])
-            flip = bool(rng.integers(2)) and self.hflip  # always drawn, so eps does not depend on hflip
+            flip = (
+                bool(rng.integers(2)) and self.hflip
+            )  # always drawn, so eps does not depend on hflip
             eps = rng.standard_normal(self.latent_shape, dtype=np.float32)
             mean = record["mean"].astype(np.float32)
             std = record["std"].astype(np.float32)

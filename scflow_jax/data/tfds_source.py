@@ -14,6 +14,7 @@ Items are the split's records in file order (fixed when the dataset was built), 
 text has the smallest SHA-256 digest, a choice that depends on the captions alone, not on their
 order or on the example's position; an example with none is skipped as ``missing_caption``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,42 +51,59 @@ def _versions(folder: str) -> list[str]:
 
     if not os.path.isdir(folder):
         return []
-    found = [v for v in os.listdir(folder) if tfds.core.Version.is_valid(v)
-             and os.path.isfile(os.path.join(folder, v, "dataset_info.json"))]
+    found = [
+        v
+        for v in os.listdir(folder)
+        if tfds.core.Version.is_valid(v)
+        and os.path.isfile(os.path.join(folder, v, "dataset_info.json"))
+    ]
     return sorted(found, key=tfds.core.Version)
 
 
 def _subfolders(folder: str) -> list[str]:
-    return sorted(n for n in os.listdir(folder) if os.path.isdir(os.path.join(folder, n))
-                  and not n.startswith(("incomplete.", ".")) and n != "downloads")
+    return sorted(
+        n
+        for n in os.listdir(folder)
+        if os.path.isdir(os.path.join(folder, n))
+        and not n.startswith(("incomplete.", "."))
+        and n != "downloads"
+    )
 
 
 def dataset_version_dir(data_dir: str, name: str, config: Optional[str]) -> str:
     """``data_dir/name[/config]/<newest version>``, or an error naming what ``data_dir`` holds."""
     where = f"{option('tfds_data_dir')}={data_dir}"
     if not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"{where} does not exist (it is the folder `tfds build --data_dir` "
-                                f"wrote to)")
+        raise FileNotFoundError(
+            f"{where} does not exist (it is the folder `tfds build --data_dir` wrote to)"
+        )
     root = os.path.join(data_dir, name)
     if not os.path.isdir(root):
-        raise ValueError(f"{where} has no TFDS dataset {name!r}; it holds: "
-                         f"{_subfolders(data_dir) or 'nothing'}")
+        raise ValueError(
+            f"{where} has no TFDS dataset {name!r}; it holds: {_subfolders(data_dir) or 'nothing'}"
+        )
     configs = [c for c in _subfolders(root) if _versions(os.path.join(root, c))]
     if config is None:
         if not _versions(root) and configs:
-            raise ValueError(f"TFDS dataset {name!r} in {data_dir} has configs {configs}: name "
-                             f"one in {option('input')}, e.g. tfds:{name}/{configs[0]}")
+            raise ValueError(
+                f"TFDS dataset {name!r} in {data_dir} has configs {configs}: name "
+                f"one in {option('input')}, e.g. tfds:{name}/{configs[0]}"
+            )
         folder = root
     else:
         if config not in configs:
-            raise ValueError(f"TFDS dataset {name!r} in {data_dir} has no config {config!r}; its "
-                             f"configs: {configs or 'none (use tfds:' + name + ')'}")
+            raise ValueError(
+                f"TFDS dataset {name!r} in {data_dir} has no config {config!r}; its "
+                f"configs: {configs or 'none (use tfds:' + name + ')'}"
+            )
         folder = os.path.join(root, config)
     versions = _versions(folder)
     if not versions:
-        raise ValueError(f"{folder} holds no finished TFDS build (a version folder with "
-                         f"dataset_info.json); build it with `tfds build {name} "
-                         f"--data_dir={data_dir} --file_format=array_record`")
+        raise ValueError(
+            f"{folder} holds no finished TFDS build (a version folder with "
+            f"dataset_info.json); build it with `tfds build {name} "
+            f"--data_dir={data_dir} --file_format=array_record`"
+        )
     return os.path.join(folder, versions[-1])
 
 
@@ -110,9 +128,12 @@ def _is_string(feature) -> bool:
     encoder (whose values are token ids)."""
     import tensorflow_datasets as tfds
 
-    return (isinstance(feature, tfds.features.Tensor) and feature.shape == ()
-            and np.dtype(feature.np_dtype) == np.object_
-            and getattr(feature, "encoder", None) is None)
+    return (
+        isinstance(feature, tfds.features.Tensor)
+        and feature.shape == ()
+        and np.dtype(feature.np_dtype) == np.object_
+        and getattr(feature, "encoder", None) is None
+    )
 
 
 def _describe(feature, depth: int) -> str:
@@ -124,8 +145,9 @@ def _describe(feature, depth: int) -> str:
 
 def _lookup(paths: dict, key: str, field: str, spec: str):
     if key not in paths:
-        raise ValueError(f"{spec} has no feature {key!r} ({option(field)}); its features: "
-                         f"{sorted(paths)}")
+        raise ValueError(
+            f"{spec} has no feature {key!r} ({option(field)}); its features: {sorted(paths)}"
+        )
     return paths[key]
 
 
@@ -175,8 +197,9 @@ def _decode_or_explain(parser, record: bytes, decoders, key: str, feature, depth
         ) from None
 
 
-def tfds_source(spec: str, data_dir: Optional[str], image_key: str, caption_key: str,
-                need_captions: bool) -> Source:
+def tfds_source(
+    spec: str, data_dir: Optional[str], image_key: str, caption_key: str, need_captions: bool
+) -> Source:
     import tensorflow_datasets as tfds
 
     name, config, split = parse_spec(spec)
@@ -193,27 +216,37 @@ def tfds_source(spec: str, data_dir: Optional[str], image_key: str, caption_key:
             f"`tfds convert_format --dataset_version_dir={version_dir} "
             f"--out_file_format=array_record` (reading "
             f"tfrecord needs TensorFlow: {TENSORFLOW_EXTRA}), or rebuild it with "
-            f"`tfds build {name} --file_format=array_record`")
+            f"`tfds build {name} --file_format=array_record`"
+        )
     base_split = split.split("[", 1)[0]
     if base_split not in info.splits:
-        raise ValueError(f"{spec}: TFDS dataset {info.full_name} has no split {base_split!r}; its "
-                         f"splits: {sorted(info.splits)}")
+        raise ValueError(
+            f"{spec}: TFDS dataset {info.full_name} has no split {base_split!r}; its "
+            f"splits: {sorted(info.splits)}"
+        )
 
     paths = _feature_paths(info.features)
     image_path, image_feature, image_depth = _lookup(paths, image_key, "image_column", spec)
     if not isinstance(image_feature, tfds.features.Image) or image_depth:
-        raise ValueError(f"{spec}: feature {image_key!r} ({option('image_column')}) is "
-                         f"{_describe(image_feature, image_depth)}, not a tfds.features.Image")
+        raise ValueError(
+            f"{spec}: feature {image_key!r} ({option('image_column')}) is "
+            f"{_describe(image_feature, image_depth)}, not a tfds.features.Image"
+        )
     if np.dtype(image_feature.np_dtype) != np.uint8:
-        raise ValueError(f"{spec}: feature {image_key!r} holds {image_feature.np_dtype} images; "
-                         f"prepare_data reads 8-bit images")
+        raise ValueError(
+            f"{spec}: feature {image_key!r} holds {image_feature.np_dtype} images; "
+            f"prepare_data reads 8-bit images"
+        )
     try:
         records = builder.as_data_source(
-            split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+            split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
+        )
         num_items = len(records)  # a reversed slice (train[4:2]) fails only here
     except ValueError as e:
-        raise ValueError(f"{option('input')}={spec}: split {split!r} is not a valid slice of "
-                         f"{sorted(info.splits)}: {e}") from None
+        raise ValueError(
+            f"{option('input')}={spec}: split {split!r} is not a valid slice of "
+            f"{sorted(info.splits)}: {e}"
+        ) from None
     if not num_items:
         raise ValueError(f"{option('input')}={spec}: the split has no examples")
     keys = [f"{split}[{i}]" for i in range(num_items)]
@@ -224,15 +257,19 @@ def tfds_source(spec: str, data_dir: Optional[str], image_key: str, caption_key:
     if need_captions:
         caption_path, caption_feature, depth = _lookup(paths, caption_key, "caption_column", spec)
         if not _is_string(caption_feature) or depth > 1:
-            raise ValueError(f"{spec}: feature {caption_key!r} ({option('caption_column')}) is "
-                             f"{_describe(caption_feature, depth)}; captions are a string feature "
-                             f"(Text, np.str_) or a Sequence of them (one is chosen per image)")
+            raise ValueError(
+                f"{spec}: feature {caption_key!r} ({option('caption_column')}) is "
+                f"{_describe(caption_feature, depth)}; captions are a string feature "
+                f"(Text, np.str_) or a Sequence of them (one is chosen per image)"
+            )
         parser = _parser(info.features, caption_path)
         for start in range(0, num_items, _READ_CHUNK):
-            for i, record in enumerate(records.__getitems__(
-                    range(start, min(start + _READ_CHUNK, num_items))), start):
-                example = _decode_or_explain(parser, record, None, caption_key, caption_feature,
-                                             depth, spec)
+            for i, record in enumerate(
+                records.__getitems__(range(start, min(start + _READ_CHUNK, num_items))), start
+            ):
+                example = _decode_or_explain(
+                    parser, record, None, caption_key, caption_feature, depth, spec
+                )
                 captions[i] = choose_caption(_get(example, caption_path))
 
     image_parser = _parser(info.features, image_path)
@@ -240,11 +277,22 @@ def tfds_source(spec: str, data_dir: Optional[str], image_key: str, caption_key:
 
     def fetch(indices):
         raw = records.__getitems__(list(indices))
-        return [_get(_decode_or_explain(image_parser, r, skip, image_key, image_feature, 0, spec),
-                     image_path) for r in raw]
+        return [
+            _get(
+                _decode_or_explain(image_parser, r, skip, image_key, image_feature, 0, spec),
+                image_path,
+            )
+            for r in raw
+        ]
 
-    keys, captions, rows, missing = keep_captioned(keys, captions, list(range(num_items)),
-                                                    need_captions)
-    return Source(f"TFDS {info.full_name} {split}", keys, captions,
-                  lambda idx: fetch([rows[i] for i in idx]),
-                  {"missing_caption": missing, "ignored_files": []}, origin)
+    keys, captions, rows, missing = keep_captioned(
+        keys, captions, list(range(num_items)), need_captions
+    )
+    return Source(
+        f"TFDS {info.full_name} {split}",
+        keys,
+        captions,
+        lambda idx: fetch([rows[i] for i in idx]),
+        {"missing_caption": missing, "ignored_files": []},
+        origin,
+    )

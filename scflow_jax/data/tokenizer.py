@@ -4,6 +4,7 @@ It mirrors the CLIP tokenizer's framing (start token, end token, then padding wi
 token up to a fixed length) so the same text encoder code serves both; real checkpoints use
 transformers' CLIPTokenizer loaded from a local folder instead.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -31,11 +32,14 @@ class WordTokenizer:
             words = prompt.lower().split()
             unknown = [w for w in words if w not in self.vocab]
             if unknown:
-                raise ValueError(f"prompt {prompt!r} has words outside the tokenizer's "
-                                 f"vocabulary: {unknown}")
+                raise ValueError(
+                    f"prompt {prompt!r} has words outside the tokenizer's vocabulary: {unknown}"
+                )
             ids = [self.bos_token_id] + [self.vocab[w] for w in words] + [self.eos_token_id]
             if len(ids) > self.max_length:
-                raise ValueError(f"prompt {prompt!r} needs {len(ids)} tokens, more than "
-                                 f"max_length={self.max_length}")
-            out[row, :len(ids)] = ids
+                raise ValueError(
+                    f"prompt {prompt!r} needs {len(ids)} tokens, more than "
+                    f"max_length={self.max_length}"
+                )
+            out[row, : len(ids)] = ids
         return out

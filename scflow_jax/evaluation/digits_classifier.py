@@ -14,6 +14,7 @@ Images are NHWC ``[B, 8, 8, 1]`` floats in ``[-1, 1]`` (``pixels / 16 * 2 - 1`` 
 axis. "params" below always means the full Flax variables dict ``{"params": ...}``
 returned by ``DigitClassifier.init``, usable directly with ``DigitClassifier.apply``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -146,7 +147,9 @@ _ADAM = optax.scale_by_adam()
 # per feature_dim / batch / dataset shape). On XLA:CPU a lax.scan over the steps
 # runs these convolutions an order of magnitude slower than separate step calls.
 @functools.partial(jax.jit, static_argnums=0)
-def _train_step(feature_dim, params, opt_state, data_x, data_y, batch_idx, noise_key, step, rate, noise_std):
+def _train_step(
+    feature_dim, params, opt_state, data_x, data_y, batch_idx, noise_key, step, rate, noise_std
+):
     model = DigitClassifier(feature_dim=feature_dim)
     x = data_x[batch_idx]
     y = data_y[batch_idx]
@@ -187,7 +190,9 @@ def train_digit_classifier(
     if num == 0:
         raise ValueError("train_digit_classifier needs at least one training image, got 0")
     if steps < 1 or batch_size < 1:
-        raise ValueError(f"steps and batch_size must be positive, got steps={steps}, batch_size={batch_size}")
+        raise ValueError(
+            f"steps and batch_size must be positive, got steps={steps}, batch_size={batch_size}"
+        )
     lo, hi = float(images.min()), float(images.max())
     if lo < -1.001 or hi > 1.001 or not np.isfinite(images).all():
         raise ValueError(
@@ -212,8 +217,16 @@ def train_digit_classifier(
     losses = []
     for step in range(steps):
         params, opt_state, loss = _train_step(
-            feature_dim, params, opt_state, data_x, data_y, indices[step],
-            noise_key, np.int32(step), rates[step], noise,
+            feature_dim,
+            params,
+            opt_state,
+            data_x,
+            data_y,
+            indices[step],
+            noise_key,
+            np.int32(step),
+            rates[step],
+            noise,
         )
         losses.append(loss)
     losses = np.asarray(jax.device_get(losses))
@@ -224,7 +237,9 @@ def train_digit_classifier(
 
 
 # ---------------------------------------------------------------------- inference
-def classify(params: Mapping[str, Any], images: Any, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+def classify(
+    params: Mapping[str, Any], images: Any, batch_size: int = 1000
+) -> tuple[np.ndarray, np.ndarray]:
     """Logits [N, 10] and features [N, feature_dim] (NumPy float32) for every image.
 
     Runs a jitted forward pass in batches of ``batch_size``; the ragged last batch
@@ -252,7 +267,9 @@ def classify(params: Mapping[str, Any], images: Any, batch_size: int = 1000) -> 
     return np.concatenate(logits_out, axis=0), np.concatenate(features_out, axis=0)
 
 
-def reference_statistics(params: Mapping[str, Any], real_images: Any) -> tuple[np.ndarray, np.ndarray]:
+def reference_statistics(
+    params: Mapping[str, Any], real_images: Any
+) -> tuple[np.ndarray, np.ndarray]:
     """Feature mean [D] and covariance [D, D] (float64) of real images, for ``digit_metrics``."""
     _, features = classify(params, real_images)
     return feature_statistics(features)
@@ -316,9 +333,17 @@ def load_or_train_classifier(
     """
     images = _as_images(images)
     labels = _as_labels(labels, images.shape[0])
-    unknown = set(train_kwargs) - {"steps", "batch_size", "learning_rate", "noise_std", "feature_dim"}
+    unknown = set(train_kwargs) - {
+        "steps",
+        "batch_size",
+        "learning_rate",
+        "noise_std",
+        "feature_dim",
+    }
     if unknown:
-        raise TypeError(f"load_or_train_classifier got unexpected keyword argument(s) {sorted(unknown)}")
+        raise TypeError(
+            f"load_or_train_classifier got unexpected keyword argument(s) {sorted(unknown)}"
+        )
     config = {
         "seed": int(seed),
         "steps": int(train_kwargs.get("steps", 1500)),
@@ -342,14 +367,21 @@ def load_or_train_classifier(
         if meta is not None:
             stale = {k: (meta.get(k), v) for k, v in config.items() if meta.get(k) != v}
             if stale:
-                reason = "cached classifier was trained with a different configuration: " + ", ".join(
-                    f"{k}={old!r} (now {new!r})" if k != "data_sha256" else "different training data"
-                    for k, (old, new) in stale.items()
+                reason = (
+                    "cached classifier was trained with a different configuration: "
+                    + ", ".join(
+                        f"{k}={old!r} (now {new!r})"
+                        if k != "data_sha256"
+                        else "different training data"
+                        for k, (old, new) in stale.items()
+                    )
                 )
         if reason is None:
             template = _init_variables(config["seed"], config["feature_dim"])
             try:
-                params = flax.serialization.from_bytes(template, epath.Path(weights_path).read_bytes())
+                params = flax.serialization.from_bytes(
+                    template, epath.Path(weights_path).read_bytes()
+                )
                 return jax.device_get(params)
             except Exception as err:  # corrupt / incompatible file: retrain below
                 reason = f"could not load {weights_path}: {err}"
@@ -371,7 +403,13 @@ def load_or_train_classifier(
     train_accuracy = float(np.mean(np.argmax(logits, axis=-1) == labels))
 
     monitoring.write_bytes_atomic(weights_path, flax.serialization.to_bytes(params))
-    meta = dict(config, train_accuracy=train_accuracy, num_train=int(images.shape[0]),
-                train_seconds=round(train_seconds, 3))
-    monitoring.write_bytes_atomic(meta_path, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    meta = dict(
+        config,
+        train_accuracy=train_accuracy,
+        num_train=int(images.shape[0]),
+        train_seconds=round(train_seconds, 3),
+    )
+    monitoring.write_bytes_atomic(
+        meta_path, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    )
     return params

@@ -10,6 +10,7 @@ assigns to the prompted digit (the analogue of CLIP score).
 Every row uses the same initial noise: sample i is drawn from ``fold_in(key, i)``, so a
 row's numbers do not depend on the batch size or the number of devices.
 """
+
 from __future__ import annotations
 
 import functools
@@ -42,13 +43,30 @@ def prompted_labels(num_samples: int) -> np.ndarray:
 @functools.lru_cache(maxsize=8)
 def _sampler(task, guidance: float):
     """One compiled program per guidance scale; the step count is a traced argument."""
-    return jax.jit(lambda params, z1, cond, null, num_steps: sampling.sample(
-        task.velocity_fn, params, z1, cond, num_steps=num_steps, null_cond=null,
-        guidance=guidance))
+    return jax.jit(
+        lambda params, z1, cond, null, num_steps: sampling.sample(
+            task.velocity_fn,
+            params,
+            z1,
+            cond,
+            num_steps=num_steps,
+            null_cond=null,
+            guidance=guidance,
+        )
+    )
 
 
-def generate(task, params, noise: np.ndarray, labels: np.ndarray, *, num_steps: int,
-             guidance: float, batch_size: int, mesh) -> np.ndarray:
+def generate(
+    task,
+    params,
+    noise: np.ndarray,
+    labels: np.ndarray,
+    *,
+    num_steps: int,
+    guidance: float,
+    batch_size: int,
+    mesh,
+) -> np.ndarray:
     """Runs the sampler over all samples in sharded batches; a ragged last batch is padded
     and the padding dropped, so exactly ``len(noise)`` samples come back.
 
@@ -58,12 +76,12 @@ def generate(task, params, noise: np.ndarray, labels: np.ndarray, *, num_steps: 
     null = sharding.put_replicated(jnp.asarray(task.null_cond), mesh)
     out = []
     for start in range(0, len(noise), batch_size):
-        z1 = noise[start:start + batch_size]
-        cond = task.conditions(labels[start:start + batch_size])
+        z1 = noise[start : start + batch_size]
+        cond = task.conditions(labels[start : start + batch_size])
         batch = sharding.pad_batch({"z1": z1, "cond": cond}, batch_size)
         batch = sharding.shard_global_batch(batch, mesh)
         images = run(params, batch["z1"], batch["cond"], null, jnp.int32(num_steps))
-        out.append(sharding.to_host(images)[:len(z1)])
+        out.append(sharding.to_host(images)[: len(z1)])
     return np.concatenate(out)
 
 
@@ -92,12 +110,17 @@ def evaluate(config, workdir: str, task) -> list[dict]:
     if not models:
         raise FileNotFoundError(
             f"nothing to evaluate: no teacher parameters at {teacher_path} and no student at "
-            f"{student_path}; run --mode=train_teacher / --mode=distill first")
+            f"{student_path}; run --mode=train_teacher / --mode=distill first"
+        )
 
     out_dir = layout.eval_dir(workdir)
     classifier = digits_classifier.load_or_train_classifier(
-        os.path.join(out_dir, "classifier"), task.train["image"], task.train["label"],
-        seed=config.seed, steps=cfg.classifier_steps)
+        os.path.join(out_dir, "classifier"),
+        task.train["image"],
+        task.train["label"],
+        seed=config.seed,
+        steps=cfg.classifier_steps,
+    )
     reference = digits_classifier.reference_statistics(classifier, task.heldout_images)
     noise = per_sample_noise(config.seed, cfg.num_samples, task.image_shape)
     labels = prompted_labels(cfg.num_samples)
@@ -112,18 +135,32 @@ def evaluate(config, workdir: str, task) -> list[dict]:
 
     rows = []
     for name, params, steps, guidance in plan:
-        images = generate(task, params, noise, labels, num_steps=steps, guidance=guidance,
-                          batch_size=cfg.batch_size, mesh=mesh)
+        images = generate(
+            task,
+            params,
+            noise,
+            labels,
+            num_steps=steps,
+            guidance=guidance,
+            batch_size=cfg.batch_size,
+            mesh=mesh,
+        )
         metrics = digits_classifier.digit_metrics(classifier, images, labels, reference)
-        row = {"model": name, "sampler": "euler", "steps": int(steps), "cfg": guidance,
-               **metrics}
+        row = {"model": name, "sampler": "euler", "steps": int(steps), "cfg": guidance, **metrics}
         rows.append(row)
         if monitoring.is_main_process():
-            monitoring.save_png(os.path.join(
-                out_dir, "grids", f"{name}_euler_{steps}steps_cfg{guidance:g}.png"),
-                _grid(images, labels, cfg.grid_per_digit))
-        logging.info("[evaluate] %s euler %d steps cfg %.2f: FD %.4f, accuracy %.4f", name,
-                     steps, guidance, metrics["fd"], metrics["accuracy"])
+            monitoring.save_png(
+                os.path.join(out_dir, "grids", f"{name}_euler_{steps}steps_cfg{guidance:g}.png"),
+                _grid(images, labels, cfg.grid_per_digit),
+            )
+        logging.info(
+            "[evaluate] %s euler %d steps cfg %.2f: FD %.4f, accuracy %.4f",
+            name,
+            steps,
+            guidance,
+            metrics["fd"],
+            metrics["accuracy"],
+        )
     if monitoring.is_main_process():
         monitoring.write_json_atomic(layout.results_path(workdir), rows)
         print(format_table(rows), flush=True)
@@ -132,4 +169,3 @@ def evaluate(config, workdir: str, task) -> list[dict]:
 
 def is_done(workdir: str) -> bool:
     return epath.Path(layout.results_path(workdir)).is_file()
-

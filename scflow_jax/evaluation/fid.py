@@ -15,6 +15,7 @@ The pieces, each usable alone:
 
 Statistics files are pytorch-fid's ``.npz`` (``mu``, ``sigma``), read and written by ``frechet.py``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -52,6 +53,7 @@ IMAGE_EXTENSIONS = frozenset({"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", 
 # --------------------------------------------------------------------------------------------------------------------
 # Sharded feature extraction
 
+
 class FeatureExtractor:
     """``extractor(images) -> [N, D] float32 features`` on host, computed ``batch_size`` images at a time.
 
@@ -61,15 +63,25 @@ class FeatureExtractor:
     gathered to every process.
     """
 
-    def __init__(self, apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, mesh: jax.sharding.Mesh,
-                 batch_size: int, *, field: str = "batch_size"):
+    def __init__(
+        self,
+        apply_fn: Callable[[Any, jax.Array], jax.Array],
+        params: Any,
+        mesh: jax.sharding.Mesh,
+        batch_size: int,
+        *,
+        field: str = "batch_size",
+    ):
         self.batch_size = int(batch_size)
         sharding.check_global_batch(self.batch_size, mesh, field)
         self._mesh = mesh
         batch_sharding = sharding.batch_sharding(mesh)
         self._params = sharding.put_replicated(params, mesh)
-        self._fn = jax.jit(apply_fn, in_shardings=(sharding.replicated(mesh), batch_sharding),
-                           out_shardings=batch_sharding)
+        self._fn = jax.jit(
+            apply_fn,
+            in_shardings=(sharding.replicated(mesh), batch_sharding),
+            out_shardings=batch_sharding,
+        )
 
     def _one_batch(self, chunk: np.ndarray) -> np.ndarray:
         n = chunk.shape[0]
@@ -81,22 +93,37 @@ class FeatureExtractor:
     def __call__(self, images: Any) -> np.ndarray:
         images = np.asarray(images, dtype=np.float32)
         if images.ndim < 2 or images.shape[0] == 0:
-            raise ValueError(f"FeatureExtractor needs a non-empty batch [N, ...] of images, got shape {images.shape}")
-        return np.concatenate([self._one_batch(images[i:i + self.batch_size])
-                               for i in range(0, images.shape[0], self.batch_size)])
+            raise ValueError(
+                f"FeatureExtractor needs a non-empty batch [N, ...] of images, got shape {images.shape}"
+            )
+        return np.concatenate(
+            [
+                self._one_batch(images[i : i + self.batch_size])
+                for i in range(0, images.shape[0], self.batch_size)
+            ]
+        )
 
 
-def inception_feature_extractor(inception_path: str, mesh: jax.sharding.Mesh, batch_size: int, *,
-                                dtype: Any = jnp.float32, field: str = "batch_size") -> FeatureExtractor:
+def inception_feature_extractor(
+    inception_path: str,
+    mesh: jax.sharding.Mesh,
+    batch_size: int,
+    *,
+    dtype: Any = jnp.float32,
+    field: str = "batch_size",
+) -> FeatureExtractor:
     """The FID feature extractor: pytorch-fid's Inception from ``inception_path``; images ``[N, H, W, 3]`` in
     ``[0, 1]`` (any H, W) -> ``[N, 2048]`` pool features."""
     model = inception.InceptionV3FID(dtype=dtype)
     params = inception.load_inception(inception_path)
-    return FeatureExtractor(lambda p, x: model.apply({"params": p}, x), params, mesh, batch_size, field=field)
+    return FeatureExtractor(
+        lambda p, x: model.apply({"params": p}, x), params, mesh, batch_size, field=field
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Resumable accumulation
+
 
 class FIDAccumulator:
     """Float64 running statistics plus the number of batches consumed, checkpointed to ``state_path``.
@@ -107,8 +134,14 @@ class FIDAccumulator:
 
     _KEYS = ("num_batches", "fingerprint")
 
-    def __init__(self, dim: int | None = None, *, state_path: str | None = None, save_every: int = 0,
-                 fingerprint: str = ""):
+    def __init__(
+        self,
+        dim: int | None = None,
+        *,
+        state_path: str | None = None,
+        save_every: int = 0,
+        fingerprint: str = "",
+    ):
         if save_every < 0:
             raise ValueError(f"save_every must be >= 0 (0: never), got {save_every}")
         if save_every and not state_path:
@@ -124,8 +157,9 @@ class FIDAccumulator:
         return self.statistics.count
 
     @classmethod
-    def restore_or_create(cls, state_path: str, dim: int | None = None, *, save_every: int = 0,
-                          fingerprint: str = "") -> "FIDAccumulator":
+    def restore_or_create(
+        cls, state_path: str, dim: int | None = None, *, save_every: int = 0, fingerprint: str = ""
+    ) -> "FIDAccumulator":
         """Resumes from ``state_path`` if it exists, else starts empty."""
         acc = cls(dim, state_path=state_path, save_every=save_every, fingerprint=fingerprint)
         if not epath.Path(state_path).exists():
@@ -133,23 +167,32 @@ class FIDAccumulator:
         with frechet.read_npz(state_path) as data:
             missing = [k for k in cls._KEYS if k not in data.files]
             if missing:
-                raise ValueError(f"FID accumulator state {state_path} is missing key(s) {missing}; "
-                                 f"delete it to start the evaluation over")
+                raise ValueError(
+                    f"FID accumulator state {state_path} is missing key(s) {missing}; "
+                    f"delete it to start the evaluation over"
+                )
             saved = str(data["fingerprint"])
             if saved != fingerprint:
                 raise ValueError(
                     f"FID accumulator state {state_path} belongs to another evaluation "
-                    f"(saved for {saved!r}, this run is {fingerprint!r}); delete it to start over")
+                    f"(saved for {saved!r}, this run is {fingerprint!r}); delete it to start over"
+                )
             try:
                 acc.statistics = frechet.RunningStatistics.from_state_dict(dict(data))
             except ValueError as e:
                 raise ValueError(f"FID accumulator state {state_path}: {e}") from None
             acc.num_batches = int(data["num_batches"])
         if dim is not None and acc.statistics.dim not in (None, dim):
-            raise ValueError(f"FID accumulator state {state_path} holds {acc.statistics.dim}-d statistics, "
-                             f"expected {dim}-d")
-        logger.info("resuming FID statistics from %s: %d batches, %d samples", state_path, acc.num_batches,
-                    acc.num_samples)
+            raise ValueError(
+                f"FID accumulator state {state_path} holds {acc.statistics.dim}-d statistics, "
+                f"expected {dim}-d"
+            )
+        logger.info(
+            "resuming FID statistics from %s: %d batches, %d samples",
+            state_path,
+            acc.num_batches,
+            acc.num_samples,
+        )
         return acc
 
     def add_batch(self, features: Any) -> None:
@@ -164,12 +207,20 @@ class FIDAccumulator:
         if self.state_path is None:
             raise ValueError("FIDAccumulator.save needs a state_path")
         if monitoring.is_main_process():
-            frechet.write_npz_atomic(self.state_path, num_batches=np.asarray(self.num_batches, np.int64),
-                                     fingerprint=np.asarray(self.fingerprint), **self.statistics.state_dict())
+            frechet.write_npz_atomic(
+                self.state_path,
+                num_batches=np.asarray(self.num_batches, np.int64),
+                fingerprint=np.asarray(self.fingerprint),
+                **self.statistics.state_dict(),
+            )
 
 
-def accumulate(extract: Callable[[np.ndarray], np.ndarray], get_batch: Callable[[int], Any], num_batches: int,
-               accumulator: FIDAccumulator) -> FIDAccumulator:
+def accumulate(
+    extract: Callable[[np.ndarray], np.ndarray],
+    get_batch: Callable[[int], Any],
+    num_batches: int,
+    accumulator: FIDAccumulator,
+) -> FIDAccumulator:
     """Feeds batches ``accumulator.num_batches .. num_batches - 1`` (``get_batch(i)`` -> images) through
     ``extract`` into ``accumulator``; a restored accumulator therefore continues where it stopped.
 
@@ -177,8 +228,10 @@ def accumulate(extract: Callable[[np.ndarray], np.ndarray], get_batch: Callable[
     a resumed run sees the same batches as an uninterrupted one. Saves the final state when it has a path.
     """
     if accumulator.num_batches > num_batches:
-        raise ValueError(f"the FID accumulator has consumed {accumulator.num_batches} batches but this "
-                         f"evaluation has only {num_batches}")
+        raise ValueError(
+            f"the FID accumulator has consumed {accumulator.num_batches} batches but this "
+            f"evaluation has only {num_batches}"
+        )
     for i in range(accumulator.num_batches, num_batches):
         accumulator.add_batch(extract(get_batch(i)))
     if accumulator.state_path is not None and accumulator.save_every:
@@ -199,6 +252,7 @@ def fid_against_reference(mu: Any, sigma: Any, reference_path: str) -> float:
 # --------------------------------------------------------------------------------------------------------------------
 # Reference statistics from a folder of images
 
+
 def list_images(images_dir: str) -> list[str]:
     """Image files under ``images_dir`` (recursively, extensions of ``IMAGE_EXTENSIONS`` in any case), sorted."""
     if not os.path.isdir(images_dir):
@@ -206,11 +260,16 @@ def list_images(images_dir: str) -> list[str]:
     files = []
     for root, dirs, names in os.walk(images_dir):
         dirs.sort()
-        files.extend(os.path.join(root, n) for n in names
-                     if os.path.splitext(n)[1][1:].lower() in IMAGE_EXTENSIONS)
+        files.extend(
+            os.path.join(root, n)
+            for n in names
+            if os.path.splitext(n)[1][1:].lower() in IMAGE_EXTENSIONS
+        )
     if not files:
-        raise ValueError(f"images folder {images_dir} holds no images (looked recursively for "
-                         f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise ValueError(
+            f"images folder {images_dir} holds no images (looked recursively for "
+            f"{', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
     return sorted(files)
 
 
@@ -235,9 +294,16 @@ def _stack_images(paths: Iterable[str]) -> np.ndarray:
     return np.stack(images)
 
 
-def image_folder_statistics(inception_path: str, images_dir: str, batch_size: int, *,
-                            mesh: jax.sharding.Mesh | None = None, state_path: str | None = None,
-                            save_every: int = 50, field: str = "batch_size") -> tuple[np.ndarray, np.ndarray]:
+def image_folder_statistics(
+    inception_path: str,
+    images_dir: str,
+    batch_size: int,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    state_path: str | None = None,
+    save_every: int = 50,
+    field: str = "batch_size",
+) -> tuple[np.ndarray, np.ndarray]:
     """``(mu, sigma)`` (float64) of the Inception pool features of every image under ``images_dir``.
 
     With ``state_path`` the accumulation is checkpointed every ``save_every`` batches and resumed from there.
@@ -246,16 +312,26 @@ def image_folder_statistics(inception_path: str, images_dir: str, batch_size: in
     mesh = sharding.make_mesh() if mesh is None else mesh
     extract = inception_feature_extractor(inception_path, mesh, batch_size, field=field)
     num_batches = -(-len(files) // batch_size)
-    fingerprint = (f"images_dir={os.path.abspath(images_dir)} files={len(files)} batch_size={batch_size} "
-                   f"inception={os.path.abspath(inception_path)}")
+    fingerprint = (
+        f"images_dir={os.path.abspath(images_dir)} files={len(files)} batch_size={batch_size} "
+        f"inception={os.path.abspath(inception_path)}"
+    )
     if state_path:
-        acc = FIDAccumulator.restore_or_create(state_path, inception.FEATURE_DIM, save_every=save_every,
-                                               fingerprint=fingerprint)
+        acc = FIDAccumulator.restore_or_create(
+            state_path, inception.FEATURE_DIM, save_every=save_every, fingerprint=fingerprint
+        )
     else:
         acc = FIDAccumulator(inception.FEATURE_DIM, fingerprint=fingerprint)
-    accumulate(extract, lambda i: _stack_images(files[i * batch_size:(i + 1) * batch_size]), num_batches, acc)
+    accumulate(
+        extract,
+        lambda i: _stack_images(files[i * batch_size : (i + 1) * batch_size]),
+        num_batches,
+        acc,
+    )
     if acc.num_samples != len(files):
-        raise RuntimeError(f"FID statistics counted {acc.num_samples} images but {images_dir} holds {len(files)}")
+        raise RuntimeError(
+            f"FID statistics counted {acc.num_samples} images but {images_dir} holds {len(files)}"
+        )
     return acc.statistics.statistics()
 
 
@@ -263,14 +339,18 @@ def validate_fid_stats_config(config) -> None:
     """Clear errors, naming the field, for ``--mode=fid_stats``."""
     fid = config.get("fid")
     if fid is None:
-        raise ValueError("config.fid is missing; --mode=fid_stats needs config.fid.inception_path, "
-                         "config.fid.images_dir, config.fid.output_npz and config.fid.batch_size")
+        raise ValueError(
+            "config.fid is missing; --mode=fid_stats needs config.fid.inception_path, "
+            "config.fid.images_dir, config.fid.output_npz and config.fid.batch_size"
+        )
     for name in ("inception_path", "images_dir", "output_npz", "batch_size"):
         if fid.get(name) is None:
             raise ValueError(f"config.fid.{name} must be set for --mode=fid_stats")
     if not os.path.isfile(fid.inception_path):
-        raise ValueError(f"config.fid.inception_path={fid.inception_path} is not a file (pytorch-fid's "
-                         f"pt_inception-2015-12-05-6726825d.pth; see the README)")
+        raise ValueError(
+            f"config.fid.inception_path={fid.inception_path} is not a file (pytorch-fid's "
+            f"pt_inception-2015-12-05-6726825d.pth; see the README)"
+        )
     if not os.path.isdir(fid.images_dir):
         raise ValueError(f"config.fid.images_dir={fid.images_dir} is not a folder")
     if not isinstance(fid.batch_size, int) or fid.batch_size <= 0:
@@ -284,8 +364,13 @@ def fid_stats(config, workdir: str) -> tuple[np.ndarray, np.ndarray]:
     fid = config.fid
     mesh = sharding.mesh_from_config(config)
     mu, sigma = image_folder_statistics(
-        fid.inception_path, fid.images_dir, fid.batch_size, mesh=mesh,
-        state_path=os.path.join(workdir, "fid_stats", "accumulator.npz"), field="config.fid.batch_size")
+        fid.inception_path,
+        fid.images_dir,
+        fid.batch_size,
+        mesh=mesh,
+        state_path=os.path.join(workdir, "fid_stats", "accumulator.npz"),
+        field="config.fid.batch_size",
+    )
     if monitoring.is_main_process():
         frechet.save_statistics(fid.output_npz, mu, sigma)
     logger.info("wrote FID reference statistics of %s to %s", fid.images_dir, fid.output_npz)

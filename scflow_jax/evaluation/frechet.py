@@ -14,6 +14,7 @@ Statistics follow the pytorch-fid conventions too: float64, the covariance is
 ``np.cov(features, rowvar=False)`` (normalised by N - 1), and files are ``.npz``
 archives holding ``mu`` and ``sigma``.
 """
+
 from __future__ import annotations
 
 import io
@@ -153,7 +154,10 @@ class RunningStatistics:
         s_other = other._sum
         n_other = other._count
         self._sum_outer += (
-            other._sum_outer + np.outer(s_other, d) + np.outer(d, s_other) + n_other * np.outer(d, d)
+            other._sum_outer
+            + np.outer(s_other, d)
+            + np.outer(d, s_other)
+            + n_other * np.outer(d, d)
         )
         self._sum += s_other + n_other * d
         self._count += n_other
@@ -266,7 +270,8 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 
     if not np.all(np.isfinite(covmean)):
         logger.warning(
             "frechet_distance: sqrtm(sigma1 @ sigma2) is not finite (singular product); "
-            "adding %g to the covariance diagonals and retrying", eps,
+            "adding %g to the covariance diagonals and retrying",
+            eps,
         )
         offset = np.eye(dim) * eps
         covmean = scipy.linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
@@ -317,7 +322,9 @@ def save_statistics(path: str | os.PathLike, mu: Any, sigma: Any) -> None:
     write_npz_atomic(path, mu=mu, sigma=sigma)
 
 
-def load_statistics(path: str | os.PathLike, expected_dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_statistics(
+    path: str | os.PathLike, expected_dim: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Read ``(mu, sigma)`` (float64) from an ``.npz`` with keys ``mu`` and ``sigma``.
 
     Raises ``ValueError`` naming the file and the missing key if either is absent,

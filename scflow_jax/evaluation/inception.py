@@ -21,6 +21,7 @@ checked key by key), and the extra per-channel multiply-add is fused by XLA into
 ``load_inception(path)`` converts pytorch-fid's weights file; nothing is downloaded (see the README for where
 to get the file).
 """
+
 from __future__ import annotations
 
 from typing import Any, Tuple
@@ -32,8 +33,16 @@ import numpy as np
 
 from scflow_jax.models import weights
 
-__all__ = ["INCEPTION_SIZE", "FEATURE_DIM", "InceptionV3FID", "resize_for_inception", "load_inception", "torch_key",
-           "abstract_params", "init_random_params"]
+__all__ = [
+    "INCEPTION_SIZE",
+    "FEATURE_DIM",
+    "InceptionV3FID",
+    "resize_for_inception",
+    "load_inception",
+    "torch_key",
+    "abstract_params",
+    "init_random_params",
+]
 
 INCEPTION_SIZE = 299
 FEATURE_DIM = 2048
@@ -51,7 +60,9 @@ def resize_for_inception(images: jax.Array) -> jax.Array:
     already 299x299 is returned unchanged (``jax.image.resize`` skips unit-scale axes).
     """
     b, _, _, c = images.shape
-    return jax.image.resize(images, (b, INCEPTION_SIZE, INCEPTION_SIZE, c), method="bilinear", antialias=False)
+    return jax.image.resize(
+        images, (b, INCEPTION_SIZE, INCEPTION_SIZE, c), method="bilinear", antialias=False
+    )
 
 
 class FrozenBatchNorm(nn.Module):
@@ -83,9 +94,16 @@ class BasicConv2d(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = nn.Conv(self.features, self.kernel_size, strides=self.strides,
-                    padding=((self.padding[0],) * 2, (self.padding[1],) * 2), use_bias=False,
-                    dtype=self.dtype, param_dtype=jnp.float32, name="conv")(x)
+        x = nn.Conv(
+            self.features,
+            self.kernel_size,
+            strides=self.strides,
+            padding=((self.padding[0],) * 2, (self.padding[1],) * 2),
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            name="conv",
+        )(x)
         x = FrozenBatchNorm(dtype=self.dtype, name="bn")(x)
         return nn.relu(x)
 
@@ -107,7 +125,9 @@ class InceptionA(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        conv = lambda f, k, name, p=(0, 0): BasicConv2d(f, k, padding=p, dtype=self.dtype, name=name)  # noqa: E731
+        conv = lambda f, k, name, p=(0, 0): BasicConv2d(
+            f, k, padding=p, dtype=self.dtype, name=name
+        )  # noqa: E731
         branch1x1 = conv(64, (1, 1), "branch1x1")(x)
         branch5x5 = conv(48, (1, 1), "branch5x5_1")(x)
         branch5x5 = conv(64, (5, 5), "branch5x5_2", (2, 2))(branch5x5)
@@ -127,8 +147,12 @@ class InceptionB(nn.Module):
     def __call__(self, x):
         branch3x3 = BasicConv2d(384, (3, 3), strides=(2, 2), dtype=self.dtype, name="branch3x3")(x)
         branch3x3dbl = BasicConv2d(64, (1, 1), dtype=self.dtype, name="branch3x3dbl_1")(x)
-        branch3x3dbl = BasicConv2d(96, (3, 3), padding=(1, 1), dtype=self.dtype, name="branch3x3dbl_2")(branch3x3dbl)
-        branch3x3dbl = BasicConv2d(96, (3, 3), strides=(2, 2), dtype=self.dtype, name="branch3x3dbl_3")(branch3x3dbl)
+        branch3x3dbl = BasicConv2d(
+            96, (3, 3), padding=(1, 1), dtype=self.dtype, name="branch3x3dbl_2"
+        )(branch3x3dbl)
+        branch3x3dbl = BasicConv2d(
+            96, (3, 3), strides=(2, 2), dtype=self.dtype, name="branch3x3dbl_3"
+        )(branch3x3dbl)
         return jnp.concatenate([branch3x3, branch3x3dbl, _max_pool_3x3_stride2(x)], axis=-1)
 
 
@@ -141,7 +165,9 @@ class InceptionC(nn.Module):
     @nn.compact
     def __call__(self, x):
         c7 = self.channels_7x7
-        conv = lambda f, k, name, p=(0, 0): BasicConv2d(f, k, padding=p, dtype=self.dtype, name=name)  # noqa: E731
+        conv = lambda f, k, name, p=(0, 0): BasicConv2d(
+            f, k, padding=p, dtype=self.dtype, name=name
+        )  # noqa: E731
         branch1x1 = conv(192, (1, 1), "branch1x1")(x)
         branch7x7 = conv(c7, (1, 1), "branch7x7_1")(x)
         branch7x7 = conv(c7, (1, 7), "branch7x7_2", (0, 3))(branch7x7)
@@ -163,7 +189,8 @@ class InceptionD(nn.Module):
     @nn.compact
     def __call__(self, x):
         conv = lambda f, k, name, p=(0, 0), s=(1, 1): BasicConv2d(  # noqa: E731
-            f, k, strides=s, padding=p, dtype=self.dtype, name=name)
+            f, k, strides=s, padding=p, dtype=self.dtype, name=name
+        )
         branch3x3 = conv(192, (1, 1), "branch3x3_1")(x)
         branch3x3 = conv(320, (3, 3), "branch3x3_2", s=(2, 2))(branch3x3)
         branch7x7x3 = conv(192, (1, 1), "branch7x7x3_1")(x)
@@ -181,15 +208,27 @@ class InceptionE(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        conv = lambda f, k, name, p=(0, 0): BasicConv2d(f, k, padding=p, dtype=self.dtype, name=name)  # noqa: E731
+        conv = lambda f, k, name, p=(0, 0): BasicConv2d(
+            f, k, padding=p, dtype=self.dtype, name=name
+        )  # noqa: E731
         branch1x1 = conv(320, (1, 1), "branch1x1")(x)
         b3 = conv(384, (1, 1), "branch3x3_1")(x)
-        b3 = jnp.concatenate([conv(384, (1, 3), "branch3x3_2a", (0, 1))(b3),
-                              conv(384, (3, 1), "branch3x3_2b", (1, 0))(b3)], axis=-1)
+        b3 = jnp.concatenate(
+            [
+                conv(384, (1, 3), "branch3x3_2a", (0, 1))(b3),
+                conv(384, (3, 1), "branch3x3_2b", (1, 0))(b3),
+            ],
+            axis=-1,
+        )
         dbl = conv(448, (1, 1), "branch3x3dbl_1")(x)
         dbl = conv(384, (3, 3), "branch3x3dbl_2", (1, 1))(dbl)
-        dbl = jnp.concatenate([conv(384, (1, 3), "branch3x3dbl_3a", (0, 1))(dbl),
-                               conv(384, (3, 1), "branch3x3dbl_3b", (1, 0))(dbl)], axis=-1)
+        dbl = jnp.concatenate(
+            [
+                conv(384, (1, 3), "branch3x3dbl_3a", (0, 1))(dbl),
+                conv(384, (3, 1), "branch3x3dbl_3b", (1, 0))(dbl),
+            ],
+            axis=-1,
+        )
         if self.pool == "avg":
             pooled = _avg_pool_3x3_no_pad_count(x)
         elif self.pool == "max":
@@ -215,7 +254,9 @@ class InceptionV3FID(nn.Module):
     @nn.compact
     def __call__(self, images):
         if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"InceptionV3FID expects [B, H, W, 3] RGB images in [0, 1], got shape {images.shape}")
+            raise ValueError(
+                f"InceptionV3FID expects [B, H, W, 3] RGB images in [0, 1], got shape {images.shape}"
+            )
         x = images.astype(jnp.float32)
         if self.resize_input:
             x = resize_for_inception(x)
@@ -248,14 +289,21 @@ class InceptionV3FID(nn.Module):
 # --------------------------------------------------------------------------------------------------------------------
 # Converter
 
-_BN_LEAF_TO_TORCH = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+_BN_LEAF_TO_TORCH = {
+    "scale": "weight",
+    "bias": "bias",
+    "mean": "running_mean",
+    "var": "running_var",
+}
 
 
 def torch_key(path: Tuple[str, ...]) -> str:
     """The pytorch-fid state-dict key of a Flax leaf: module names are identical, ``kernel`` -> ``weight`` and
     the BatchNorm leaves -> ``weight``/``bias``/``running_mean``/``running_var``."""
     *modules, leaf = path
-    leaf = "weight" if leaf == "kernel" else _BN_LEAF_TO_TORCH[leaf] if modules[-1] == "bn" else leaf
+    leaf = (
+        "weight" if leaf == "kernel" else _BN_LEAF_TO_TORCH[leaf] if modules[-1] == "bn" else leaf
+    )
     return ".".join([*modules, leaf])
 
 
@@ -279,8 +327,13 @@ def load_inception(path: str) -> dict:
     naming the missing, unexpected and mis-shaped keys.
     """
     source = weights.read_torch_state_dict(path)
-    return weights.assemble_params(abstract_params(), source, torch_key,
-                                   what=f"FID Inception-v3 from {path}", ignore_unused=_ignored_key)
+    return weights.assemble_params(
+        abstract_params(),
+        source,
+        torch_key,
+        what=f"FID Inception-v3 from {path}",
+        ignore_unused=_ignored_key,
+    )
 
 
 def init_random_params(seed: int = 0) -> dict:

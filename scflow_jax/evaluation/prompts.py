@@ -17,6 +17,7 @@ JSON entries (with their index).
 refuses more samples than prompts rather than cycling: a FID or CLIP score over repeated captions is not the
 protocol the published numbers use, so reusing captions must be a deliberate choice (repeat them in the file).
 """
+
 from __future__ import annotations
 
 import json
@@ -37,37 +38,53 @@ def _text_prompts(path: str, text: str) -> list[str]:
     lines = text.splitlines()
     empty = [i + 1 for i, line in enumerate(lines) if not line.strip()]
     if empty:
-        raise ValueError(f"prompts file {path} has empty line(s) {_listing(empty)} (1-based); "
-                         f"remove them: every line is one prompt")
+        raise ValueError(
+            f"prompts file {path} has empty line(s) {_listing(empty)} (1-based); "
+            f"remove them: every line is one prompt"
+        )
     return [line.strip() for line in lines]
 
 
 def _string_list(path: str, values: Any, where: str) -> list[str]:
     if not isinstance(values, list):
-        raise ValueError(f"prompts file {path}: {where} must be a list of strings, got {type(values).__name__}")
+        raise ValueError(
+            f"prompts file {path}: {where} must be a list of strings, got {type(values).__name__}"
+        )
     bad = [i for i, v in enumerate(values) if not isinstance(v, str)]
     if bad:
-        raise ValueError(f"prompts file {path}: {where} entries {_listing(bad)} (0-based) are not strings")
+        raise ValueError(
+            f"prompts file {path}: {where} entries {_listing(bad)} (0-based) are not strings"
+        )
     empty = [i for i, v in enumerate(values) if not v.strip()]
     if empty:
-        raise ValueError(f"prompts file {path}: {where} entries {_listing(empty)} (0-based) are empty")
+        raise ValueError(
+            f"prompts file {path}: {where} entries {_listing(empty)} (0-based) are empty"
+        )
     return [v.strip() for v in values]
 
 
 def _coco_first_captions(path: str, annotations: Any) -> list[str]:
     if not isinstance(annotations, list):
-        raise ValueError(f"prompts file {path}: 'annotations' must be a list of COCO caption annotations")
+        raise ValueError(
+            f"prompts file {path}: 'annotations' must be a list of COCO caption annotations"
+        )
     first: dict[int, Any] = {}
     for i, ann in enumerate(annotations):
         if not isinstance(ann, dict) or "image_id" not in ann or "caption" not in ann:
-            raise ValueError(f"prompts file {path}: annotations[{i}] is not a COCO caption annotation "
-                             f"(needs 'image_id' and 'caption')")
+            raise ValueError(
+                f"prompts file {path}: annotations[{i}] is not a COCO caption annotation "
+                f"(needs 'image_id' and 'caption')"
+            )
         first.setdefault(ann["image_id"], ann["caption"])
     try:
         image_ids = sorted(first)
     except TypeError:
-        raise ValueError(f"prompts file {path}: annotation image_id values of mixed types cannot be ordered") from None
-    return _string_list(path, [first[k] for k in image_ids], "annotations[*].caption (first per image)")
+        raise ValueError(
+            f"prompts file {path}: annotation image_id values of mixed types cannot be ordered"
+        ) from None
+    return _string_list(
+        path, [first[k] for k in image_ids], "annotations[*].caption (first per image)"
+    )
 
 
 def _json_prompts(path: str, text: str) -> list[str]:
@@ -82,10 +99,14 @@ def _json_prompts(path: str, text: str) -> list[str]:
             return _string_list(path, data["captions"], "'captions'")
         if "annotations" in data:
             return _coco_first_captions(path, data["annotations"])
-        raise ValueError(f"prompts file {path}: a JSON object needs a 'captions' list or COCO 'annotations'; "
-                         f"found keys {sorted(data)[:_SHOWN]}")
-    raise ValueError(f"prompts file {path}: expected a JSON list of strings or an object, "
-                     f"got {type(data).__name__}")
+        raise ValueError(
+            f"prompts file {path}: a JSON object needs a 'captions' list or COCO 'annotations'; "
+            f"found keys {sorted(data)[:_SHOWN]}"
+        )
+    raise ValueError(
+        f"prompts file {path}: expected a JSON list of strings or an object, "
+        f"got {type(data).__name__}"
+    )
 
 
 def load_prompts(path: str) -> list[str]:
@@ -105,15 +126,24 @@ def load_prompts(path: str) -> list[str]:
     return prompts
 
 
-def prompts_for_samples(prompts: Sequence[str], num_samples: int, *, source: str = "the prompts",
-                        field: str = "num_samples") -> list[str]:
+def prompts_for_samples(
+    prompts: Sequence[str],
+    num_samples: int,
+    *,
+    source: str = "the prompts",
+    field: str = "num_samples",
+) -> list[str]:
     """The first ``num_samples`` prompts (-1: all); more samples than prompts is an error naming both counts."""
     if num_samples == -1:
         return list(prompts)
     if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"{field}={num_samples!r} must be a positive integer or -1 (one sample per prompt)")
+        raise ValueError(
+            f"{field}={num_samples!r} must be a positive integer or -1 (one sample per prompt)"
+        )
     if num_samples > len(prompts):
-        raise ValueError(f"{field}={num_samples} but {source} holds only {len(prompts)} prompts; prompts are "
-                         f"not cycled (a FID/CLIP protocol uses each caption once): lower {field} or give "
-                         f"more prompts")
+        raise ValueError(
+            f"{field}={num_samples} but {source} holds only {len(prompts)} prompts; prompts are "
+            f"not cycled (a FID/CLIP protocol uses each caption once): lower {field} or give "
+            f"more prompts"
+        )
     return list(prompts[:num_samples])

@@ -1,4 +1,5 @@
 """Non-saturating GAN losses and the R1 gradient penalty (SCFLOW_SPEC.md section 4)."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -21,10 +22,16 @@ def health(real_logits: jax.Array, fake_logits: jax.Array) -> dict[str, jax.Arra
     """D's mean logits, their gap (real minus fake) and its accuracy on the batch (a real logit
     above 0, a fake one below: the sigmoid's 0.5 either way). At chance: gap ~0, accuracy ~0.5."""
     real_mean, fake_mean = jnp.mean(real_logits), jnp.mean(fake_logits)
-    accuracy = 0.5 * (jnp.mean((real_logits > 0).astype(jnp.float32))
-                      + jnp.mean((fake_logits < 0).astype(jnp.float32)))
-    return {"d_real": real_mean, "d_fake": fake_mean, "d_gap": real_mean - fake_mean,
-            "d_accuracy": accuracy}
+    accuracy = 0.5 * (
+        jnp.mean((real_logits > 0).astype(jnp.float32))
+        + jnp.mean((fake_logits < 0).astype(jnp.float32))
+    )
+    return {
+        "d_real": real_mean,
+        "d_fake": fake_mean,
+        "d_gap": real_mean - fake_mean,
+        "d_accuracy": accuracy,
+    }
 
 
 def sigmoid_head_for(discriminator, setting: bool | None = None) -> bool:
@@ -35,9 +42,13 @@ def sigmoid_head_for(discriminator, setting: bool | None = None) -> bool:
     if setting is None:
         return convention
     if bool(setting) != convention:
-        logging.warning("config.scflow.sigmoid_head=%s goes against the convention of %s, whose GAN "
-                        "losses take %s (an ablation)", bool(setting), type(discriminator).__name__,
-                        "sigmoid(D)" if convention else "D's raw logit")
+        logging.warning(
+            "config.scflow.sigmoid_head=%s goes against the convention of %s, whose GAN "
+            "losses take %s (an ablation)",
+            bool(setting),
+            type(discriminator).__name__,
+            "sigmoid(D)" if convention else "D's raw logit",
+        )
     return bool(setting)
 
 
@@ -46,15 +57,18 @@ def generator_loss(fake_logits: jax.Array, *, sigmoid_head: bool = False) -> jax
     return jnp.mean(jax.nn.softplus(-head(fake_logits, sigmoid_head)))
 
 
-def discriminator_loss(real_logits: jax.Array, fake_logits: jax.Array, *,
-                       sigmoid_head: bool = False) -> jax.Array:
+def discriminator_loss(
+    real_logits: jax.Array, fake_logits: jax.Array, *, sigmoid_head: bool = False
+) -> jax.Array:
     """``mean softplus(-D(real)) + mean softplus(D(fake))``."""
-    return (jnp.mean(jax.nn.softplus(-head(real_logits, sigmoid_head)))
-            + jnp.mean(jax.nn.softplus(head(fake_logits, sigmoid_head))))
+    return jnp.mean(jax.nn.softplus(-head(real_logits, sigmoid_head))) + jnp.mean(
+        jax.nn.softplus(head(fake_logits, sigmoid_head))
+    )
 
 
-def r1_penalty(disc_fn: DiscriminatorFn, disc_params, x_real: jax.Array, cond,
-               gamma: float) -> tuple[jax.Array, jax.Array]:
+def r1_penalty(
+    disc_fn: DiscriminatorFn, disc_params, x_real: jax.Array, cond, gamma: float
+) -> tuple[jax.Array, jax.Array]:
     """``(gamma/2) * mean_batch ||grad_x D(x_real)||^2`` and the real logits.
 
     The gradient is of the summed logits, as StyleGAN2 computes it; with a minibatch-stddev

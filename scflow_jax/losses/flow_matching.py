@@ -1,4 +1,5 @@
 """Rectified-flow (flow matching) loss for training the teacher."""
+
 from __future__ import annotations
 
 import jax
@@ -17,9 +18,16 @@ def drop_conditions(rng, cond: jax.Array, null_cond: jax.Array, drop_prob: float
     return jnp.where(drop.reshape((-1,) + (1,) * (cond.ndim - 1)), null, cond)
 
 
-def flow_matching_loss(params, velocity_fn: flows.VelocityFn, z0: jax.Array, cond: jax.Array,
-                       rng: jax.Array, *, null_cond: jax.Array | None = None,
-                       cond_drop_prob: float = 0.0):
+def flow_matching_loss(
+    params,
+    velocity_fn: flows.VelocityFn,
+    z0: jax.Array,
+    cond: jax.Array,
+    rng: jax.Array,
+    *,
+    null_cond: jax.Array | None = None,
+    cond_drop_prob: float = 0.0,
+):
     """``E || F(t, x_t, c) - (z1 - z0) ||^2`` with t ~ U[0, 1), z1 ~ N(0, I)."""
     k_t, k_noise, k_drop = jax.random.split(rng, 3)
     t = flows.sample_time(k_t, z0.shape[0])

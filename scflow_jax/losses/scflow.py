@@ -16,6 +16,7 @@ family's convention, into ``SCFlowNetworks.sigmoid_head``.)
 A term whose lambda is 0 is removed at trace time (no compute); a term still warming up is
 computed with weight 0, so switching it on never recompiles the step.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,6 +40,7 @@ class SCFlowNetworks:
     ``(params, x, cond)``. ``sigmoid_head``: the GAN losses take ``sigmoid(D)`` instead of D's
     logit (the text-to-image D's convention; ``adversarial.head``).
     """
+
     velocity_fn: flows.VelocityFn
     teacher_velocity_fn: flows.VelocityFn
     disc_fn: adversarial.DiscriminatorFn | None = None
@@ -50,8 +52,9 @@ class SCFlowNetworks:
 # The generator objective
 
 
-def generator_objective(params, z0_hat, inputs: GeneratorInputs, step, disc_params, rng, *,
-                        nets: SCFlowNetworks, cfg):
+def generator_objective(
+    params, z0_hat, inputs: GeneratorInputs, step, disc_params, rng, *, nets: SCFlowNetworks, cfg
+):
     """``L = L_con + lambda_rf*L_rf + lambda_G*L_G + lambda_inv*L_inv`` (SCFLOW_SPEC.md section 3)
     of the student ``params``: ``(L, terms)``.
 
@@ -65,21 +68,25 @@ def generator_objective(params, z0_hat, inputs: GeneratorInputs, step, disc_para
     else:
         terms = consistency_training_terms(params, inputs, nets=nets, cfg=cfg)
     if gan_enabled(cfg):  # L_G = mean softplus(-D(z0_hat)), D frozen
-        terms["loss_gan"] = generator_adversarial_loss(z0_hat, disc_params, inputs.cond,
-                                                       inputs.t_minus, rng, nets=nets, cfg=cfg)
+        terms["loss_gan"] = generator_adversarial_loss(
+            z0_hat, disc_params, inputs.cond, inputs.t_minus, rng, nets=nets, cfg=cfg
+        )
     # A term whose lambda is 0 is absent (never computed) and adds nothing; a warming-up term
     # is computed and weighted 0, so switching it on does not recompile the step.
     loss = lambda name: terms.get(name, 0.0)  # noqa: E731
     weight = lambda lam, warmup: term_weight(lam, warmup, step)  # noqa: E731
-    total = (cfg.lambda_con * loss("loss_con")
-             + weight(cfg.lambda_rf, cfg.warmup_rf) * loss("loss_rf")
-             + weight(cfg.lambda_gan, cfg.warmup_gan) * loss("loss_gan")
-             + weight(cfg.lambda_inv, cfg.warmup_inv) * loss("loss_inv"))
+    total = (
+        cfg.lambda_con * loss("loss_con")
+        + weight(cfg.lambda_rf, cfg.warmup_rf) * loss("loss_rf")
+        + weight(cfg.lambda_gan, cfg.warmup_gan) * loss("loss_gan")
+        + weight(cfg.lambda_inv, cfg.warmup_inv) * loss("loss_inv")
+    )
     return total, terms
 
 
-def distillation_terms(params, z0_hat, inputs: GeneratorInputs, *, nets: SCFlowNetworks,
-                       cfg) -> dict:
+def distillation_terms(
+    params, z0_hat, inputs: GeneratorInputs, *, nets: SCFlowNetworks, cfg
+) -> dict:
     """L_con, L_inv (pseudo-Huber against the targets) and the self-corrected L_rf.
 
     ``cur = x_t - t*S(t, x_t)``; with L_rf also ``x~0 = x~_t - t*S(t, x~_t)`` on the straight
@@ -106,13 +113,13 @@ def distillation_terms(params, z0_hat, inputs: GeneratorInputs, *, nets: SCFlowN
     return terms
 
 
-def consistency_training_terms(params, inputs: GeneratorInputs, *, nets: SCFlowNetworks,
-                               cfg) -> dict:
+def consistency_training_terms(
+    params, inputs: GeneratorInputs, *, nets: SCFlowNetworks, cfg
+) -> dict:
     """Without a teacher (``config.scflow.use_teacher=False``, section 3's last paragraph): the
     targets come from moves along the data direction (``prepare_generator_inputs``), the
     distances are squared errors and ``L_rf = mean((cur - z0)^2)``."""
-    current = student_data_prediction(params, inputs.t, inputs.x_t, inputs.cond, nets=nets,
-                                      cfg=cfg)
+    current = student_data_prediction(params, inputs.t, inputs.x_t, inputs.cond, nets=nets, cfg=cfg)
     terms = {"loss_con": mean_squared_error(current, inputs.target_minus)}
     if enabled(cfg, "inv"):
         terms["loss_inv"] = mean_squared_error(current, inputs.target_plus)
@@ -134,6 +141,7 @@ def student_data_prediction(params, t, x, cond, *, nets: SCFlowNetworks, cfg) ->
 @dataclasses.dataclass
 class GeneratorInputs:
     """Everything the generator loss needs that carries no gradient (all stop-gradient)."""
+
     z0: jax.Array
     z1: jax.Array
     cond: Any
@@ -144,8 +152,9 @@ class GeneratorInputs:
     target_plus: jax.Array | None
 
 
-def prepare_generator_inputs(rng, z0, cond, *, teacher_params, target_params, null_cond,
-                             nets: SCFlowNetworks, cfg) -> GeneratorInputs:
+def prepare_generator_inputs(
+    rng, z0, cond, *, teacher_params, target_params, null_cond, nets: SCFlowNetworks, cfg
+) -> GeneratorInputs:
     """Samples (t, z1), takes one teacher Euler step down and up, and evaluates the target
     network's data predictions there (section 3, everything before the student)."""
     k_t, k_noise, k_steps = jax.random.split(rng, 3)
@@ -157,9 +166,15 @@ def prepare_generator_inputs(rng, z0, cond, *, teacher_params, target_params, nu
     t_minus, t_plus = t - d_minus, t + d_plus
 
     if cfg.use_teacher:
-        v_teacher = flows.guided_velocity(nets.teacher_velocity_fn, teacher_params,
-                                          network_time(t, cfg), x_t, cond, null_cond,
-                                          cfg.teacher_cfg)
+        v_teacher = flows.guided_velocity(
+            nets.teacher_velocity_fn,
+            teacher_params,
+            network_time(t, cfg),
+            x_t,
+            cond,
+            null_cond,
+            cfg.teacher_cfg,
+        )
     else:  # consistency training: the data direction stands in for the teacher
         v_teacher = flows.velocity_target(z0, z1)
     x_minus = flows.euler_move(x_t, t, t_minus, v_teacher)
@@ -174,14 +189,16 @@ def prepare_generator_inputs(rng, z0, cond, *, teacher_params, target_params, nu
         times, xs, conds = t_minus, x_minus, cond
     v_target = nets.velocity_fn(target_params, network_time(times, cfg), xs, conds)
     predictions = flows.data_prediction(xs, times, v_target)  # the target network's
-    target_minus, target_plus = (paired_batch.split(predictions) if bidirectional
-                                 else (predictions, None))
+    target_minus, target_plus = (
+        paired_batch.split(predictions) if bidirectional else (predictions, None)
+    )
     # Truncation: close to the data the target network is unreliable; the real sample is
     # the exact answer there.
     truncate = flows.broadcast_time(t_minus < cfg.trunc_threshold, z0)
     target_minus = jnp.where(truncate, z0, target_minus)
-    return jax.tree.map(sg, GeneratorInputs(z0, z1, cond, t, x_t, t_minus, target_minus,
-                                            target_plus))
+    return jax.tree.map(
+        sg, GeneratorInputs(z0, z1, cond, t, x_t, t_minus, target_minus, target_plus)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,6 +214,7 @@ class SharedOneStepSample:
     the student at t = 1 again: ``student_gradient`` pulls the objective's gradient w.r.t.
     ``z0_hat`` (L_G's) back through the saved linearisation into the student's parameters.
     """
+
     value: jax.Array
     pullback: Callable[[jax.Array], tuple[Any]]
 
@@ -208,8 +226,9 @@ class SharedOneStepSample:
         return grads
 
 
-def share_one_step_sample(params, z1: jax.Array, cond, *, nets: SCFlowNetworks,
-                          cfg) -> SharedOneStepSample | None:
+def share_one_step_sample(
+    params, z1: jax.Array, cond, *, nets: SCFlowNetworks, cfg
+) -> SharedOneStepSample | None:
     """The iteration's ``SharedOneStepSample``; None when no term uses one."""
     if not needs_one_step_sample(cfg):
         return None
@@ -217,9 +236,17 @@ def share_one_step_sample(params, z1: jax.Array, cond, *, nets: SCFlowNetworks,
     return SharedOneStepSample(value, pullback)
 
 
-def generator_value_and_grad(params, one_step: SharedOneStepSample | None,
-                             inputs: GeneratorInputs, step, disc_params, rng, *,
-                             nets: SCFlowNetworks, cfg):
+def generator_value_and_grad(
+    params,
+    one_step: SharedOneStepSample | None,
+    inputs: GeneratorInputs,
+    step,
+    disc_params,
+    rng,
+    *,
+    nets: SCFlowNetworks,
+    cfg,
+):
     """``((L, terms), dL/dparams)`` of ``generator_objective``: automatic differentiation
     through the student's evaluations at time t, plus L_G's gradient w.r.t. the shared one-step
     sample pulled back into the student (``SharedOneStepSample.student_gradient``)."""
@@ -230,8 +257,9 @@ def generator_value_and_grad(params, one_step: SharedOneStepSample | None,
 
     if not gan_enabled(cfg):  # z0_hat, if any, is read detached (L_rf): no gradient through it
         return jax.value_and_grad(objective, has_aux=True)(params, z0_hat)
-    (total, terms), (grads, d_z0_hat) = jax.value_and_grad(
-        objective, argnums=(0, 1), has_aux=True)(params, z0_hat)
+    (total, terms), (grads, d_z0_hat) = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(
+        params, z0_hat
+    )
     return (total, terms), jax.tree.map(jnp.add, grads, one_step.student_gradient(d_z0_hat))
 
 
@@ -239,8 +267,7 @@ def generator_value_and_grad(params, one_step: SharedOneStepSample | None,
 # The discriminator and the GAN terms
 
 
-def discriminator_at(nets: SCFlowNetworks, t_minus: jax.Array,
-                     cfg) -> adversarial.DiscriminatorFn:
+def discriminator_at(nets: SCFlowNetworks, t_minus: jax.Array, cfg) -> adversarial.DiscriminatorFn:
     """``(params, x, cond) -> logits``: D, told the time of its inputs if it takes one."""
     if not nets.disc_takes_time:
         return nets.disc_fn
@@ -254,12 +281,14 @@ def discriminator_inputs(rng, x: jax.Array, t_minus: jax.Array, cfg) -> jax.Arra
     noise level and its time input agree."""
     if not cfg.disc_noise_inputs:
         return x
-    return noised_for_discriminator(x, network_time(t_minus, cfg),
-                                    jax.random.normal(rng, x.shape, x.dtype))
+    return noised_for_discriminator(
+        x, network_time(t_minus, cfg), jax.random.normal(rng, x.shape, x.dtype)
+    )
 
 
-def discriminator_objective(disc_params, real, fake, cond, t_minus, rng, *,
-                            nets: SCFlowNetworks, cfg):
+def discriminator_objective(
+    disc_params, real, fake, cond, t_minus, rng, *, nets: SCFlowNetworks, cfg
+):
     """``L_D`` with R1 on the real inputs (section 4). Real and fake share the noise.
 
     Besides the loss terms, the aux dict reports D's health: the mean logits, their gap
@@ -276,18 +305,19 @@ def discriminator_objective(disc_params, real, fake, cond, t_minus, rng, *,
     else:
         r1, real_logits = jnp.float32(0.0), disc_fn(disc_params, real, cond)
     fake_logits = disc_fn(disc_params, sg(fake), cond)
-    gan = adversarial.discriminator_loss(real_logits, fake_logits,
-                                         sigmoid_head=nets.sigmoid_head)
+    gan = adversarial.discriminator_loss(real_logits, fake_logits, sigmoid_head=nets.sigmoid_head)
     return gan + r1, {"loss_disc": gan, "r1": r1, **adversarial.health(real_logits, fake_logits)}
 
 
-def generator_adversarial_loss(z0_hat, disc_params, cond, t_minus, rng, *,
-                               nets: SCFlowNetworks, cfg):
+def generator_adversarial_loss(
+    z0_hat, disc_params, cond, t_minus, rng, *, nets: SCFlowNetworks, cfg
+):
     """``L_G = mean softplus(-D(z0_hat))`` with D frozen (gradient only to z0_hat)."""
     x = discriminator_inputs(rng, z0_hat, t_minus, cfg)
     disc_fn = discriminator_at(nets, t_minus, cfg)
-    return adversarial.generator_loss(disc_fn(sg(disc_params), x, cond),
-                                      sigmoid_head=nets.sigmoid_head)
+    return adversarial.generator_loss(
+        disc_fn(sg(disc_params), x, cond), sigmoid_head=nets.sigmoid_head
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ around a cuDNN that fails where jax's checks passed it); ``auto``, the default, 
 It is read when a program is traced, and jax reuses traced programs, so set it before the process
 starts.
 """
+
 from __future__ import annotations
 
 import functools
@@ -54,7 +55,9 @@ def query_chunked_attention(q, k, v, chunk: int | None = None):
     chunk = chunk or QUERY_CHUNK
     b, t, n, h = q.shape
     if t % chunk:
-        raise ValueError(f"query_chunked_attention: {t} queries are not a multiple of chunk={chunk}")
+        raise ValueError(
+            f"query_chunked_attention: {t} queries are not a multiple of chunk={chunk}"
+        )
     chunks = q.reshape(b, t // chunk, chunk, n, h).swapaxes(0, 1)
     out = lax.map(jax.checkpoint(lambda queries: xla_attention(queries, k, v)), chunks)
     return out.swapaxes(0, 1).reshape(b, t, n, h)
@@ -83,9 +86,11 @@ def attention_setting() -> str:
     """``SCFLOW_ATTENTION``: ``auto`` (the default) or ``xla``."""
     value = os.environ.get("SCFLOW_ATTENTION", "auto")
     if value not in ("auto", "xla"):
-        raise ValueError(f"SCFLOW_ATTENTION={value!r} must be 'auto' (cuDNN's fused attention on NVIDIA "
-                         f"GPUs, query chunks for other long attention on GPUs and TPUs) or 'xla' (XLA's "
-                         f"attention as written everywhere)")
+        raise ValueError(
+            f"SCFLOW_ATTENTION={value!r} must be 'auto' (cuDNN's fused attention on NVIDIA "
+            f"GPUs, query chunks for other long attention on GPUs and TPUs) or 'xla' (XLA's "
+            f"attention as written everywhere)"
+        )
     return value
 
 
@@ -97,7 +102,11 @@ def platform_kernels(q, k, v) -> dict:
     queries, keys = q.shape[1], k.shape[1]
     long = queries > QUERY_CHUNK and keys > QUERY_CHUNK and queries % QUERY_CHUNK == 0
     kernels = dict.fromkeys(("cuda", "rocm", "tpu"), query_chunked_attention) if long else {}
-    if k.shape == v.shape and q.dtype == k.dtype == v.dtype and cudnn_takes(q.shape, k.shape, q.dtype):
+    if (
+        k.shape == v.shape
+        and q.dtype == k.dtype == v.dtype
+        and cudnn_takes(q.shape, k.shape, q.dtype)
+    ):
         kernels["cuda"] = cudnn_attention
     return kernels
 

@@ -132,8 +132,15 @@ class CLIPTextConfig:
                 kwargs["eos_token_id"] = eos[0]
             else:
                 kwargs.pop("eos_token_id")
-        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                  "num_attention_heads", "max_position_embeddings", "eos_token_id"):
+        for k in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "max_position_embeddings",
+            "eos_token_id",
+        ):
             if k in kwargs:
                 kwargs[k] = int(kwargs[k])
         if "layer_norm_eps" in kwargs:
@@ -171,7 +178,9 @@ _INIT = nn.initializers.normal(stddev=0.02)
 
 def _layer_norm(config: Any, name: str) -> nn.LayerNorm:
     # Computed in float32 regardless of the model dtype.
-    return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
+    return nn.LayerNorm(
+        epsilon=config.layer_norm_eps, dtype=jnp.float32, param_dtype=jnp.float32, name=name
+    )
 
 
 def _dense(features: int, dtype: Dtype, name: str) -> nn.Dense:
@@ -200,7 +209,7 @@ class CLIPAttention(nn.Module):
         q = _dense(d, self.dtype, "q_proj")(x).reshape(b, l, h, hd)
         k = _dense(d, self.dtype, "k_proj")(x).reshape(b, l, h, hd)
         v = _dense(d, self.dtype, "v_proj")(x).reshape(b, l, h, hd)
-        q = q * jnp.asarray(hd ** -0.5, dtype=q.dtype)
+        q = q * jnp.asarray(hd**-0.5, dtype=q.dtype)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
         if mask is not None:
             # A large finite negative (not -inf) keeps fully masked rows finite instead of NaN.
@@ -266,12 +275,20 @@ class CLIPTextEmbeddings(nn.Module):
                 f"Sequence length {seq_len} exceeds max_position_embeddings {cfg.max_position_embeddings}"
             )
         token = nn.Embed(
-            cfg.vocab_size, cfg.hidden_size, embedding_init=_INIT,
-            dtype=self.dtype, param_dtype=jnp.float32, name="token_embedding",
+            cfg.vocab_size,
+            cfg.hidden_size,
+            embedding_init=_INIT,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            name="token_embedding",
         )
         position = nn.Embed(
-            cfg.max_position_embeddings, cfg.hidden_size, embedding_init=_INIT,
-            dtype=self.dtype, param_dtype=jnp.float32, name="position_embedding",
+            cfg.max_position_embeddings,
+            cfg.hidden_size,
+            embedding_init=_INIT,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            name="position_embedding",
         )
         positions = jnp.arange(seq_len, dtype=jnp.int32)[None, :]
         return token(input_ids) + position(positions)
@@ -336,21 +353,35 @@ def encode_text(
     """
     if "params" not in params:
         params = {"params": params}
-    return _encode_text(params, config, jnp.asarray(input_ids, dtype=jnp.int32),
-                        None if attention_mask is None else jnp.asarray(attention_mask), jnp.dtype(dtype))
+    return _encode_text(
+        params,
+        config,
+        jnp.asarray(input_ids, dtype=jnp.int32),
+        None if attention_mask is None else jnp.asarray(attention_mask),
+        jnp.dtype(dtype),
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Loading from transformers / diffusers folders (shared with clip_vision.py)
 
-CLIP_WEIGHT_FILES = ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin")
+CLIP_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.fp16.safetensors",
+    "pytorch_model.bin",
+    "pytorch_model.fp16.bin",
+)
 
 
 def read_clip_folder(path: str, *, what: str) -> Tuple[Dict[str, Any], Dict[str, np.ndarray], str]:
     """``(config dict, state dict, weights file)`` of a transformers CLIP folder."""
     config = weights.read_json(os.path.join(path, "config.json"), what=what)
     file = weights.find_file(path, CLIP_WEIGHT_FILES, what=what)
-    source = weights.read_safetensors(file) if file.endswith(".safetensors") else weights.read_torch_state_dict(file)
+    source = (
+        weights.read_safetensors(file)
+        if file.endswith(".safetensors")
+        else weights.read_torch_state_dict(file)
+    )
     return config, source, file
 
 
@@ -364,7 +395,9 @@ def is_clip_buffer(key: str) -> bool:
     return key.endswith("position_ids")
 
 
-def load_clip_text(path: str, *, allow_partial: bool = False) -> Tuple[CLIPTextConfig, Dict[str, Any]]:
+def load_clip_text(
+    path: str, *, allow_partial: bool = False
+) -> Tuple[CLIPTextConfig, Dict[str, Any]]:
     """Loads the CLIP text transformer from a local folder: a diffusers pipeline (uses ``text_encoder/``), a
     diffusers ``text_encoder/`` folder, or a transformers ``CLIPTextModel``/``CLIPTextModelWithProjection``/
     ``CLIPModel`` folder (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``).
@@ -382,14 +415,24 @@ def load_clip_text(path: str, *, allow_partial: bool = False) -> Tuple[CLIPTextC
     expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), ids)["params"]
     fallback = model.init(jax.random.PRNGKey(0), ids)["params"] if allow_partial else None
     params = weights.assemble_params(
-        expected, source, clip_key_function(prefix), what=f"CLIP text encoder from {file}",
-        ignore_unused=lambda k: is_clip_buffer(k) or not k.startswith(prefix) or _is_other_clip_part(k),
-        allow_partial=allow_partial, fallback=fallback)
+        expected,
+        source,
+        clip_key_function(prefix),
+        what=f"CLIP text encoder from {file}",
+        ignore_unused=lambda k: (
+            is_clip_buffer(k) or not k.startswith(prefix) or _is_other_clip_part(k)
+        ),
+        allow_partial=allow_partial,
+        fallback=fallback,
+    )
     return config, params
 
 
 def _is_other_clip_part(key: str) -> bool:
-    return key.startswith(("vision_model.", "visual_projection.", "text_projection.")) or key == "logit_scale"
+    return (
+        key.startswith(("vision_model.", "visual_projection.", "text_projection."))
+        or key == "logit_scale"
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -407,8 +450,13 @@ class CLIPTokenizerHandle:
     def __call__(self, captions: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
         if isinstance(captions, str):
             raise TypeError("pass a list of captions, not a single string")
-        out = self.tokenizer(list(captions), padding="max_length", max_length=self.max_length, truncation=True,
-                             return_tensors="np")
+        out = self.tokenizer(
+            list(captions),
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            return_tensors="np",
+        )
         return out["input_ids"].astype(np.int32), out["attention_mask"].astype(np.int32)
 
     @property
@@ -425,7 +473,10 @@ def load_clip_tokenizer(path: str, *, max_length: int = 77) -> CLIPTokenizerHand
     has_bpe = all(os.path.isfile(os.path.join(path, f)) for f in ("vocab.json", "merges.txt"))
     if not (has_fast or has_bpe):
         raise weights.WeightsError(
-            f"CLIP tokenizer: {path} has no tokenizer files (expected tokenizer.json, or vocab.json and merges.txt)")
+            f"CLIP tokenizer: {path} has no tokenizer files (expected tokenizer.json, or vocab.json and merges.txt)"
+        )
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizerHandle(CLIPTokenizer.from_pretrained(path, local_files_only=True), max_length)
+    return CLIPTokenizerHandle(
+        CLIPTokenizer.from_pretrained(path, local_files_only=True), max_length
+    )

@@ -70,12 +70,18 @@ class CLIPVisionConfig:
 
     def __post_init__(self):
         if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"Unsupported hidden_act {self.hidden_act!r}; expected one of {sorted(ACTIVATIONS)}")
+            raise ValueError(
+                f"Unsupported hidden_act {self.hidden_act!r}; expected one of {sorted(ACTIVATIONS)}"
+            )
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
-                             f"({self.num_attention_heads})")
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+            raise ValueError(
+                f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -88,7 +94,9 @@ class CLIPVisionConfig:
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "CLIPVisionConfig":
         """From a ``CLIPVisionConfig`` dict or a full ``CLIPConfig`` dict (its ``vision_config``)."""
-        if isinstance(d.get("vision_config"), dict) or isinstance(d.get("vision_config_dict"), dict):
+        if isinstance(d.get("vision_config"), dict) or isinstance(
+            d.get("vision_config_dict"), dict
+        ):
             d = {**(d.get("vision_config") or {}), **(d.get("vision_config_dict") or {})}
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names and v is not None})
@@ -107,10 +115,14 @@ class CLIPConfig:
     def from_dict(cls, d: Dict[str, Any]) -> "CLIPConfig":
         """From a transformers ``config.json`` of ``CLIPModel`` (both towers), ``CLIPTextModelWithProjection``
         or ``CLIPVisionModelWithProjection`` (one tower). A missing ``projection_dim`` is transformers' 512."""
-        if any(isinstance(d.get(k), dict) for k in ("text_config", "vision_config", "text_config_dict",
-                                                      "vision_config_dict")):
+        if any(
+            isinstance(d.get(k), dict)
+            for k in ("text_config", "vision_config", "text_config_dict", "vision_config_dict")
+        ):
             text, vision = CLIPTextConfig.from_dict(d), CLIPVisionConfig.from_dict(d)
-        elif d.get("model_type") == "clip_vision_model" or any("Vision" in a for a in d.get("architectures", [])):
+        elif d.get("model_type") == "clip_vision_model" or any(
+            "Vision" in a for a in d.get("architectures", [])
+        ):
             text, vision = None, CLIPVisionConfig.from_dict(d)
         else:
             text, vision = CLIPTextConfig.from_dict(d), None
@@ -125,19 +137,35 @@ class CLIPVisionEmbeddings(nn.Module):
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         cfg = self.config
         p = cfg.patch_size
-        patches = nn.Conv(cfg.hidden_size, (p, p), strides=(p, p), padding="VALID", use_bias=False,
-                          dtype=self.dtype, param_dtype=jnp.float32, kernel_init=_INIT,
-                          name="patch_embedding")(pixel_values.astype(self.dtype))
+        patches = nn.Conv(
+            cfg.hidden_size,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=_INIT,
+            name="patch_embedding",
+        )(pixel_values.astype(self.dtype))
         b, gh, gw, d = patches.shape
         if gh * gw != cfg.num_patches:
-            raise ValueError(f"pixel_values of shape {pixel_values.shape} give {gh}x{gw} patches; the position "
-                             f"embedding has {cfg.num_patches} (image_size={cfg.image_size})")
+            raise ValueError(
+                f"pixel_values of shape {pixel_values.shape} give {gh}x{gw} patches; the position "
+                f"embedding has {cfg.num_patches} (image_size={cfg.image_size})"
+            )
         patches = patches.reshape(b, gh * gw, d)  # row-major over (H, W), as torch's flatten(2)
         cls_token = self.param("class_embedding", _INIT, (d,), jnp.float32)
         cls_token = jnp.broadcast_to(cls_token.astype(self.dtype), (b, 1, d))
         x = jnp.concatenate([cls_token, patches], axis=1)
-        position = nn.Embed(cfg.num_patches + 1, d, embedding_init=_INIT, dtype=self.dtype,
-                            param_dtype=jnp.float32, name="position_embedding")
+        position = nn.Embed(
+            cfg.num_patches + 1,
+            d,
+            embedding_init=_INIT,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            name="position_embedding",
+        )
         return x + position(jnp.arange(cfg.num_patches + 1)[None])
 
 
@@ -156,8 +184,10 @@ class CLIPVisionTransformer(nn.Module):
     def __call__(self, pixel_values: jax.Array) -> Tuple[jax.Array, jax.Array]:
         cfg = self.config
         if pixel_values.ndim != 4 or pixel_values.shape[-1] != cfg.num_channels:
-            raise ValueError(f"pixel_values must be NHWC [batch, height, width, {cfg.num_channels}], "
-                             f"got shape {pixel_values.shape}")
+            raise ValueError(
+                f"pixel_values must be NHWC [batch, height, width, {cfg.num_channels}], "
+                f"got shape {pixel_values.shape}"
+            )
         x = CLIPVisionEmbeddings(cfg, self.dtype, name="embeddings")(pixel_values)
         x = _layer_norm(cfg.layer_norm_eps, "pre_layrnorm")(x).astype(self.dtype)
         x = CLIPEncoder(cfg, dtype=self.dtype, name="encoder")(x, None)
@@ -177,8 +207,14 @@ class CLIPModel(nn.Module):
 
     def setup(self):
         cfg = self.config
-        dense = functools.partial(nn.Dense, cfg.projection_dim, use_bias=False, dtype=self.dtype,
-                                  param_dtype=jnp.float32, kernel_init=_INIT)
+        dense = functools.partial(
+            nn.Dense,
+            cfg.projection_dim,
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=_INIT,
+        )
         if cfg.text is not None:
             self.text_model = CLIPTextTransformer(cfg.text, dtype=self.dtype)
             self.text_projection = dense()
@@ -198,7 +234,9 @@ class CLIPModel(nn.Module):
         _, pooled = self.vision_model(pixel_values)
         return pooled.astype(jnp.float32), self.visual_projection(pooled).astype(jnp.float32)
 
-    def __call__(self, input_ids: Optional[jax.Array] = None, pixel_values: Optional[jax.Array] = None):
+    def __call__(
+        self, input_ids: Optional[jax.Array] = None, pixel_values: Optional[jax.Array] = None
+    ):
         """Both projected embeddings (``None`` for an absent input); used by ``init``."""
         text = self.text_features(input_ids)[1] if input_ids is not None else None
         image = self.image_features(pixel_values)[1] if pixel_values is not None else None
@@ -233,13 +271,19 @@ class CLIP:
         return self.module.init(rng, *self._init_inputs())["params"]
 
     def param_shapes(self) -> Dict[str, Any]:
-        return jax.eval_shape(self.module.init, jax.random.PRNGKey(0), *self._init_inputs())["params"]
+        return jax.eval_shape(self.module.init, jax.random.PRNGKey(0), *self._init_inputs())[
+            "params"
+        ]
 
     @functools.partial(jax.jit, static_argnums=0)
     def text_features(self, params, input_ids, attention_mask=None) -> Tuple[jax.Array, jax.Array]:
         """Token ids [B, L] (and optional mask) -> ``(pooled [B, D_text], projected [B, projection_dim])``."""
-        return self.module.apply(_variables(params), jnp.asarray(input_ids, jnp.int32), attention_mask,
-                                 method=CLIPModel.text_features)
+        return self.module.apply(
+            _variables(params),
+            jnp.asarray(input_ids, jnp.int32),
+            attention_mask,
+            method=CLIPModel.text_features,
+        )
 
     @functools.partial(jax.jit, static_argnums=0)
     def image_features(self, params, pixel_values) -> Tuple[jax.Array, jax.Array]:
@@ -247,7 +291,9 @@ class CLIP:
         return self.module.apply(_variables(params), pixel_values, method=CLIPModel.image_features)
 
 
-def load_clip(path: str, *, allow_partial: bool = False, dtype: Dtype = jnp.float32) -> Tuple[CLIP, Dict[str, Any]]:
+def load_clip(
+    path: str, *, allow_partial: bool = False, dtype: Dtype = jnp.float32
+) -> Tuple[CLIP, Dict[str, Any]]:
     """Loads a transformers CLIP folder (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``):
     a full ``CLIPModel`` (e.g. ``openai/clip-vit-large-patch14`` or ``-base-patch32``) or a one-tower
     ``CLIPTextModelWithProjection`` / ``CLIPVisionModelWithProjection``.
@@ -258,9 +304,14 @@ def load_clip(path: str, *, allow_partial: bool = False, dtype: Dtype = jnp.floa
     raw, source, file = read_clip_folder(path, what="CLIP model")
     clip = CLIP(CLIPConfig.from_dict(raw), dtype=dtype)
     params = weights.assemble_params(
-        clip.param_shapes(), source, clip_key_function(""), what=f"CLIP model from {file}",
-        ignore_unused=lambda k: is_clip_buffer(k) or k == "logit_scale", allow_partial=allow_partial,
-        fallback=clip.init(jax.random.PRNGKey(0)) if allow_partial else None)
+        clip.param_shapes(),
+        source,
+        clip_key_function(""),
+        what=f"CLIP model from {file}",
+        ignore_unused=lambda k: is_clip_buffer(k) or k == "logit_scale",
+        allow_partial=allow_partial,
+        fallback=clip.init(jax.random.PRNGKey(0)) if allow_partial else None,
+    )
     return clip, params
 
 
@@ -268,9 +319,15 @@ def load_clip(path: str, *, allow_partial: bool = False, dtype: Dtype = jnp.floa
 # Preprocessing
 
 
-def preprocess_images(images: jax.Array, *, value_range: Tuple[float, float] = (-1.0, 1.0), size: int = 224,
-                      crop_size: Optional[int] = None, mean: Sequence[float] = CLIP_MEAN,
-                      std: Sequence[float] = CLIP_STD) -> jax.Array:
+def preprocess_images(
+    images: jax.Array,
+    *,
+    value_range: Tuple[float, float] = (-1.0, 1.0),
+    size: int = 224,
+    crop_size: Optional[int] = None,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+) -> jax.Array:
     """JAX version of transformers' ``CLIPImageProcessor`` for float images NHWC in ``value_range``:
     resize the shortest side to ``size`` (bicubic, antialiased when shrinking), center crop to ``crop_size``
     (default ``size``), normalise with CLIP's mean/std. Traceable (shapes are static), so it jits with the model.
@@ -296,6 +353,9 @@ def preprocess_images(images: jax.Array, *, value_range: Tuple[float, float] = (
         x = jax.image.resize(x, (b, new_h, new_w, c), method="bicubic", antialias=True)
     x = jnp.clip(x, 0.0, 1.0)
     crop = crop_size or size
-    top, left = int(round((new_h - crop) / 2.0)), int(round((new_w - crop) / 2.0))  # torchvision's center_crop
-    x = x[:, top:top + crop, left:left + crop]
+    top, left = (
+        int(round((new_h - crop) / 2.0)),
+        int(round((new_w - crop) / 2.0)),
+    )  # torchvision's center_crop
+    x = x[:, top : top + crop, left : left + crop]
     return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)

@@ -56,7 +56,9 @@ def _fir_1d(x: jax.Array, axis: int, stride: int) -> jax.Array:
     return out
 
 
-def blur(x: jax.Array, pad: tuple[int, int], stride: int = 1, pad_mode: str = "constant") -> jax.Array:
+def blur(
+    x: jax.Array, pad: tuple[int, int], stride: int = 1, pad_mode: str = "constant"
+) -> jax.Array:
     """FIR low-pass on an NHWC map, with explicit (before, after) padding on H and W.
 
     The 2-D filter is separable (outer product of the 1-D taps), so it runs as weighted sums of
@@ -101,7 +103,9 @@ class EqualizedConv(nn.Module):
         k = self.kernel_size
         in_ch = x.shape[-1]
         # Stored weights are N(0, 1); the run-time 1/sqrt(fan_in) scale equalises learning rates.
-        kernel = self.param("kernel", nn.initializers.normal(stddev=1.0), (k, k, in_ch, self.features), jnp.float32)
+        kernel = self.param(
+            "kernel", nn.initializers.normal(stddev=1.0), (k, k, in_ch, self.features), jnp.float32
+        )
         w = (kernel * (1.0 / math.sqrt(in_ch * k * k))).astype(self.dtype)
         x = x.astype(self.dtype)
         if self.down == 1:
@@ -116,7 +120,12 @@ class EqualizedConv(nn.Module):
             raise ValueError(f"EqualizedConv supports down in (1, 2), got {self.down}")
         if stride == 1:
             y = jax.lax.conv_general_dilated(
-                x, w, window_strides=(1, 1), padding=padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                x,
+                w,
+                window_strides=(1, 1),
+                padding=padding,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )
         else:
             y = strided_conv(x, w, stride)
         if self.use_bias:
@@ -136,7 +145,9 @@ class EqualizedDense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         in_f = x.shape[-1]
-        kernel = self.param("kernel", nn.initializers.normal(stddev=1.0), (in_f, self.features), jnp.float32)
+        kernel = self.param(
+            "kernel", nn.initializers.normal(stddev=1.0), (in_f, self.features), jnp.float32
+        )
         w = (kernel * (1.0 / math.sqrt(in_f))).astype(self.dtype)
         y = jnp.dot(x.astype(self.dtype), w)
         if self.use_bias:
@@ -184,7 +195,15 @@ class DiscriminatorBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         # Linear, bias-free skip so the residual sum stays zero-mean; sqrt(0.5) keeps unit variance.
-        y = EqualizedConv(self.out_channels, 1, down=2, use_bias=False, activation="linear", dtype=self.dtype, name="skip")(x)
+        y = EqualizedConv(
+            self.out_channels,
+            1,
+            down=2,
+            use_bias=False,
+            activation="linear",
+            dtype=self.dtype,
+            name="skip",
+        )(x)
         x = EqualizedConv(self.tmp_channels, 3, dtype=self.dtype, name="conv0")(x)
         x = EqualizedConv(self.out_channels, 3, down=2, dtype=self.dtype, name="conv1")(x)
         return (y + x) * jnp.asarray(math.sqrt(0.5), x.dtype)
@@ -244,7 +263,11 @@ class StyleGANDiscriminator(nn.Module):
         # Projection conditioning: logit = <phi(x), cmap(cond)> / sqrt(cmap_dim).
         cmap_dim = c4
         out = EqualizedDense(cmap_dim, dtype=self.dtype, name="b4_out")(x)
-        cmap = EqualizedDense(cmap_dim, activation="lrelu", dtype=self.dtype, name="mapping_fc0")(cond)
+        cmap = EqualizedDense(cmap_dim, activation="lrelu", dtype=self.dtype, name="mapping_fc0")(
+            cond
+        )
         cmap = EqualizedDense(cmap_dim, dtype=self.dtype, name="mapping_fc1")(cmap)
-        logits = jnp.sum(out.astype(jnp.float32) * cmap.astype(jnp.float32), axis=-1) / math.sqrt(cmap_dim)
+        logits = jnp.sum(out.astype(jnp.float32) * cmap.astype(jnp.float32), axis=-1) / math.sqrt(
+            cmap_dim
+        )
         return logits

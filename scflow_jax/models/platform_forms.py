@@ -17,6 +17,7 @@ The one other platform choice in the package is the attention kernel (``models/a
 cuDNN's fused attention on NVIDIA GPUs and query chunks for long attention on TPUs, chosen for
 memory.
 """
+
 from __future__ import annotations
 
 import jax
@@ -30,8 +31,16 @@ def strided_conv_as_matmul(x: jax.Array, w: jax.Array, stride: int) -> jax.Array
     kh, kw = w.shape[:2]
     out_h = (x.shape[1] - kh) // stride + 1
     out_w = (x.shape[2] - kw) // stride + 1
-    patches = [x[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride, :]
-               for i in range(kh) for j in range(kw)]
+    patches = [
+        x[
+            :,
+            i : i + stride * (out_h - 1) + 1 : stride,
+            j : j + stride * (out_w - 1) + 1 : stride,
+            :,
+        ]
+        for i in range(kh)
+        for j in range(kw)
+    ]
     patches = patches[0] if len(patches) == 1 else jnp.concatenate(patches, axis=-1)
     return jnp.einsum("bhwk,ko->bhwo", patches, w.reshape(-1, w.shape[-1]))
 
@@ -43,5 +52,8 @@ def strided_conv_plain(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
 def strided_conv(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
     """A "VALID" NHWC x HWIO convolution at ``stride``."""
     return jax.lax.platform_dependent(
-        x, w, cpu=lambda x, w: strided_conv_as_matmul(x, w, stride),
-        default=lambda x, w: strided_conv_plain(x, w, stride))
+        x,
+        w,
+        cpu=lambda x, w: strided_conv_as_matmul(x, w, stride),
+        default=lambda x, w: strided_conv_plain(x, w, stride),
+    )

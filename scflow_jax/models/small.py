@@ -6,6 +6,7 @@ distillation and evaluation on 8x8 digits finish within minutes on a 2-core CPU.
 The network is native to the project convention: ``F(t, x, c)`` with t in [0, 1] predicts
 the velocity ``z1 - z0`` (see flows.py); no wrapper is needed.
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -26,6 +27,7 @@ def _groups(channels: int, preferred: int = 32) -> int:
 
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, with the time embedding as a scale and shift."""
+
     out_channels: int
     dtype: Any = jnp.float32
 
@@ -33,13 +35,16 @@ class ResBlock(nn.Module):
     def __call__(self, x, temb):
         h = nn.silu(nn.GroupNorm(_groups(x.shape[-1]), dtype=self.dtype)(x))
         h = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype)(h)
-        scale, shift = jnp.split(nn.Dense(2 * self.out_channels, dtype=self.dtype)(nn.silu(temb)), 2, -1)
+        scale, shift = jnp.split(
+            nn.Dense(2 * self.out_channels, dtype=self.dtype)(nn.silu(temb)), 2, -1
+        )
         h = nn.GroupNorm(_groups(self.out_channels), dtype=self.dtype)(h)
         h = h * (1 + scale[:, None, None]) + shift[:, None, None]
         # Zero-initialised last conv: each block starts as the identity, which keeps
         # deep stacks stable from the first step.
-        h = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype,
-                    kernel_init=nn.initializers.zeros)(nn.silu(h))
+        h = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, kernel_init=nn.initializers.zeros)(
+            nn.silu(h)
+        )
         if x.shape[-1] != self.out_channels:
             x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype)(x)
         return x + h
@@ -47,6 +52,7 @@ class ResBlock(nn.Module):
 
 class TransformerBlock(nn.Module):
     """Self-attention over pixels, cross-attention to the text tokens, then an MLP."""
+
     num_heads: int
     dtype: Any = jnp.float32
 
@@ -54,7 +60,8 @@ class TransformerBlock(nn.Module):
     def __call__(self, x, context):
         b, h, w, c = x.shape
         tokens = nn.Dense(c, dtype=self.dtype)(
-            nn.GroupNorm(_groups(c), dtype=self.dtype)(x).reshape(b, h * w, c))
+            nn.GroupNorm(_groups(c), dtype=self.dtype)(x).reshape(b, h * w, c)
+        )
         attn = lambda: nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype)
         y = nn.LayerNorm(dtype=self.dtype)(tokens)
         tokens = tokens + attn()(y, y)
@@ -67,6 +74,7 @@ class TransformerBlock(nn.Module):
 
 class SmallUNet(nn.Module):
     """UNet over NHWC inputs; ``attention_levels`` index the resolutions that get attention."""
+
     out_channels: int = 1
     channels: int = 64
     channel_mult: Sequence[int] = (1, 2)
@@ -111,6 +119,7 @@ class SmallUNet(nn.Module):
                 h = nn.Conv(c, (3, 3), dtype=self.dtype)(h)
 
         h = nn.silu(nn.GroupNorm(_groups(h.shape[-1]), dtype=self.dtype)(h))
-        out = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype,
-                      kernel_init=nn.initializers.zeros)(h)
+        out = nn.Conv(
+            self.out_channels, (3, 3), dtype=self.dtype, kernel_init=nn.initializers.zeros
+        )(h)
         return out.astype(jnp.float32)

@@ -5,6 +5,7 @@ The SD 1.5 UNet (diffusers' ``get_timestep_embedding``), the ADM UNet (guided-di
 only in the arguments: which half comes first, the frequency shift, and the time scale the
 caller applies (SD: 0..1000 timesteps; ADM/LFM: t in [0, 1] as is; small: 1000 t).
 """
+
 from __future__ import annotations
 
 import math
@@ -14,8 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def sinusoidal_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool = True,
-                         freq_shift: float = 0.0, max_period: float = 10000.0) -> jax.Array:
+def sinusoidal_embedding(
+    timesteps: jax.Array,
+    dim: int,
+    *,
+    flip_sin_to_cos: bool = True,
+    freq_shift: float = 0.0,
+    max_period: float = 10000.0,
+) -> jax.Array:
     """[sin | cos] of ``t * exp(-log(max_period) * k / (half - freq_shift))`` (float32), swapped to
     [cos | sin] with ``flip_sin_to_cos``, zero-padded to an odd ``dim``."""
     half = dim // 2

@@ -22,6 +22,7 @@ the compute ``dtype``; attention softmax too. Parameters are float32.
 Module names mirror the PyTorch attribute names with ``.`` written as ``_`` (``input_blocks_1_0/in_layers_2``), so
 the converter is one rule: every ``_<n>`` becomes ``.<n>`` (see ``torch_key``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,7 +45,9 @@ __all__ = ["ADMConfig", "ADMUNet", "torch_key", "adm_params_from_state_dict", "l
 # PyTorch's default Linear/Conv weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), so a model trained from scratch
 # starts like the reference (biases start at zero here; they are tiny there).
 _torch_default_kernel = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-_zeros = nn.initializers.zeros  # guided-diffusion's zero_module: residual branches start as the identity
+_zeros = (
+    nn.initializers.zeros
+)  # guided-diffusion's zero_module: residual branches start as the identity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +64,9 @@ class ADMConfig:
     conv_resample: bool = True
     num_classes: Optional[int] = None
     num_heads: int = 1
-    num_head_channels: Optional[int] = None  # if set, heads = channels // num_head_channels (num_heads ignored)
+    num_head_channels: Optional[int] = (
+        None  # if set, heads = channels // num_head_channels (num_heads ignored)
+    )
     num_heads_upsample: Optional[int] = None  # heads in output_blocks; None = num_heads
     use_scale_shift_norm: bool = False
     resblock_updown: bool = False
@@ -70,14 +75,20 @@ class ADMConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
-        object.__setattr__(self, "attention_resolutions", tuple(int(r) for r in self.attention_resolutions))
+        object.__setattr__(
+            self, "attention_resolutions", tuple(int(r) for r in self.attention_resolutions)
+        )
         if not self.channel_mult or min(self.channel_mult) < 1:
-            raise ValueError(f"ADMConfig.channel_mult must be non-empty positive ints, got {self.channel_mult}")
+            raise ValueError(
+                f"ADMConfig.channel_mult must be non-empty positive ints, got {self.channel_mult}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"ADMConfig.dropout must be in [0, 1), got {self.dropout}")
         for ch in {self.model_channels * m for m in self.channel_mult}:
             if ch % self.num_groups:
-                raise ValueError(f"ADMConfig: {ch} channels are not divisible into {self.num_groups} norm groups")
+                raise ValueError(
+                    f"ADMConfig: {ch} channels are not divisible into {self.num_groups} norm groups"
+                )
             self.heads(ch, upsample=False)
             self.heads(ch, upsample=True)
 
@@ -85,12 +96,20 @@ class ADMConfig:
         """Attention heads of a block with ``channels`` channels (output_blocks use ``num_heads_upsample``)."""
         if self.num_head_channels is not None:
             if channels % self.num_head_channels:
-                raise ValueError(f"ADMConfig: {channels} channels not divisible by num_head_channels "
-                                 f"{self.num_head_channels}")
+                raise ValueError(
+                    f"ADMConfig: {channels} channels not divisible by num_head_channels "
+                    f"{self.num_head_channels}"
+                )
             return channels // self.num_head_channels
-        n = self.num_heads_upsample if upsample and self.num_heads_upsample is not None else self.num_heads
+        n = (
+            self.num_heads_upsample
+            if upsample and self.num_heads_upsample is not None
+            else self.num_heads
+        )
         if n < 1 or channels % n:
-            raise ValueError(f"ADMConfig: {channels} channels not divisible into {n} attention heads")
+            raise ValueError(
+                f"ADMConfig: {channels} channels not divisible into {n} attention heads"
+            )
         return n
 
     @property
@@ -107,9 +126,16 @@ class ADMConfig:
         the 4x4 level), 4 heads, no num_head_channels, scale-shift norm, no resblock up/down, legacy attention
         order, conv resampling, dropout 0, unconditional.
         """
-        return cls(in_channels=4, model_channels=256, out_channels=4, num_res_blocks=2,
-                   attention_resolutions=(16, 8), channel_mult=(1, 2, 2, 2), num_heads=4,
-                   use_scale_shift_norm=True)
+        return cls(
+            in_channels=4,
+            model_channels=256,
+            out_channels=4,
+            num_res_blocks=2,
+            attention_resolutions=(16, 8),
+            channel_mult=(1, 2, 2, 2),
+            num_heads=4,
+            use_scale_shift_norm=True,
+        )
 
     @classmethod
     def speed_benchmark(cls) -> "ADMConfig":
@@ -117,21 +143,37 @@ class ADMConfig:
         level, attention at the 8x8 level (factor 2) and in the middle, 4 heads, scale-shift norm, dropout 0,
         reference defaults elsewhere (conv resampling, no resblock up/down, legacy order): 4,751,364 parameters
         (resblock_updown=True would give 5,463,108)."""
-        return cls(in_channels=4, model_channels=64, out_channels=4, num_res_blocks=1,
-                   attention_resolutions=(2,), channel_mult=(1, 2, 2), num_heads=4, use_scale_shift_norm=True)
+        return cls(
+            in_channels=4,
+            model_channels=64,
+            out_channels=4,
+            num_res_blocks=1,
+            attention_resolutions=(2,),
+            channel_mult=(1, 2, 2),
+            num_heads=4,
+            use_scale_shift_norm=True,
+        )
 
 
 def _group_norm(x, num_groups, dtype, name):
     """guided-diffusion's GroupNorm32 (eps 1e-5) computed in float32, returned in the compute dtype. Called inside
     a compact method, so its scale/bias sit directly under ``name`` (torch ``<name>.weight``/``.bias``)."""
-    return nn.GroupNorm(num_groups=num_groups, epsilon=1e-5, use_fast_variance=False, dtype=jnp.float32,
-                        name=name)(x.astype(jnp.float32)).astype(dtype)
+    return nn.GroupNorm(
+        num_groups=num_groups, epsilon=1e-5, use_fast_variance=False, dtype=jnp.float32, name=name
+    )(x.astype(jnp.float32)).astype(dtype)
 
 
 def _conv(features, kernel, dtype, name, *, strides=1, zero=False):
     pad = (kernel - 1) // 2
-    return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=((pad, pad), (pad, pad)),
-                   dtype=dtype, kernel_init=_zeros if zero else _torch_default_kernel, name=name)
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(strides, strides),
+        padding=((pad, pad), (pad, pad)),
+        dtype=dtype,
+        kernel_init=_zeros if zero else _torch_default_kernel,
+        name=name,
+    )
 
 
 def _upsample_conv(features, dtype, name):
@@ -168,8 +210,9 @@ class ResBlock(nn.Module):
                 h, x = _avg_pool(h), _avg_pool(x)
             h = _conv(self.out_channels, 3, self.dtype, "in_layers_2")(h)
         width = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
-        emb_out = nn.Dense(width, dtype=self.dtype, kernel_init=_torch_default_kernel,
-                           name="emb_layers_1")(nn.silu(emb))
+        emb_out = nn.Dense(
+            width, dtype=self.dtype, kernel_init=_torch_default_kernel, name="emb_layers_1"
+        )(nn.silu(emb))
         per_pixel = lambda v: v[:, None, None, :]  # noqa: E731 - [B, C] over the pixels
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(emb_out, 2, axis=-1)
@@ -202,7 +245,9 @@ class AttentionBlock(nn.Module):
         b, height, width, c = x.shape
         tokens = x.reshape(b, height * width, c)
         normed = _group_norm(tokens, self.num_groups, self.dtype, "norm")
-        qkv = nn.Conv(3 * c, (1,), dtype=self.dtype, kernel_init=_torch_default_kernel, name="qkv")(normed)
+        qkv = nn.Conv(3 * c, (1,), dtype=self.dtype, kernel_init=_torch_default_kernel, name="qkv")(
+            normed
+        )
         head_ch = c // self.num_heads
         if self.new_order:
             q, k, v = jnp.moveaxis(qkv.reshape(b, height * width, 3, self.num_heads, head_ch), 2, 0)
@@ -236,7 +281,11 @@ class Upsample(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return _upsample_conv(x.shape[-1], self.dtype, "conv")(x) if self.use_conv else upsample_nearest(x)
+        return (
+            _upsample_conv(x.shape[-1], self.dtype, "conv")(x)
+            if self.use_conv
+            else upsample_nearest(x)
+        )
 
 
 class ADMUNet(nn.Module):
@@ -249,10 +298,16 @@ class ADMUNet(nn.Module):
     @nn.compact
     def __call__(self, x, t, y=None, *, deterministic: bool = True):
         cfg = self.config
-        if x.ndim != 4 or x.shape[-1] != cfg.in_channels or x.shape[1] % cfg.downsample_factor \
-                or x.shape[2] % cfg.downsample_factor:
-            raise ValueError(f"ADMUNet expects [B, H, W, {cfg.in_channels}] with H, W multiples of "
-                             f"{cfg.downsample_factor}, got {x.shape}")
+        if (
+            x.ndim != 4
+            or x.shape[-1] != cfg.in_channels
+            or x.shape[1] % cfg.downsample_factor
+            or x.shape[2] % cfg.downsample_factor
+        ):
+            raise ValueError(
+                f"ADMUNet expects [B, H, W, {cfg.in_channels}] with H, W multiples of "
+                f"{cfg.downsample_factor}, got {x.shape}"
+            )
         if (y is None) != (cfg.num_classes is None):
             raise ValueError("ADMUNet: pass labels y if and only if config.num_classes is set")
         dt = self.dtype
@@ -264,15 +319,33 @@ class ADMUNet(nn.Module):
         emb = sinusoidal_embedding(t, cfg.model_channels).astype(dt)
         emb = dense(emb_dim, "time_embed_2")(nn.silu(dense(emb_dim, "time_embed_0")(emb)))
         if cfg.num_classes is not None:
-            emb = emb + nn.Embed(cfg.num_classes, emb_dim, dtype=dt, embedding_init=nn.initializers.normal(1.0),
-                                 name="label_emb")(y)
+            emb = emb + nn.Embed(
+                cfg.num_classes,
+                emb_dim,
+                dtype=dt,
+                embedding_init=nn.initializers.normal(1.0),
+                name="label_emb",
+            )(y)
 
         def res(out_ch, name, **kw):
-            return ResBlock(out_ch, cfg.num_groups, cfg.use_scale_shift_norm, cfg.dropout, dtype=dt, name=name, **kw)
+            return ResBlock(
+                out_ch,
+                cfg.num_groups,
+                cfg.use_scale_shift_norm,
+                cfg.dropout,
+                dtype=dt,
+                name=name,
+                **kw,
+            )
 
         def attn(ch, name, upsample=False):
-            return AttentionBlock(cfg.heads(ch, upsample=upsample), cfg.num_groups, cfg.use_new_attention_order,
-                                  dtype=dt, name=name)
+            return AttentionBlock(
+                cfg.heads(ch, upsample=upsample),
+                cfg.num_groups,
+                cfg.use_new_attention_order,
+                dtype=dt,
+                name=name,
+            )
 
         h = _conv(cfg.model_channels * cfg.channel_mult[0], 3, dt, "input_blocks_0_0")(x.astype(dt))
         skips = [h]
@@ -302,7 +375,9 @@ class ADMUNet(nn.Module):
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
-                h = res(cfg.model_channels * mult, f"output_blocks_{block}_0")(h, emb, deterministic)
+                h = res(cfg.model_channels * mult, f"output_blocks_{block}_0")(
+                    h, emb, deterministic
+                )
                 j = 1
                 if factor in cfg.attention_resolutions:
                     h = attn(h.shape[-1], f"output_blocks_{block}_1", upsample=True)(h)
@@ -342,27 +417,40 @@ def _example_inputs(config: ADMConfig):
     return x, jnp.zeros((1,), jnp.float32), y
 
 
-def adm_params_from_state_dict(state_dict: Mapping[str, np.ndarray], config: ADMConfig, *, what: str,
-                               allow_partial: bool = False, seed: int = 0):
+def adm_params_from_state_dict(
+    state_dict: Mapping[str, np.ndarray],
+    config: ADMConfig,
+    *,
+    what: str,
+    allow_partial: bool = False,
+    seed: int = 0,
+):
     """Flax parameters of ``ADMUNet(config)`` from a guided-diffusion/LFM state dict (``module.`` prefixes of
     DataParallel/DDP are stripped). Every key must be used and every shape match, else ``WeightsError`` naming
     them; with ``allow_partial`` the missing leaves come from a fresh ``init(seed)``."""
     source = {}
     for key, value in state_dict.items():
-        name = key[len("module."):] if key.startswith("module.") else key
+        name = key[len("module.") :] if key.startswith("module.") else key
         if name in source:
-            raise WeightsError(f"{what}: key {name!r} appears both with and without the 'module.' prefix")
+            raise WeightsError(
+                f"{what}: key {name!r} appears both with and without the 'module.' prefix"
+            )
         source[name] = value
     model = ADMUNet(config)
     inputs = _example_inputs(config)
     expected = jax.eval_shape(lambda: model.init(jax.random.key(seed), *inputs))["params"]
     # Jitted: run op by op, init would compile an RNG kernel for every parameter shape.
-    fallback = jax.jit(model.init)(jax.random.key(seed), *inputs)["params"] if allow_partial else None
-    return weights.assemble_params(expected, source, torch_key, what=what, allow_partial=allow_partial,
-                                   fallback=fallback)
+    fallback = (
+        jax.jit(model.init)(jax.random.key(seed), *inputs)["params"] if allow_partial else None
+    )
+    return weights.assemble_params(
+        expected, source, torch_key, what=what, allow_partial=allow_partial, fallback=fallback
+    )
 
 
-def load_unet_adm(path: str, config: ADMConfig, *, subkey: Optional[str] = None, allow_partial: bool = False):
+def load_unet_adm(
+    path: str, config: ADMConfig, *, subkey: Optional[str] = None, allow_partial: bool = False
+):
     """Reads ADM UNet weights for ``ADMUNet(config)`` from ``path`` and returns the Flax ``params`` tree.
 
     ``path``: a ``.pth``/``.pt`` state dict (LFM releases ``model_<epoch>.pth``: ``model.state_dict()`` of the
@@ -372,8 +460,12 @@ def load_unet_adm(path: str, config: ADMConfig, *, subkey: Optional[str] = None,
     what = f"ADM UNet from {path}"
     if path.endswith(".safetensors"):
         if subkey is not None:
-            raise WeightsError(f"{what}: subkey={subkey!r} applies to nested .pth checkpoints, not safetensors")
+            raise WeightsError(
+                f"{what}: subkey={subkey!r} applies to nested .pth checkpoints, not safetensors"
+            )
         state_dict = weights.read_safetensors(path)
     else:
-        state_dict = weights.read_torch_state_dict(path, subkey=subkey, safe_globals=_CHECKPOINT_GLOBALS)
+        state_dict = weights.read_torch_state_dict(
+            path, subkey=subkey, safe_globals=_CHECKPOINT_GLOBALS
+        )
     return adm_params_from_state_dict(state_dict, config, what=what, allow_partial=allow_partial)

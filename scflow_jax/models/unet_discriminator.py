@@ -16,6 +16,7 @@ The encoder's parameters live under ``["unet"]`` with the full UNet's paths, so 
 Parameters are float32; ``dtype`` sets the compute dtype (bf16 in the recipe), ``remat`` rematerialises the UNet's
 resnets and attention modules in the backward pass (the R1-free D step still differentiates through them).
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -46,7 +47,9 @@ class UNetDiscriminator(nn.Module):
 
     @nn.compact
     def __call__(self, x, timesteps, encoder_hidden_states):
-        unet = UNet2DConditionModel(self.unet_config, dtype=self.dtype, remat=self.remat, name="unet")
+        unet = UNet2DConditionModel(
+            self.unet_config, dtype=self.dtype, remat=self.remat, name="unet"
+        )
         h = unet.encode(x, timesteps, encoder_hidden_states).astype(self.dtype)
         if min(h.shape[1:3]) < self.HEAD_KERNEL:
             factor = x.shape[1] // h.shape[1]
@@ -54,25 +57,42 @@ class UNetDiscriminator(nn.Module):
                 f"the discriminator head's {self.HEAD_KERNEL}x{self.HEAD_KERNEL} conv needs a mid-block feature of "
                 f"at least {self.HEAD_KERNEL}x{self.HEAD_KERNEL}; latents of {x.shape[1]}x{x.shape[2]} give "
                 f"{h.shape[1]}x{h.shape[2]} (the UNet downsamples {factor}x): use latents of at least "
-                f"{self.HEAD_KERNEL * factor}x{self.HEAD_KERNEL * factor} (config.data.image_size)")
-        h = nn.Conv(self.head_channels, (self.HEAD_KERNEL, self.HEAD_KERNEL), strides=(2, 2), padding="VALID",
-                    dtype=self.dtype, name="head_down")(h)
+                f"{self.HEAD_KERNEL * factor}x{self.HEAD_KERNEL * factor} (config.data.image_size)"
+            )
+        h = nn.Conv(
+            self.head_channels,
+            (self.HEAD_KERNEL, self.HEAD_KERNEL),
+            strides=(2, 2),
+            padding="VALID",
+            dtype=self.dtype,
+            name="head_down",
+        )(h)
         # Statistics in float32 whatever the compute dtype, as in the UNet's own norms.
         h = nn.GroupNorm(self.head_groups, epsilon=1e-5, dtype=jnp.float32, name="head_norm")(
-            h.astype(jnp.float32))
+            h.astype(jnp.float32)
+        )
         h = nn.silu(h).astype(self.dtype).reshape(h.shape[0], -1)
         return nn.Dense(1, dtype=self.dtype, name="head_out")(h)[:, 0].astype(jnp.float32)
 
 
-def init_from_teacher(disc: UNetDiscriminator, rng: jax.Array, teacher_params: Mapping[str, Any],
-                      latent_shape, cond_shape) -> dict:
+def init_from_teacher(
+    disc: UNetDiscriminator,
+    rng: jax.Array,
+    teacher_params: Mapping[str, Any],
+    latent_shape,
+    cond_shape,
+) -> dict:
     """Discriminator parameters: a fresh head (``rng``) and the teacher UNet's encoder weights (copied)."""
     x = jnp.zeros((1,) + tuple(latent_shape), jnp.float32)
     cond = jnp.zeros((1,) + tuple(cond_shape), jnp.float32)
     params = dict(disc.init(rng, x, jnp.zeros((1,), jnp.float32), cond)["params"])
     encoder = unet_sd.encoder_params(teacher_params)
     if set(encoder) != set(params["unet"]):
-        raise ValueError(f"teacher UNet encoder groups {sorted(encoder)} do not match the discriminator's "
-                         f"{sorted(params['unet'])}")
-    params["unet"] = jax.tree.map(jnp.array, encoder)  # a copy: D trains it, the teacher stays frozen
+        raise ValueError(
+            f"teacher UNet encoder groups {sorted(encoder)} do not match the discriminator's "
+            f"{sorted(params['unet'])}"
+        )
+    params["unet"] = jax.tree.map(
+        jnp.array, encoder
+    )  # a copy: D trains it, the teacher stays frozen
     return params

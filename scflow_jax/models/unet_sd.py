@@ -125,11 +125,19 @@ class UNetSDConfig:
     center_input_sample: bool = False
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
-    down_block_types: Tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                                         "DownBlock2D")
+    down_block_types: Tuple[str, ...] = (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    )
     mid_block_type: str = "UNetMidBlock2DCrossAttn"
-    up_block_types: Tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
-                                       "CrossAttnUpBlock2D")
+    up_block_types: Tuple[str, ...] = (
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    )
     block_out_channels: Tuple[int, ...] = (320, 640, 1280, 1280)
     layers_per_block: IntOrTuple = 2
     downsample_padding: int = 1
@@ -139,7 +147,9 @@ class UNetSDConfig:
     norm_eps: float = 1e-5
     cross_attention_dim: IntOrTuple = 768
     transformer_layers_per_block: IntOrTuple = 1
-    attention_head_dim: IntOrTuple = 8  # diffusers' name; the NUMBER of heads (see the module docstring)
+    attention_head_dim: IntOrTuple = (
+        8  # diffusers' name; the NUMBER of heads (see the module docstring)
+    )
     use_linear_projection: bool = False
     upcast_attention: bool = False  # accepted; the softmax always runs in float32 here
     time_embedding_dim: Optional[int] = None
@@ -156,41 +166,68 @@ class UNetSDConfig:
         if n == 0:
             raise ValueError("UNetSDConfig.block_out_channels must not be empty")
         # diffusers accepts a "UNetRes" prefix on block type names and strips it.
-        strip = lambda t: t[len("UNetRes"):] if t.startswith("UNetRes") else t  # noqa: E731
+        strip = lambda t: t[len("UNetRes") :] if t.startswith("UNetRes") else t  # noqa: E731
         object.__setattr__(self, "down_block_types", tuple(strip(t) for t in self.down_block_types))
         object.__setattr__(self, "up_block_types", tuple(strip(t) for t in self.up_block_types))
-        for name, allowed in (("down_block_types", DOWN_BLOCK_TYPES), ("up_block_types", UP_BLOCK_TYPES)):
+        for name, allowed in (
+            ("down_block_types", DOWN_BLOCK_TYPES),
+            ("up_block_types", UP_BLOCK_TYPES),
+        ):
             types = getattr(self, name)
             if len(types) != n:
-                raise ValueError(f"UNetSDConfig.{name} has {len(types)} entries but block_out_channels has {n}")
+                raise ValueError(
+                    f"UNetSDConfig.{name} has {len(types)} entries but block_out_channels has {n}"
+                )
             for t in types:
                 if t not in allowed:
-                    raise ValueError(f"UNetSDConfig.{name}: unsupported block type {t!r} (supported: {allowed})")
+                    raise ValueError(
+                        f"UNetSDConfig.{name}: unsupported block type {t!r} (supported: {allowed})"
+                    )
         if self.mid_block_type not in MID_BLOCK_TYPES:
-            raise ValueError(f"UNetSDConfig.mid_block_type: unsupported block type {self.mid_block_type!r} "
-                             f"(supported: {MID_BLOCK_TYPES})")
+            raise ValueError(
+                f"UNetSDConfig.mid_block_type: unsupported block type {self.mid_block_type!r} "
+                f"(supported: {MID_BLOCK_TYPES})"
+            )
         if self.act_fn not in ACTIVATIONS:
-            raise ValueError(f"UNetSDConfig.act_fn: unsupported activation {self.act_fn!r} "
-                             f"(supported: {sorted(ACTIVATIONS)})")
-        for name in ("layers_per_block", "attention_head_dim", "cross_attention_dim",
-                     "transformer_layers_per_block"):
+            raise ValueError(
+                f"UNetSDConfig.act_fn: unsupported activation {self.act_fn!r} "
+                f"(supported: {sorted(ACTIVATIONS)})"
+            )
+        for name in (
+            "layers_per_block",
+            "attention_head_dim",
+            "cross_attention_dim",
+            "transformer_layers_per_block",
+        ):
             v = getattr(self, name)
             if isinstance(v, tuple):
                 if len(v) != n or not all(isinstance(x, int) for x in v):
-                    raise ValueError(f"UNetSDConfig.{name} must be an int or {n} ints (one per down block), "
-                                     f"got {v!r}")
+                    raise ValueError(
+                        f"UNetSDConfig.{name} must be an int or {n} ints (one per down block), "
+                        f"got {v!r}"
+                    )
             elif not isinstance(v, int):
-                raise ValueError(f"UNetSDConfig.{name} must be an int or a tuple of ints, got {v!r}")
-        if self.norm_num_groups is None or any(c % self.norm_num_groups for c in self.block_out_channels):
-            raise ValueError(f"UNetSDConfig.norm_num_groups ({self.norm_num_groups}) must divide every entry of "
-                             f"block_out_channels {self.block_out_channels}")
+                raise ValueError(
+                    f"UNetSDConfig.{name} must be an int or a tuple of ints, got {v!r}"
+                )
+        if self.norm_num_groups is None or any(
+            c % self.norm_num_groups for c in self.block_out_channels
+        ):
+            raise ValueError(
+                f"UNetSDConfig.norm_num_groups ({self.norm_num_groups}) must divide every entry of "
+                f"block_out_channels {self.block_out_channels}"
+            )
         if len(set(self.per_block("cross_attention_dim"))) != 1:
-            raise ValueError("UNetSDConfig.cross_attention_dim: per-block values must be equal (one set of text "
-                             f"states feeds every block), got {self.cross_attention_dim}")
+            raise ValueError(
+                "UNetSDConfig.cross_attention_dim: per-block values must be equal (one set of text "
+                f"states feeds every block), got {self.cross_attention_dim}"
+            )
         heads = self.per_block("attention_head_dim")
         for c, h in zip(self.block_out_channels, heads):
             if c % h:
-                raise ValueError(f"UNetSDConfig.attention_head_dim: {h} heads do not divide {c} channels")
+                raise ValueError(
+                    f"UNetSDConfig.attention_head_dim: {h} heads do not divide {c} channels"
+                )
         for name in ("conv_in_kernel", "conv_out_kernel"):
             if getattr(self, name) % 2 != 1:
                 raise ValueError(f"UNetSDConfig.{name} must be odd, got {getattr(self, name)}")
@@ -211,13 +248,17 @@ class UNetSDConfig:
         a ``ValueError`` names the key."""
         for name in _FEATURES_OFF:
             if name in d and not _feature_is_off(name, d[name]):
-                raise ValueError(f"UNet config field {name!r} = {d[name]!r} is not supported by this port "
-                                 f"(only {_FEATURES_OFF[name]!r})")
+                raise ValueError(
+                    f"UNet config field {name!r} = {d[name]!r} is not supported by this port "
+                    f"(only {_FEATURES_OFF[name]!r})"
+                )
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in names}
         if kwargs.get("mid_block_type", "") is None:
-            raise ValueError("UNet config field 'mid_block_type' = None is not supported by this port "
-                             f"(only {MID_BLOCK_TYPES})")
+            raise ValueError(
+                "UNet config field 'mid_block_type' = None is not supported by this port "
+                f"(only {MID_BLOCK_TYPES})"
+            )
         return cls(**kwargs)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -241,7 +282,9 @@ class TimestepEmbedding(nn.Module):
     @nn.compact
     def __call__(self, t_emb):
         h = nn.Dense(self.time_embed_dim, dtype=self.dtype, name="linear_1")(t_emb)
-        return nn.Dense(self.time_embed_dim, dtype=self.dtype, name="linear_2")(ACTIVATIONS[self.act_fn](h))
+        return nn.Dense(self.time_embed_dim, dtype=self.dtype, name="linear_2")(
+            ACTIVATIONS[self.act_fn](h)
+        )
 
 
 class ResnetBlock2D(nn.Module):
@@ -257,7 +300,12 @@ class ResnetBlock2D(nn.Module):
         act = ACTIVATIONS[self.act_fn]
         h = act(nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name="norm1")(x))
         h = nn.Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv1")(h)
-        h = h + nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(act(temb))[:, None, None, :]
+        h = (
+            h
+            + nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(act(temb))[
+                :, None, None, :
+            ]
+        )
         h = act(nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name="norm2")(h))
         h = nn.Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv2")(h)
         if x.shape[-1] != self.out_channels:
@@ -281,7 +329,9 @@ class Attention(nn.Module):
         q = split(nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_q")(x))
         k = split(nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_k")(context))
         v = split(nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_v")(context))
-        o = attention.dot_product_attention(q, k, v)  # cuDNN's fused kernel on NVIDIA GPUs where it can
+        o = attention.dot_product_attention(
+            q, k, v
+        )  # cuDNN's fused kernel on NVIDIA GPUs where it can
         o = o.reshape(o.shape[:-2] + (inner,))
         return nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(o)
 
@@ -292,7 +342,9 @@ class GEGLU(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        h, gate = jnp.split(nn.Dense(2 * self.inner_dim, dtype=self.dtype, name="proj")(x), 2, axis=-1)
+        h, gate = jnp.split(
+            nn.Dense(2 * self.inner_dim, dtype=self.dtype, name="proj")(x), 2, axis=-1
+        )
         return h * jax.nn.gelu(gate, approximate=False)
 
 
@@ -314,8 +366,12 @@ class BasicTransformerBlock(nn.Module):
     @nn.compact
     def __call__(self, x, context):
         norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)  # noqa: E731
-        x = x + Attention(self.heads, self.head_dim, dtype=self.dtype, name="attn1")(norm("norm1")(x))
-        x = x + Attention(self.heads, self.head_dim, dtype=self.dtype, name="attn2")(norm("norm2")(x), context)
+        x = x + Attention(self.heads, self.head_dim, dtype=self.dtype, name="attn1")(
+            norm("norm1")(x)
+        )
+        x = x + Attention(self.heads, self.head_dim, dtype=self.dtype, name="attn2")(
+            norm("norm2")(x), context
+        )
         return x + FeedForward(dtype=self.dtype, name="ff")(norm("norm3")(x))
 
 
@@ -334,12 +390,16 @@ class Transformer2DModel(nn.Module):
         # diffusers hard-codes eps=1e-6 for this GroupNorm.
         h = nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm")(x)
         # A 1x1 conv and a Linear are the same map on NHWC; only the checkpoint layout differs.
-        proj = ((lambda name: nn.Dense(c, dtype=self.dtype, name=name)) if self.use_linear_projection
-                else (lambda name: nn.Conv(c, (1, 1), dtype=self.dtype, name=name)))
+        proj = (
+            (lambda name: nn.Dense(c, dtype=self.dtype, name=name))
+            if self.use_linear_projection
+            else (lambda name: nn.Conv(c, (1, 1), dtype=self.dtype, name=name))
+        )
         h = proj("proj_in")(h).reshape(b, hh * ww, c)
         for i in range(self.num_layers):
-            h = BasicTransformerBlock(self.heads, c // self.heads, dtype=self.dtype,
-                                      name=f"transformer_blocks_{i}")(h, context)
+            h = BasicTransformerBlock(
+                self.heads, c // self.heads, dtype=self.dtype, name=f"transformer_blocks_{i}"
+            )(h, context)
         return x + proj("proj_out")(h.reshape(b, hh, ww, c))
 
 
@@ -352,8 +412,14 @@ class Downsample2D(nn.Module):
     def __call__(self, x):
         if self.padding == 0:  # diffusers pads right/bottom by one in this case
             x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return nn.Conv(self.out_channels, (3, 3), strides=2, padding=self.padding, dtype=self.dtype,
-                       name="conv")(x)
+        return nn.Conv(
+            self.out_channels,
+            (3, 3),
+            strides=2,
+            padding=self.padding,
+            dtype=self.dtype,
+            name="conv",
+        )(x)
 
 
 class Upsample2D(nn.Module):
@@ -389,13 +455,26 @@ class _BlockCommon(nn.Module):
     def resnet(self, name: str, output_scale_factor: float = 1.0) -> nn.Module:
         cfg = self.config
         cls = nn.remat(ResnetBlock2D) if self.remat else ResnetBlock2D
-        return cls(self.out_channels, cfg.norm_num_groups, cfg.norm_eps, cfg.act_fn, output_scale_factor,
-                   dtype=self.dtype, name=name)
+        return cls(
+            self.out_channels,
+            cfg.norm_num_groups,
+            cfg.norm_eps,
+            cfg.act_fn,
+            output_scale_factor,
+            dtype=self.dtype,
+            name=name,
+        )
 
     def attention(self, name: str) -> nn.Module:
         cls = nn.remat(Transformer2DModel) if self.remat else Transformer2DModel
-        return cls(self.heads, self.transformer_layers, self.config.norm_num_groups,
-                   self.config.use_linear_projection, dtype=self.dtype, name=name)
+        return cls(
+            self.heads,
+            self.transformer_layers,
+            self.config.norm_num_groups,
+            self.config.use_linear_projection,
+            dtype=self.dtype,
+            name=name,
+        )
 
 
 class DownBlock(_BlockCommon):
@@ -412,8 +491,12 @@ class DownBlock(_BlockCommon):
                 x = self.attention(f"attentions_{j}")(x, context)
             skips.append(x)
         if self.add_downsample:
-            x = Downsample2D(self.out_channels, self.config.downsample_padding, dtype=self.dtype,
-                             name="downsamplers_0")(x)
+            x = Downsample2D(
+                self.out_channels,
+                self.config.downsample_padding,
+                dtype=self.dtype,
+                name="downsamplers_0",
+            )(x)
             skips.append(x)
         return x, skips
 
@@ -444,7 +527,9 @@ class UpBlock(_BlockCommon):
             if self.has_attention:
                 x = self.attention(f"attentions_{j}")(x, context)
         if self.add_upsample:
-            x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x, upsample_size)
+            x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(
+                x, upsample_size
+            )
         return x
 
 
@@ -475,37 +560,68 @@ class UNet2DConditionModel(nn.Module):
         self.conv_in = nn.Conv(channels[0], (k_in, k_in), padding=k_in // 2, dtype=self.dtype)
         self.time_embedding = TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, dtype=self.dtype)
         self.down_blocks = [
-            DownBlock(out_channels=channels[i], num_layers=layers[i], heads=heads[i], transformer_layers=tlayers[i],
-                      has_attention=cfg.down_block_types[i] == "CrossAttnDownBlock2D", add_downsample=i < n - 1,
-                      **common)
-            for i in range(n)]
-        self.mid_block = MidBlock(out_channels=channels[-1], num_layers=1, heads=heads[-1],
-                                  transformer_layers=tlayers[-1], **common)
+            DownBlock(
+                out_channels=channels[i],
+                num_layers=layers[i],
+                heads=heads[i],
+                transformer_layers=tlayers[i],
+                has_attention=cfg.down_block_types[i] == "CrossAttnDownBlock2D",
+                add_downsample=i < n - 1,
+                **common,
+            )
+            for i in range(n)
+        ]
+        self.mid_block = MidBlock(
+            out_channels=channels[-1],
+            num_layers=1,
+            heads=heads[-1],
+            transformer_layers=tlayers[-1],
+            **common,
+        )
         rev = lambda t: tuple(reversed(t))  # noqa: E731
         self.up_blocks = [
-            UpBlock(out_channels=rev(channels)[i], num_layers=rev(layers)[i] + 1, heads=rev(heads)[i],
-                    transformer_layers=rev(tlayers)[i], has_attention=cfg.up_block_types[i] == "CrossAttnUpBlock2D",
-                    add_upsample=i < n - 1, **common)
-            for i in range(n)]
-        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=self.dtype)
+            UpBlock(
+                out_channels=rev(channels)[i],
+                num_layers=rev(layers)[i] + 1,
+                heads=rev(heads)[i],
+                transformer_layers=rev(tlayers)[i],
+                has_attention=cfg.up_block_types[i] == "CrossAttnUpBlock2D",
+                add_upsample=i < n - 1,
+                **common,
+            )
+            for i in range(n)
+        ]
+        self.conv_norm_out = nn.GroupNorm(
+            cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=self.dtype
+        )
         k_out = cfg.conv_out_kernel
-        self.conv_out = nn.Conv(cfg.out_channels, (k_out, k_out), padding=k_out // 2, dtype=self.dtype)
+        self.conv_out = nn.Conv(
+            cfg.out_channels, (k_out, k_out), padding=k_out // 2, dtype=self.dtype
+        )
 
     def _check_inputs(self, sample, encoder_hidden_states):
         cfg = self.config
         if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
-            raise ValueError(f"UNet2DConditionModel expects NHWC samples with {cfg.in_channels} channels, "
-                             f"got shape {sample.shape}")
+            raise ValueError(
+                f"UNet2DConditionModel expects NHWC samples with {cfg.in_channels} channels, "
+                f"got shape {sample.shape}"
+            )
         if encoder_hidden_states.ndim != 3:
-            raise ValueError("UNet2DConditionModel expects encoder_hidden_states [B, L, D], got shape "
-                             f"{encoder_hidden_states.shape}")
+            raise ValueError(
+                "UNet2DConditionModel expects encoder_hidden_states [B, L, D], got shape "
+                f"{encoder_hidden_states.shape}"
+            )
 
     def _down(self, sample, timesteps, encoder_hidden_states):
         cfg = self.config
         self._check_inputs(sample, encoder_hidden_states)
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (sample.shape[0],))
-        t_emb = sinusoidal_embedding(timesteps, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
-                                     freq_shift=cfg.freq_shift)
+        t_emb = sinusoidal_embedding(
+            timesteps,
+            cfg.block_out_channels[0],
+            flip_sin_to_cos=cfg.flip_sin_to_cos,
+            freq_shift=cfg.freq_shift,
+        )
         temb = self.time_embedding(t_emb.astype(self.dtype))
         context = encoder_hidden_states.astype(self.dtype)
         x = sample.astype(self.dtype)
@@ -534,7 +650,7 @@ class UNet2DConditionModel(nn.Module):
         """The noise (or, for rectified-flow teachers, ``z0 - z1``) prediction, NHWC float32."""
         x, skips, temb, context = self._down(sample, timesteps, encoder_hidden_states)
         for block in self.up_blocks:
-            used, skips = skips[-block.num_layers:], skips[:-block.num_layers]
+            used, skips = skips[-block.num_layers :], skips[: -block.num_layers]
             # Upsample to the size of the skip the next block meets (2x unless that level was odd-sized).
             size = tuple(skips[-1].shape[1:3]) if skips else None
             x = block(x, used, temb, context, size)
@@ -547,16 +663,22 @@ ENCODER_PARAM_GROUPS = ("conv_in", "time_embedding", "down_blocks_", "mid_block"
 
 def encoder_params(unet_params: Mapping[str, Any]) -> Dict[str, Any]:
     """The encoder half's sub-tree of full UNet parameters (what ``UNet2DConditionModel.encode`` uses)."""
-    return {k: v for k, v in unet_params.items()
-            if any(k == g or (g.endswith("_") and k.startswith(g)) for g in ENCODER_PARAM_GROUPS)}
+    return {
+        k: v
+        for k, v in unet_params.items()
+        if any(k == g or (g.endswith("_") and k.startswith(g)) for g in ENCODER_PARAM_GROUPS)
+    }
 
 
 def _init_inputs(config: UNetSDConfig):
     """The smallest inputs that build every parameter (shapes do not depend on the spatial size)."""
     side = 2 ** (len(config.block_out_channels) - 1)
     cross = config.per_block("cross_attention_dim")
-    return (jnp.zeros((1, side, side, config.in_channels), jnp.float32), jnp.zeros((1,), jnp.float32),
-            jnp.zeros((1, 1, cross[0]), jnp.float32))
+    return (
+        jnp.zeros((1, side, side, config.in_channels), jnp.float32),
+        jnp.zeros((1,), jnp.float32),
+        jnp.zeros((1, 1, cross[0]), jnp.float32),
+    )
 
 
 def unet_param_shapes(config: UNetSDConfig) -> Dict[str, Any]:

@@ -1,5 +1,6 @@
 """The SD 1.5 UNet's converter and exporter (``models/unet_sd.py``'s network): diffusers checkpoints to
 Flax parameters and back, through one name mapping (``unet_sd_key``) used in both directions."""
+
 from __future__ import annotations
 
 import json
@@ -14,13 +15,27 @@ from scflow_jax.models.unet_sd import UNetSDConfig, unet_param_shapes
 __all__ = ["unet_sd_key", "load_unet_sd", "export_unet_sd", "WEIGHT_FILES"]
 
 
-_LIST_MODULES = ("down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks", "downsamplers",
-                 "upsamplers", "to_out", "net")
+_LIST_MODULES = (
+    "down_blocks",
+    "up_blocks",
+    "resnets",
+    "attentions",
+    "transformer_blocks",
+    "downsamplers",
+    "upsamplers",
+    "to_out",
+    "net",
+)
 
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                "diffusion_pytorch_model.bf16.safetensors", "diffusion_pytorch_model.safetensors.index.json",
-                "diffusion_pytorch_model.fp16.safetensors.index.json", "diffusion_pytorch_model.bin",
-                "diffusion_pytorch_model.fp16.bin")
+WEIGHT_FILES = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "diffusion_pytorch_model.bf16.safetensors",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.fp16.safetensors.index.json",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.fp16.bin",
+)
 
 
 def unet_sd_key(path: Tuple[str, ...]) -> str:
@@ -52,8 +67,10 @@ def _resolve(path: str, config) -> Tuple[UNetSDConfig, str]:
         weights_file = weights.find_file(folder, WEIGHT_FILES, what="SD UNet weights")
     elif os.path.isfile(path):
         if config is None:
-            raise weights.WeightsError(f"{path} is a single weights file: pass config= (a UNetSDConfig, a "
-                                       "config.json dict or the path of a config.json)")
+            raise weights.WeightsError(
+                f"{path} is a single weights file: pass config= (a UNetSDConfig, a "
+                "config.json dict or the path of a config.json)"
+            )
         weights_file = path
     else:
         raise weights.WeightsError(f"SD UNet: {path} does not exist")
@@ -65,7 +82,9 @@ def _resolve(path: str, config) -> Tuple[UNetSDConfig, str]:
         except (ValueError, TypeError) as e:
             raise weights.WeightsError(f"SD UNet config for {path}: {e}") from None
     if not isinstance(config, UNetSDConfig):
-        raise TypeError(f"config must be a UNetSDConfig, a dict or a path, got {type(config).__name__}")
+        raise TypeError(
+            f"config must be a UNetSDConfig, a dict or a path, got {type(config).__name__}"
+        )
     return config, weights_file
 
 
@@ -79,7 +98,9 @@ class _FlaxStyleInit:
     def __array__(self, dtype=None, copy=None):
         if self.leaf_name == "scale":
             value = np.ones(self.shape)
-        elif self.leaf_name == "kernel":  # LeCun normal: fan-in is every axis but the last (HWIO, (in, out))
+        elif (
+            self.leaf_name == "kernel"
+        ):  # LeCun normal: fan-in is every axis but the last (HWIO, (in, out))
             rng = np.random.default_rng(abs(hash(self.shape)) % 2**32)
             value = rng.standard_normal(self.shape) / np.sqrt(np.prod(self.shape[:-1]))
         else:
@@ -87,8 +108,12 @@ class _FlaxStyleInit:
         return value.astype(dtype or self.dtype)
 
 
-def load_unet_sd(path: str, *, config: Union[UNetSDConfig, Mapping[str, Any], str, None] = None,
-                 allow_partial: bool = False) -> Tuple[UNetSDConfig, Dict[str, Any]]:
+def load_unet_sd(
+    path: str,
+    *,
+    config: Union[UNetSDConfig, Mapping[str, Any], str, None] = None,
+    allow_partial: bool = False,
+) -> Tuple[UNetSDConfig, Dict[str, Any]]:
     """Converts a diffusers UNet2DConditionModel checkpoint to ``(config, params)`` (params: float32 NumPy tree).
 
     ``path`` is a diffusers pipeline folder (its ``unet/`` is used), a UNet folder (``config.json`` plus
@@ -103,15 +128,30 @@ def load_unet_sd(path: str, *, config: Union[UNetSDConfig, Mapping[str, Any], st
     source = _read_weights(weights_file)
     expected = unet_param_shapes(config)
     # Fallback leaves are generated only for the keys that are missing, so allow_partial costs no extra copy.
-    fallback = weights.unflatten_params({path: _FlaxStyleInit(path[-1], spec) for path, spec
-                                         in weights.flatten_params(expected).items()}) if allow_partial else None
-    params = weights.assemble_params(expected, source, unet_sd_key, what=f"SD UNet from {weights_file}",
-                                     allow_partial=allow_partial, fallback=fallback)
+    fallback = (
+        weights.unflatten_params(
+            {
+                path: _FlaxStyleInit(path[-1], spec)
+                for path, spec in weights.flatten_params(expected).items()
+            }
+        )
+        if allow_partial
+        else None
+    )
+    params = weights.assemble_params(
+        expected,
+        source,
+        unet_sd_key,
+        what=f"SD UNet from {weights_file}",
+        allow_partial=allow_partial,
+        fallback=fallback,
+    )
     return config, params
 
 
-def export_unet_sd(config: UNetSDConfig, params: Mapping[str, Any], folder: str, *,
-                   dtype: Optional[Any] = None) -> str:
+def export_unet_sd(
+    config: UNetSDConfig, params: Mapping[str, Any], folder: str, *, dtype: Optional[Any] = None
+) -> str:
     """Writes a diffusers UNet folder (``config.json`` + ``diffusion_pytorch_model.safetensors``) that
     ``diffusers.UNet2DConditionModel.from_pretrained(folder)`` loads; ``dtype`` (e.g. ``np.float16``) casts the
     tensors, default: as stored (float32). The file is written atomically. Returns ``folder``."""
@@ -120,12 +160,17 @@ def export_unet_sd(config: UNetSDConfig, params: Mapping[str, Any], folder: str,
     if set(flat) != set(expected):
         missing = sorted("/".join(p) for p in set(expected) - set(flat))
         extra = sorted("/".join(p) for p in set(flat) - set(expected))
-        raise weights.WeightsError(f"export_unet_sd: parameters do not match the config (missing {missing[:10]}, "
-                                   f"unexpected {extra[:10]})")
+        raise weights.WeightsError(
+            f"export_unet_sd: parameters do not match the config (missing {missing[:10]}, "
+            f"unexpected {extra[:10]})"
+        )
     tensors = weights.state_dict_from_params(params, unet_sd_key, dtype=dtype)
     os.makedirs(folder, exist_ok=True)
-    weights.write_safetensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"), tensors,
-                              metadata={"format": "pt"})
+    weights.write_safetensors(
+        os.path.join(folder, "diffusion_pytorch_model.safetensors"),
+        tensors,
+        metadata={"format": "pt"},
+    )
     config_path = os.path.join(folder, "config.json")
     with open(config_path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(config.to_dict(), f, indent=2)

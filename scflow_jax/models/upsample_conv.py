@@ -1,5 +1,6 @@
 """2x nearest upsampling followed by a 3x3 convolution, as one layer (the ADM UNet's ``Upsample.conv``
 and up-ResBlocks' ``in_layers_2``, the VAE decoder's ``Upsample``), with ``nn.Conv``'s parameters."""
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -27,10 +28,15 @@ class UpsampleConv(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features),
-                            jnp.float32)
+        kernel = self.param(
+            "kernel", self.kernel_init, (3, 3, x.shape[-1], self.features), jnp.float32
+        )
         bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
-        y = jax.lax.conv_general_dilated(upsample_nearest(x.astype(self.dtype)),
-                                         kernel.astype(self.dtype), (1, 1), ((1, 1), (1, 1)),
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = jax.lax.conv_general_dilated(
+            upsample_nearest(x.astype(self.dtype)),
+            kernel.astype(self.dtype),
+            (1, 1),
+            ((1, 1), (1, 1)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
         return y + bias.astype(self.dtype)

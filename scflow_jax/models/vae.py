@@ -45,8 +45,13 @@ __all__ = [
 
 Dtype = Any
 
-_ACTIVATIONS = {"silu": nn.silu, "swish": nn.silu, "gelu": functools.partial(nn.gelu, approximate=False),
-                "relu": nn.relu, "mish": lambda x: x * jnp.tanh(nn.softplus(x))}
+_ACTIVATIONS = {
+    "silu": nn.silu,
+    "swish": nn.silu,
+    "gelu": functools.partial(nn.gelu, approximate=False),
+    "relu": nn.relu,
+    "mish": lambda x: x * jnp.tanh(nn.softplus(x)),
+}
 _DOWN_BLOCK = "DownEncoderBlock2D"
 _UP_BLOCK = "UpDecoderBlock2D"
 
@@ -75,14 +80,20 @@ class VAEConfig:
         n = len(self.block_out_channels)
         if self.act_fn not in _ACTIVATIONS:
             raise ValueError(f"VAEConfig.act_fn={self.act_fn!r}; supported: {sorted(_ACTIVATIONS)}")
-        for field, kinds, expected in (("down_block_types", self.down_block_types, _DOWN_BLOCK),
-                                       ("up_block_types", self.up_block_types, _UP_BLOCK)):
+        for field, kinds, expected in (
+            ("down_block_types", self.down_block_types, _DOWN_BLOCK),
+            ("up_block_types", self.up_block_types, _UP_BLOCK),
+        ):
             if len(kinds) != n or any(k != expected for k in kinds):
-                raise ValueError(f"VAEConfig.{field}={list(kinds)}: only {n} x {expected!r} (one per entry of "
-                                 f"block_out_channels={list(self.block_out_channels)}) is supported")
+                raise ValueError(
+                    f"VAEConfig.{field}={list(kinds)}: only {n} x {expected!r} (one per entry of "
+                    f"block_out_channels={list(self.block_out_channels)}) is supported"
+                )
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
-            raise ValueError(f"VAEConfig: channels {bad} are not divisible by norm_num_groups={self.norm_num_groups}")
+            raise ValueError(
+                f"VAEConfig: channels {bad} are not divisible by norm_num_groups={self.norm_num_groups}"
+            )
 
     @property
     def downsample_factor(self) -> int:
@@ -120,16 +131,31 @@ class DiagonalGaussian(NamedTuple):
 # Modules
 
 
-def _conv(features: int, dtype: Dtype, name: Optional[str], kernel: int = 3, stride: int = 1,
-          padding: Any = 1) -> nn.Conv:
+def _conv(
+    features: int,
+    dtype: Dtype,
+    name: Optional[str],
+    kernel: int = 3,
+    stride: int = 1,
+    padding: Any = 1,
+) -> nn.Conv:
     pad = ((padding, padding), (padding, padding)) if isinstance(padding, int) else padding
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=pad, dtype=dtype,
-                   param_dtype=jnp.float32, name=name)
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=pad,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
 
 
 def _group_norm(x: jax.Array, groups: int, name: str, dtype: Dtype) -> jax.Array:
     # Float32 with the two-pass variance torch uses: the fast E[x^2]-E[x]^2 form cancels when |mean| >> std.
-    norm = nn.GroupNorm(num_groups=groups, epsilon=1e-6, dtype=jnp.float32, use_fast_variance=False, name=name)
+    norm = nn.GroupNorm(
+        num_groups=groups, epsilon=1e-6, dtype=jnp.float32, use_fast_variance=False, name=name
+    )
     return norm(x.astype(jnp.float32)).astype(dtype)
 
 
@@ -164,10 +190,12 @@ class SpatialSelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
-        y = _group_norm(x, self.config.norm_num_groups, "group_norm", self.dtype).reshape(b, h * w, c)
+        y = _group_norm(x, self.config.norm_num_groups, "group_norm", self.dtype).reshape(
+            b, h * w, c
+        )
         dense = functools.partial(nn.Dense, c, dtype=self.dtype, param_dtype=jnp.float32)
         q, k, v = dense(name="to_q")(y), dense(name="to_k")(y), dense(name="to_v")(y)
-        logits = jnp.einsum("bqc,bkc->bqk", q, k).astype(jnp.float32) * (c ** -0.5)
+        logits = jnp.einsum("bqc,bkc->bqk", q, k).astype(jnp.float32) * (c**-0.5)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = dense(name="to_out_0")(jnp.einsum("bqk,bkc->bqc", probs, v))
         return x + out.reshape(b, h, w, c)
@@ -266,9 +294,13 @@ class Encoder(nn.Module):
         levels = len(cfg.block_out_channels)
         x = _conv(cfg.block_out_channels[0], self.dtype, "conv_in")(x.astype(self.dtype))
         for i, channels in enumerate(cfg.block_out_channels):
-            x = DownEncoderBlock(channels, i < levels - 1, cfg, self.dtype, self.remat, name=f"down_blocks_{i}")(x)
+            x = DownEncoderBlock(
+                channels, i < levels - 1, cfg, self.dtype, self.remat, name=f"down_blocks_{i}"
+            )(x)
         x = MidBlock(cfg, self.dtype, self.remat, name="mid_block")(x)
-        x = nn.silu(_group_norm(x, cfg.norm_num_groups, "conv_norm_out", self.dtype))  # always SiLU in diffusers
+        x = nn.silu(
+            _group_norm(x, cfg.norm_num_groups, "conv_norm_out", self.dtype)
+        )  # always SiLU in diffusers
         return _conv(2 * cfg.latent_channels, self.dtype, "conv_out")(x)
 
 
@@ -286,7 +318,9 @@ class Decoder(nn.Module):
         x = _conv(channels[0], self.dtype, "conv_in")(z.astype(self.dtype))
         x = MidBlock(cfg, self.dtype, self.remat, name="mid_block")(x)
         for i, c in enumerate(channels):
-            x = UpDecoderBlock(c, i < len(channels) - 1, cfg, self.dtype, self.remat, name=f"up_blocks_{i}")(x)
+            x = UpDecoderBlock(
+                c, i < len(channels) - 1, cfg, self.dtype, self.remat, name=f"up_blocks_{i}"
+            )(x)
         x = nn.silu(_group_norm(x, cfg.norm_num_groups, "conv_norm_out", self.dtype))
         return _conv(cfg.out_channels, self.dtype, "conv_out")(x)
 
@@ -331,7 +365,9 @@ class AutoencoderKL(nn.Module):
 
 def _check_nhwc(x: jax.Array, channels: int, what: str) -> None:
     if x.ndim != 4 or x.shape[-1] != channels:
-        raise ValueError(f"{what} must be NHWC [batch, height, width, {channels}], got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{what} must be NHWC [batch, height, width, {channels}], got shape {tuple(x.shape)}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,7 +394,9 @@ class VAE:
         return self.module.init(rng, images)["params"]
 
     def param_shapes(self) -> Dict[str, Any]:
-        size = 2 * self.config.downsample_factor  # the parameter shapes do not depend on the image size
+        size = (
+            2 * self.config.downsample_factor
+        )  # the parameter shapes do not depend on the image size
         images = jax.ShapeDtypeStruct((1, size, size, self.config.in_channels), jnp.float32)
         return jax.eval_shape(self.module.init, jax.random.PRNGKey(0), images)["params"]
 
@@ -383,7 +421,9 @@ class VAE:
         return latents / self.config.scaling_factor + shift
 
     @functools.partial(jax.jit, static_argnums=0)
-    def images_to_latents(self, params, images: jax.Array, rng: Optional[jax.Array] = None) -> jax.Array:
+    def images_to_latents(
+        self, params, images: jax.Array, rng: Optional[jax.Array] = None
+    ) -> jax.Array:
         """Images in [-1, 1] -> scaled latents: a posterior sample if ``rng`` is given (SCFlow's CelebA-HQ recipe),
         else the posterior mean."""
         posterior = self.encode(params, images)
@@ -404,11 +444,25 @@ def _variables(params) -> Dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------------------
 # Converter
 
-_LIST_MODULES = ("down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers", "to_out")
-_LEGACY_ATTENTION = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
+_LIST_MODULES = (
+    "down_blocks",
+    "up_blocks",
+    "resnets",
+    "attentions",
+    "downsamplers",
+    "upsamplers",
+    "to_out",
+)
+_LEGACY_ATTENTION = re.compile(
+    r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$"
+)
 _LEGACY_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                 "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
+_WEIGHT_FILES = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.fp16.bin",
+)
 
 
 def vae_state_dict_key(path: Tuple[str, ...]) -> str:
@@ -433,8 +487,9 @@ def _read_weights(path: str) -> Dict[str, np.ndarray]:
     return weights.read_torch_state_dict(path)
 
 
-def load_vae(path: str, *, allow_partial: bool = False, dtype: Dtype = jnp.float32,
-             remat: bool = False) -> Tuple[VAE, Dict[str, Any]]:
+def load_vae(
+    path: str, *, allow_partial: bool = False, dtype: Dtype = jnp.float32, remat: bool = False
+) -> Tuple[VAE, Dict[str, Any]]:
     """Loads a diffusers ``AutoencoderKL`` from a local folder: a pipeline folder (uses ``vae/``) or a VAE folder
     holding ``config.json`` and ``diffusion_pytorch_model[.fp16].safetensors`` (or ``.bin``).
 
@@ -442,12 +497,23 @@ def load_vae(path: str, *, allow_partial: bool = False, dtype: Dtype = jnp.float
     Any missing, unexpected or mis-shaped tensor raises ``WeightsError`` naming it, unless ``allow_partial``
     (then missing leaves keep a seeded random init).
     """
-    folder = os.path.join(path, "vae") if os.path.isfile(os.path.join(path, "vae", "config.json")) else path
-    config = VAEConfig.from_dict(weights.read_json(os.path.join(folder, "config.json"), what="VAE config"))
+    folder = (
+        os.path.join(path, "vae")
+        if os.path.isfile(os.path.join(path, "vae", "config.json"))
+        else path
+    )
+    config = VAEConfig.from_dict(
+        weights.read_json(os.path.join(folder, "config.json"), what="VAE config")
+    )
     file = weights.find_file(folder, _WEIGHT_FILES, what="VAE weights")
     source = rename_legacy_attention_keys(_read_weights(file))
     vae = VAE(config, dtype=dtype, remat=remat)
     params = weights.assemble_params(
-        vae.param_shapes(), source, vae_state_dict_key, what=f"VAE from {file}", allow_partial=allow_partial,
-        fallback=vae.init(jax.random.PRNGKey(0)) if allow_partial else None)
+        vae.param_shapes(),
+        source,
+        vae_state_dict_key,
+        what=f"VAE from {file}",
+        allow_partial=allow_partial,
+        fallback=vae.init(jax.random.PRNGKey(0)) if allow_partial else None,
+    )
     return vae, params

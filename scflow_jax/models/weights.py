@@ -50,13 +50,21 @@ class WeightsError(ValueError):
 # --------------------------------------------------------------------------------------------------------------------
 # safetensors (read by hand: the format is an 8-byte little-endian header length, a JSON header, then raw bytes)
 
+
 def _safetensors_dtypes() -> Dict[str, np.dtype]:
     import ml_dtypes  # a dependency of jax
 
     return {
-        "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-        "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-        "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+        "F64": np.dtype(np.float64),
+        "F32": np.dtype(np.float32),
+        "F16": np.dtype(np.float16),
+        "BF16": np.dtype(ml_dtypes.bfloat16),
+        "I64": np.dtype(np.int64),
+        "I32": np.dtype(np.int32),
+        "I16": np.dtype(np.int16),
+        "I8": np.dtype(np.int8),
+        "U8": np.dtype(np.uint8),
+        "BOOL": np.dtype(np.bool_),
     }
 
 
@@ -75,7 +83,9 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
                 raise ValueError("file shorter than the 8-byte header length")
             (header_len,) = struct.unpack("<Q", head)
             if header_len <= 0 or 8 + header_len > size:
-                raise ValueError(f"header length {header_len} does not fit in a file of {size} bytes")
+                raise ValueError(
+                    f"header length {header_len} does not fit in a file of {size} bytes"
+                )
             header = json.loads(f.read(header_len).decode("utf-8"))
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
@@ -84,7 +94,9 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
     header.pop("__metadata__", None)
     dtypes = _safetensors_dtypes()
     data_start = 8 + header_len
-    buf = np.memmap(path, dtype=np.uint8, mode="r") if size > data_start else np.zeros((0,), np.uint8)
+    buf = (
+        np.memmap(path, dtype=np.uint8, mode="r") if size > data_start else np.zeros((0,), np.uint8)
+    )
     out = {}
     for key, info in header.items():
         try:
@@ -92,17 +104,22 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
             shape = tuple(int(s) for s in info["shape"])
             begin, end = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise WeightsError(f"{path}: malformed header entry for tensor {key!r}: {info!r}") from None
+            raise WeightsError(
+                f"{path}: malformed header entry for tensor {key!r}: {info!r}"
+            ) from None
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if end - begin != nbytes or data_start + end > size or begin < 0:
             raise WeightsError(
                 f"{path} is truncated or corrupted: tensor {key!r} ({info['dtype']}{list(shape)}) needs bytes "
-                f"[{begin}, {end}) of a data section of {size - data_start} bytes")
-        out[key] = buf[data_start + begin:data_start + end].view(dtype).reshape(shape)
+                f"[{begin}, {end}) of a data section of {size - data_start} bytes"
+            )
+        out[key] = buf[data_start + begin : data_start + end].view(dtype).reshape(shape)
     return out
 
 
-def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Optional[Mapping[str, str]] = None):
+def write_safetensors(
+    path: str, tensors: Mapping[str, np.ndarray], metadata: Optional[Mapping[str, str]] = None
+):
     """Writes ``tensors`` as a safetensors file, atomically (temp file + rename). Readable by the reference
     ``safetensors`` library and hence by diffusers/transformers. Values may be views (transposes, memmaps): each
     is made contiguous only while it is written, so no second copy of the whole model is held."""
@@ -116,7 +133,11 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Op
         a = np.asarray(tensors[key])
         if a.dtype not in names:
             raise WeightsError(f"cannot write tensor {key!r} of dtype {a.dtype} to safetensors")
-        header[key] = {"dtype": names[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        header[key] = {
+            "dtype": names[a.dtype],
+            "shape": list(a.shape),
+            "data_offsets": [offset, offset + a.nbytes],
+        }
         offset += a.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)  # the reference writer pads the header to 8 bytes
@@ -132,8 +153,10 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Op
 # --------------------------------------------------------------------------------------------------------------------
 # torch pickles
 
-def read_torch_state_dict(path: str, *, subkey: Optional[str] = None,
-                          safe_globals: Sequence[Any] = ()) -> Dict[str, np.ndarray]:
+
+def read_torch_state_dict(
+    path: str, *, subkey: Optional[str] = None, safe_globals: Sequence[Any] = ()
+) -> Dict[str, np.ndarray]:
     """Reads a PyTorch ``.pth``/``.pt``/``.bin`` state dict as ``{key: float array}`` with
     ``torch.load(weights_only=True)``; a pickle that contains code (a whole pickled model) is refused.
 
@@ -148,7 +171,8 @@ def read_torch_state_dict(path: str, *, subkey: Optional[str] = None,
     except ImportError:
         raise WeightsError(
             f"reading the PyTorch file {path} needs torch (pip install 'scflow_jax[parity]'); "
-            "safetensors files need no torch") from None
+            "safetensors files need no torch"
+        ) from None
     try:
         with torch.serialization.safe_globals(list(safe_globals)):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -156,7 +180,8 @@ def read_torch_state_dict(path: str, *, subkey: Optional[str] = None,
         raise WeightsError(
             f"{path} is not a plain PyTorch state dict (torch.load(weights_only=True) refused it: "
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Save the model's state_dict() "
-            "rather than the pickled model object.") from None
+            "rather than the pickled model object."
+        ) from None
     if subkey is not None:
         if not isinstance(obj, Mapping) or subkey not in obj:
             keys = sorted(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
@@ -169,7 +194,8 @@ def read_torch_state_dict(path: str, *, subkey: Optional[str] = None,
         if not isinstance(v, torch.Tensor):
             raise WeightsError(
                 f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor; pass subkey= to pick the nested "
-                f"state dict (top-level keys: {sorted(obj)[:10]})")
+                f"state dict (top-level keys: {sorted(obj)[:10]})"
+            )
         if v.dtype == torch.bfloat16:
             v = v.float()
         out[k] = v.detach().cpu().numpy()
@@ -233,16 +259,24 @@ def torch_layout_inverse(leaf_name: str, array: np.ndarray) -> np.ndarray:
     return array
 
 
-def state_dict_from_params(params: Any, key_for: Callable[[Path], str], *, dtype: Any = None,
-                           transform: Callable[[Path, np.ndarray], np.ndarray] =
-                           lambda path, a: torch_layout_inverse(path[-1], a)) -> Dict[str, np.ndarray]:
+def state_dict_from_params(
+    params: Any,
+    key_for: Callable[[Path], str],
+    *,
+    dtype: Any = None,
+    transform: Callable[[Path, np.ndarray], np.ndarray] = lambda path, a: torch_layout_inverse(
+        path[-1], a
+    ),
+) -> Dict[str, np.ndarray]:
     """The inverse of ``assemble_params``: ``{key_for(path): transform(path, leaf)}`` for an exporter, with the
     same ``key_for`` as the converter. Leaves stay views where possible (cast to ``dtype`` if given)."""
     out = {}
     for path, leaf in flatten_params(params).items():
         key = key_for(path)
         if key in out:
-            raise WeightsError(f"two parameters map to the same key {key!r} (one is {'/'.join(path)})")
+            raise WeightsError(
+                f"two parameters map to the same key {key!r} (one is {'/'.join(path)})"
+            )
         a = transform(path, np.asarray(jax.device_get(leaf)))
         out[key] = a if dtype is None else a.astype(dtype, copy=False)
     return out
@@ -314,8 +348,10 @@ def assemble_params(
         used.add(key)
         value = transform(path, source[key])
         if tuple(value.shape) != tuple(spec.shape):
-            mismatched.append(f"{key}: checkpoint {list(source[key].shape)} -> {list(value.shape)}, "
-                              f"model {'/'.join(path)} expects {list(spec.shape)}")
+            mismatched.append(
+                f"{key}: checkpoint {list(source[key].shape)} -> {list(value.shape)}, "
+                f"model {'/'.join(path)} expects {list(spec.shape)}"
+            )
             continue
         out[path] = np.asarray(value, dtype=spec.dtype)
     unexpected = sorted(k for k in source if k not in used and not ignore_unused(k))
@@ -327,13 +363,18 @@ def assemble_params(
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected key(s): {_short_list(unexpected)}")
     if problems and not allow_partial:
-        raise WeightsError(f"cannot convert {what}: " + "; ".join(problems)
-                           + ". (Is this the right checkpoint for this model configuration?)")
+        raise WeightsError(
+            f"cannot convert {what}: "
+            + "; ".join(problems)
+            + ". (Is this the right checkpoint for this model configuration?)"
+        )
     if problems:
         for path in flat_expected:
             if path not in out:
                 if path not in flat_fallback:
-                    raise WeightsError(f"{what}: allow_partial needs fallback parameters for {'/'.join(path)}")
+                    raise WeightsError(
+                        f"{what}: allow_partial needs fallback parameters for {'/'.join(path)}"
+                    )
                 out[path] = np.asarray(flat_fallback[path])
     return unflatten_params(out)
 

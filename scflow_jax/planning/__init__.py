@@ -5,4 +5,5 @@ devices, deviceless GPUs and TPU slices), ``programs`` builds what is compiled f
 ``xla_memory`` reads XLA's buffer assignment, ``report`` prints the table. docs/planning.md says
 how to run it.
 """
+
 from scflow_jax.planning.plan_mode import plan  # noqa: F401

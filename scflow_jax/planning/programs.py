@@ -10,6 +10,7 @@ task's ``_text_encoder`` / ``null_cond`` / ``batches``, replaced for shapes;
 ``evaluation.generate.sampler_program``, ``generate.euler_sample_fn``; and from ``sharding`` the
 mesh, batch and FSDP rules the trainer applies.
 """
+
 from __future__ import annotations
 
 import copy
@@ -32,12 +33,18 @@ from scflow_jax.planning.xla_memory import per_device_bytes, placed
 # Tiny stand-ins of SD 1.5's UNet and VAE (the same families, the same 77 x 768 text states and
 # 8x downsampling), for plans and benchmarks that check wiring, not figures.
 TINY_UNET = unet_sd.UNetSDConfig(
-    sample_size=8, block_out_channels=(32, 32), layers_per_block=1, cross_attention_dim=768,
-    norm_num_groups=8, attention_head_dim=2,
+    sample_size=8,
+    block_out_channels=(32, 32),
+    layers_per_block=1,
+    cross_attention_dim=768,
+    norm_num_groups=8,
+    attention_head_dim=2,
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-TINY_VAE = VAEConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
-                     sample_size=64)
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+)
+TINY_VAE = VAEConfig(
+    block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, sample_size=64
+)
 
 
 class ShapesOnly:
@@ -54,8 +61,9 @@ class ShapesOnly:
     def null_cond(self):
         if self.unconditional:
             return None
-        return np.zeros((self.text_config.max_position_embeddings, self.text_config.hidden_size),
-                        np.float32)
+        return np.zeros(
+            (self.text_config.max_position_embeddings, self.text_config.hidden_size), np.float32
+        )
 
     def batches(self, global_batch: int, seed: int, process_rows=None):
         rows = global_batch if process_rows is None else len(process_rows)
@@ -77,12 +85,24 @@ class _OneBatch:
 # The model folders a recipe reads its architecture from, and what a plan takes where one is not
 # set: the config.json of the reference network, or of its tiny stand-in.
 _REFERENCE_NETWORKS = {
-    "model.vae_path": ("vae", {"_class_name": "AutoencoderKL"}, "SD's VAE",
-                       {"_class_name": "AutoencoderKL",
-                        **{k: list(v) if isinstance(v, tuple) else v
-                           for k, v in dataclasses.asdict(TINY_VAE).items()}}),
-    "model.teacher_path": ("unet", unet_sd.UNetSDConfig().to_dict(), "SD 1.5's UNet",
-                           TINY_UNET.to_dict()),
+    "model.vae_path": (
+        "vae",
+        {"_class_name": "AutoencoderKL"},
+        "SD's VAE",
+        {
+            "_class_name": "AutoencoderKL",
+            **{
+                k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(TINY_VAE).items()
+            },
+        },
+    ),
+    "model.teacher_path": (
+        "unet",
+        unet_sd.UNetSDConfig().to_dict(),
+        "SD 1.5's UNet",
+        TINY_UNET.to_dict(),
+    ),
 }
 
 
@@ -118,17 +138,23 @@ def recipe_task(config, tiny_networks: bool = False) -> tuple[Any, dict]:
                 with open(os.path.join(reference, folder, "config.json"), "w") as f:
                     json.dump(tiny if tiny_networks else contents, f)
                 probe[group][name] = os.path.join(reference, folder)
-                architecture[name] = (f"{'a tiny stand-in of ' if tiny_networks else ''}{what} "
-                                      f"(config.{field} not set)")
+                architecture[name] = (
+                    f"{'a tiny stand-in of ' if tiny_networks else ''}{what} "
+                    f"(config.{field} not set)"
+                )
         task = tasks.build_task(probe)
     fields = {f.name: getattr(task, f.name) for f in dataclasses.fields(task)}
     fields["config"] = config
     if not task.unconditional:
         fields["text_config"], architecture["text_encoder_path"] = _text_config(config)
     # A dataclass, so that text_config survives dataclasses.replace (precision.configure_task).
-    cls = dataclasses.dataclass(eq=False)(type(
-        f"ShapesOnly{type(task).__name__}", (ShapesOnly, type(task)),
-        {"__annotations__": {"text_config": Any}, "text_config": None}))
+    cls = dataclasses.dataclass(eq=False)(
+        type(
+            f"ShapesOnly{type(task).__name__}",
+            (ShapesOnly, type(task)),
+            {"__annotations__": {"text_config": Any}, "text_config": None},
+        )
+    )
     return cls(**fields), architecture
 
 
@@ -150,27 +176,31 @@ def _example(task, batch_size: int, mesh) -> dict:
     """One global batch's shapes, split over the mesh as the trainer splits it."""
     rows = sharding.batch_sharding(mesh)
     example = task.batches(batch_size, seed=0).batch(0)
-    return {k: jax.ShapeDtypeStruct((batch_size,) + v.shape[1:], v.dtype, sharding=rows)
-            for k, v in example.items()}
+    return {
+        k: jax.ShapeDtypeStruct((batch_size,) + v.shape[1:], v.dtype, sharding=rows)
+        for k, v in example.items()
+    }
 
 
 def _replicated_null_cond(task, mesh):
     null = task.null_cond
     if null is None:
         return None
-    return jax.ShapeDtypeStruct(np.shape(null), np.asarray(null).dtype,
-                                sharding=sharding.replicated(mesh))
+    return jax.ShapeDtypeStruct(
+        np.shape(null), np.asarray(null).dtype, sharding=sharding.replicated(mesh)
+    )
 
 
 @dataclasses.dataclass
 class Program:
     """A program to lower and what the plan knows of it before compiling."""
-    name: str                 # distill_step or sampler
+
+    name: str  # distill_step or sampler
     lower: Callable[[], Any]  # () -> jax.stages.Lowered (tracing a large step takes minutes)
     batch: int
-    state_bytes: dict         # per device, by part of what the program holds between calls
-    inputs_bytes: int         # per device: the batch (or the sampler's rows) and the conditions
-    parameters: dict          # counts of the networks held
+    state_bytes: dict  # per device, by part of what the program holds between calls
+    inputs_bytes: int  # per device: the batch (or the sampler's rows) and the conditions
+    parameters: dict  # counts of the networks held
     sharding_summary: str
 
 
@@ -192,23 +222,39 @@ def distill_step(config, task, mesh) -> Program:
     shardings = sharding.state_shardings(abstract, mesh, rules, summary)
     teacher_shardings = sharding.state_shardings(teacher, mesh, rules)
     frozen_teacher = precision.frozen_params(teacher, config)
-    state_bytes = {f.name: per_device_bytes(getattr(abstract, f.name), getattr(shardings, f.name))
-                   for f in dataclasses.fields(abstract)}
+    state_bytes = {
+        f.name: per_device_bytes(getattr(abstract, f.name), getattr(shardings, f.name))
+        for f in dataclasses.fields(abstract)
+    }
     state_bytes["teacher"] = per_device_bytes(frozen_teacher, teacher_shardings)
     example = _example(task, batch, mesh)
-    frozen = {"teacher_params": placed(frozen_teacher, teacher_shardings),
-              "null_cond": _replicated_null_cond(task, mesh)}
+    frozen = {
+        "teacher_params": placed(frozen_teacher, teacher_shardings),
+        "null_cond": _replicated_null_cond(task, mesh),
+    }
     inputs = {"batch": example, "null_cond": frozen["null_cond"]}
     inputs_bytes = per_device_bytes(inputs, jax.tree.map(lambda x: x.sharding, inputs))
-    step = distill.make_train_step(distill.networks(task, mesh, rules), config.scflow, optimizer,
-                                   disc_optimizer, jax.random.PRNGKey(1),
-                                   out_shardings=(shardings, sharding.replicated(mesh)),
-                                   compiler_options=xla_gpu.from_config(config, mesh))
-    return Program("distill_step", lambda: step.lower(placed(abstract, shardings), example, frozen),
-                   batch, state_bytes, inputs_bytes,
-                   {"student": train_state.count_params(abstract.params),
-                    "discriminator": train_state.count_params(abstract.disc_params)},
-                   summary.describe())
+    step = distill.make_train_step(
+        distill.networks(task, mesh, rules),
+        config.scflow,
+        optimizer,
+        disc_optimizer,
+        jax.random.PRNGKey(1),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+        compiler_options=xla_gpu.from_config(config, mesh),
+    )
+    return Program(
+        "distill_step",
+        lambda: step.lower(placed(abstract, shardings), example, frozen),
+        batch,
+        state_bytes,
+        inputs_bytes,
+        {
+            "student": train_state.count_params(abstract.params),
+            "discriminator": train_state.count_params(abstract.disc_params),
+        },
+        summary.describe(),
+    )
 
 
 def sampler(config, task, mesh, steps: int) -> Program:
@@ -221,16 +267,28 @@ def sampler(config, task, mesh, steps: int) -> Program:
     student = teacher_shapes(task)  # exported float32, with the teacher's shapes
     held = sharding.sampler_shardings(student, mesh)
     example = _example(task, batch, mesh)
-    program = generate.sampler_program(generate.euler_sample_fn(task.velocity_fn, num_steps=steps),
-                                       latent_shape=example["image"].shape[1:], seed=0, mesh=mesh)
+    program = generate.sampler_program(
+        generate.euler_sample_fn(task.velocity_fn, num_steps=steps),
+        latent_shape=example["image"].shape[1:],
+        seed=0,
+        mesh=mesh,
+    )
     rows = sharding.batch_sharding(mesh)
-    inputs = {"indices": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows),
-              "cond": example.get("cond")}
+    inputs = {
+        "indices": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows),
+        "cond": example.get("cond"),
+    }
     inputs_bytes = per_device_bytes(inputs, jax.tree.map(lambda x: x.sharding, inputs))
 
     def lower():
         return program.lower(placed(student, held), inputs["indices"], inputs["cond"], None)
 
-    return Program("sampler", lower, batch, {"student": per_device_bytes(student, held)},
-                   inputs_bytes, {"student": train_state.count_params(student)},
-                   "student whole on every device")
+    return Program(
+        "sampler",
+        lower,
+        batch,
+        {"student": per_device_bytes(student, held)},
+        inputs_bytes,
+        {"student": train_state.count_params(student)},
+        "student whole on every device",
+    )

@@ -1,4 +1,5 @@
 """A plan as one table of GiB per device, from the plan's JSON record."""
+
 from __future__ import annotations
 
 # Rows of the table: the parts of the distill state (DistillState's fields, and the frozen teacher
@@ -43,11 +44,13 @@ def format_table(record: dict) -> str:
     def amount(value: float) -> str:
         return f"{value * scale:.2f}"
 
-    head = (f"Plan of the {record['program'].replace('_', ' ')} of {record['data']}: "
-            f"batch {record['batch']} ({record['batch_per_device']:g} per device) on "
-            f"{record['devices']} x {record['device_kind']} [{record['target']}], "
-            f"mesh data {mesh['data']} x fsdp {mesh['fsdp']}, {record['compute_dtype']} compute, "
-            f"remat {record['remat']}")
+    head = (
+        f"Plan of the {record['program'].replace('_', ' ')} of {record['data']}: "
+        f"batch {record['batch']} ({record['batch_per_device']:g} per device) on "
+        f"{record['devices']} x {record['device_kind']} [{record['target']}], "
+        f"mesh data {mesh['data']} x fsdp {mesh['fsdp']}, {record['compute_dtype']} compute, "
+        f"remat {record['remat']}"
+    )
     lines = [head, _line("", f"{unit} per device")]
     lines += [_line(label, amount(value)) for label, value in state_rows(gib["state"])]
     lines.append(_line("state", amount(gib["state_total"])))
@@ -56,18 +59,22 @@ def format_table(record: dict) -> str:
     if compiled is None:
         lines.append(_line("temporaries", "not compiled"))
     elif "refused" in compiled:
-        label = (f"temporaries, least reached ({record['compiler']} refused under "
-                 f"{compiled['limit_gib'] * scale:.0f})")
+        label = (
+            f"temporaries, least reached ({record['compiler']} refused under "
+            f"{compiled['limit_gib'] * scale:.0f})"
+        )
         lines.append(_line(label, amount(gib["temporaries"])))
     else:
         lines.append(_line(f"temporaries ({record['compiler']})", amount(gib["temporaries"])))
         if gib["outputs_not_aliased"] * scale >= 0.005:
-            lines.append(_line("outputs not aliased to the state",
-                               amount(gib["outputs_not_aliased"])))
+            lines.append(
+                _line("outputs not aliased to the state", amount(gib["outputs_not_aliased"]))
+            )
     lines.append(_line("total", amount(gib["total"])))
     lines.append(_line(f"usable: {record['usable_source']}", amount(record["usable_gib"])))
     left = record["left_gib"]
     verdict = f"yes, {amount(left)} left" if left >= 0 else f"no, {amount(-left)} short"
-    lines.append(_line("fits" if record["fits"] is not None else "state fits (step not compiled)",
-                       verdict))
+    lines.append(
+        _line("fits" if record["fits"] is not None else "state fits (step not compiled)", verdict)
+    )
     return "\n".join(lines)

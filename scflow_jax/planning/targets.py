@@ -6,6 +6,7 @@ GPUs and TPUs need not be present: XLA compiles for a deviceless topology
 are optional extras of the package (``pip install -e '.[plan-gpu]'``, ``'.[plan-tpu]'``), never
 runtime needs; a missing one is an error that names the extra.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,6 +38,7 @@ class PlanTargetError(ValueError):
 class Target:
     """``kind``: host (this process's devices), cpu, gpu or tpu. ``count``: devices asked for (GPUs
     of one node, CPU devices; None: as many as there are). ``name``: the card or slice."""
+
     spec: str
     kind: str
     name: str = ""
@@ -51,13 +53,15 @@ class Target:
 
 def known_gpus() -> list[str]:
     folder = importlib.resources.files(__package__) / GPU_TARGETS
-    return sorted(f.name[:-len(".txtpb")] for f in folder.iterdir() if f.name.endswith(".txtpb"))
+    return sorted(f.name[: -len(".txtpb")] for f in folder.iterdir() if f.name.endswith(".txtpb"))
 
 
 def _count(spec: str, text: str) -> int:
     if not text.isdigit() or int(text) < 1:
-        raise PlanTargetError(f"{_FIELD}={spec!r}: the device count after ':' must be a positive "
-                              f"integer, got {text!r}")
+        raise PlanTargetError(
+            f"{_FIELD}={spec!r}: the device count after ':' must be a positive "
+            f"integer, got {text!r}"
+        )
     return int(text)
 
 
@@ -94,11 +98,14 @@ def gpu_target_text(spec: str, name: str) -> str:
         raise PlanTargetError(
             f"{_FIELD}={spec!r} is not a target: '' (this host's devices), cpu[:N], a GPU "
             f"({', '.join(known_gpus())}, or the path of an XLA GpuTargetConfig .txtpb file)[:N], "
-            f"or a TPU slice such as v5e:2x4")
+            f"or a TPU slice such as v5e:2x4"
+        )
     if not _DEVICE_MEMORY_SIZE.search(text):
-        raise PlanTargetError(f"{_FIELD}={spec!r}: {where} has no "
-                              f"gpu_device_info.device_memory_size; it is not an XLA "
-                              f"GpuTargetConfig in text form")
+        raise PlanTargetError(
+            f"{_FIELD}={spec!r}: {where} has no "
+            f"gpu_device_info.device_memory_size; it is not an XLA "
+            f"GpuTargetConfig in text form"
+        )
     return text
 
 
@@ -115,8 +122,9 @@ def gpu_pool_fraction() -> float:
     except ValueError:
         fraction = -1.0
     if not 0.0 < fraction <= 1.0:
-        raise PlanTargetError(f"XLA_PYTHON_CLIENT_MEM_FRACTION={value!r} must be a number in "
-                              f"(0, 1]")
+        raise PlanTargetError(
+            f"XLA_PYTHON_CLIENT_MEM_FRACTION={value!r} must be a number in (0, 1]"
+        )
     return fraction
 
 
@@ -148,8 +156,9 @@ def devices(target: Target, tpu_hbm_cap_mib: int = 0) -> list:
                 f"{_FIELD}={target.spec!r} asks for {target.count} CPU devices, but JAX started "
                 f"with {len(present)}: run --mode=plan in a process of its own (it sets the count "
                 f"before JAX starts), or set "
-                f"XLA_FLAGS=--xla_force_host_platform_device_count={target.count}")
-        return present[:target.count] if target.count else present
+                f"XLA_FLAGS=--xla_force_host_platform_device_count={target.count}"
+            )
+        return present[: target.count] if target.count else present
     if target.kind == "gpu":
         return _gpu_node(target)
     return _tpu_slice(target, tpu_hbm_cap_mib)
@@ -160,14 +169,18 @@ def _gpu_node(target: Target) -> list:
 
     count = target.count or 1
     try:
-        return list(topologies.get_topology_desc(platform="cuda", topology=f"1x1x{count}",
-                                                 target_config=target.gpu_target_text).devices)
+        return list(
+            topologies.get_topology_desc(
+                platform="cuda", topology=f"1x1x{count}", target_config=target.gpu_target_text
+            ).devices
+        )
     except Exception as error:  # no CUDA plugin, or a target file it cannot read
         raise PlanTargetError(
             f"{_FIELD}={target.spec!r}: no GPU compiler could describe {count} of it "
             f"({type(error).__name__}: {str(error).strip()[:300]}). It needs JAX's CUDA plugin of "
             f"the jax release installed ({jax.__version__}): pip install -e '.[plan-gpu]' (no GPU, "
-            f"driver or CUDA toolkit is needed to compile)") from error
+            f"driver or CUDA toolkit is needed to compile)"
+        ) from error
 
 
 def _tpu_slice(target: Target, tpu_hbm_cap_mib: int) -> list:
@@ -183,7 +196,8 @@ def _tpu_slice(target: Target, tpu_hbm_cap_mib: int) -> list:
             f"{_FIELD}={target.spec!r}: no TPU compiler could describe it ({type(error).__name__}: "
             f"{str(error).strip()[:300]}). It needs libtpu of the jax release installed "
             f"({jax.__version__}): pip install -e '.[plan-tpu]', and a slice name libtpu knows, "
-            f"e.g. v5e:2x4 or v6e:2x4") from error
+            f"e.g. v5e:2x4 or v6e:2x4"
+        ) from error
 
 
 def _host_memory_bytes() -> int:
@@ -197,17 +211,19 @@ def usable_memory(target: Target, mesh_devices: list, memory_gib: float = 0.0) -
         return memory_gib, "config.plan.memory_gib"
     if target.kind == "gpu":
         fraction = gpu_pool_fraction()
-        card = gpu_memory_bytes(target.gpu_target_text) / 2 ** 30
+        card = gpu_memory_bytes(target.gpu_target_text) / 2**30
         return fraction * card, f"JAX's pool, {fraction:g} of {card:.2f} GiB"
     if target.kind == "tpu":
         generation = _TPU_SLICE.match(target.name).group(1)
         if generation not in TPU_CHIP_GIB:
-            raise PlanTargetError(f"{_FIELD}={target.spec!r}: the memory of a {generation} chip "
-                                  f"is not known here; give it as config.plan.memory_gib")
+            raise PlanTargetError(
+                f"{_FIELD}={target.spec!r}: the memory of a {generation} chip "
+                f"is not known here; give it as config.plan.memory_gib"
+            )
         return TPU_CHIP_GIB[generation], f"HBM of a {generation} chip"
     stats = mesh_devices[0].memory_stats() if mesh_devices[0].platform != "cpu" else None
     if stats and stats.get("bytes_limit"):
-        return stats["bytes_limit"] / 2 ** 30, "JAX's pool (memory_stats)"
+        return stats["bytes_limit"] / 2**30, "JAX's pool (memory_stats)"
     cpus = len(jax.devices("cpu"))
-    share = _host_memory_bytes() / max(cpus, 1) / 2 ** 30
+    share = _host_memory_bytes() / max(cpus, 1) / 2**30
     return share, f"host memory / {cpus} CPU device{'s' if cpus > 1 else ''}"

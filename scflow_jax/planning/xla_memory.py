@@ -1,5 +1,6 @@
 """What XLA says a compiled program needs per device, and what a tree of arrays takes per device
 under its shardings: the arithmetic of a plan, apart from what it plans."""
+
 from __future__ import annotations
 
 import re
@@ -7,7 +8,7 @@ import re
 import jax
 import numpy as np
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
 def compiled_memory_gib(compiled) -> dict:
@@ -17,10 +18,11 @@ def compiled_memory_gib(compiled) -> dict:
     analysis = compiled.memory_analysis()
     if analysis is None:
         return {"note": "no memory analysis on this backend"}
-    return {"arguments": analysis.argument_size_in_bytes / GIB,
-            "outputs_not_aliased":
-                (analysis.output_size_in_bytes - analysis.alias_size_in_bytes) / GIB,
-            "temporaries": analysis.temp_size_in_bytes / GIB}
+    return {
+        "arguments": analysis.argument_size_in_bytes / GIB,
+        "outputs_not_aliased": (analysis.output_size_in_bytes - analysis.alias_size_in_bytes) / GIB,
+        "temporaries": analysis.temp_size_in_bytes / GIB,
+    }
 
 
 def fused_attention_calls(compiled) -> int:
@@ -31,7 +33,8 @@ def fused_attention_calls(compiled) -> int:
 
 # A collective in XLA's compiled text, synchronous or the start of an asynchronous one.
 _COLLECTIVE = re.compile(
-    r"\b(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(")
+    r"\b(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\("
+)
 
 
 def collective_counts(compiled) -> dict:
@@ -48,8 +51,9 @@ def collective_counts(compiled) -> dict:
 # XLA:TPU refuses a program whose temporaries exceed the chip's memory, naming both sizes (unit K,
 # M or G).
 _TPU_OUT_OF_HBM = re.compile(
-    r"required for HLO temporaries \(([\d.]+)([KMG])\) exceeds available HBM \(([\d.]+)([KMG])\)")
-_TO_GIB = {"K": 2.0 ** -20, "M": 2.0 ** -10, "G": 1.0}
+    r"required for HLO temporaries \(([\d.]+)([KMG])\) exceeds available HBM \(([\d.]+)([KMG])\)"
+)
+_TO_GIB = {"K": 2.0**-20, "M": 2.0**-10, "G": 1.0}
 
 
 def compile_for_plan(lowered, compiler_options: dict | None = None) -> dict:
@@ -69,16 +73,23 @@ def compile_for_plan(lowered, compiler_options: dict | None = None) -> dict:
         if not refused:
             raise
         needed, unit, limit, limit_unit = refused.groups()
-        return {"refused": refused.group(0),
-                "buffers": {"temporaries": float(needed) * _TO_GIB[unit]},
-                "limit_gib": float(limit) * _TO_GIB[limit_unit]}
+        return {
+            "refused": refused.group(0),
+            "buffers": {"temporaries": float(needed) * _TO_GIB[unit]},
+            "limit_gib": float(limit) * _TO_GIB[limit_unit],
+        }
     buffers = compiled_memory_gib(compiled)
     if "note" in buffers:
-        raise RuntimeError(f"XLA gives no memory analysis of programs compiled for "
-                           f"{jax.default_backend()} here; plan the state alone with "
-                           f"config.plan.compile=False")
-    return {"buffers": buffers, "collectives": collective_counts(compiled),
-            "fused_attention_calls": fused_attention_calls(compiled)}
+        raise RuntimeError(
+            f"XLA gives no memory analysis of programs compiled for "
+            f"{jax.default_backend()} here; plan the state alone with "
+            f"config.plan.compile=False"
+        )
+    return {
+        "buffers": buffers,
+        "collectives": collective_counts(compiled),
+        "fused_attention_calls": fused_attention_calls(compiled),
+    }
 
 
 def fit(compiled: dict, planned_arguments_gib: float, usable_gib: float) -> dict:
@@ -96,13 +107,19 @@ def fit(compiled: dict, planned_arguments_gib: float, usable_gib: float) -> dict
 def placed(abstract_tree, shardings):
     """``abstract_tree``'s shapes and dtypes laid out by ``shardings``: what a program is lowered
     for."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        abstract_tree, shardings)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings
+    )
 
 
 def per_device_bytes(abstract_tree, shardings) -> int:
     """Bytes one device holds of ``abstract_tree`` laid out by ``shardings`` (the largest shard:
     FSDP's shards are equal; replicated arrays count whole)."""
-    sizes = jax.tree.map(lambda leaf, s: int(np.prod(s.shard_shape(leaf.shape), dtype=np.int64))
-                         * np.dtype(leaf.dtype).itemsize, abstract_tree, shardings)
+    sizes = jax.tree.map(
+        lambda leaf, s: (
+            int(np.prod(s.shard_shape(leaf.shape), dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+        ),
+        abstract_tree,
+        shardings,
+    )
     return sum(jax.tree.leaves(sizes))

@@ -1,5 +1,6 @@
 """Tasks: one module per problem, each implementing ``base.Task``; ``build_task`` picks the one
 ``config.data.name`` names."""
+
 from __future__ import annotations
 
 from scflow_jax.tasks.base import Task, load_teacher
@@ -18,8 +19,9 @@ def task_class(config) -> type:
     answer without building it."""
     name = config.data.name
     if name not in TASKS:
-        raise ValueError(f"config.data.name={name!r} is not a known task; expected one of "
-                         f"{tuple(TASKS)}")
+        raise ValueError(
+            f"config.data.name={name!r} is not a known task; expected one of {tuple(TASKS)}"
+        )
     return TASKS[name]
 
 

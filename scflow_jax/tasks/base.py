@@ -5,6 +5,7 @@ CelebA-HQ with the ADM teacher, SD 1.5 text-to-image): one module each in this p
 stages (teacher.py, distill.py, sample.py, evaluate.py, export.py) ask only for the members of
 ``Task`` below, so they hold no per-task branches.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, ClassVar, Protocol
@@ -25,8 +26,8 @@ class Task(Protocol):
     # The sample stage's grid.png shows each sample scaled up this much.
     sample_grid_upscale: ClassVar[int]
 
-    model: Any                  # the flow network's Linen module (teacher, student, EMAs)
-    discriminator: Any          # D's Linen module (precision.configure_task replaces both)
+    model: Any  # the flow network's Linen module (teacher, student, EMAs)
+    discriminator: Any  # D's Linen module (precision.configure_task replaces both)
 
     @property
     def unconditional(self) -> bool:
@@ -83,8 +84,9 @@ class Task(Protocol):
     def grid_sampler(self, seed: int, num_steps: int) -> Callable[[Any], np.ndarray]:
         """``params -> images`` of a fixed grid of samples (training logs)."""
 
-    def sample_images(self, params, cond: np.ndarray | None, num_samples: int, *,
-                      num_steps: int, config, mesh) -> np.ndarray:
+    def sample_images(
+        self, params, cond: np.ndarray | None, num_samples: int, *, num_steps: int, config, mesh
+    ) -> np.ndarray:
         """``num_samples`` images on the host (sample i conditioned on ``cond[i]``), with the
         sampler, guidance and seed of ``config.sample`` / ``config.seed``."""
 
@@ -99,8 +101,7 @@ class Task(Protocol):
         """Writes flow parameters in the teacher's own format; returns the written path."""
 
 
-def load_teacher(task: Task, config, workdir: str,
-                 shardings_for: Callable[[Any], Any]) -> Any:
+def load_teacher(task: Task, config, workdir: str, shardings_for: Callable[[Any], Any]) -> Any:
     """The teacher's parameters, placed with ``shardings_for(abstract tree)``: the task's
     pretrained checkpoint, or the trained teacher at ``layout.teacher_params_path``, checked
     name by name against the task's architecture."""
@@ -111,7 +112,9 @@ def load_teacher(task: Task, config, workdir: str,
     if not checkpoint.params_exist(path):
         raise FileNotFoundError(
             f"teacher parameters not found at {path} (config.distill.teacher_params; empty "
-            f"means <workdir>/teacher/params, written by --mode=train_teacher)")
+            f"means <workdir>/teacher/params, written by --mode=train_teacher)"
+        )
     abstract = task.abstract_params()
-    return checkpoint.load_params(path, abstract, shardings_for(abstract),
-                                  what="teacher parameters")
+    return checkpoint.load_params(
+        path, abstract, shardings_for(abstract), what="teacher parameters"
+    )

@@ -9,6 +9,7 @@ encoder, UNet-encoder D). Every weight comes from a local path named by a config
 (``config.data.path``, read by ``scflow_jax.data.latents.LatentBatches``). Heavy things load on
 first use: distillation never loads the VAE weights, sampling never reads the data.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,8 +35,10 @@ def required_path(config, field: str, what: str) -> str:
     group, name = field.split(".")
     value = config[group][name]
     if not value:
-        raise ValueError(f"config.{field} is not set: give the local path of the {what} "
-                         f"(--config.{field}=PATH); nothing is downloaded")
+        raise ValueError(
+            f"config.{field} is not set: give the local path of the {what} "
+            f"(--config.{field}=PATH); nothing is downloaded"
+        )
     if not os.path.exists(value):
         raise FileNotFoundError(f"config.{field}={value!r} ({what}) does not exist")
     return value
@@ -45,8 +48,10 @@ def latent_shape_for(config, vae_config: vae_lib.VAEConfig) -> tuple[int, int, i
     """(h, w, c) of the latents of ``config.data.image_size`` images under this VAE."""
     size, factor = config.data.image_size, vae_config.downsample_factor
     if size <= 0 or size % factor:
-        raise ValueError(f"config.data.image_size={size} is not a positive multiple of the "
-                         f"VAE's downsampling factor {factor}")
+        raise ValueError(
+            f"config.data.image_size={size} is not a positive multiple of the "
+            f"VAE's downsampling factor {factor}"
+        )
     return size // factor, size // factor, vae_config.latent_channels
 
 
@@ -54,7 +59,8 @@ def read_vae_config(path: str) -> vae_lib.VAEConfig:
     nested = os.path.isfile(os.path.join(path, "vae", "config.json"))
     folder = os.path.join(path, "vae") if nested else path
     return vae_lib.VAEConfig.from_dict(
-        weights.read_json(os.path.join(folder, "config.json"), what="VAE config"))
+        weights.read_json(os.path.join(folder, "config.json"), what="VAE config")
+    )
 
 
 VAE_FIELD = ("model.vae_path", "VAE (diffusers AutoencoderKL folder)")
@@ -66,14 +72,14 @@ class LatentTask:
 
     pretrained_teacher: ClassVar[bool] = True
     sample_grid_upscale: ClassVar[int] = 1
-    dataset_kind: ClassVar[str]           # the prepared dataset's kind (data/latents.py KINDS)
+    dataset_kind: ClassVar[str]  # the prepared dataset's kind (data/latents.py KINDS)
 
-    config: Any                           # the run's ConfigDict
+    config: Any  # the run's ConfigDict
     latent_shape: tuple[int, int, int]
     vae_config: vae_lib.VAEConfig
-    network_config: Any                   # the flow network's config (ADMConfig, UNetSDConfig)
+    network_config: Any  # the flow network's config (ADMConfig, UNetSDConfig)
     # Linen modules; precision.configure_task replaces them with their bf16/remat versions.
-    model: Any                            # the flow network (teacher = student)
+    model: Any  # the flow network (teacher = student)
     discriminator: Any
 
     @classmethod
@@ -82,8 +88,9 @@ class LatentTask:
         return _cached_task(cls, json.dumps(config.to_dict(), sort_keys=True))
 
     @classmethod
-    def build(cls, config, vae_config: vae_lib.VAEConfig,
-              latent_shape: tuple[int, int, int]) -> "LatentTask":
+    def build(
+        cls, config, vae_config: vae_lib.VAEConfig, latent_shape: tuple[int, int, int]
+    ) -> "LatentTask":
         """The recipe's networks on ``latent_shape`` latents."""
         raise NotImplementedError
 
@@ -94,21 +101,25 @@ class LatentTask:
     # -- weights ---------------------------------------------------------------------------
 
     def init_params(self, rng) -> Any:
-        raise ValueError(f"config.data.name={self.config.data.name!r} distills a pretrained "
-                         f"teacher (config.model.teacher_path): it has no freshly initialised "
-                         f"flow network")
+        raise ValueError(
+            f"config.data.name={self.config.data.name!r} distills a pretrained "
+            f"teacher (config.model.teacher_path): it has no freshly initialised "
+            f"flow network"
+        )
 
     def load_flow_params(self, path: str, mesh, what: str):
         """Flow-network parameters exported by a stage (the student), checked by name and
         shape, whole on every device of ``mesh`` (``sharding.sampler_shardings``)."""
         abstract = self.abstract_params()
-        return checkpoint.load_params(path, abstract, sharding.sampler_shardings(abstract, mesh),
-                                      what=what)
+        return checkpoint.load_params(
+            path, abstract, sharding.sampler_shardings(abstract, mesh), what=what
+        )
 
     @functools.cached_property
     def _vae(self) -> tuple[vae_lib.VAE, Any]:
-        return vae_lib.load_vae(required_path(self.config, *VAE_FIELD),
-                                dtype=precision.decode_dtype(self.config))
+        return vae_lib.load_vae(
+            required_path(self.config, *VAE_FIELD), dtype=precision.decode_dtype(self.config)
+        )
 
     def decode(self, x) -> jax.Array:
         """Scaled latents [B, h, w, c] -> images in [-1, 1], NHWC float32."""
@@ -119,22 +130,30 @@ class LatentTask:
 
     def batches(self, global_batch: int, seed: int, process_rows=None):
         """The prepared latent dataset at ``config.data.path`` (``LatentBatches``)."""
-        path = required_path(self.config, "data.path",
-                             "prepared latent dataset (--mode=prepare_data)")
-        data = latents.LatentBatches(path, global_batch, seed, hflip=self.config.data.hflip,
-                                     process_rows=process_rows)
+        path = required_path(
+            self.config, "data.path", "prepared latent dataset (--mode=prepare_data)"
+        )
+        data = latents.LatentBatches(
+            path, global_batch, seed, hflip=self.config.data.hflip, process_rows=process_rows
+        )
         if data.scaling_factor != self.vae_config.scaling_factor:
-            raise ValueError(f"config.data.path={path} was prepared with latent scaling factor "
-                             f"{data.scaling_factor}, but the VAE at config.model.vae_path "
-                             f"scales by {self.vae_config.scaling_factor}")
+            raise ValueError(
+                f"config.data.path={path} was prepared with latent scaling factor "
+                f"{data.scaling_factor}, but the VAE at config.model.vae_path "
+                f"scales by {self.vae_config.scaling_factor}"
+            )
         if data.latent_shape != self.latent_shape:
-            raise ValueError(f"config.data.path={path} holds latents of shape "
-                             f"{data.latent_shape}, but config.data.image_size="
-                             f"{self.image_size} with this VAE gives {self.latent_shape}")
+            raise ValueError(
+                f"config.data.path={path} holds latents of shape "
+                f"{data.latent_shape}, but config.data.image_size="
+                f"{self.image_size} with this VAE gives {self.latent_shape}"
+            )
         if data.metadata["kind"] != self.dataset_kind:
-            raise ValueError(f"config.data.path={path} is a {data.metadata['kind']!r} dataset; "
-                             f"config.data.name={self.config.data.name!r} needs "
-                             f"{self.dataset_kind!r}")
+            raise ValueError(
+                f"config.data.path={path} is a {data.metadata['kind']!r} dataset; "
+                f"config.data.name={self.config.data.name!r} needs "
+                f"{self.dataset_kind!r}"
+            )
         return data
 
     def grid_conditions(self, per_row: int) -> np.ndarray | None:
@@ -147,8 +166,7 @@ class LatentTask:
         cond = self.grid_conditions(per_row)
         cond = None if cond is None else jnp.asarray(cond)
         z1 = sampling.sample_noise(seed, jnp.arange(n), self.latent_shape)
-        run = jax.jit(lambda p: sampling.sample(self.velocity_fn, p, z1, cond,
-                                                num_steps=num_steps))
+        run = jax.jit(lambda p: sampling.sample(self.velocity_fn, p, z1, cond, num_steps=num_steps))
         return lambda params: np.asarray(self.decode(run(params)))
 
     # -- what the stages make ----------------------------------------------------------------
@@ -160,14 +178,23 @@ class LatentTask:
         count scores), VAE-decoded."""
         cfg = config.sample
         sampler = generate.ShardedSampler(
-            generate.euler_sample_fn(self.velocity_fn, num_steps=num_steps,
-                                     guidance=cfg.guidance, method=cfg.sampler),
-            params, latent_shape=self.latent_shape, seed=config.seed, batch_size=cfg.batch_size,
-            mesh=mesh, null_cond=self.null_cond, decode=self.decode,
-            field="config.sample.batch_size")
+            generate.euler_sample_fn(
+                self.velocity_fn, num_steps=num_steps, guidance=cfg.guidance, method=cfg.sampler
+            ),
+            params,
+            latent_shape=self.latent_shape,
+            seed=config.seed,
+            batch_size=cfg.batch_size,
+            mesh=mesh,
+            null_cond=self.null_cond,
+            decode=self.decode,
+            field="config.sample.batch_size",
+        )
         return generate.generate_images(
-            sampler, num_samples=num_samples,
-            cond_fn=None if cond is None else lambda indices: cond[indices])
+            sampler,
+            num_samples=num_samples,
+            cond_fn=None if cond is None else lambda indices: cond[indices],
+        )
 
     def evaluate(self, config, workdir: str) -> list[dict]:
         return real_eval.evaluate_recipe(config, workdir, self)
