@@ -1,18 +1,20 @@
 """CLIP score of generated images against their captions, in JAX.
 
-For each (image, caption) pair, c = cosine(image_embed, text_embed) of the projected CLIP embeddings, with the
-image preprocessed like ``CLIPImageProcessor`` (``clip_vision.preprocess_images``) and the caption tokenised by
-the CLIP tokenizer (truncated to 77 tokens). Reported forms:
+For each (image, caption) pair, c = cosine(image_embed, text_embed) of the projected CLIP
+embeddings, with the image preprocessed like ``CLIPImageProcessor``
+(``clip_vision.preprocess_images``) and the caption tokenised by the CLIP tokenizer (truncated to 77
+tokens). Reported forms:
 
-* ``clip_score``: 100 x mean over samples of max(c, 0), the formula of torchmetrics' documentation (and, up to its
-  weight 2.5 instead of 100, of Hessel et al.'s CLIPScore).
-* ``clip_score_torchmetrics``: 100 x max(mean c, 0), what torchmetrics' ``CLIPScore.compute`` actually returns (it
-  clamps the mean). The two agree whenever no cosine is negative, which holds for a real CLIP model on real
-  pairs (cosines ~0.2-0.35).
-* ``mean_cosine``: mean c in [-1, 1], the 0-1 form the InstaFlow and SCFlow papers quote (e.g. 0.304).
+* ``clip_score``: 100 x mean over samples of max(c, 0), the formula of torchmetrics' documentation
+  (and, up to its weight 2.5 instead of 100, of Hessel et al.'s CLIPScore).
+* ``clip_score_torchmetrics``: 100 x max(mean c, 0), what torchmetrics' ``CLIPScore.compute``
+  actually returns (it clamps the mean). The two agree whenever no cosine is negative, which holds
+  for a real CLIP model on real pairs (cosines ~0.2-0.35).
+* ``mean_cosine``: mean c in [-1, 1], the 0-1 form the InstaFlow and SCFlow papers quote (e.g.
+  0.304).
 
-Only sums and a count are kept (float64, on the host), so evaluations of any size need no memory; each batch is
-one jitted call (the last, smaller batch is padded so nothing recompiles).
+Only sums and a count are kept (float64, on the host), so evaluations of any size need no memory;
+each batch is one jitted call (the last, smaller batch is padded so nothing recompiles).
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ def clip_cosines(
     *,
     value_range: Tuple[float, float] = (-1.0, 1.0),
 ) -> jax.Array:
-    """Per-pair cosine similarity [B] (float32) of images [B, H, W, 3] (NHWC floats in ``value_range``: (-1, 1)
-    for decoder outputs, (0, 1) or (0, 255) also work) and token ids [B, L] of their captions."""
+    """Per-pair cosine similarity [B] (float32) of images [B, H, W, 3] (NHWC floats in
+    ``value_range``: (-1, 1) for decoder outputs, (0, 1) or (0, 255) also work) and token ids [B, L]
+    of their captions."""
     if clip.config.text is None or clip.config.vision is None:
         raise ValueError("CLIP score needs a CLIP model with both towers (a CLIPModel checkpoint)")
     variables = params if "params" in params else {"params": params}
@@ -58,7 +61,8 @@ def clip_cosines(
 
 @dataclasses.dataclass
 class CLIPScoreAccumulator:
-    """Running sums of per-sample cosines; ``result()`` gives every reported form (see the module docstring)."""
+    """Running sums of per-sample cosines; ``result()`` gives every reported form (see the module
+    docstring)."""
 
     sum_cosine: float = 0.0
     sum_clamped_cosine: float = 0.0
@@ -93,8 +97,8 @@ class CLIPScoreAccumulator:
 class CLIPScore:
     """Batched CLIP score: ``update(images, captions)`` per batch, then ``result()``.
 
-    ``images``: NHWC floats in ``value_range`` (default (-1, 1), the VAE decoder's range). Batches smaller than
-    the first one are padded to its size, so the whole evaluation compiles once.
+    ``images``: NHWC floats in ``value_range`` (default (-1, 1), the VAE decoder's range). Batches
+    smaller than the first one are padded to its size, so the whole evaluation compiles once.
     """
 
     def __init__(
@@ -145,7 +149,8 @@ def clip_score(
     batch_size: int = 64,
     value_range: Tuple[float, float] = (-1.0, 1.0),
 ) -> Dict[str, float]:
-    """CLIP score of in-memory ``images`` [N, H, W, 3] and ``captions`` (N strings), in batches of ``batch_size``."""
+    """CLIP score of in-memory ``images`` [N, H, W, 3] and ``captions`` (N strings), in batches of
+    ``batch_size``."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     scorer = CLIPScore(clip, params, tokenizer, value_range=value_range)

@@ -57,7 +57,8 @@ DEFAULT_FEATURE_DIM = 64
 
 
 class DigitClassifier(nn.Module):
-    """Small deterministic CNN for 8x8 digits: ``x [B, 8, 8, 1] -> (logits [B, 10], features [B, feature_dim])``."""
+    """Small deterministic CNN for 8x8 digits:
+    ``x [B, 8, 8, 1] -> (logits [B, 10], features [B, feature_dim])``."""
 
     feature_dim: int = DEFAULT_FEATURE_DIM
     num_classes: int = NUM_CLASSES

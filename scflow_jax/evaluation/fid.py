@@ -3,15 +3,18 @@ accumulation, and reference statistics from a folder of images.
 
 The pieces, each usable alone:
 
-* ``FeatureExtractor``: one jitted call per global batch, images split over the ``data`` axis of the mesh,
-  features gathered to the host. Any number of images is accepted: the last, short chunk is zero-padded to the
-  compiled batch size and the padded rows are dropped, so nothing is lost or counted twice and nothing recompiles.
-* ``FIDAccumulator``: the running float64 statistics of ``frechet.RunningStatistics`` (sum of x and of x xᵀ on the
-  host, so 50k samples never sit in memory) plus the number of batches consumed, saved atomically to an ``.npz``
-  every ``save_every`` batches. ``accumulate`` restarts from the saved batch count, so an interrupted evaluation
-  continues where it stopped and ends with the statistics of an uninterrupted run.
-* ``image_folder_statistics`` / ``fid_stats`` (``--mode=fid_stats``): reference ``mu``/``sigma`` of a folder of
-  images, read as pytorch-fid reads them (RGB, ``ToTensor`` scaling to [0, 1] at native size; the network resizes).
+* ``FeatureExtractor``: one jitted call per global batch, images split over the ``data`` axis of the
+  mesh, features gathered to the host. Any number of images is accepted: the last, short chunk is
+  zero-padded to the compiled batch size and the padded rows are dropped, so nothing is lost or
+  counted twice and nothing recompiles.
+* ``FIDAccumulator``: the running float64 statistics of ``frechet.RunningStatistics`` (sum of x and
+  of x xᵀ on the host, so 50k samples never sit in memory) plus the number of batches consumed,
+  saved atomically to an ``.npz`` every ``save_every`` batches. ``accumulate`` restarts from the
+  saved batch count, so an interrupted evaluation continues where it stopped and ends with the
+  statistics of an uninterrupted run.
+* ``image_folder_statistics`` / ``fid_stats`` (``--mode=fid_stats``): reference ``mu``/``sigma`` of
+  a folder of images, read as pytorch-fid reads them (RGB, ``ToTensor`` scaling to [0, 1] at native
+  size; the network resizes).
 
 Statistics files are pytorch-fid's ``.npz`` (``mu``, ``sigma``), read and written by ``frechet.py``.
 """
@@ -50,17 +53,18 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset({"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp"})
 
 
-# --------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Sharded feature extraction
 
 
 class FeatureExtractor:
-    """``extractor(images) -> [N, D] float32 features`` on host, computed ``batch_size`` images at a time.
+    """``extractor(images) -> [N, D] float32 features`` on host, computed ``batch_size`` images at a
+    time.
 
-    ``apply_fn(params, images) -> [B, D]`` is jitted once per image shape with the images split over the mesh's
-    ``data`` axis and ``params`` replicated. ``batch_size`` is the global batch (a multiple of the device count).
-    In a multi-process run every process passes the same images; each feeds its own rows and the features are
-    gathered to every process.
+    ``apply_fn(params, images) -> [B, D]`` is jitted once per image shape with the images split over
+    the mesh's ``data`` axis and ``params`` replicated. ``batch_size`` is the global batch (a
+    multiple of the device count). In a multi-process run every process passes the same images; each
+    feeds its own rows and the features are gathered to every process.
     """
 
     def __init__(
@@ -85,8 +89,8 @@ class FeatureExtractor:
 
     def _one_batch(self, chunk: np.ndarray) -> np.ndarray:
         n = chunk.shape[0]
-        # Copies of the last image fill the compiled shape; they are sliced off below and never reach the
-        # statistics.
+        # Copies of the last image fill the compiled shape; they are sliced off below and never
+        # reach the statistics.
         images = sharding.shard_global_batch(sharding.pad_batch(chunk, self.batch_size), self._mesh)
         return sharding.to_host(self._fn(self._params, images)).astype(np.float32)[:n]
 
@@ -94,7 +98,8 @@ class FeatureExtractor:
         images = np.asarray(images, dtype=np.float32)
         if images.ndim < 2 or images.shape[0] == 0:
             raise ValueError(
-                f"FeatureExtractor needs a non-empty batch [N, ...] of images, got shape {images.shape}"
+                f"FeatureExtractor needs a non-empty batch [N, ...] of images, got shape "
+                f"{images.shape}"
             )
         return np.concatenate(
             [
@@ -112,8 +117,8 @@ def inception_feature_extractor(
     dtype: Any = jnp.float32,
     field: str = "batch_size",
 ) -> FeatureExtractor:
-    """The FID feature extractor: pytorch-fid's Inception from ``inception_path``; images ``[N, H, W, 3]`` in
-    ``[0, 1]`` (any H, W) -> ``[N, 2048]`` pool features."""
+    """The FID feature extractor: pytorch-fid's Inception from ``inception_path``; images
+    ``[N, H, W, 3]`` in ``[0, 1]`` (any H, W) -> ``[N, 2048]`` pool features."""
     model = inception.InceptionV3FID(dtype=dtype)
     params = inception.load_inception(inception_path)
     return FeatureExtractor(
@@ -121,15 +126,17 @@ def inception_feature_extractor(
     )
 
 
-# --------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Resumable accumulation
 
 
 class FIDAccumulator:
-    """Float64 running statistics plus the number of batches consumed, checkpointed to ``state_path``.
+    """Float64 running statistics plus the number of batches consumed, checkpointed to
+    ``state_path``.
 
-    ``fingerprint`` describes the job (data, sample count, batch size, network); resuming from a state saved
-    with another fingerprint is refused, so a changed evaluation never silently mixes in old features.
+    ``fingerprint`` describes the job (data, sample count, batch size, network); resuming from a
+    state saved with another fingerprint is refused, so a changed evaluation never silently mixes in
+    old features.
     """
 
     _KEYS = ("num_batches", "fingerprint")
@@ -203,7 +210,8 @@ class FIDAccumulator:
             self.save()
 
     def save(self) -> None:
-        """Writes the state atomically (main process only: every process holds the same statistics)."""
+        """Writes the state atomically (main process only: every process holds the same
+        statistics)."""
         if self.state_path is None:
             raise ValueError("FIDAccumulator.save needs a state_path")
         if monitoring.is_main_process():
@@ -221,11 +229,13 @@ def accumulate(
     num_batches: int,
     accumulator: FIDAccumulator,
 ) -> FIDAccumulator:
-    """Feeds batches ``accumulator.num_batches .. num_batches - 1`` (``get_batch(i)`` -> images) through
-    ``extract`` into ``accumulator``; a restored accumulator therefore continues where it stopped.
+    """Feeds batches ``accumulator.num_batches .. num_batches - 1`` (``get_batch(i)`` -> images)
+    through ``extract`` into ``accumulator``; a restored accumulator therefore continues where it
+    stopped.
 
-    ``get_batch`` must be a pure function of the batch index (fixed file order, ``fold_in(seed, i)`` noise) so
-    a resumed run sees the same batches as an uninterrupted one. Saves the final state when it has a path.
+    ``get_batch`` must be a pure function of the batch index (fixed file order, ``fold_in(seed, i)``
+    noise) so a resumed run sees the same batches as an uninterrupted one. Saves the final state
+    when it has a path.
     """
     if accumulator.num_batches > num_batches:
         raise ValueError(
@@ -240,21 +250,24 @@ def accumulate(
 
 
 def fid_against_reference(mu: Any, sigma: Any, reference_path: str) -> float:
-    """FID between statistics ``(mu, sigma)`` and the ``.npz`` at ``reference_path`` (pytorch-fid format).
+    """FID between statistics ``(mu, sigma)`` and the ``.npz`` at ``reference_path`` (pytorch-fid
+    format).
 
-    Reference statistics of another feature dimension raise ``ValueError`` naming the file and both dims.
+    Reference statistics of another feature dimension raise ``ValueError`` naming the file and both
+    dims.
     """
     mu = np.asarray(mu, np.float64)
     ref_mu, ref_sigma = frechet.load_statistics(reference_path, expected_dim=mu.shape[-1])
     return frechet.frechet_distance(mu, sigma, ref_mu, ref_sigma)
 
 
-# --------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Reference statistics from a folder of images
 
 
 def list_images(images_dir: str) -> list[str]:
-    """Image files under ``images_dir`` (recursively, extensions of ``IMAGE_EXTENSIONS`` in any case), sorted."""
+    """Image files under ``images_dir`` (recursively, extensions of ``IMAGE_EXTENSIONS`` in any
+    case), sorted."""
     if not os.path.isdir(images_dir):
         raise ValueError(f"images folder {images_dir} does not exist or is not a folder")
     files = []
@@ -274,8 +287,8 @@ def list_images(images_dir: str) -> list[str]:
 
 
 def load_image(path: str) -> np.ndarray:
-    """``[H, W, 3]`` float32 in [0, 1] at native size: PIL ``convert('RGB')`` then ``x / 255``, which is what
-    pytorch-fid's ``ToTensor`` gives (channels last here)."""
+    """``[H, W, 3]`` float32 in [0, 1] at native size: PIL ``convert('RGB')`` then ``x / 255``,
+    which is what pytorch-fid's ``ToTensor`` gives (channels last here)."""
     from PIL import Image
 
     with Image.open(path) as img:
@@ -288,8 +301,8 @@ _resize_one = jax.jit(inception.resize_for_inception)
 def _stack_images(paths: Iterable[str]) -> np.ndarray:
     images = [load_image(p) for p in paths]
     if len({im.shape for im in images}) > 1:
-        # Mixed sizes cannot share a batch; resizing each to 299x299 first gives the same pixels the network's
-        # own resize would (resize is per image, and is the identity at 299x299).
+        # Mixed sizes cannot share a batch; resizing each to 299x299 first gives the same pixels the
+        # network's own resize would (resize is per image, and is the identity at 299x299).
         images = [np.asarray(_resize_one(im[None]))[0] for im in images]
     return np.stack(images)
 
@@ -306,7 +319,8 @@ def image_folder_statistics(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(mu, sigma)`` (float64) of the Inception pool features of every image under ``images_dir``.
 
-    With ``state_path`` the accumulation is checkpointed every ``save_every`` batches and resumed from there.
+    With ``state_path`` the accumulation is checkpointed every ``save_every`` batches and resumed
+    from there.
     """
     files = list_images(images_dir)
     mesh = sharding.make_mesh() if mesh is None else mesh

@@ -174,7 +174,8 @@ class RunningStatistics:
         """Unbiased covariance [D, D] of all rows seen (float64, ddof=1, like ``np.cov``)."""
         if self._count < 2:
             raise ValueError(
-                f"RunningStatistics.covariance() needs at least 2 feature vectors, got {self._count}"
+                f"RunningStatistics.covariance() needs at least 2 feature vectors, got "
+                f"{self._count}"
             )
         n = self._count
         centered_mean = self._sum / n
@@ -292,15 +293,16 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 
 # ---------------------------------------------------------------------- file I/O
 def write_npz_atomic(path: str | os.PathLike, **arrays: Any) -> None:
     """``np.savez`` of ``arrays`` at exactly ``path`` (local or ``gs://``), written atomically
-    (``monitoring.write_bytes_atomic``), so a reader (or a resumed run after a crash) sees either the old file
-    or the complete new one."""
+    (``monitoring.write_bytes_atomic``), so a reader (or a resumed run after a crash) sees either
+    the old file or the complete new one."""
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     monitoring.write_bytes_atomic(path, buffer.getvalue())
 
 
 def read_npz(path: str | os.PathLike) -> np.lib.npyio.NpzFile:
-    """An ``.npz`` file written by ``write_npz_atomic``, local or ``gs://`` (read whole, through etils.epath)."""
+    """An ``.npz`` file written by ``write_npz_atomic``, local or ``gs://`` (read whole, through
+    etils.epath)."""
     return np.load(io.BytesIO(epath.Path(path).read_bytes()), allow_pickle=False)
 
 
@@ -355,8 +357,8 @@ def load_statistics(
         )
     if expected_dim is not None and mu.shape[0] != expected_dim:
         raise ValueError(
-            f"statistics file {path} holds {mu.shape[0]}-d features (mu {mu.shape}, sigma {sigma.shape}) "
-            f"but the features being compared are {expected_dim}-d; it was computed with another "
-            f"feature extractor"
+            f"statistics file {path} holds {mu.shape[0]}-d features (mu {mu.shape}, sigma "
+            f"{sigma.shape}) but the features being compared are {expected_dim}-d; it was computed "
+            f"with another feature extractor"
         )
     return mu, sigma

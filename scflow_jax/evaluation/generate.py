@@ -1,18 +1,19 @@
 """Sharded, seed-stable sample generation for evaluation and the latent recipes' sample stage.
 
-Sample i starts from ``z1_i = normal(fold_in(PRNGKey(seed), i), latent_shape)``, drawn inside the compiled
-program from the sample's index. Its image therefore depends on (seed, i) and the model only: not on the batch
-size, the batch it falls in, the number of devices or processes. A run of N samples is cut into
-``ceil(N / batch_size)`` global batches; batch b holds samples ``b*B .. min((b+1)*B, N) - 1``, so the last
-batch may be short. It is padded to the compiled size (copies of its last sample) and the copies are dropped
-on the way out: exactly N samples come back and nothing recompiles.
+Sample i starts from ``z1_i = normal(fold_in(PRNGKey(seed), i), latent_shape)``, drawn inside the
+compiled program from the sample's index. Its image therefore depends on (seed, i) and the model
+only: not on the batch size, the batch it falls in, the number of devices or processes. A run of N
+samples is cut into ``ceil(N / batch_size)`` global batches; batch b holds samples
+``b*B .. min((b+1)*B, N) - 1``, so the last batch may be short. It is padded to the compiled size
+(copies of its last sample) and the copies are dropped on the way out: exactly N samples come back
+and nothing recompiles.
 
-``ShardedSampler`` is one compiled program per (model, step count, guidance): ``params`` are an argument (not
-baked into the program as constants), the batch is split over the mesh's batch axes (each process feeds only
-its own devices' rows: ``sharding.shard_global_batch``), and the task's ``decode`` (latents -> images) runs on
-the sharded output. ``generate_images`` collects a whole run on every process's host (``sharding.to_host``) for
-small jobs such as ``--mode=sample``; the FID/CLIP evaluation (real_eval.py) consumes batches one by one
-instead.
+``ShardedSampler`` is one compiled program per (model, step count, guidance): ``params`` are an
+argument (not baked into the program as constants), the batch is split over the mesh's batch axes
+(each process feeds only its own devices' rows: ``sharding.shard_global_batch``), and the task's
+``decode`` (latents -> images) runs on the sharded output. ``generate_images`` collects a whole run
+on every process's host (``sharding.to_host``) for small jobs such as ``--mode=sample``; the
+FID/CLIP evaluation (real_eval.py) consumes batches one by one instead.
 """
 
 from __future__ import annotations
@@ -35,14 +36,16 @@ __all__ = [
     "write_pngs",
 ]
 
-# sample_fn(params, z1 [B, *latent_shape], cond [B, ...] or None, null_cond or None) -> latents, traceable.
+# sample_fn(params, z1 [B, *latent_shape], cond [B, ...] or None, null_cond or None) -> latents,
+# traceable.
 SampleFn = Callable[[Any, jax.Array, Any, Any], jax.Array]
 
 
 def euler_sample_fn(
     velocity_fn, *, num_steps: int, guidance: float = 1.0, method: str = "euler"
 ) -> SampleFn:
-    """The ODE sampler of sampling.py as a ``SampleFn`` with a fixed step count and guidance scale."""
+    """The ODE sampler of sampling.py as a ``SampleFn`` with a fixed step count and guidance
+    scale."""
 
     def sample_fn(params, z1, cond, null_cond):
         return sampling.sample(
@@ -76,8 +79,9 @@ def batch_indices(batch: int, num_samples: int, batch_size: int) -> np.ndarray:
 def sampler_program(
     sample_fn: SampleFn, *, latent_shape: Sequence[int], seed: int, mesh: jax.sharding.Mesh
 ):
-    """``ShardedSampler``'s compiled program: ``(params, indices, cond, null_cond) -> latents``, each sample
-    from its own noise (``sampling.sample_noise``), the latents split over the mesh's batch axes."""
+    """``ShardedSampler``'s compiled program: ``(params, indices, cond, null_cond) -> latents``,
+    each sample from its own noise (``sampling.sample_noise``), the latents split over the mesh's
+    batch axes."""
     shape = tuple(int(d) for d in latent_shape)
 
     def program(params, indices, cond, null_cond):
@@ -87,12 +91,13 @@ def sampler_program(
 
 
 class ShardedSampler:
-    """``sampler(indices, cond) -> images [batch_size, ...]`` (a global array split over ``data``; rows past
-    ``len(indices)`` are padding to drop).
+    """``sampler(indices, cond) -> images [batch_size, ...]`` (a global array split over ``data``;
+    rows past ``len(indices)`` are padding to drop).
 
-    Every process passes the same global ``indices`` (<= ``batch_size`` of them) and ``cond`` (``[n, ...]``,
-    or None for an unconditional model); each device reads its own rows. ``decode`` (latents -> images, e.g.
-    the VAE decoder) is applied to the sharded latents outside the sampler program; None returns latents.
+    Every process passes the same global ``indices`` (<= ``batch_size`` of them) and ``cond``
+    (``[n, ...]``, or None for an unconditional model); each device reads its own rows. ``decode``
+    (latents -> images, e.g. the VAE decoder) is applied to the sharded latents outside the sampler
+    program; None returns latents.
     """
 
     def __init__(
@@ -139,8 +144,8 @@ def generate_images(
     num_samples: int,
     cond_fn: Optional[Callable[[np.ndarray], np.ndarray]] = None,
 ) -> np.ndarray:
-    """All ``num_samples`` images of ``sampler`` on the host, in sample order; ``cond_fn(indices) -> cond``
-    gives each batch's conditions (None: unconditional)."""
+    """All ``num_samples`` images of ``sampler`` on the host, in sample order;
+    ``cond_fn(indices) -> cond`` gives each batch's conditions (None: unconditional)."""
     if num_samples < 1:
         raise ValueError(f"num_samples={num_samples} must be positive")
     out = []

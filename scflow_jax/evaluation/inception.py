@@ -1,25 +1,28 @@
-"""The FID Inception network (pytorch-fid's ``InceptionV3``, 2048-d pool features) in Flax Linen, NHWC.
+"""The FID Inception network (pytorch-fid's ``InceptionV3``, 2048-d pool features) in Flax Linen,
+NHWC.
 
-This is the network every published FID number is computed with: TensorFlow's 2015-12-05 Inception graph as
-ported by pytorch-fid (``pt_inception-2015-12-05-6726825d.pth``), i.e. torchvision's Inception-v3 layout with
-the FID-specific blocks:
+This is the network every published FID number is computed with: TensorFlow's 2015-12-05 Inception
+graph as ported by pytorch-fid (``pt_inception-2015-12-05-6726825d.pth``), i.e. torchvision's
+Inception-v3 layout with the FID-specific blocks:
 
 * ``Mixed_5b..5d`` (A), ``Mixed_6b..6e`` (C), ``Mixed_7b`` (E_1): the pooling branch averages with
   ``count_include_pad=False`` (TensorFlow does not count the zero padding);
-* ``Mixed_7c`` (E_2): the pooling branch is a 3x3 *max* pool (a quirk of the TF graph, kept for comparability);
+* ``Mixed_7c`` (E_2): the pooling branch is a 3x3 *max* pool (a quirk of the TF graph, kept for
+  comparability);
 * every convolution is bias-free and followed by BatchNorm (eps 0.001) in inference mode and a ReLU;
-* input handling of ``resize_input=True, normalize_input=True``: bilinear resize to 299x299 with half-pixel
-  centres (``align_corners=False``) and *no* antialiasing (torch's ``F.interpolate`` default; ``jax.image.resize``
-  antialiases when downsampling unless told not to, which changes 320->299 features by up to 0.16 per pixel),
-  then ``[0, 1] -> [-1, 1]``.
+* input handling of ``resize_input=True, normalize_input=True``: bilinear resize to 299x299 with
+  half-pixel centres (``align_corners=False``) and *no* antialiasing (torch's ``F.interpolate``
+  default; ``jax.image.resize`` antialiases when downsampling unless told not to, which changes
+  320->299 features by up to 0.16 per pixel), then ``[0, 1] -> [-1, 1]``.
 
-BatchNorm is kept as an explicit inference-only layer with its four tensors as parameters (``scale``, ``bias``,
-``mean``, ``var``) rather than folded into the convolution at conversion: the converter then only maps names
-(the house rule for every converter), each leaf is the checkpoint tensor unchanged (so a conversion can be
-checked key by key), and the extra per-channel multiply-add is fused by XLA into the convolution's epilogue.
+BatchNorm is kept as an explicit inference-only layer with its four tensors as parameters
+(``scale``, ``bias``, ``mean``, ``var``) rather than folded into the convolution at conversion: the
+converter then only maps names (the house rule for every converter), each leaf is the checkpoint
+tensor unchanged (so a conversion can be checked key by key), and the extra per-channel multiply-add
+is fused by XLA into the convolution's epilogue.
 
-``load_inception(path)`` converts pytorch-fid's weights file; nothing is downloaded (see the README for where
-to get the file).
+``load_inception(path)`` converts pytorch-fid's weights file; nothing is downloaded (see the README
+for where to get the file).
 """
 
 from __future__ import annotations
@@ -52,12 +55,14 @@ Pair = Tuple[int, int]
 
 
 def resize_for_inception(images: jax.Array) -> jax.Array:
-    """``[B, H, W, C] -> [B, 299, 299, C]`` exactly as ``F.interpolate(mode='bilinear', align_corners=False)``.
+    """``[B, H, W, C] -> [B, 299, 299, C]`` exactly as
+    ``F.interpolate(mode='bilinear', align_corners=False)``.
 
-    ``antialias=False`` is what makes this torch's resize: with it the triangle kernel spans one input pixel on
-    each side whatever the scale, i.e. plain bilinear interpolation between the two nearest pixels (the
-    edge renormalisation of ``jax.image.resize`` equals torch's clamping of the source coordinate). An image
-    already 299x299 is returned unchanged (``jax.image.resize`` skips unit-scale axes).
+    ``antialias=False`` is what makes this torch's resize: with it the triangle kernel spans one
+    input pixel on each side whatever the scale, i.e. plain bilinear interpolation between the two
+    nearest pixels (the edge renormalisation of ``jax.image.resize`` equals torch's clamping of the
+    source coordinate). An image already 299x299 is returned unchanged (``jax.image.resize`` skips
+    unit-scale axes).
     """
     b, _, _, c = images.shape
     return jax.image.resize(
@@ -66,7 +71,8 @@ def resize_for_inception(images: jax.Array) -> jax.Array:
 
 
 class FrozenBatchNorm(nn.Module):
-    """BatchNorm in inference mode: ``(x - mean) / sqrt(var + eps) * scale + bias`` with fixed statistics."""
+    """BatchNorm in inference mode: ``(x - mean) / sqrt(var + eps) * scale + bias`` with fixed
+    statistics."""
 
     eps: float = BN_EPS
     dtype: Any = jnp.float32
@@ -125,9 +131,9 @@ class InceptionA(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        conv = lambda f, k, name, p=(0, 0): BasicConv2d(
+        conv = lambda f, k, name, p=(0, 0): BasicConv2d(  # noqa: E731
             f, k, padding=p, dtype=self.dtype, name=name
-        )  # noqa: E731
+        )
         branch1x1 = conv(64, (1, 1), "branch1x1")(x)
         branch5x5 = conv(48, (1, 1), "branch5x5_1")(x)
         branch5x5 = conv(64, (5, 5), "branch5x5_2", (2, 2))(branch5x5)
@@ -139,7 +145,8 @@ class InceptionA(nn.Module):
 
 
 class InceptionB(nn.Module):
-    """torchvision's InceptionB (Mixed_6a, unchanged in the FID network): grid reduction 35 -> 17."""
+    """torchvision's InceptionB (Mixed_6a, unchanged in the FID network): grid reduction
+    35 -> 17."""
 
     dtype: Any = jnp.float32
 
@@ -165,9 +172,9 @@ class InceptionC(nn.Module):
     @nn.compact
     def __call__(self, x):
         c7 = self.channels_7x7
-        conv = lambda f, k, name, p=(0, 0): BasicConv2d(
+        conv = lambda f, k, name, p=(0, 0): BasicConv2d(  # noqa: E731
             f, k, padding=p, dtype=self.dtype, name=name
-        )  # noqa: E731
+        )
         branch1x1 = conv(192, (1, 1), "branch1x1")(x)
         branch7x7 = conv(c7, (1, 1), "branch7x7_1")(x)
         branch7x7 = conv(c7, (1, 7), "branch7x7_2", (0, 3))(branch7x7)
@@ -201,16 +208,17 @@ class InceptionD(nn.Module):
 
 
 class InceptionE(nn.Module):
-    """pytorch-fid's FIDInceptionE_1 (``pool="avg"``, Mixed_7b) and FIDInceptionE_2 (``pool="max"``, Mixed_7c)."""
+    """pytorch-fid's FIDInceptionE_1 (``pool="avg"``, Mixed_7b) and FIDInceptionE_2 (``pool="max"``,
+    Mixed_7c)."""
 
     pool: str
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        conv = lambda f, k, name, p=(0, 0): BasicConv2d(
+        conv = lambda f, k, name, p=(0, 0): BasicConv2d(  # noqa: E731
             f, k, padding=p, dtype=self.dtype, name=name
-        )  # noqa: E731
+        )
         branch1x1 = conv(320, (1, 1), "branch1x1")(x)
         b3 = conv(384, (1, 1), "branch3x3_1")(x)
         b3 = jnp.concatenate(
@@ -241,10 +249,11 @@ class InceptionE(nn.Module):
 
 
 class InceptionV3FID(nn.Module):
-    """pytorch-fid's ``InceptionV3([3])``: images ``[B, H, W, 3]`` in ``[0, 1]`` -> pool features ``[B, 2048]``.
+    """pytorch-fid's ``InceptionV3([3])``: images ``[B, H, W, 3]`` in ``[0, 1]`` -> pool features
+    ``[B, 2048]``.
 
-    Any input size is accepted; with ``resize_input`` (the FID setting) it is resized to 299x299 first.
-    Features are returned in float32 whatever the compute ``dtype``.
+    Any input size is accepted; with ``resize_input`` (the FID setting) it is resized to 299x299
+    first. Features are returned in float32 whatever the compute ``dtype``.
     """
 
     resize_input: bool = True
@@ -255,7 +264,8 @@ class InceptionV3FID(nn.Module):
     def __call__(self, images):
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(
-                f"InceptionV3FID expects [B, H, W, 3] RGB images in [0, 1], got shape {images.shape}"
+                f"InceptionV3FID expects [B, H, W, 3] RGB images in [0, 1], got shape "
+                f"{images.shape}"
             )
         x = images.astype(jnp.float32)
         if self.resize_input:
@@ -286,7 +296,7 @@ class InceptionV3FID(nn.Module):
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
-# --------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Converter
 
 _BN_LEAF_TO_TORCH = {
@@ -298,8 +308,9 @@ _BN_LEAF_TO_TORCH = {
 
 
 def torch_key(path: Tuple[str, ...]) -> str:
-    """The pytorch-fid state-dict key of a Flax leaf: module names are identical, ``kernel`` -> ``weight`` and
-    the BatchNorm leaves -> ``weight``/``bias``/``running_mean``/``running_var``."""
+    """The pytorch-fid state-dict key of a Flax leaf: module names are identical,
+    ``kernel`` -> ``weight`` and the BatchNorm leaves ->
+    ``weight``/``bias``/``running_mean``/``running_var``."""
     *modules, leaf = path
     leaf = (
         "weight" if leaf == "kernel" else _BN_LEAF_TO_TORCH[leaf] if modules[-1] == "bn" else leaf
@@ -319,12 +330,12 @@ def abstract_params() -> Any:
 
 
 def load_inception(path: str) -> dict:
-    """Converts pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` (a plain state dict) to the parameters of
-    ``InceptionV3FID`` (a nested dict of float32 NumPy arrays).
+    """Converts pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` (a plain state dict) to the
+    parameters of ``InceptionV3FID`` (a nested dict of float32 NumPy arrays).
 
-    ``fc.*`` (the logits layer) and ``*.num_batches_tracked`` are ignored; any other difference from the FID
-    network (a torchvision Inception with ``AuxLogits``, another network entirely) raises ``WeightsError``
-    naming the missing, unexpected and mis-shaped keys.
+    ``fc.*`` (the logits layer) and ``*.num_batches_tracked`` are ignored; any other difference from
+    the FID network (a torchvision Inception with ``AuxLogits``, another network entirely) raises
+    ``WeightsError`` naming the missing, unexpected and mis-shaped keys.
     """
     source = weights.read_torch_state_dict(path)
     return weights.assemble_params(

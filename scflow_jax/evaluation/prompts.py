@@ -1,21 +1,24 @@
-"""Caption lists for text-to-image evaluation (COCO 2017 5k, COCO 2014 30k, or any list the user provides).
+"""Caption lists for text-to-image evaluation (COCO 2017 5k, COCO 2014 30k, or any list the user
+provides).
 
 ``load_prompts(path)`` reads, by file name:
 
-* ``*.json``: a JSON list of strings; or an object with a ``"captions"`` list of strings; or a COCO captions
-  annotation file (``captions_val2017.json``: ``{"annotations": [{"image_id", "caption"}, ...]}``), from which
-  it takes ONE caption per image: the first caption of each image in file order, images in ascending
-  ``image_id``. That is the zero-shot COCO protocol (one generated sample per image, conditioned on one of its
-  captions, e.g. 5000 for val2017), and it is deterministic, so two runs and two models see the same captions.
+* ``*.json``: a JSON list of strings; or an object with a ``"captions"`` list of strings; or a COCO
+  captions annotation file (``captions_val2017.json``:
+  ``{"annotations": [{"image_id", "caption"}, ...]}``), from which it takes ONE caption per image:
+  the first caption of each image in file order, images in ascending ``image_id``. That is the
+  zero-shot COCO protocol (one generated sample per image, conditioned on one of its captions, e.g.
+  5000 for val2017), and it is deterministic, so two runs and two models see the same captions.
 * anything else: text, one prompt per line (UTF-8; a final newline is fine).
 
-Prompts are stripped of surrounding whitespace (COCO captions carry trailing spaces and newlines). Bad input is
-an error naming the file: a missing or empty file, empty lines (with their line numbers), non-string or empty
-JSON entries (with their index).
+Prompts are stripped of surrounding whitespace (COCO captions carry trailing spaces and newlines).
+Bad input is an error naming the file: a missing or empty file, empty lines (with their line
+numbers), non-string or empty JSON entries (with their index).
 
-``prompts_for_samples(prompts, num_samples)`` takes the first ``num_samples`` prompts (-1: all of them) and
-refuses more samples than prompts rather than cycling: a FID or CLIP score over repeated captions is not the
-protocol the published numbers use, so reusing captions must be a deliberate choice (repeat them in the file).
+``prompts_for_samples(prompts, num_samples)`` takes the first ``num_samples`` prompts (-1: all of
+them) and refuses more samples than prompts rather than cycling: a FID or CLIP score over repeated
+captions is not the protocol the published numbers use, so reusing captions must be a deliberate
+choice (repeat them in the file).
 """
 
 from __future__ import annotations
@@ -133,7 +136,8 @@ def prompts_for_samples(
     source: str = "the prompts",
     field: str = "num_samples",
 ) -> list[str]:
-    """The first ``num_samples`` prompts (-1: all); more samples than prompts is an error naming both counts."""
+    """The first ``num_samples`` prompts (-1: all); more samples than prompts is an error naming
+    both counts."""
     if num_samples == -1:
         return list(prompts)
     if not isinstance(num_samples, int) or num_samples < 1:

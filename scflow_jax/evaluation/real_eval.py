@@ -4,26 +4,27 @@ tables for CelebA-HQ 256 and text-to-image.
 Rows: the student (the eval EMA exported at ``<workdir>/distill/params``) at each of
 ``config.eval.student_steps`` Euler steps without guidance, and the teacher at each of
 ``config.eval.teacher_steps`` with ``config.eval.teacher_guidance``. Each row generates
-``config.eval.num_samples`` images (generate.py: per-sample seeds, sharded batches, exact ragged last batch)
-and streams them, batch by batch, into
+``config.eval.num_samples`` images (generate.py: per-sample seeds, sharded batches, exact ragged
+last batch) and streams them, batch by batch, into
 
-* FID: pytorch-fid Inception pool features (``config.fid.inception_path``), float64 running statistics,
-  compared with the reference ``config.eval.fid_reference`` (``.npz`` with ``mu``/``sigma``, e.g. from
-  ``--mode=fid_stats``);
-* CLIP score (text-to-image only, ``config.eval.clip_path``, a transformers CLIP folder with its tokenizer):
-  ``clip_score`` = 100 x mean max(cos, 0) (torchmetrics' definition) and ``clip_cosine`` = mean cosine, the 0-1
-  form the InstaFlow/SCFlow papers quote (0.304 for InstaFlow-0.9B 1 step).
+* FID: pytorch-fid Inception pool features (``config.fid.inception_path``), float64 running
+  statistics, compared with the reference ``config.eval.fid_reference`` (``.npz`` with
+  ``mu``/``sigma``, e.g. from ``--mode=fid_stats``);
+* CLIP score (text-to-image only, ``config.eval.clip_path``, a transformers CLIP folder with its
+  tokenizer): ``clip_score`` = 100 x mean max(cos, 0) (torchmetrics' definition) and ``clip_cosine``
+  = mean cosine, the 0-1 form the InstaFlow/SCFlow papers quote (0.304 for InstaFlow-0.9B 1 step).
 
-Resumable: every ``config.eval.save_every`` batches a row saves its FID statistics, CLIP-score sums and batch
-count to ``<workdir>/eval/state/<row>.npz`` (atomically, with a fingerprint of the job; a state saved for
-another job is refused). A rerun continues from there; a finished row is not regenerated. Each finished row is
-written into ``<workdir>/eval/results.json`` (replacing an older row of the same name), in the schema
-of the embedded default (results.RESULT_KEYS; ``fd``/``accuracy`` are null here) plus ``fid``,
-``clip_score``, ``clip_cosine`` and provenance (``row``, ``fid_reference``, ``prompts_file``).
+Resumable: every ``config.eval.save_every`` batches a row saves its FID statistics, CLIP-score sums
+and batch count to ``<workdir>/eval/state/<row>.npz`` (atomically, with a fingerprint of the job; a
+state saved for another job is refused). A rerun continues from there; a finished row is not
+regenerated. Each finished row is written into ``<workdir>/eval/results.json`` (replacing an older
+row of the same name), in the schema of the embedded default (results.RESULT_KEYS;
+``fd``/``accuracy`` are null here) plus ``fid``, ``clip_score``, ``clip_cosine`` and provenance
+(``row``, ``fid_reference``, ``prompts_file``).
 
-Prompts (text-to-image): ``config.eval.prompts_file`` (prompts.py formats; the first ``num_samples`` prompts,
--1 = all); sample i is conditioned on prompt i. ``config.eval.write_images`` writes every sample to
-``<workdir>/eval/images/<row>/<index:06d>.png``.
+Prompts (text-to-image): ``config.eval.prompts_file`` (prompts.py formats; the first ``num_samples``
+prompts, -1 = all); sample i is conditioned on prompt i. ``config.eval.write_images`` writes every
+sample to ``<workdir>/eval/images/<row>/<index:06d>.png``.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ __all__ = [
 SAMPLER = "euler"
 PROGRESS_EVERY_S = 30.0
 
-# config.eval fields this stage reads, with the defaults used when a config leaves one out. The recipe
-# configs should list them all (a locked config only accepts --config.eval.x=... overrides of listed fields).
+# config.eval fields this stage reads, with the defaults used when a config leaves one out. The
+# recipe configs should list them all (a locked config only accepts --config.eval.x=... overrides of
+# listed fields).
 EVAL_DEFAULTS = dict(
     num_samples=50000,  # -1 (text-to-image): one sample per prompt
     batch_size=64,  # global; a multiple of the device count
@@ -83,13 +85,13 @@ def row_name(model: str, steps: int, guidance: float, num_samples: int) -> str:
     return f"{model}_{SAMPLER}_{steps}steps_cfg{guidance:g}_n{num_samples}"
 
 
-# --------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Resumable per-row state
 
 
 class RowAccumulator(fid.FIDAccumulator):
-    """A row's FID statistics plus its CLIP-score sums, saved together in one ``.npz`` so they always describe
-    the same batches."""
+    """A row's FID statistics plus its CLIP-score sums, saved together in one ``.npz`` so they
+    always describe the same batches."""
 
     _CLIP_KEYS = ("clip_sum_cosine", "clip_sum_clamped_cosine", "clip_count")
 
@@ -144,7 +146,7 @@ class RowAccumulator(fid.FIDAccumulator):
             )
 
 
-# --------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Config checks
 
 
@@ -152,7 +154,8 @@ def validate_eval_config(config, task, mesh, *, has_extractor: bool = False) -> 
     """Clear errors, naming the field, before anything is loaded or generated."""
     if config.get("eval") is None:
         raise ValueError(
-            "config.eval is missing; --mode=evaluate needs config.eval.* (see real_eval.EVAL_DEFAULTS)"
+            "config.eval is missing; --mode=evaluate needs config.eval.* "
+            "(see real_eval.EVAL_DEFAULTS)"
         )
     n = _eval_field(config, "num_samples")
     if task.unconditional and (not isinstance(n, int) or n < 2):
@@ -222,13 +225,13 @@ def validate_eval_config(config, task, mesh, *, has_extractor: bool = False) -> 
         )
 
 
-# --------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Results file
 
 
 def upsert_results(workdir: str, rows: list[dict]) -> list[dict]:
-    """Writes ``rows`` into ``<workdir>/eval/results.json`` (atomically), replacing older rows of the same
-    ``row`` name and keeping every other row; returns the file's new content."""
+    """Writes ``rows`` into ``<workdir>/eval/results.json`` (atomically), replacing older rows of
+    the same ``row`` name and keeping every other row; returns the file's new content."""
     path = layout.results_path(workdir)
     existing = []
     if epath.Path(path).exists():
@@ -249,12 +252,13 @@ def upsert_results(workdir: str, rows: list[dict]) -> list[dict]:
     return merged
 
 
-# --------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The stage
 
 
 class _CLIPScorer:
-    """Per-sample CLIP cosines of a sharded image batch (padded to the batch size) and its captions."""
+    """Per-sample CLIP cosines of a sharded image batch (padded to the batch size) and its
+    captions."""
 
     def __init__(self, clip_path: str, mesh):
         from scflow_jax.models.clip import load_clip_tokenizer
@@ -285,7 +289,8 @@ def _digest(strings: list[str]) -> str:
 
 
 def _params_identity(path: str) -> str:
-    # An exported parameter folder is renamed into place when complete: a new export has a new mtime.
+    # An exported parameter folder is renamed into place when complete: a new export has a new
+    # mtime.
     return f"{os.path.abspath(path)}@{os.path.getmtime(path):.0f}"
 
 
@@ -300,9 +305,9 @@ def evaluate_recipe(
 ) -> list[dict]:
     """Generates and scores every row (see the module docstring); returns the rows of this run.
 
-    ``feature_extractor`` (images [N, H, W, 3] in [0, 1] -> features [N, D]) replaces the Inception network
-    (tests use a tiny one; ``feature_dim`` is its D, default Inception's 2048) and is fingerprinted as
-    ``injected``.
+    ``feature_extractor`` (images [N, H, W, 3] in [0, 1] -> features [N, D]) replaces the Inception
+    network (tests use a tiny one; ``feature_dim`` is its D, default Inception's 2048) and is
+    fingerprinted as ``injected``.
     """
     mesh = mesh or sharding.mesh_from_config(config)
     task = precision.configure_task(task, config)  # compute dtype (bf16) of the sampled network
@@ -339,8 +344,8 @@ def evaluate_recipe(
         if feature_extractor is not None
         else os.path.abspath(config.fid.inception_path)
     )
-    # What a row's saved state depends on; a state saved for other values is refused, not mixed in. The
-    # teacher's weights are named by config.model (the recipes keep their paths there).
+    # What a row's saved state depends on; a state saved for other values is refused, not mixed in.
+    # The teacher's weights are named by config.model (the recipes keep their paths there).
     model_config = config.get("model", None)
     common = dict(
         model_config=_digest(
@@ -469,9 +474,9 @@ def evaluate_recipe(
 def _run_row(
     name, sampler, acc, total_batches, num_samples, cond_fn, captions, extractor, scorer, image_dir
 ) -> None:
-    """Generates batches ``acc.num_batches ..`` of a row into its accumulator; saves the final state.
-    ``extractor``/``scorer`` build the metric networks (None: metric off), before the first batch so a bad
-    weights file fails before minutes of sampling."""
+    """Generates batches ``acc.num_batches ..`` of a row into its accumulator; saves the final
+    state. ``extractor``/``scorer`` build the metric networks (None: metric off), before the first
+    batch so a bad weights file fails before minutes of sampling."""
     extract = extractor() if extractor else None
     score = scorer() if scorer else None
     start = acc.num_batches
@@ -503,7 +508,8 @@ def _run_row(
 
 
 def _finish_row(name, acc, num_samples, *, model, steps, guidance, reference, clip) -> dict:
-    """The results row of a finished accumulator, after checking it counted every sample exactly once."""
+    """The results row of a finished accumulator, after checking it counted every sample exactly
+    once."""
     counts = {
         "FID statistics": acc.num_samples if reference else num_samples,
         "CLIP score": acc.clip.count if clip else num_samples,
@@ -542,5 +548,6 @@ def _complete_path(workdir: str) -> str:
 
 
 def is_done(workdir: str) -> bool:
-    """Every row of a run finished (results.json alone also holds the rows of an interrupted one)."""
+    """Every row of a run finished (results.json alone also holds the rows of an interrupted
+    one)."""
     return epath.Path(_complete_path(workdir)).is_file()
