@@ -248,7 +248,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         grid_per_digit=10,
     )
 
-    # --mode=fid_stats: reference FID statistics (mu, sigma) of a folder of images, pytorch-fid's Inception.
+    # --mode=fid_stats: reference FID statistics (mu, sigma) of a folder of images, pytorch-fid's
+    # Inception.
     c.fid = dict(
         inception_path=placeholder(str),
         images_dir=placeholder(str),

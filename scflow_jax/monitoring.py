@@ -28,7 +28,8 @@ def is_main_process() -> bool:
 
 
 class MetricWriter:
-    """Scalars and images as TensorBoard event files in ``logdir`` (process 0 only), local or remote.
+    """Scalars and images as TensorBoard event files in ``logdir`` (process 0 only), local or
+    remote.
 
     tensorboardX writes a local event file. For a remote ``logdir`` (``gs://...``) that file lives
     in a temporary folder and is copied to ``logdir`` through etils.epath (as every other output),

@@ -48,9 +48,10 @@ def compute_dtype(config) -> Any:
 
 
 def decode_dtype(config) -> Any:
-    """The VAE decoder's compute dtype for samples and evaluation (``config.precision.decode_dtype``).
-    float32 by default, so that image metrics stay comparable with float32 decodes; bfloat16 makes
-    the decoder, which at 512 px costs more than the one-step UNet, cheaper on accelerators."""
+    """The VAE decoder's compute dtype for samples and evaluation
+    (``config.precision.decode_dtype``). float32 by default, so that image metrics stay comparable
+    with float32 decodes; bfloat16 makes the decoder, which at 512 px costs more than the one-step
+    UNet, cheaper on accelerators."""
     name = _precision(config, "decode_dtype")
     if name not in COMPUTE_DTYPES:
         raise ValueError(

@@ -62,8 +62,9 @@ def resolve_mesh_shape(num_data: int, num_fsdp: int, num_devices: int) -> tuple[
 def make_mesh(
     num_data: int = -1, num_devices: int = -1, num_fsdp: int = 1, devices=None
 ) -> jax.sharding.Mesh:
-    """A ``(data, fsdp)`` mesh over the first ``num_devices`` devices (-1: all of them) of ``devices``
-    (default ``jax.devices()``; a deviceless topology's devices plan a step for hardware not present)."""
+    """A ``(data, fsdp)`` mesh over the first ``num_devices`` devices (-1: all of them) of
+    ``devices`` (default ``jax.devices()``; a deviceless topology's devices plan a step for hardware
+    not present)."""
     available = list(jax.devices() if devices is None else devices)
     if num_devices == -1:
         num_devices = len(available)

@@ -35,8 +35,8 @@ def jaxlib_series() -> tuple[int, int] | None:
 
 
 def apply_defaults(environ=os.environ, series: tuple[int, int] | None = None) -> bool:
-    """Adds the project's XLA:CPU flags to ``XLA_FLAGS``; returns whether it did. Call it before
-    the first JAX computation of the process. ``series``: the jaxlib release (default: installed)."""
+    """Adds the project's XLA:CPU flags to ``XLA_FLAGS``; returns whether it did. Call it before the
+    first JAX computation of the process. ``series``: the jaxlib release (default: installed)."""
     if environ.get("SCFLOW_XLA_CPU_DEFAULTS", "1") == "0":
         return False
     platforms = environ.get("JAX_PLATFORMS", "")

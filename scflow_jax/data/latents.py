@@ -1,26 +1,30 @@
-"""Prepared latent datasets: the record format and the reader side (``LatentDataset``, ``LatentBatches``).
+"""Prepared latent datasets: the record format and the reader side (``LatentDataset``,
+``LatentBatches``).
 
 A prepared dataset is a folder written by ``scflow_jax.data.prepare``::
 
-    metadata.json                                  kind, num_examples, num_shards, latent_shape, scaling_factor, ...
-    train-00000-of-00004.array_record ...          one record per example
+    metadata.json                          kind, num_examples, num_shards, latent_shape,
+                                           scaling_factor, ...
+    train-00000-of-00004.array_record ...  one record per example
 
-Each record is a msgpack map (``flax.serialization``; no TensorFlow) of NumPy arrays: the VAE posterior ``mean``
-and ``std`` of the *unscaled* latents [h, w, c] (float32, or float16 if prepared with ``--latent_dtype=float16``)
-and, for ``text_to_image``, the CLIP text hidden states ``cond`` [77, 768] (bfloat16) and the ``caption`` string.
-``grain.python.ArrayRecordDataSource`` reads the shards directly (``ds[i]`` -> record bytes). ``tfds.data_source``
-cannot: it expects a TFDS-built folder (``dataset_info.json``, ``features.json``) whose records are
-``tf.train.Example`` protos, and these records are msgpack.
+Each record is a msgpack map (``flax.serialization``; no TensorFlow) of NumPy arrays: the VAE
+posterior ``mean`` and ``std`` of the *unscaled* latents [h, w, c] (float32, or float16 if prepared
+with ``--latent_dtype=float16``) and, for ``text_to_image``, the CLIP text hidden states ``cond``
+[77, 768] (bfloat16) and the ``caption`` string. ``grain.python.ArrayRecordDataSource`` reads the
+shards directly (``ds[i]`` -> record bytes). ``tfds.data_source`` cannot: it expects a TFDS-built
+folder (``dataset_info.json``, ``features.json``) whose records are ``tf.train.Example`` protos, and
+these records are msgpack.
 
-``LatentBatches`` draws the training latent ``scaling_factor * (mean + std * eps - shift_factor)`` (a posterior
-sample, like LFM's ``encode(x).latent_dist.sample() * 0.18215``) and a horizontal flip, both from a generator seeded
-by ``(seed, step, example index)``: the batch of a step is a pure function of ``(seed, step)``, whatever the
-number of processes, so a resumed run sees the same data.
+``LatentBatches`` draws the training latent ``scaling_factor * (mean + std * eps - shift_factor)``
+(a posterior sample, like LFM's ``encode(x).latent_dist.sample() * 0.18215``) and a horizontal flip,
+both from a generator seeded by ``(seed, step, example index)``: the batch of a step is a pure
+function of ``(seed, step)``, whatever the number of processes, so a resumed run sees the same data.
 
-The flip is applied to the stored posterior (the W axis of ``mean`` and ``std``), not by encoding the flipped
-image. The two are not identical, since the VAE's convolutions are not mirror-symmetric, but the flipped posterior
-decodes to (nearly) the mirrored image and is a latent the decoder understands; it halves preparation time and
-storage compared with storing a second, flipped posterior. Pass ``hflip=False`` where exactness matters.
+The flip is applied to the stored posterior (the W axis of ``mean`` and ``std``), not by encoding
+the flipped image. The two are not identical, since the VAE's convolutions are not mirror-symmetric,
+but the flipped posterior decodes to (nearly) the mirrored image and is a latent the decoder
+understands; it halves preparation time and storage compared with storing a second, flipped
+posterior. Pass ``hflip=False`` where exactness matters.
 """
 
 from __future__ import annotations
@@ -55,8 +59,8 @@ def read_metadata(data_dir: str) -> dict[str, Any]:
     path = os.path.join(data_dir, METADATA_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"{path} not found: {data_dir} is not a prepared dataset (or its preparation did not finish; rerun "
-            f"`python -m scflow_jax.data.prepare` with the same flags to complete it)"
+            f"{path} not found: {data_dir} is not a prepared dataset (or its preparation did not "
+            f"finish; rerun `python -m scflow_jax.data.prepare` with the same flags to complete it)"
         )
     with open(path) as f:
         metadata = json.load(f)
@@ -71,7 +75,8 @@ def read_metadata(data_dir: str) -> dict[str, Any]:
 
 
 class LatentDataset:
-    """Random access to a prepared dataset: ``len(ds)``, ``ds[i]`` -> dict of NumPy arrays (and ``caption``)."""
+    """Random access to a prepared dataset: ``len(ds)``, ``ds[i]`` -> dict of NumPy arrays (and
+    ``caption``)."""
 
     def __init__(self, data_dir: str):
         import grain.python as grain
@@ -105,13 +110,15 @@ class LatentDataset:
 class LatentBatches:
     """Step-indexed training batches of a prepared dataset (the ``InMemoryBatches`` contract).
 
-    ``batch(step)`` -> ``{"image": float32 [B_local, h, w, c]}`` plus ``"cond": float32 [B_local, L, D]`` for
-    ``text_to_image`` data, holding the rows ``process_rows`` of the global batch (``sharding.process_batch_indices``:
-    the rows the mesh places on this process's devices, contiguous or not); by default the ``process_index``-th
-    contiguous slice of ``global_batch / process_count`` rows. The example order (an epoch-wise permutation seeded
-    by ``(seed, epoch)``) and the row selection are ``InMemoryBatches``'s, applied to the example indices; an
-    example's latent noise and flip depend on ``(seed, step, example index)`` only, so the processes' rows together
-    are exactly the global batch a single process would load.
+    ``batch(step)`` -> ``{"image": float32 [B_local, h, w, c]}`` plus
+    ``"cond": float32 [B_local, L, D]`` for ``text_to_image`` data, holding the rows
+    ``process_rows`` of the global batch (``sharding.process_batch_indices``: the rows the mesh
+    places on this process's devices, contiguous or not); by default the ``process_index``-th
+    contiguous slice of ``global_batch / process_count`` rows. The example order (an epoch-wise
+    permutation seeded by ``(seed, epoch)``) and the row selection are ``InMemoryBatches``'s,
+    applied to the example indices; an example's latent noise and flip depend on
+    ``(seed, step, example index)`` only, so the processes' rows together are exactly the global
+    batch a single process would load.
     """
 
     def __init__(

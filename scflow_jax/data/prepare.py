@@ -1,29 +1,31 @@
-"""Data preparation: images (and captions) -> VAE posteriors (and CLIP text states) in array_record shards.
+"""Data preparation: images (and captions) -> VAE posteriors (and CLIP text states) in array_record
+shards.
 
     python -m scflow_jax.data.prepare --kind=latents --input=celeba_hq/ --output=data/celebahq256 \\
         --vae=sd-vae-ft-mse/ --image_size=256
-    python -m scflow_jax.data.prepare --kind=text_to_image --input=pairs.parquet --output=data/t2i \\
-        --vae=sd15/ --text_encoder=sd15/ --tokenizer=sd15/ --image_size=512
+    python -m scflow_jax.data.prepare --kind=text_to_image --input=pairs.parquet \\
+        --output=data/t2i --vae=sd15/ --text_encoder=sd15/ --tokenizer=sd15/ --image_size=512
 
-Inputs: a folder of images (recursive; for ``text_to_image`` each image needs a same-name ``.txt`` caption), an
-LMDB folder (``data.mdb``; the CelebA-HQ release of NVAE/DDGAN/LFM, values raw RGB or encoded images, keys
-``"0"``, ``"1"``, ...; needs ``pip install lmdb``), a parquet file (image bytes + caption columns),
-a webdataset tar (``key.jpg`` + ``key.txt``) or a TFDS dataset built as array_record
-(``tfds:NAME[/CONFIG][:SPLIT]`` under ``--tfds_data_dir``; ``--image_column`` and
+Inputs: a folder of images (recursive; for ``text_to_image`` each image needs a same-name ``.txt``
+caption), an LMDB folder (``data.mdb``; the CelebA-HQ release of NVAE/DDGAN/LFM, values raw RGB or
+encoded images, keys ``"0"``, ``"1"``, ...; needs ``pip install lmdb``), a parquet file (image
+bytes + caption columns), a webdataset tar (``key.jpg`` + ``key.txt``) or a TFDS dataset built as
+array_record (``tfds:NAME[/CONFIG][:SPLIT]`` under ``--tfds_data_dir``; ``--image_column`` and
 ``--caption_column`` name its features; see tfds_source.py).
 
-Each image is center-cropped to a square and resized to ``image_size`` with PIL's bicubic filter (ADM's and LDM's
-choice; Pillow widens the filter support when downscaling, so it antialiases, and unlike Lanczos it has little
-ringing), mapped to [-1, 1] and encoded by the VAE jitted over a ``data`` mesh (the last, ragged batch is padded and
-the padding dropped). Captions are tokenized to the text encoder's length and encoded without an attention mask,
-as SD 1.5's pipeline does.
+Each image is center-cropped to a square and resized to ``image_size`` with PIL's bicubic filter
+(ADM's and LDM's choice; Pillow widens the filter support when downscaling, so it antialiases, and
+unlike Lanczos it has little ringing), mapped to [-1, 1] and encoded by the VAE jitted over a
+``data`` mesh (the last, ragged batch is padded and the padding dropped). Captions are tokenized to
+the text encoder's length and encoded without an attention mask, as SD 1.5's pipeline does.
 
 Resumable: the file order is deterministic (sorted folder walk, LMDB key order, parquet row order,
-tar member order, TFDS record order),
-shard ``i`` holds items ``[i * examples_per_shard, (i + 1) * examples_per_shard)``, and each shard is written under
-a temporary name and renamed, then its report (``shard_reports/<shard>.json``). A rerun with the same settings skips
-the shards whose file and report exist. Unreadable images are skipped and reported, like images without captions
-and ignored files, in the printed report and ``metadata.json["skipped"]``.
+tar member order, TFDS record order), shard ``i`` holds items
+``[i * examples_per_shard, (i + 1) * examples_per_shard)``, and each shard is written under a
+temporary name and renamed, then its report (``shard_reports/<shard>.json``). A rerun with the same
+settings skips the shards whose file and report exist. Unreadable images are skipped and reported,
+like images without captions and ignored files, in the printed report and
+``metadata.json["skipped"]``.
 """
 
 from __future__ import annotations
@@ -109,12 +111,12 @@ def _open_path(path: str, need_captions: bool, image_column: str, caption_column
     if path.endswith((".tar", ".tar.gz", ".tgz")):
         return tar_source(path, need_captions)
     raise ValueError(
-        f"{option('input')}={path}: expected a folder of images, an LMDB folder (data.mdb), a .parquet "
-        f"file, a webdataset .tar or a TFDS dataset (tfds:NAME[/CONFIG][:SPLIT])"
+        f"{option('input')}={path}: expected a folder of images, an LMDB folder (data.mdb), a "
+        f".parquet file, a webdataset .tar or a TFDS dataset (tfds:NAME[/CONFIG][:SPLIT])"
     )
 
 
-# --------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Images
 
 
@@ -140,7 +142,8 @@ def _pil_image(payload):
 
 
 def load_image(payload, image_size: int) -> np.ndarray:
-    """A payload -> uint8 [image_size, image_size, 3]: EXIF orientation applied, center square crop, bicubic resize."""
+    """A payload -> uint8 [image_size, image_size, 3]: EXIF orientation applied, center square crop,
+    bicubic resize."""
     from PIL import Image, ImageOps
 
     image = ImageOps.exif_transpose(_pil_image(payload)).convert("RGB")
@@ -163,12 +166,12 @@ def _load_or_error(payload, image_size):
         return None, f"{type(e).__name__}: {e}"
 
 
-# --------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Encoding
 
 
-# Module-level jits with the (hashable, frozen) VAE handle and CLIP config static: repeated preparations in one
-# process reuse the compiled encoders.
+# Module-level jits with the (hashable, frozen) VAE handle and CLIP config static: repeated
+# preparations in one process reuse the compiled encoders.
 @functools.partial(jax.jit, static_argnums=0)
 def _posterior(vae, params, images):
     posterior = vae.encode(params, images)
@@ -183,7 +186,8 @@ def _text_states(config, params, ids):
 
 
 class Encoders:
-    """The VAE (and CLIP text encoder) jitted over ``mesh``; every call runs on one fixed batch shape."""
+    """The VAE (and CLIP text encoder) jitted over ``mesh``; every call runs on one fixed batch
+    shape."""
 
     def __init__(
         self, mesh: Mesh, batch_size: int, vae, vae_params, text=None, latent_dtype="float32"
@@ -218,14 +222,14 @@ class Encoders:
 
 
 def encoding_mesh() -> Mesh:
-    """All devices in a single-process run. With several processes each one encodes its own shards on its local
-    devices, so processes never wait on each other mid-shard."""
+    """All devices in a single-process run. With several processes each one encodes its own shards
+    on its local devices, so processes never wait on each other mid-shard."""
     if jax.process_count() == 1:
         return sharding.make_mesh()
     return Mesh(np.asarray(jax.local_devices()), (sharding.DATA_AXIS,))
 
 
-# --------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Shards
 
 
@@ -248,7 +252,8 @@ def _write_shard(output: str, name: str, records: list[bytes]) -> None:
 def _encode_shard(
     source: Source, items: range, encoders: Encoders, image_size: int, pool
 ) -> tuple[list, list]:
-    """Encodes ``items`` in batches, decoding the next batch's images while the devices work on this one."""
+    """Encodes ``items`` in batches, decoding the next batch's images while the devices work on this
+    one."""
     chunks = [items[j : j + encoders.batch_size] for j in range(0, len(items), encoders.batch_size)]
 
     def submit(chunk):
@@ -279,7 +284,7 @@ def _encode_shard(
     return records, unreadable
 
 
-# --------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Entry points
 
 
@@ -292,8 +297,8 @@ def _check_plan(output: str, plan: dict) -> None:
         if changed:
             detail = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise ValueError(
-                f"{output} holds a preparation with other settings or inputs ({detail}). Rerun with the "
-                f"original settings to finish it, or choose another {option('output')}"
+                f"{output} holds a preparation with other settings or inputs ({detail}). Rerun "
+                f"with the original settings to finish it, or choose another {option('output')}"
             )
     elif monitoring.is_main_process():
         monitoring.write_json_atomic(path, plan)
@@ -316,7 +321,8 @@ def prepare(
     num_workers: int = 8,
     mesh: Optional[Mesh] = None,
 ) -> dict[str, Any]:
-    """Prepares (or finishes preparing) ``output``; returns its metadata. See the module docstring."""
+    """Prepares (or finishes preparing) ``output``; returns its metadata. See the module
+    docstring."""
     from scflow_jax.models.vae import load_vae
 
     if kind not in latents.KINDS:
@@ -444,7 +450,9 @@ def prepare(
         "image_size": image_size,
         "source": source.origin,
         "vae": os.path.abspath(vae),
-        "preprocessing": "EXIF orientation, RGB, center square crop, PIL bicubic resize, x / 127.5 - 1",
+        "preprocessing": (
+            "EXIF orientation, RGB, center square crop, PIL bicubic resize, x / 127.5 - 1"
+        ),
         "skipped": {
             "unreadable": unreadable,
             **source.skipped,
@@ -467,7 +475,8 @@ def format_report(output: str, metadata: dict) -> str:
     skipped = metadata["skipped"]
     lines = [
         f"Prepared {metadata['num_examples']} examples ({metadata['kind']}, latents "
-        f"{'x'.join(map(str, metadata['latent_shape']))}) in {metadata['num_shards']} shards at {output}"
+        f"{'x'.join(map(str, metadata['latent_shape']))}) in {metadata['num_shards']} shards "
+        f"at {output}"
     ]
     for what, entries in (
         ("unreadable images (skipped)", skipped["unreadable"]),
@@ -484,7 +493,8 @@ def format_report(output: str, metadata: dict) -> str:
 
 
 def prepare_from_config(config) -> dict[str, Any]:
-    """``--mode=prepare_data``: ``prepare(**config.data.prepare)`` on the mesh of ``config.mesh``."""
+    """``--mode=prepare_data``: ``prepare(**config.data.prepare)`` on the mesh of
+    ``config.mesh``."""
     mesh = (
         sharding.make_mesh(config.mesh.data, config.mesh.num_devices)
         if jax.process_count() == 1

@@ -27,8 +27,9 @@ def require_path(value: Optional[str], name: str) -> str:
     return value
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Sources: an ordered list of items (key, optional caption) and a main-thread ``fetch`` of their raw payloads.
+# --------------------------------------------------------------------------------------------------
+# Sources: an ordered list of items (key, optional caption) and a main-thread ``fetch`` of their raw
+# payloads.
 
 
 @dataclasses.dataclass
@@ -44,7 +45,8 @@ class Source:
 
 
 def keep_captioned(keys, captions, payloads, need_captions):
-    """Drops items without a caption when captions are needed; returns the kept lists and the dropped keys."""
+    """Drops items without a caption when captions are needed; returns the kept lists and the
+    dropped keys."""
     if not need_captions:
         return keys, None, payloads, []
     kept = [i for i, c in enumerate(captions) if c is not None]
@@ -74,8 +76,8 @@ def folder_source(root: str, need_captions: bool) -> Source:
                 ignored.append(rel)
     if not images:
         raise ValueError(
-            f"{option('input')}={root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found in it or its "
-            f"subfolders"
+            f"{option('input')}={root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found in it or "
+            f"its subfolders"
         )
     captions, used = [], set()
     for rel in images:

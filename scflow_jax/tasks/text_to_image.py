@@ -1,9 +1,9 @@
 """``t2i_sd15``: text-to-image in SD 1.5 latents (4x64x64).
 
-Teacher: a diffusers rectified-flow UNet (InstaFlow / 2-rectified flow: ``unet_sd_weights.load_unet_sd``
-+ ``flows.wrap_diffusers_rectified_flow``), guided against the empty prompt; prompts through the
-CLIP text encoder; discriminator: the teacher's UNet encoder with a new head (SCFLOW_SPEC.md
-section 5). Export: a diffusers UNet folder, as the teacher ships.
+Teacher: a diffusers rectified-flow UNet (InstaFlow / 2-rectified flow:
+``unet_sd_weights.load_unet_sd`` + ``flows.wrap_diffusers_rectified_flow``), guided against the
+empty prompt; prompts through the CLIP text encoder; discriminator: the teacher's UNet encoder with
+a new head (SCFLOW_SPEC.md section 5). Export: a diffusers UNet folder, as the teacher ships.
 """
 
 from __future__ import annotations
