@@ -25,7 +25,8 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     "test": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6"],
-    # gs:// workdirs: etils.epath (outputs, Orbax's metadata) reaches GCS through gcsfs when TensorFlow is absent.
+    # gs:// workdirs: etils.epath (outputs, Orbax's metadata) reaches GCS through gcsfs when
+    # TensorFlow is absent.
     "gcs": ["gcsfs"],
     # Only for building TFDS datasets (`tfds build`: coco_captions' and celeb_a_hq's builders call
     # TensorFlow) or converting tfrecord ones to array_record (`tfds convert_format`); prepare_data
@@ -51,7 +52,9 @@ EXTRAS_REQUIRE = {
 setup(
     name="scflow_jax",
     version="0.1.0",
-    description="SCFlow: self-corrected flow distillation for one- and few-step generation, in JAX/Flax",
+    description=(
+        "SCFlow: self-corrected flow distillation for one- and few-step generation, in JAX/Flax"
+    ),
     long_description=open("README.md", encoding="utf-8").read()
     if __import__("os").path.exists("README.md")
     else "",

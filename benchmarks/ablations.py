@@ -1,4 +1,5 @@
-"""SCFlow ablations on the embedded default, over several seeds: the demo table with each term removed.
+"""SCFlow ablations on the embedded default, over several seeds: the demo table with each term
+removed.
 
 Usage: python benchmarks/ablations.py [--seeds=0,1,2] [--variants=scflow,no_gan,...]
                                       [--workdir=runs/ablations] [--results=PATH] [--config.x=y ...]
@@ -8,7 +9,8 @@ split and distillation all reseeded), then every variant is distilled from it an
 SCFlow (whose evaluation also has the teacher rows), no GAN, no self-corrected reflow, no inverse
 term, consistency only. Each run lives in ``<workdir>/seed<s>/<variant>``, so an interrupted call
 resumes where it stopped. Prints, per variant and table row, the mean ± sample standard deviation
-over the seeds and the per-seed values, and records them (``--results=PATH``, see ``common.record``).
+over the seeds and the per-seed values, and records them (``--results=PATH``, see
+``common.record``).
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ def row_key(row: dict) -> str:
 
 
 def summarize(per_seed: dict[int, list[dict]]) -> list[dict]:
-    """Rows of several seeds' tables -> one row per (model, steps, cfg) with each metric's mean, sample
-    standard deviation (0 for one seed) and per-seed values, in the first seed's row order."""
+    """Rows of several seeds' tables -> one row per (model, steps, cfg) with each metric's mean,
+    sample standard deviation (0 for one seed) and per-seed values, in the first seed's row
+    order."""
     seeds = sorted(per_seed)
     order = [row_key(r) for r in per_seed[seeds[0]]]
     by_key = {s: {row_key(r): r for r in rows} for s, rows in per_seed.items()}
@@ -98,7 +101,8 @@ def _seed_config(base, seed: int, overrides: dict, teacher_params: str, with_tea
 
 
 def run_seed(base, seed: int, variants: list[str], root: str) -> dict[str, list[dict]]:
-    """Trains (or reuses) the seed's teacher, then distills and evaluates each variant; their tables."""
+    """Trains (or reuses) the seed's teacher, then distills and evaluates each variant; their
+    tables."""
     seed_dir = os.path.join(root, f"seed{seed}")
     teacher_dir = os.path.join(seed_dir, "teacher")
     config = copy.deepcopy(base)

@@ -1,5 +1,6 @@
-"""The attention the SD UNet runs on this device (models/attention.py) against XLA's as written, on the
-SD 1.5 UNet's attention shapes in bf16: do values and gradients agree, and how long does each take?
+"""The attention the SD UNet runs on this device (models/attention.py) against XLA's as written, on
+the SD 1.5 UNet's attention shapes in bf16: do values and gradients agree, and how long does each
+take?
 
 On an NVIDIA GPU the first is cuDNN's fused kernel wherever it takes the shapes, elsewhere query
 chunks or XLA's own; this is the check that cuDNN's kernel, which a CPU host can compile but never

@@ -52,8 +52,8 @@ def main(_):
 
     # Teacher step.
     opt = train_state.make_optimizer(config.teacher.optimizer)
-    init = lambda: (
-        lambda p: train_state.FlowTrainState(  # noqa: E731
+    init = lambda: (  # noqa: E731
+        lambda p: train_state.FlowTrainState(
             step=jnp.zeros((), jnp.int32), params=p, ema_params=p, opt_state=opt.init(p)
         )
     )(task.init_params(jax.random.PRNGKey(0)))

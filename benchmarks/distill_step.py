@@ -54,7 +54,8 @@ REFERENCE_CPU = {
 }
 # Issue 8's goals on that machine (seconds): 1/1.5 of the reference's iteration, and the samplers'.
 GOALS_CPU = {"iteration": 1.0, "sample_1step_64": 0.10, "sample_4step_64": 0.40}
-# The fixed work's AdamW learning rates (betas 0.9 / 0.999, no weight decay): student G and discriminator D.
+# The fixed work's AdamW learning rates (betas 0.9 / 0.999, no weight decay): student G and
+# discriminator D.
 G_LEARNING_RATE, D_LEARNING_RATE = 2e-5, 1e-4
 
 
@@ -93,7 +94,8 @@ def benchmark_setup(full: bool):
 
 
 def tiny_setup():
-    """A ``benchmark_setup``-shaped tuple of tiny networks of the same families (checks, not measurements)."""
+    """A ``benchmark_setup``-shaped tuple of tiny networks of the same families (checks, not
+    measurements)."""
     unet = ADMConfig(
         in_channels=4,
         model_channels=16,
@@ -112,9 +114,10 @@ def tiny_setup():
 
 
 def build(full: bool, mesh, setup=None, perturb: float = 0.0):
-    """The networks, state, jitted step, batch and frozen inputs of the benchmark work (``setup``: another
-    ``benchmark_setup``-shaped tuple, e.g. a tiny one for tests). ``perturb`` > 0 adds that much noise to the
-    initial weights, so that no layer starts at zero and every loss term depends on every layer."""
+    """The networks, state, jitted step, batch and frozen inputs of the benchmark work (``setup``:
+    another ``benchmark_setup``-shaped tuple, e.g. a tiny one for tests). ``perturb`` > 0 adds that
+    much noise to the initial weights, so that no layer starts at zero and every loss term depends
+    on every layer."""
     unet_config, disc, latent_shape, batch_size, cfg = setup or benchmark_setup(full)
     unet = ADMUNet(unet_config)
     velocity_fn = flows.wrap_lfm_flow(lambda p, x, t, c: unet.apply({"params": p}, x, t))

@@ -50,12 +50,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import (
+from common import (  # noqa: E402
     add_output_flags,
     matmul_rate,
     random_params,
     record,
-    time_calls,  # noqa: E402
+    time_calls,
     time_train_steps,
     xla_flops,
 )

@@ -1,15 +1,15 @@
 """SCFlow recipe: unconditional CelebA-HQ 256 in SD-VAE latents (SCFLOW_SPEC.md section 7).
 
-Teacher: LFM ``celeb256_f8_adm`` (``model_480.pth``, VinAIResearch/LFM releases), an ADM UNet trained with latent
-flow matching on ``stabilityai/sd-vae-ft-mse`` latents (x 0.18215, 4x32x32). Discriminator: the StyleGAN2 latent
-discriminator of spec section 5.
+Teacher: LFM ``celeb256_f8_adm`` (``model_480.pth``, VinAIResearch/LFM releases), an ADM UNet
+trained with latent flow matching on ``stabilityai/sd-vae-ft-mse`` latents (x 0.18215, 4x32x32).
+Discriminator: the StyleGAN2 latent discriminator of spec section 5.
 
 Usage (paths are local; nothing is downloaded):
   python -m scflow_jax.main --config=configs/celebahq256.py --workdir=runs/celeba \
       --config.model.teacher_path=.../model_480.pth --config.model.vae_path=.../sd-vae-ft-mse \
       --config.data.path=.../celebahq256_latents --mode=distill
-``:tiny`` shrinks every network and stage for CPU tests (a test writes tiny random weights in the real formats and
-sets the paths).
+``:tiny`` shrinks every network and stage for CPU tests (a test writes tiny random weights in the
+real formats and sets the paths).
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ def get_config(arg: str | None = None):
     c.model.teacher_subkey = (
         ""  # "model_dict" for LFM's resumable content.pth; "" for model_<epoch>.pth
     )
-    # LFM celeb256_f8_adm = unet_adm.ADMConfig.lfm_celeba256(): attention at downsample factors 16 and 8 as LFM
-    # passes them (only factor 8, the 4x4 level, exists on 32x32 latents) plus the middle block.
+    # LFM celeb256_f8_adm = unet_adm.ADMConfig.lfm_celeba256(): attention at downsample factors 16
+    # and 8 as LFM passes them (only factor 8, the 4x4 level, exists on 32x32 latents) plus the
+    # middle block.
     c.model.adm = dict(
         model_channels=256,
         channel_mult=(1, 2, 2, 2),
@@ -70,7 +71,8 @@ def get_config(arg: str | None = None):
     c.sample.num_images = 64
     c.data.prepare.image_size = 256
     # Evaluation: FID of 50k samples at 1/2/4 Euler steps against CelebA-HQ 256 statistics
-    # (config.eval.fid_reference, written by --mode=fid_stats; pytorch-fid Inception at config.fid.inception_path).
+    # (config.eval.fid_reference, written by --mode=fid_stats; pytorch-fid Inception at
+    # config.fid.inception_path).
     c.eval.update(dict(num_samples=50_000, batch_size=256, student_steps=(1, 2, 4)))
 
     if arg == "tiny":

@@ -1,16 +1,18 @@
-"""SCFlow recipe: text-to-image distillation of an SD 1.5-family rectified-flow UNet (SCFLOW_SPEC.md section 7).
+"""SCFlow recipe: text-to-image distillation of an SD 1.5-family rectified-flow UNet (SCFLOW_SPEC.md
+section 7).
 
-Teacher: InstaFlow-0.9B (``XCLiu/instaflow_0_9B_from_sd_1_5``, a diffusers pipeline folder; the 2-rectified flow
-from SD 1.5 fits too), guided with CFG 1.5 against the empty prompt; VAE, CLIP ViT-L/14 text encoder and tokenizer
-from the same pipeline folder (or ``openai/clip-vit-large-patch14``). Latents 4x64x64 (512 px); discriminator: the
-teacher UNet's encoder + head of spec section 5, fed noised inputs at t-minus and the prompt states.
+Teacher: InstaFlow-0.9B (``XCLiu/instaflow_0_9B_from_sd_1_5``, a diffusers pipeline folder; the
+2-rectified flow from SD 1.5 fits too), guided with CFG 1.5 against the empty prompt; VAE, CLIP
+ViT-L/14 text encoder and tokenizer from the same pipeline folder (or
+``openai/clip-vit-large-patch14``). Latents 4x64x64 (512 px); discriminator: the teacher UNet's
+encoder + head of spec section 5, fed noised inputs at t-minus and the prompt states.
 
 Usage (paths are local; nothing is downloaded; the four model paths may all be the pipeline folder):
   python -m scflow_jax.main --config=configs/t2i_sd15.py --workdir=runs/t2i \
       --config.model.teacher_path=P --config.model.vae_path=P --config.model.text_encoder_path=P \
       --config.model.tokenizer_path=P --config.data.path=.../laion_latents --mode=distill
-``:tiny`` shrinks everything for CPU tests (a test writes tiny random weights in the real formats and sets the
-paths).
+``:tiny`` shrinks everything for CPU tests (a test writes tiny random weights in the real formats
+and sets the paths).
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ def get_config(arg: str | None = None):
     # transformer block, for the student/teacher UNet and the UNet-encoder discriminator alike.
     c.precision.compute_dtype = "bfloat16"
     c.model.remat = "full"
-    # Teacher encoder + the authors' head: conv(1280->256, k4, s2, no padding) -> GroupNorm(32) -> SiLU
-    # -> linear (2304 -> 1); the GAN losses take its sigmoid (the UNet-encoder D family's convention).
+    # Teacher encoder + the authors' head: conv(1280->256, k4, s2, no padding) -> GroupNorm(32)
+    # -> SiLU -> linear (2304 -> 1); the GAN losses take its sigmoid (the UNet-encoder D family's
+    # convention).
     c.disc = dict(
         head_channels=256,
         head_groups=32,
@@ -71,10 +74,12 @@ def get_config(arg: str | None = None):
     )
     c.sample.num_per_prompt = 4
     c.data.prepare.image_size = 512
-    # Evaluation: zero-shot COCO 2017 val 5k captions (config.eval.prompts_file = captions_val2017.json; FID-5k
-    # against COCO val2017 statistics, CLIP score with config.eval.clip_path = openai/clip-vit-large-patch14);
-    # COCO 2014 30k: prompts_file = captions_val2014.json, num_samples = 30000. The teacher row: InstaFlow is
-    # itself a one-step model (1 step, no guidance); for a 2-rectified-flow teacher use teacher_steps=(25,).
+    # Evaluation: zero-shot COCO 2017 val 5k captions
+    # (config.eval.prompts_file = captions_val2017.json; FID-5k against COCO val2017 statistics,
+    # CLIP score with config.eval.clip_path = openai/clip-vit-large-patch14); COCO 2014 30k:
+    # prompts_file = captions_val2014.json, num_samples = 30000. The teacher row: InstaFlow is
+    # itself a one-step model (1 step, no guidance); for a 2-rectified-flow teacher use
+    # teacher_steps=(25,).
     c.eval.update(
         dict(
             num_samples=5000,
