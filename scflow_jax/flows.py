@@ -64,15 +64,16 @@ def sample_time(
     return jax.random.uniform(rng, (batch,), dtype=jnp.float32)
 
 
-# Float32 rounding puts N*t for t = k/N up to about 2*k ulps from k, below it as often as above (k/1000
-# divided with correct rounding gives 250.99998 for k = 251). Times within this many timesteps below an
-# integer count as that integer: ~1e-4 timesteps at N = 1000, far below any schedule's resolution.
+# Float32 rounding puts N*t for t = k/N up to about 2*k ulps from k, below it as often as above
+# (k/1000 divided with correct rounding gives 250.99998 for k = 251). Times within this many
+# timesteps below an integer count as that integer: ~1e-4 timesteps at N = 1000, far below any
+# schedule's resolution.
 _TIMESTEP_ROUNDING = 8 * float(jnp.finfo(jnp.float32).eps)
 
 
 def timestep_index(t: jax.Array, num_timesteps: int = 1000) -> jax.Array:
-    """``floor(num_timesteps * t)`` as int32, exact for every ``t = k/num_timesteps`` however the division
-    that made ``t`` rounded (a plain floor gives k-1 for some k)."""
+    """``floor(num_timesteps * t)`` as int32, exact for every ``t = k/num_timesteps`` however the
+    division that made ``t`` rounded (a plain floor gives k-1 for some k)."""
     scaled = jnp.asarray(t, jnp.float32) * num_timesteps
     return jnp.floor(scaled + _TIMESTEP_ROUNDING * num_timesteps).astype(jnp.int32)
 
@@ -132,15 +133,16 @@ LFM_SIGMA_MIN = 1e-5
 
 
 def wrap_lfm_flow(unet_apply: Callable[..., jax.Array]) -> VelocityFn:
-    """Turns an LFM latent flow-matching network ``unet_apply(params, x, t, cond) -> v`` into a VelocityFn.
+    """Turns an LFM latent flow-matching network ``unet_apply(params, x, t, cond) -> v`` into a
+    VelocityFn.
 
-    LFM's convention (``train_flow_latent.py``, ``test_flow_latent.py``): z0 is the data latent, z1 the noise,
-    t ~ U[0, 1) is fed to the network as is (no 1000x scale; the ADM sinusoidal embedding sees t in [0, 1]),
-    ``x_t = (1-t)*z0 + (s + (1-s)*t)*z1`` with s = LFM_SIGMA_MIN, and the regression target is
-    ``d x_t/dt = (1-s)*z1 - z0``; sampling integrates the ODE from t = 1 to t = 0. This is the project
-    convention up to s: the path differs from ours by ``s*(1-t)*z1`` and the velocity by ``-s*z1`` (a 1e-5
-    fraction of the noise, far below the teacher's own error), so ``F(t, x, c) = v_LFM(t, x, c)``: no time
-    change, no sign change.
+    LFM's convention (``train_flow_latent.py``, ``test_flow_latent.py``): z0 is the data latent, z1
+    the noise, t ~ U[0, 1) is fed to the network as is (no 1000x scale; the ADM sinusoidal embedding
+    sees t in [0, 1]), ``x_t = (1-t)*z0 + (s + (1-s)*t)*z1`` with s = LFM_SIGMA_MIN, and the
+    regression target is ``d x_t/dt = (1-s)*z1 - z0``; sampling integrates the ODE from t = 1 to
+    t = 0. This is the project convention up to s: the path differs from ours by ``s*(1-t)*z1`` and
+    the velocity by ``-s*z1`` (a 1e-5 fraction of the noise, far below the teacher's own error), so
+    ``F(t, x, c) = v_LFM(t, x, c)``: no time change, no sign change.
     """
 
     def velocity_fn(params, t, x, cond):

@@ -37,7 +37,8 @@ def health(real_logits: jax.Array, fake_logits: jax.Array) -> dict[str, jax.Arra
 def sigmoid_head_for(discriminator, setting: bool | None = None) -> bool:
     """Whether the GAN losses squash ``discriminator``'s logit: its family's convention
     (``OUTPUT_SIGMOID``: True for the text-to-image UNet-encoder D, False for the StyleGAN2 D),
-    unless ``setting`` (``config.scflow.sigmoid_head``) overrides it, which is logged: an ablation."""
+    unless ``setting`` (``config.scflow.sigmoid_head``) overrides it, which is logged: an
+    ablation."""
     convention = bool(getattr(discriminator, "OUTPUT_SIGMOID", False))
     if setting is None:
         return convention

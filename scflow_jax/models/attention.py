@@ -37,7 +37,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-QUERY_CHUNK = 512  # queries per chunk, where attention goes by chunks: [rows, heads, 512, keys] logits at a time
+# Queries per chunk, where attention goes by chunks: [rows, heads, 512, keys] logits at a time.
+QUERY_CHUNK = 512
 
 
 def xla_attention(q, k, v):
@@ -49,9 +50,9 @@ def cudnn_attention(q, k, v):
 
 
 def query_chunked_attention(q, k, v, chunk: int | None = None):
-    """XLA's attention for ``chunk`` (default :data:`QUERY_CHUNK`) queries at a time (a ``lax.map``),
-    each chunk checkpointed so that the backward pass recomputes its logits: [B, N, chunk, S] of them
-    live at once, not [B, N, T, S]. T must be a multiple of ``chunk``."""
+    """XLA's attention for ``chunk`` (default :data:`QUERY_CHUNK`) queries at a time (a
+    ``lax.map``), each chunk checkpointed so that the backward pass recomputes its logits:
+    [B, N, chunk, S] of them live at once, not [B, N, T, S]. T must be a multiple of ``chunk``."""
     chunk = chunk or QUERY_CHUNK
     b, t, n, h = q.shape
     if t % chunk:
@@ -65,10 +66,10 @@ def query_chunked_attention(q, k, v, chunk: int | None = None):
 
 @functools.lru_cache(maxsize=None)
 def cudnn_takes(q_shape: tuple, kv_shape: tuple, dtype) -> bool:
-    """Whether cuDNN's fused attention accepts queries of ``q_shape`` and keys/values of ``kv_shape``
-    in ``dtype``, forward and backward. jax checks when it traces the kernel (cuDNN present, its
-    version, head dim, sequence lengths, dtype); tracing its gradient abstractly runs every check,
-    and any refusal means XLA does the work."""
+    """Whether cuDNN's fused attention accepts queries of ``q_shape`` and keys/values of
+    ``kv_shape`` in ``dtype``, forward and backward. jax checks when it traces the kernel (cuDNN
+    present, its version, head dim, sequence lengths, dtype); tracing its gradient abstractly runs
+    every check, and any refusal means XLA does the work."""
     q = jax.ShapeDtypeStruct(q_shape, dtype)
     kv = jax.ShapeDtypeStruct(kv_shape, dtype)
 

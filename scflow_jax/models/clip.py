@@ -1,31 +1,36 @@
-"""CLIP text transformer (the text encoder of CLIP ViT-L/14 used by Stable Diffusion 1.5) in Flax Linen.
+"""CLIP text transformer (the text encoder of CLIP ViT-L/14 used by Stable Diffusion 1.5) in Flax
+Linen.
 
-The parameter tree mirrors the module hierarchy of Hugging Face ``CLIPTextModel`` so that a converter can
-load its safetensors by a mechanical renaming::
+The parameter tree mirrors the module hierarchy of Hugging Face ``CLIPTextModel`` so that a
+converter can load its safetensors by a mechanical renaming (indented rows continue the path and
+the key of the row above them)::
 
-    embeddings/token_embedding/embedding            <- embeddings.token_embedding.weight
-    embeddings/position_embedding/embedding         <- embeddings.position_embedding.weight
-    encoder/layers_{i}/self_attn/{q,k,v,out}_proj/kernel  <- encoder.layers.{i}.self_attn.{q,k,v,out}_proj.weight.T
-    encoder/layers_{i}/self_attn/{q,k,v,out}_proj/bias    <- encoder.layers.{i}.self_attn.{q,k,v,out}_proj.bias
-    encoder/layers_{i}/layer_norm{1,2}/{scale,bias}       <- encoder.layers.{i}.layer_norm{1,2}.{weight,bias}
-    encoder/layers_{i}/mlp/{fc1,fc2}/{kernel,bias}        <- encoder.layers.{i}.mlp.{fc1,fc2}.{weight.T,bias}
-    final_layer_norm/{scale,bias}                   <- final_layer_norm.{weight,bias}
+    embeddings/token_embedding/embedding       <- embeddings.token_embedding.weight
+    embeddings/position_embedding/embedding    <- embeddings.position_embedding.weight
+    encoder/layers_{i}/                        <- encoder.layers.{i}.
+        self_attn/{q,k,v,out}_proj/kernel      <- self_attn.{q,k,v,out}_proj.weight.T
+        self_attn/{q,k,v,out}_proj/bias        <- self_attn.{q,k,v,out}_proj.bias
+        layer_norm{1,2}/{scale,bias}           <- layer_norm{1,2}.{weight,bias}
+        mlp/{fc1,fc2}/{kernel,bias}            <- mlp.{fc1,fc2}.{weight.T,bias}
+    final_layer_norm/{scale,bias}              <- final_layer_norm.{weight,bias}
 
 (Older transformers releases prefix every HF key with ``text_model.``.)
 
-Architecture: token + learned absolute position embeddings, a stack of pre-LayerNorm transformer blocks with
-causal multi-head self-attention and an MLP (fc1 -> activation -> fc2), then a final LayerNorm. The pooled output
-is the final-normed hidden state at the first end-of-text token.
+Architecture: token + learned absolute position embeddings, a stack of pre-LayerNorm transformer
+blocks with causal multi-head self-attention and an MLP (fc1 -> activation -> fc2), then a final
+LayerNorm. The pooled output is the final-normed hidden state at the first end-of-text token.
 
-Computation runs in ``dtype``; parameters are stored in float32; LayerNorm and softmax run in float32.
+Computation runs in ``dtype``; parameters are stored in float32; LayerNorm and softmax run in
+float32.
 
-The encoder (``CLIPEncoderLayer``/``CLIPEncoder``) is shared with the vision tower in ``clip_vision.py``: it reads
-only ``hidden_size``, ``intermediate_size``, ``num_hidden_layers``, ``num_attention_heads``, ``head_dim``,
-``hidden_act`` and ``layer_norm_eps`` from its config, which both tower configs provide.
+The encoder (``CLIPEncoderLayer``/``CLIPEncoder``) is shared with the vision tower in
+``clip_vision.py``: it reads only ``hidden_size``, ``intermediate_size``, ``num_hidden_layers``,
+``num_attention_heads``, ``head_dim``, ``hidden_act`` and ``layer_norm_eps`` from its config, which
+both tower configs provide.
 
-Loading: ``load_clip_text`` reads the text tower from a diffusers ``text_encoder/`` folder or any transformers
-CLIP folder (``CLIPTextModel``, ``CLIPTextModelWithProjection``, full ``CLIPModel``); ``load_clip_tokenizer``
-loads the matching tokenizer with transformers, offline.
+Loading: ``load_clip_text`` reads the text tower from a diffusers ``text_encoder/`` folder or any
+transformers CLIP folder (``CLIPTextModel``, ``CLIPTextModelWithProjection``, full ``CLIPModel``);
+``load_clip_tokenizer`` loads the matching tokenizer with transformers, offline.
 """
 
 from __future__ import annotations
@@ -83,7 +88,8 @@ ACTIVATIONS = {
 
 @dataclasses.dataclass(frozen=True)
 class CLIPTextConfig:
-    """Hyperparameters of the CLIP text transformer. Defaults are those of CLIP ViT-L/14 (SD 1.5)."""
+    """Hyperparameters of the CLIP text transformer. Defaults are those of CLIP ViT-L/14
+    (SD 1.5)."""
 
     vocab_size: int = 49408
     hidden_size: int = 768
@@ -115,9 +121,9 @@ class CLIPTextConfig:
         """Builds a config from an HF ``config.json`` dict.
 
         Accepts either a ``CLIPTextConfig``-style dict or a full ``CLIPConfig`` dict, whose nested
-        ``"text_config"`` (and legacy ``"text_config_dict"``, which takes precedence) is read. Unknown keys are
-        ignored; missing keys keep this class's defaults (ViT-L/14). A list-valued ``eos_token_id`` uses its first
-        entry.
+        ``"text_config"`` (and legacy ``"text_config_dict"``, which takes precedence) is read.
+        Unknown keys are ignored; missing keys keep this class's defaults (ViT-L/14). A list-valued
+        ``eos_token_id`` uses its first entry.
         """
         d = dict(d)
         if isinstance(d.get("text_config"), dict) or isinstance(d.get("text_config_dict"), dict):
@@ -158,8 +164,9 @@ class CLIPTextConfig:
         intermediate_size: int = 64,
         **overrides,
     ) -> "CLIPTextConfig":
-        """A small config for demos and tests. The eos token defaults to the last vocabulary id (as in CLIP's
-        own tokenizer, where <|endoftext|> is the last token); ``overrides`` may set any other field."""
+        """A small config for demos and tests. The eos token defaults to the last vocabulary id (as
+        in CLIP's own tokenizer, where <|endoftext|> is the last token); ``overrides`` may set any
+        other field."""
         kwargs = dict(
             vocab_size=vocab_size,
             max_position_embeddings=max_position_embeddings,
@@ -195,7 +202,8 @@ def _dense(features: int, dtype: Dtype, name: str) -> nn.Dense:
 
 
 class CLIPAttention(nn.Module):
-    """Multi-head self-attention with separate q/k/v/out projections (HF ``CLIPAttention`` names)."""
+    """Multi-head self-attention with separate q/k/v/out projections (HF ``CLIPAttention``
+    names)."""
 
     config: Any  # CLIPTextConfig or clip_vision.CLIPVisionConfig
     dtype: Dtype = jnp.float32
@@ -204,18 +212,18 @@ class CLIPAttention(nn.Module):
     def __call__(self, x: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
         """x: [B, L, D]; mask: boolean, broadcastable to [B, 1, L, L] (True = attend)."""
         cfg = self.config
-        b, l, d = x.shape
+        b, seq, d = x.shape
         h, hd = cfg.num_attention_heads, cfg.head_dim
-        q = _dense(d, self.dtype, "q_proj")(x).reshape(b, l, h, hd)
-        k = _dense(d, self.dtype, "k_proj")(x).reshape(b, l, h, hd)
-        v = _dense(d, self.dtype, "v_proj")(x).reshape(b, l, h, hd)
+        q = _dense(d, self.dtype, "q_proj")(x).reshape(b, seq, h, hd)
+        k = _dense(d, self.dtype, "k_proj")(x).reshape(b, seq, h, hd)
+        v = _dense(d, self.dtype, "v_proj")(x).reshape(b, seq, h, hd)
         q = q * jnp.asarray(hd**-0.5, dtype=q.dtype)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
         if mask is not None:
             # A large finite negative (not -inf) keeps fully masked rows finite instead of NaN.
             logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, l, d)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, seq, d)
         return _dense(d, self.dtype, "out_proj")(out)
 
 
@@ -250,7 +258,8 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    """The stack of ``CLIPEncoderLayer``s of either tower (text: causal mask; vision: ``mask=None``)."""
+    """The stack of ``CLIPEncoderLayer``s of either tower (text: causal mask; vision:
+    ``mask=None``)."""
 
     config: Any
     dtype: Dtype = jnp.float32
@@ -272,7 +281,8 @@ class CLIPTextEmbeddings(nn.Module):
         seq_len = input_ids.shape[-1]
         if seq_len > cfg.max_position_embeddings:
             raise ValueError(
-                f"Sequence length {seq_len} exceeds max_position_embeddings {cfg.max_position_embeddings}"
+                f"Sequence length {seq_len} exceeds max_position_embeddings "
+                f"{cfg.max_position_embeddings}"
             )
         token = nn.Embed(
             cfg.vocab_size,
@@ -297,9 +307,9 @@ class CLIPTextEmbeddings(nn.Module):
 class CLIPTextTransformer(nn.Module):
     """CLIP text encoder. Returns ``(last_hidden_state [B, L, D], pooled_output [B, D])``.
 
-    ``attention_mask`` ([B, L], 1 = keep, 0 = masked key) is combined with the causal mask. The pooled output is
-    the final-normed hidden state at the first ``eos_token_id`` in each row (``argmax(input_ids)`` when
-    ``eos_token_id == 2``, HF's legacy rule). Outputs are in ``dtype``.
+    ``attention_mask`` ([B, L], 1 = keep, 0 = masked key) is combined with the causal mask. The
+    pooled output is the final-normed hidden state at the first ``eos_token_id`` in each row
+    (``argmax(input_ids)`` when ``eos_token_id == 2``, HF's legacy rule). Outputs are in ``dtype``.
     """
 
     config: CLIPTextConfig
@@ -314,13 +324,13 @@ class CLIPTextTransformer(nn.Module):
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq_len], got shape {input_ids.shape}")
         input_ids = input_ids.astype(jnp.int32)
-        b, l = input_ids.shape
+        b, seq = input_ids.shape
 
         x = CLIPTextEmbeddings(cfg, dtype=self.dtype, name="embeddings")(input_ids)
 
-        causal = jnp.tril(jnp.ones((l, l), dtype=jnp.bool_))[None, None, :, :]  # [1, 1, Lq, Lk]
+        causal = jnp.tril(jnp.ones((seq, seq), dtype=jnp.bool_))[None, None, :, :]  # [1, 1, Lq, Lk]
         if attention_mask is not None:
-            keep = jnp.asarray(attention_mask).astype(jnp.bool_).reshape(b, 1, 1, l)
+            keep = jnp.asarray(attention_mask).astype(jnp.bool_).reshape(b, 1, 1, seq)
             mask = jnp.logical_and(causal, keep)
         else:
             mask = causal
@@ -362,7 +372,7 @@ def encode_text(
     )
 
 
-# --------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Loading from transformers / diffusers folders (shared with clip_vision.py)
 
 CLIP_WEIGHT_FILES = (
@@ -391,20 +401,23 @@ def clip_key_function(prefix: str) -> Callable[[Tuple[str, ...]], str]:
 
 
 def is_clip_buffer(key: str) -> bool:
-    """Non-parameter entries of HF CLIP state dicts (older transformers saved the ``position_ids`` buffers)."""
+    """Non-parameter entries of HF CLIP state dicts (older transformers saved the ``position_ids``
+    buffers)."""
     return key.endswith("position_ids")
 
 
 def load_clip_text(
     path: str, *, allow_partial: bool = False
 ) -> Tuple[CLIPTextConfig, Dict[str, Any]]:
-    """Loads the CLIP text transformer from a local folder: a diffusers pipeline (uses ``text_encoder/``), a
-    diffusers ``text_encoder/`` folder, or a transformers ``CLIPTextModel``/``CLIPTextModelWithProjection``/
-    ``CLIPModel`` folder (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``).
+    """Loads the CLIP text transformer from a local folder: a diffusers pipeline (uses
+    ``text_encoder/``), a diffusers ``text_encoder/`` folder, or a transformers
+    ``CLIPTextModel``/``CLIPTextModelWithProjection``/``CLIPModel`` folder (``config.json`` +
+    ``model.safetensors`` or ``pytorch_model.bin``).
 
-    Returns ``(config, params)`` with ``params`` the bare ``CLIPTextTransformer`` tree (for ``encode_text``).
-    Keys may carry the ``text_model.`` prefix or not; the vision tower, projections, ``logit_scale`` and
-    ``position_ids`` buffers are ignored. Missing or mis-shaped tensors raise ``WeightsError`` naming them.
+    Returns ``(config, params)`` with ``params`` the bare ``CLIPTextTransformer`` tree (for
+    ``encode_text``). Keys may carry the ``text_model.`` prefix or not; the vision tower,
+    projections, ``logit_scale`` and ``position_ids`` buffers are ignored. Missing or mis-shaped
+    tensors raise ``WeightsError`` naming them.
     """
     if os.path.isfile(os.path.join(path, "text_encoder", "config.json")):
         path = os.path.join(path, "text_encoder")
@@ -435,14 +448,15 @@ def _is_other_clip_part(key: str) -> bool:
     )
 
 
-# --------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
 class CLIPTokenizerHandle:
     """A transformers CLIP tokenizer with SD's framing: truncate and pad (with ``<|endoftext|>``) to
-    ``max_length``. ``__call__`` returns NumPy ``(input_ids int32 [N, L], attention_mask int32 [N, L])``."""
+    ``max_length``. ``__call__`` returns NumPy
+    ``(input_ids int32 [N, L], attention_mask int32 [N, L])``."""
 
     tokenizer: Any
     max_length: int = 77
@@ -465,15 +479,16 @@ class CLIPTokenizerHandle:
 
 
 def load_clip_tokenizer(path: str, *, max_length: int = 77) -> CLIPTokenizerHandle:
-    """Loads ``CLIPTokenizer`` from a local folder (a diffusers pipeline's ``tokenizer/``, or any folder with
-    ``tokenizer.json`` or ``vocab.json`` + ``merges.txt``), without network access."""
+    """Loads ``CLIPTokenizer`` from a local folder (a diffusers pipeline's ``tokenizer/``, or any
+    folder with ``tokenizer.json`` or ``vocab.json`` + ``merges.txt``), without network access."""
     if os.path.isdir(os.path.join(path, "tokenizer")):
         path = os.path.join(path, "tokenizer")
     has_fast = os.path.isfile(os.path.join(path, "tokenizer.json"))
     has_bpe = all(os.path.isfile(os.path.join(path, f)) for f in ("vocab.json", "merges.txt"))
     if not (has_fast or has_bpe):
         raise weights.WeightsError(
-            f"CLIP tokenizer: {path} has no tokenizer files (expected tokenizer.json, or vocab.json and merges.txt)"
+            f"CLIP tokenizer: {path} has no tokenizer files "
+            "(expected tokenizer.json, or vocab.json and merges.txt)"
         )
     from transformers import CLIPTokenizer
 

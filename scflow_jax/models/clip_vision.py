@@ -1,18 +1,23 @@
-"""CLIP vision tower, the two-tower CLIP model (for CLIP score) and CLIP's image preprocessing, in JAX.
+"""CLIP vision tower, the two-tower CLIP model (for CLIP score) and CLIP's image preprocessing, in
+JAX.
 
 Parameter names mirror Hugging Face ``CLIPModel`` (and ``CLIPVisionModelWithProjection`` /
-``CLIPTextModelWithProjection``), so loading is the mechanical renaming of ``weights.hf_style_key``::
+``CLIPTextModelWithProjection``), so loading is the mechanical renaming of
+``weights.hf_style_key`` (indented rows continue the path and the key of the row above them)::
 
-    vision_model/embeddings/patch_embedding/kernel       <- vision_model.embeddings.patch_embedding.weight (no bias)
-    vision_model/embeddings/class_embedding              <- vision_model.embeddings.class_embedding
-    vision_model/embeddings/position_embedding/embedding <- vision_model.embeddings.position_embedding.weight
-    vision_model/pre_layrnorm/{scale,bias}               <- vision_model.pre_layrnorm.{weight,bias}  (HF's spelling)
-    vision_model/encoder/layers_{i}/...                  <- vision_model.encoder.layers.{i}.... (same layer as text)
-    vision_model/post_layernorm/{scale,bias}             <- vision_model.post_layernorm.{weight,bias}
-    visual_projection/kernel, text_projection/kernel     <- visual_projection.weight.T, text_projection.weight.T
-    text_model/...                                       <- text_model.... (see clip.py)
+    vision_model/                                 <- vision_model.
+        embeddings/patch_embedding/kernel         <- embeddings.patch_embedding.weight (no bias)
+        embeddings/class_embedding                <- embeddings.class_embedding
+        embeddings/position_embedding/embedding   <- embeddings.position_embedding.weight
+        pre_layrnorm/{scale,bias}                 <- pre_layrnorm.{weight,bias}  (HF's spelling)
+        encoder/layers_{i}/...                    <- encoder.layers.{i}.... (same layer as text)
+        post_layernorm/{scale,bias}               <- post_layernorm.{weight,bias}
+    visual_projection/kernel                      <- visual_projection.weight.T
+    text_projection/kernel                        <- text_projection.weight.T
+    text_model/...                                <- text_model.... (see clip.py)
 
-The encoder layers are ``clip.CLIPEncoder``: one implementation for both towers. Pixel inputs are NHWC.
+The encoder layers are ``clip.CLIPEncoder``: one implementation for both towers. Pixel inputs are
+NHWC.
 """
 
 from __future__ import annotations
@@ -80,7 +85,8 @@ class CLIPVisionConfig:
             )
         if self.image_size % self.patch_size:
             raise ValueError(
-                f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})"
+                f"image_size ({self.image_size}) must be a multiple of "
+                f"patch_size ({self.patch_size})"
             )
 
     @property
@@ -93,7 +99,8 @@ class CLIPVisionConfig:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "CLIPVisionConfig":
-        """From a ``CLIPVisionConfig`` dict or a full ``CLIPConfig`` dict (its ``vision_config``)."""
+        """From a ``CLIPVisionConfig`` dict or a full ``CLIPConfig`` dict (its
+        ``vision_config``)."""
         if isinstance(d.get("vision_config"), dict) or isinstance(
             d.get("vision_config_dict"), dict
         ):
@@ -104,8 +111,8 @@ class CLIPVisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
-    """A CLIP model: one or both towers and the shared embedding width. A tower that is ``None`` is absent
-    (a ``CLIPTextModelWithProjection`` or ``CLIPVisionModelWithProjection`` checkpoint)."""
+    """A CLIP model: one or both towers and the shared embedding width. A tower that is ``None`` is
+    absent (a ``CLIPTextModelWithProjection`` or ``CLIPVisionModelWithProjection`` checkpoint)."""
 
     text: Optional[CLIPTextConfig] = CLIPTextConfig()
     vision: Optional[CLIPVisionConfig] = CLIPVisionConfig()
@@ -113,8 +120,9 @@ class CLIPConfig:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "CLIPConfig":
-        """From a transformers ``config.json`` of ``CLIPModel`` (both towers), ``CLIPTextModelWithProjection``
-        or ``CLIPVisionModelWithProjection`` (one tower). A missing ``projection_dim`` is transformers' 512."""
+        """From a transformers ``config.json`` of ``CLIPModel`` (both towers),
+        ``CLIPTextModelWithProjection`` or ``CLIPVisionModelWithProjection`` (one tower). A missing
+        ``projection_dim`` is transformers' 512."""
         if any(
             isinstance(d.get(k), dict)
             for k in ("text_config", "vision_config", "text_config_dict", "vision_config_dict")
@@ -196,10 +204,11 @@ class CLIPVisionTransformer(nn.Module):
 
 
 class CLIPModel(nn.Module):
-    """The two towers and their projections (``use_bias=False``); either tower may be absent (see ``CLIPConfig``).
+    """The two towers and their projections (``use_bias=False``); either tower may be absent (see
+    ``CLIPConfig``).
 
-    ``text_features`` / ``image_features`` return ``(pooled, projected)`` in float32; the projected embeddings
-    are not normalised (as transformers' ``get_text_features`` / ``get_image_features``).
+    ``text_features`` / ``image_features`` return ``(pooled, projected)`` in float32; the projected
+    embeddings are not normalised (as transformers' ``get_text_features`` / ``get_image_features``).
     """
 
     config: CLIPConfig
@@ -249,7 +258,8 @@ def _variables(params) -> Dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class CLIP:
-    """A configured CLIP model; methods take the parameter tree explicitly and are jitted per input shape."""
+    """A configured CLIP model; methods take the parameter tree explicitly and are jitted per input
+    shape."""
 
     config: CLIPConfig = CLIPConfig()
     dtype: Dtype = jnp.float32
@@ -277,7 +287,8 @@ class CLIP:
 
     @functools.partial(jax.jit, static_argnums=0)
     def text_features(self, params, input_ids, attention_mask=None) -> Tuple[jax.Array, jax.Array]:
-        """Token ids [B, L] (and optional mask) -> ``(pooled [B, D_text], projected [B, projection_dim])``."""
+        """Token ids [B, L] (and optional mask) ->
+        ``(pooled [B, D_text], projected [B, projection_dim])``."""
         return self.module.apply(
             _variables(params),
             jnp.asarray(input_ids, jnp.int32),
@@ -294,12 +305,14 @@ class CLIP:
 def load_clip(
     path: str, *, allow_partial: bool = False, dtype: Dtype = jnp.float32
 ) -> Tuple[CLIP, Dict[str, Any]]:
-    """Loads a transformers CLIP folder (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``):
-    a full ``CLIPModel`` (e.g. ``openai/clip-vit-large-patch14`` or ``-base-patch32``) or a one-tower
-    ``CLIPTextModelWithProjection`` / ``CLIPVisionModelWithProjection``.
+    """Loads a transformers CLIP folder (``config.json`` + ``model.safetensors`` or
+    ``pytorch_model.bin``): a full ``CLIPModel`` (e.g. ``openai/clip-vit-large-patch14`` or
+    ``-base-patch32``) or a one-tower ``CLIPTextModelWithProjection`` /
+    ``CLIPVisionModelWithProjection``.
 
-    Returns ``(clip, params)``. ``logit_scale`` (not needed for embeddings) and ``position_ids`` buffers are
-    ignored; every other missing, unexpected or mis-shaped tensor raises ``WeightsError`` naming it.
+    Returns ``(clip, params)``. ``logit_scale`` (not needed for embeddings) and ``position_ids``
+    buffers are ignored; every other missing, unexpected or mis-shaped tensor raises
+    ``WeightsError`` naming it.
     """
     raw, source, file = read_clip_folder(path, what="CLIP model")
     clip = CLIP(CLIPConfig.from_dict(raw), dtype=dtype)
@@ -315,7 +328,7 @@ def load_clip(
     return clip, params
 
 
-# --------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Preprocessing
 
 
@@ -329,23 +342,26 @@ def preprocess_images(
     std: Sequence[float] = CLIP_STD,
 ) -> jax.Array:
     """JAX version of transformers' ``CLIPImageProcessor`` for float images NHWC in ``value_range``:
-    resize the shortest side to ``size`` (bicubic, antialiased when shrinking), center crop to ``crop_size``
-    (default ``size``), normalise with CLIP's mean/std. Traceable (shapes are static), so it jits with the model.
+    resize the shortest side to ``size`` (bicubic, antialiased when shrinking), center crop to
+    ``crop_size`` (default ``size``), normalise with CLIP's mean/std. Traceable (shapes are static),
+    so it jits with the model.
 
-    Numerical difference from ``CLIPImageProcessor`` (torchvision backend in transformers 5): on float inputs the
-    resize kernel is the same (antialiased Keys cubic, a = -0.5, as PIL's bicubic) and the outputs agree to ~1e-6,
-    except that values overshooting [0, 1] after the resize are clipped here (a uint8 image cannot overshoot).
-    On uint8 inputs (PIL images, the usual way the processor is fed) it resizes in fixed point with the two
-    separable passes each rounded and clipped to uint8: on smooth images that differs from this float pipeline
-    by ~0.0045 mean and < 0.03 max after normalisation (half a grey level is 0.5/255/std ~ 0.0075); on pure
-    noise the intermediate clipping can differ by up to 0.1. tests/test_clip_vision.py checks both bounds.
+    Numerical difference from ``CLIPImageProcessor`` (torchvision backend in transformers 5): on
+    float inputs the resize kernel is the same (antialiased Keys cubic, a = -0.5, as PIL's bicubic)
+    and the outputs agree to ~1e-6, except that values overshooting [0, 1] after the resize are
+    clipped here (a uint8 image cannot overshoot). On uint8 inputs (PIL images, the usual way the
+    processor is fed) it resizes in fixed point with the two separable passes each rounded and
+    clipped to uint8: on smooth images that differs from this float pipeline by ~0.0045 mean and
+    < 0.03 max after normalisation (half a grey level is 0.5/255/std ~ 0.0075); on pure noise the
+    intermediate clipping can differ by up to 0.1. tests/test_clip_vision.py checks both bounds.
     """
     lo, hi = value_range
     x = (jnp.asarray(images, jnp.float32) - lo) / (hi - lo)
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"images must be NHWC [batch, height, width, 3], got shape {x.shape}")
     b, h, w, c = x.shape
-    # transformers' get_resize_output_image_size(default_to_square=False): short side = size, long side truncated.
+    # transformers' get_resize_output_image_size(default_to_square=False): short side = size, long
+    # side truncated.
     short, long = (h, w) if h <= w else (w, h)
     new_short, new_long = size, int(size * long / short)
     new_h, new_w = (new_short, new_long) if h <= w else (new_long, new_short)

@@ -62,7 +62,10 @@ class TransformerBlock(nn.Module):
         tokens = nn.Dense(c, dtype=self.dtype)(
             nn.GroupNorm(_groups(c), dtype=self.dtype)(x).reshape(b, h * w, c)
         )
-        attn = lambda: nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype)
+
+        def attn():
+            return nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype)
+
         y = nn.LayerNorm(dtype=self.dtype)(tokens)
         tokens = tokens + attn()(y, y)
         tokens = tokens + attn()(nn.LayerNorm(dtype=self.dtype)(tokens), context.astype(self.dtype))

@@ -26,8 +26,8 @@ def sinusoidal_embedding(
     """[sin | cos] of ``t * exp(-log(max_period) * k / (half - freq_shift))`` (float32), swapped to
     [cos | sin] with ``flip_sin_to_cos``, zero-padded to an odd ``dim``."""
     half = dim // 2
-    # The frequency table is computed in float64 and rounded once, which matches torch's float32 exp to the ulp
-    # (a 1-ulp difference times t = 1000 would already move the sines by ~1e-4).
+    # The frequency table is computed in float64 and rounded once, which matches torch's float32 exp
+    # to the ulp (a 1-ulp difference times t = 1000 would already move the sines by ~1e-4).
     freqs = np.exp(-math.log(max_period) * np.arange(half, dtype=np.float64) / (half - freq_shift))
     args = timesteps.astype(jnp.float32)[:, None] * jnp.asarray(freqs, jnp.float32)[None]
     sin, cos = jnp.sin(args), jnp.cos(args)

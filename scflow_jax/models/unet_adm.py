@@ -1,26 +1,32 @@
-"""The ADM UNet of guided-diffusion ("UNetModel"), as the LFM latent flow-matching teachers use it, in Flax Linen.
+"""The ADM UNet of guided-diffusion ("UNetModel"), as the LFM latent flow-matching teachers use it,
+in Flax Linen.
 
 Written from the architecture description (openai/guided-diffusion ``unet.py``; VinAIResearch/LFM
 ``models/guided_diffusion/unet.py`` is a copy with the call order ``model(t, x, y)``), NHWC:
 
-* ``input_blocks``: a 3x3 conv, then per level ``num_res_blocks`` x (ResBlock [+ attention]) and, except at the
-  last level, a 2x downsampling (strided conv, average pool, or a ResBlock with ``down``);
-* ``middle_block``: ResBlock, attention, ResBlock (attention always, whatever ``attention_resolutions`` says);
-* ``output_blocks``: per level (deepest first) ``num_res_blocks + 1`` x (concat skip, ResBlock [+ attention]),
-  the last of each level but the top followed by a 2x upsampling;
+* ``input_blocks``: a 3x3 conv, then per level ``num_res_blocks`` x (ResBlock [+ attention]) and,
+  except at the last level, a 2x downsampling (strided conv, average pool, or a ResBlock with
+  ``down``);
+* ``middle_block``: ResBlock, attention, ResBlock (attention always, whatever
+  ``attention_resolutions`` says);
+* ``output_blocks``: per level (deepest first) ``num_res_blocks + 1`` x (concat skip,
+  ResBlock [+ attention]), the last of each level but the top followed by a 2x upsampling;
 * ``out``: GroupNorm, SiLU, zero-initialised 3x3 conv.
 
-``attention_resolutions`` are *downsample factors* (1 = input resolution, 2 = half, ...), as UNetModel takes
-them. guided-diffusion's ``script_util`` converts image resolutions into factors first; LFM does not: its
-``--attn_resolution 16 8`` reaches UNetModel unchanged, so on 32x32 latents with four levels (factors 1, 2, 4, 8)
-only factor 8 (the 4x4 level) has attention, plus the middle block.
+``attention_resolutions`` are *downsample factors* (1 = input resolution, 2 = half, ...), as
+UNetModel takes them. guided-diffusion's ``script_util`` converts image resolutions into factors
+first; LFM does not: its ``--attn_resolution 16 8`` reaches UNetModel unchanged, so on 32x32 latents
+with four levels (factors 1, 2, 4, 8) only factor 8 (the 4x4 level) has attention, plus the middle
+block.
 
-Time is the raw value given (LFM: t in [0, 1], no 1000x scale) fed to the sinusoidal embedding; which time a
-teacher expects is stated by its wrapper in ``flows.py``. GroupNorm (32 groups, eps 1e-5) runs in float32 whatever
-the compute ``dtype``; attention softmax too. Parameters are float32.
+Time is the raw value given (LFM: t in [0, 1], no 1000x scale) fed to the sinusoidal embedding;
+which time a teacher expects is stated by its wrapper in ``flows.py``. GroupNorm (32 groups,
+eps 1e-5) runs in float32 whatever the compute ``dtype``; attention softmax too. Parameters are
+float32.
 
-Module names mirror the PyTorch attribute names with ``.`` written as ``_`` (``input_blocks_1_0/in_layers_2``), so
-the converter is one rule: every ``_<n>`` becomes ``.<n>`` (see ``torch_key``).
+Module names mirror the PyTorch attribute names with ``.`` written as ``_``
+(``input_blocks_1_0/in_layers_2``), so the converter is one rule: every ``_<n>`` becomes ``.<n>``
+(see ``torch_key``).
 """
 
 from __future__ import annotations
@@ -42,8 +48,8 @@ from scflow_jax.models.weights import WeightsError
 
 __all__ = ["ADMConfig", "ADMUNet", "torch_key", "adm_params_from_state_dict", "load_unet_adm"]
 
-# PyTorch's default Linear/Conv weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), so a model trained from scratch
-# starts like the reference (biases start at zero here; they are tiny there).
+# PyTorch's default Linear/Conv weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), so a model trained
+# from scratch starts like the reference (biases start at zero here; they are tiny there).
 _torch_default_kernel = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 _zeros = (
     nn.initializers.zeros
@@ -52,7 +58,8 @@ _zeros = (
 
 @dataclasses.dataclass(frozen=True)
 class ADMConfig:
-    """Options of guided-diffusion's UNetModel (``dims=2``, no fp16 flag: use the module's ``dtype``)."""
+    """Options of guided-diffusion's UNetModel (``dims=2``, no fp16 flag: use the module's
+    ``dtype``)."""
 
     in_channels: int
     model_channels: int
@@ -93,7 +100,8 @@ class ADMConfig:
             self.heads(ch, upsample=True)
 
     def heads(self, channels: int, *, upsample: bool) -> int:
-        """Attention heads of a block with ``channels`` channels (output_blocks use ``num_heads_upsample``)."""
+        """Attention heads of a block with ``channels`` channels (output_blocks use
+        ``num_heads_upsample``)."""
         if self.num_head_channels is not None:
             if channels % self.num_head_channels:
                 raise ValueError(
@@ -121,10 +129,10 @@ class ADMConfig:
     def lfm_celeba256(cls) -> "ADMConfig":
         """LFM ``celeb256_f8_adm`` (SCFlow's CelebA-HQ 256 teacher) on 4x32x32 SD-VAE latents.
 
-        From LFM ``bash_scripts/run.sh`` / ``test_args/celeb256_adm.txt`` and the argparse defaults of
-        ``train_flow_latent.py``: nf 256, ch_mult 1 2 2 2, 2 res blocks, attention factors 16 8 (only 8 exists:
-        the 4x4 level), 4 heads, no num_head_channels, scale-shift norm, no resblock up/down, legacy attention
-        order, conv resampling, dropout 0, unconditional.
+        From LFM ``bash_scripts/run.sh`` / ``test_args/celeb256_adm.txt`` and the argparse defaults
+        of ``train_flow_latent.py``: nf 256, ch_mult 1 2 2 2, 2 res blocks, attention factors 16 8
+        (only 8 exists: the 4x4 level), 4 heads, no num_head_channels, scale-shift norm, no resblock
+        up/down, legacy attention order, conv resampling, dropout 0, unconditional.
         """
         return cls(
             in_channels=4,
@@ -139,10 +147,10 @@ class ADMConfig:
 
     @classmethod
     def speed_benchmark(cls) -> "ADMConfig":
-        """The fixed benchmark network of issue 8: 4x16x16 latents, 64 channels, mult (1, 2, 2), 1 res block per
-        level, attention at the 8x8 level (factor 2) and in the middle, 4 heads, scale-shift norm, dropout 0,
-        reference defaults elsewhere (conv resampling, no resblock up/down, legacy order): 4,751,364 parameters
-        (resblock_updown=True would give 5,463,108)."""
+        """The fixed benchmark network of issue 8: 4x16x16 latents, 64 channels, mult (1, 2, 2),
+        1 res block per level, attention at the 8x8 level (factor 2) and in the middle, 4 heads,
+        scale-shift norm, dropout 0, reference defaults elsewhere (conv resampling, no resblock
+        up/down, legacy order): 4,751,364 parameters (resblock_updown=True would give 5,463,108)."""
         return cls(
             in_channels=4,
             model_channels=64,
@@ -156,8 +164,9 @@ class ADMConfig:
 
 
 def _group_norm(x, num_groups, dtype, name):
-    """guided-diffusion's GroupNorm32 (eps 1e-5) computed in float32, returned in the compute dtype. Called inside
-    a compact method, so its scale/bias sit directly under ``name`` (torch ``<name>.weight``/``.bias``)."""
+    """guided-diffusion's GroupNorm32 (eps 1e-5) computed in float32, returned in the compute dtype.
+    Called inside a compact method, so its scale/bias sit directly under ``name`` (torch
+    ``<name>.weight``/``.bias``)."""
     return nn.GroupNorm(
         num_groups=num_groups, epsilon=1e-5, use_fast_variance=False, dtype=jnp.float32, name=name
     )(x.astype(jnp.float32)).astype(dtype)
@@ -177,7 +186,8 @@ def _conv(features, kernel, dtype, name, *, strides=1, zero=False):
 
 
 def _upsample_conv(features, dtype, name):
-    """2x nearest upsampling + ``_conv(features, 3, ...)``, same parameters, computed without the upsampled map."""
+    """2x nearest upsampling + ``_conv(features, 3, ...)``, same parameters, computed without the
+    upsampled map."""
     return UpsampleConv(features, dtype=dtype, kernel_init=_torch_default_kernel, name=name)
 
 
@@ -187,8 +197,9 @@ def _avg_pool(x):
 
 
 class ResBlock(nn.Module):
-    """Norm-SiLU-conv, time embedding (added, or as scale/shift of the second norm), norm-SiLU-dropout-zero conv,
-    plus a skip (identity or 1x1 conv); optionally resampling 2x between the first norm and conv."""
+    """Norm-SiLU-conv, time embedding (added, or as scale/shift of the second norm),
+    norm-SiLU-dropout-zero conv, plus a skip (identity or 1x1 conv); optionally resampling 2x
+    between the first norm and conv."""
 
     out_channels: int
     num_groups: int
@@ -200,7 +211,9 @@ class ResBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, emb, deterministic: bool = True):
-        norm = lambda v, name: _group_norm(v, self.num_groups, self.dtype, name)
+        def norm(v, name):
+            return _group_norm(v, self.num_groups, self.dtype, name)
+
         h = nn.silu(norm(x, "in_layers_0"))
         if self.up:
             x = upsample_nearest(x)
@@ -231,8 +244,9 @@ class ResBlock(nn.Module):
 class AttentionBlock(nn.Module):
     """Self-attention over all pixels; qkv and proj_out are kernel-1 Conv1d's, as in the reference.
 
-    The 3C qkv channels are read per head as [q, k, v] (legacy order, ``QKVAttentionLegacy``) or as q, k, v
-    blocks each split into heads (``QKVAttention``); the layout matters only for converted weights.
+    The 3C qkv channels are read per head as [q, k, v] (legacy order, ``QKVAttentionLegacy``) or as
+    q, k, v blocks each split into heads (``QKVAttention``); the layout matters only for converted
+    weights.
     """
 
     num_heads: int
@@ -289,8 +303,8 @@ class Upsample(nn.Module):
 
 
 class ADMUNet(nn.Module):
-    """x [B, H, W, in_channels] (NHWC), t [B] or scalar (raw time), y [B] int labels if ``num_classes``
-    -> [B, H, W, out_channels] float32."""
+    """x [B, H, W, in_channels] (NHWC), t [B] or scalar (raw time), y [B] int labels if
+    ``num_classes`` -> [B, H, W, out_channels] float32."""
 
     config: ADMConfig
     dtype: Any = jnp.float32
@@ -315,7 +329,10 @@ class ADMUNet(nn.Module):
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32).reshape(-1), (batch,))
 
         emb_dim = 4 * cfg.model_channels
-        dense = lambda n, name: nn.Dense(n, dtype=dt, kernel_init=_torch_default_kernel, name=name)
+
+        def dense(n, name):
+            return nn.Dense(n, dtype=dt, kernel_init=_torch_default_kernel, name=name)
+
         emb = sinusoidal_embedding(t, cfg.model_channels).astype(dt)
         emb = dense(emb_dim, "time_embed_2")(nn.silu(dense(emb_dim, "time_embed_0")(emb)))
         if cfg.num_classes is not None:
@@ -395,18 +412,19 @@ class ADMUNet(nn.Module):
         return _conv(cfg.out_channels, 3, dt, "out_2", zero=True)(h).astype(jnp.float32)
 
 
-# --------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Converter
 
 _INDEX = re.compile(r"_(\d+)(?=_|$)")
 _LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
-# Training checkpoints pickle the run's argparse Namespace next to the weights (LFM ``content.pth``).
+# Training checkpoints pickle the run's argparse Namespace next to the weights (LFM
+# ``content.pth``).
 _CHECKPOINT_GLOBALS = (argparse.Namespace,)
 
 
 def torch_key(path: Tuple[str, ...]) -> str:
-    """The guided-diffusion state-dict key of a Flax leaf: ``("input_blocks_1_0", "in_layers_2", "kernel")`` ->
-    ``input_blocks.1.0.in_layers.2.weight``."""
+    """The guided-diffusion state-dict key of a Flax leaf:
+    ``("input_blocks_1_0", "in_layers_2", "kernel")`` -> ``input_blocks.1.0.in_layers.2.weight``."""
     return ".".join([_INDEX.sub(r".\1", p) for p in path[:-1]] + [_LEAF[path[-1]]])
 
 
@@ -425,9 +443,10 @@ def adm_params_from_state_dict(
     allow_partial: bool = False,
     seed: int = 0,
 ):
-    """Flax parameters of ``ADMUNet(config)`` from a guided-diffusion/LFM state dict (``module.`` prefixes of
-    DataParallel/DDP are stripped). Every key must be used and every shape match, else ``WeightsError`` naming
-    them; with ``allow_partial`` the missing leaves come from a fresh ``init(seed)``."""
+    """Flax parameters of ``ADMUNet(config)`` from a guided-diffusion/LFM state dict (``module.``
+    prefixes of DataParallel/DDP are stripped). Every key must be used and every shape match, else
+    ``WeightsError`` naming them; with ``allow_partial`` the missing leaves come from a fresh
+    ``init(seed)``."""
     source = {}
     for key, value in state_dict.items():
         name = key[len("module.") :] if key.startswith("module.") else key
@@ -451,11 +470,13 @@ def adm_params_from_state_dict(
 def load_unet_adm(
     path: str, config: ADMConfig, *, subkey: Optional[str] = None, allow_partial: bool = False
 ):
-    """Reads ADM UNet weights for ``ADMUNet(config)`` from ``path`` and returns the Flax ``params`` tree.
+    """Reads ADM UNet weights for ``ADMUNet(config)`` from ``path`` and returns the Flax ``params``
+    tree.
 
-    ``path``: a ``.pth``/``.pt`` state dict (LFM releases ``model_<epoch>.pth``: ``model.state_dict()`` of the
-    DDP-wrapped model, keys prefixed ``module.``; its resumable ``content.pth`` nests them under
-    ``subkey="model_dict"``), or a ``.safetensors`` file (no ``subkey``).
+    ``path``: a ``.pth``/``.pt`` state dict (LFM releases ``model_<epoch>.pth``:
+    ``model.state_dict()`` of the DDP-wrapped model, keys prefixed ``module.``; its resumable
+    ``content.pth`` nests them under ``subkey="model_dict"``), or a ``.safetensors`` file (no
+    ``subkey``).
     """
     what = f"ADM UNet from {path}"
     if path.endswith(".safetensors"):

@@ -1,20 +1,23 @@
-"""The text-to-image discriminator of SCFLOW_SPEC.md section 5: the teacher UNet's encoder plus a small head.
+"""The text-to-image discriminator of SCFLOW_SPEC.md section 5: the teacher UNet's encoder plus a
+small head.
 
-``UNet2DConditionModel.encode`` (conv_in, time embedding, down blocks, cross-attention mid block) maps the noised
-latent, its time and the prompt states to the mid-block feature (8x8x1280 for SD 1.5 at 64x64 latents); a new head,
-the authors' own, turns it into one logit per sample::
+``UNet2DConditionModel.encode`` (conv_in, time embedding, down blocks, cross-attention mid block)
+maps the noised latent, its time and the prompt states to the mid-block feature (8x8x1280 for SD 1.5
+at 64x64 latents); a new head, the authors' own, turns it into one logit per sample::
 
-    conv(-> head_channels, kernel 4, stride 2, no padding) -> GroupNorm(head_groups) -> SiLU -> flatten -> linear
+    conv(-> head_channels, kernel 4, stride 2, no padding) -> GroupNorm(head_groups) -> SiLU
+        -> flatten -> linear
 
-8x8 -> 3x3, so the linear layer takes 2304 = 3*3*256 features on SD 1.5's layout; at another latent size it takes
-what the conv leaves (the head adapts; the conv needs a mid feature of at least 4x4). The authors end the head in a
-sigmoid; here it is the family's convention ``OUTPUT_SIGMOID`` that the losses apply (``losses/adversarial.py``), so
-the logit stays available for D's health metrics.
+8x8 -> 3x3, so the linear layer takes 2304 = 3*3*256 features on SD 1.5's layout; at another latent
+size it takes what the conv leaves (the head adapts; the conv needs a mid feature of at least 4x4).
+The authors end the head in a sigmoid; here it is the family's convention ``OUTPUT_SIGMOID`` that
+the losses apply (``losses/adversarial.py``), so the logit stays available for D's health metrics.
 
-The encoder's parameters live under ``["unet"]`` with the full UNet's paths, so ``init_from_teacher`` copies
-``unet_sd.encoder_params(teacher_params)`` there and the discriminator starts from the teacher (spec section 2).
-Parameters are float32; ``dtype`` sets the compute dtype (bf16 in the recipe), ``remat`` rematerialises the UNet's
-resnets and attention modules in the backward pass (the R1-free D step still differentiates through them).
+The encoder's parameters live under ``["unet"]`` with the full UNet's paths, so
+``init_from_teacher`` copies ``unet_sd.encoder_params(teacher_params)`` there and the discriminator
+starts from the teacher (spec section 2). Parameters are float32; ``dtype`` sets the compute dtype
+(bf16 in the recipe), ``remat`` rematerialises the UNet's resnets and attention modules in the
+backward pass (the R1-free D step still differentiates through them).
 """
 
 from __future__ import annotations
@@ -54,9 +57,10 @@ class UNetDiscriminator(nn.Module):
         if min(h.shape[1:3]) < self.HEAD_KERNEL:
             factor = x.shape[1] // h.shape[1]
             raise ValueError(
-                f"the discriminator head's {self.HEAD_KERNEL}x{self.HEAD_KERNEL} conv needs a mid-block feature of "
-                f"at least {self.HEAD_KERNEL}x{self.HEAD_KERNEL}; latents of {x.shape[1]}x{x.shape[2]} give "
-                f"{h.shape[1]}x{h.shape[2]} (the UNet downsamples {factor}x): use latents of at least "
+                f"the discriminator head's {self.HEAD_KERNEL}x{self.HEAD_KERNEL} conv needs a "
+                f"mid-block feature of at least {self.HEAD_KERNEL}x{self.HEAD_KERNEL}; latents of "
+                f"{x.shape[1]}x{x.shape[2]} give {h.shape[1]}x{h.shape[2]} (the UNet downsamples "
+                f"{factor}x): use latents of at least "
                 f"{self.HEAD_KERNEL * factor}x{self.HEAD_KERNEL * factor} (config.data.image_size)"
             )
         h = nn.Conv(
@@ -82,7 +86,8 @@ def init_from_teacher(
     latent_shape,
     cond_shape,
 ) -> dict:
-    """Discriminator parameters: a fresh head (``rng``) and the teacher UNet's encoder weights (copied)."""
+    """Discriminator parameters: a fresh head (``rng``) and the teacher UNet's encoder weights
+    (copied)."""
     x = jnp.zeros((1,) + tuple(latent_shape), jnp.float32)
     cond = jnp.zeros((1,) + tuple(cond_shape), jnp.float32)
     params = dict(disc.init(rng, x, jnp.zeros((1,), jnp.float32), cond)["params"])

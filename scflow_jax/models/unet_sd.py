@@ -1,20 +1,23 @@
-"""Stable Diffusion's UNet (diffusers ``UNet2DConditionModel``) in Flax Linen (its converter and exporter:
+"""Stable Diffusion's UNet (diffusers ``UNet2DConditionModel``) in Flax Linen: its configuration and
+the top-level network (its building blocks: ``unet_sd_blocks.py``; its converter and exporter:
 ``unet_sd_weights.py``).
 
-The default configuration is SD 1.5's (~860M parameters); tiny configurations build for tests. ``UNetSDConfig``'s
-fields are the keys of diffusers' ``unet/config.json`` and mean what they mean there, including the historical
-misnomer that ``attention_head_dim`` is the *number of heads* per block (diffusers derives the head width as
-``channels // attention_head_dim``; SD 1.5 has 8 heads of width 40, 80, 160, 160).
+The default configuration is SD 1.5's (~860M parameters); tiny configurations build for tests.
+``UNetSDConfig``'s fields are the keys of diffusers' ``unet/config.json`` and mean what they mean
+there, including the historical misnomer that ``attention_head_dim`` is the *number of heads* per
+block (diffusers derives the head width as ``channels // attention_head_dim``; SD 1.5 has 8 heads of
+width 40, 80, 160, 160).
 
-Layout: activations are NHWC (``sample`` is ``[B, H, W, C]``), text states ``[B, L, cross_attention_dim]``,
-timesteps a scalar or ``[B]`` in diffusers' scale (0..1000). Parameters are float32; ``dtype`` sets the compute
-dtype (GroupNorm/LayerNorm statistics and the attention softmax stay in float32); outputs are float32.
+Layout: activations are NHWC (``sample`` is ``[B, H, W, C]``), text states
+``[B, L, cross_attention_dim]``, timesteps a scalar or ``[B]`` in diffusers' scale (0..1000).
+Parameters are float32; ``dtype`` sets the compute dtype (GroupNorm/LayerNorm statistics and the
+attention softmax stay in float32); outputs are float32.
 
-The parameter tree mirrors diffusers' module names, so a checkpoint key is the Flax path joined by ``.`` with
-``ModuleList`` indices split off (``weights.hf_style_key``)::
+The parameter tree mirrors diffusers' module names, so a checkpoint key is the Flax path joined by
+``.`` with ``ModuleList`` indices split off (``weights.hf_style_key``)::
 
-    conv_in/kernel                                        <- conv_in.weight (OIHW -> HWIO)
-    time_embedding/linear_{1,2}/{kernel,bias}             <- time_embedding.linear_{1,2}.{weight.T,bias}
+    conv_in/kernel                             <- conv_in.weight (OIHW -> HWIO)
+    time_embedding/linear_{1,2}/{kernel,bias}  <- time_embedding.linear_{1,2}.{weight.T,bias}
     down_blocks_0/resnets_1/{norm1,conv1,time_emb_proj,norm2,conv2,conv_shortcut}/...
     down_blocks_0/attentions_0/{norm,proj_in,proj_out}/...
     down_blocks_0/attentions_0/transformer_blocks_0/{norm1,norm2,norm3}/{scale,bias}
@@ -25,27 +28,33 @@ The parameter tree mirrors diffusers' module names, so a checkpoint key is the F
     up_blocks_1/{resnets_2,attentions_2,upsamplers_0/conv}/...
     conv_norm_out/{scale,bias}, conv_out/{kernel,bias}
 
-(``proj_in``/``proj_out`` are 1x1 convs, or Linears when ``use_linear_projection``; both map by the same name.)
-diffusers has no legacy attention names for this model: its ``query/key/value/proj_attn`` renaming only
-concerns the plain ``Attn*Block2D``/``UNetMidBlock2D`` blocks, which SD UNets do not use.
+(``proj_in``/``proj_out`` are 1x1 convs, or Linears when ``use_linear_projection``; both map by the
+same name.) diffusers has no legacy attention names for this model: its
+``query/key/value/proj_attn`` renaming only concerns the plain ``Attn*Block2D``/``UNetMidBlock2D``
+blocks, which SD UNets do not use.
 
-The encoder half (``conv_in``, ``time_proj``/``time_embedding``, ``down_blocks_*``, ``mid_block``) is
-``UNet2DConditionModel.encode``; see its docstring and ``encoder_params`` for how the text-to-image
-discriminator reuses the teacher's weights.
+The encoder half (``conv_in``, ``time_proj``/``time_embedding``, ``down_blocks_*``, ``mid_block``)
+is ``UNet2DConditionModel.encode``; see its docstring and ``encoder_params`` for how the
+text-to-image discriminator reuses the teacher's weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from scflow_jax.models import attention
 from scflow_jax.models.timestep import sinusoidal_embedding
+from scflow_jax.models.unet_sd_blocks import (
+    ACTIVATIONS,
+    DownBlock,
+    MidBlock,
+    TimestepEmbedding,
+    UpBlock,
+)
 
 __all__ = [
     "UNetSDConfig",
@@ -64,19 +73,12 @@ DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn",)
 
-ACTIVATIONS: Dict[str, Callable[[jax.Array], jax.Array]] = {
-    "silu": nn.silu,
-    "swish": nn.silu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # torch.nn.GELU() is the exact erf form
-    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
-    "relu": nn.relu,
-}
-
-# config.json keys of UNet2DConditionModel that select features this port does not implement, with the values that
-# mean "feature off". A config that sets any of them to something else is refused by name rather than converted
-# into a different network.
+# config.json keys of UNet2DConditionModel that select features this port does not implement, with
+# the values that mean "feature off". A config that sets any of them to something else is refused by
+# name rather than converted into a different network.
 _FEATURES_OFF: Dict[str, Any] = {
-    "num_attention_heads": None,  # diffusers itself refuses it (attention_head_dim carries the head count)
+    # diffusers itself refuses num_attention_heads (attention_head_dim carries the head count).
+    "num_attention_heads": None,
     "only_cross_attention": False,
     "mid_block_only_cross_attention": None,
     "dual_cross_attention": False,
@@ -112,11 +114,12 @@ def _feature_is_off(name: str, value: Any) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class UNetSDConfig:
-    """Hyperparameters of ``UNet2DConditionModel``, named as in diffusers' ``config.json``; defaults are SD 1.5's.
+    """Hyperparameters of ``UNet2DConditionModel``, named as in diffusers' ``config.json``; defaults
+    are SD 1.5's.
 
     Per-block fields (``layers_per_block``, ``attention_head_dim``, ``cross_attention_dim``,
-    ``transformer_layers_per_block``) take an int for every block or one value per down block; the up path uses
-    them reversed, the mid block uses the last.
+    ``transformer_layers_per_block``) take an int for every block or one value per down block; the
+    up path uses them reversed, the mid block uses the last.
     """
 
     sample_size: Optional[int] = 64
@@ -157,7 +160,8 @@ class UNetSDConfig:
     conv_out_kernel: int = 3
 
     def __post_init__(self):
-        # Lists from JSON become tuples so the config stays hashable (it is a static module attribute).
+        # Lists from JSON become tuples so the config stays hashable (it is a static module
+        # attribute).
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if isinstance(v, list):
@@ -243,9 +247,9 @@ class UNetSDConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "UNetSDConfig":
-        """From a diffusers ``config.json`` dict: unknown keys (``_class_name``, ``_diffusers_version``,
-        ``sample_size``...) are ignored, keys of features this port lacks must have their "off" value, otherwise
-        a ``ValueError`` names the key."""
+        """From a diffusers ``config.json`` dict: unknown keys (``_class_name``,
+        ``_diffusers_version``, ``sample_size``...) are ignored, keys of features this port lacks
+        must have their "off" value, otherwise a ``ValueError`` names the key."""
         for name in _FEATURES_OFF:
             if name in d and not _feature_is_off(name, d[name]):
                 raise ValueError(
@@ -262,7 +266,8 @@ class UNetSDConfig:
         return cls(**kwargs)
 
     def to_dict(self) -> Dict[str, Any]:
-        """A diffusers ``config.json`` dict (``UNet2DConditionModel.from_config`` builds the same network)."""
+        """A diffusers ``config.json`` dict (``UNet2DConditionModel.from_config`` builds the same
+        network)."""
         out: Dict[str, Any] = {"_class_name": "UNet2DConditionModel"}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
@@ -270,278 +275,15 @@ class UNetSDConfig:
         return out
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Building blocks (names of submodules = diffusers attribute names)
-
-
-class TimestepEmbedding(nn.Module):
-    time_embed_dim: int
-    act_fn: str
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, t_emb):
-        h = nn.Dense(self.time_embed_dim, dtype=self.dtype, name="linear_1")(t_emb)
-        return nn.Dense(self.time_embed_dim, dtype=self.dtype, name="linear_2")(
-            ACTIVATIONS[self.act_fn](h)
-        )
-
-
-class ResnetBlock2D(nn.Module):
-    out_channels: int
-    groups: int
-    eps: float
-    act_fn: str
-    output_scale_factor: float = 1.0
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, temb):
-        act = ACTIVATIONS[self.act_fn]
-        h = act(nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name="norm1")(x))
-        h = nn.Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv1")(h)
-        h = (
-            h
-            + nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(act(temb))[
-                :, None, None, :
-            ]
-        )
-        h = act(nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name="norm2")(h))
-        h = nn.Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv2")(h)
-        if x.shape[-1] != self.out_channels:
-            x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="conv_shortcut")(x)
-        out = x + h
-        return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
-
-
-class Attention(nn.Module):
-    """Multi-head attention with diffusers' names (``to_q``, ``to_k``, ``to_v`` without bias, ``to_out.0``)."""
-
-    heads: int
-    head_dim: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, context=None):
-        context = x if context is None else context
-        inner = self.heads * self.head_dim
-        split = lambda a: a.reshape(a.shape[:-1] + (self.heads, self.head_dim))  # noqa: E731
-        q = split(nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_q")(x))
-        k = split(nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_k")(context))
-        v = split(nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_v")(context))
-        o = attention.dot_product_attention(
-            q, k, v
-        )  # cuDNN's fused kernel on NVIDIA GPUs where it can
-        o = o.reshape(o.shape[:-2] + (inner,))
-        return nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(o)
-
-
-class GEGLU(nn.Module):
-    inner_dim: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        h, gate = jnp.split(
-            nn.Dense(2 * self.inner_dim, dtype=self.dtype, name="proj")(x), 2, axis=-1
-        )
-        return h * jax.nn.gelu(gate, approximate=False)
-
-
-class FeedForward(nn.Module):
-    mult: int = 4
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        h = GEGLU(self.mult * x.shape[-1], dtype=self.dtype, name="net_0")(x)
-        return nn.Dense(x.shape[-1], dtype=self.dtype, name="net_2")(h)  # net.1 is dropout
-
-
-class BasicTransformerBlock(nn.Module):
-    heads: int
-    head_dim: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, context):
-        norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)  # noqa: E731
-        x = x + Attention(self.heads, self.head_dim, dtype=self.dtype, name="attn1")(
-            norm("norm1")(x)
-        )
-        x = x + Attention(self.heads, self.head_dim, dtype=self.dtype, name="attn2")(
-            norm("norm2")(x), context
-        )
-        return x + FeedForward(dtype=self.dtype, name="ff")(norm("norm3")(x))
-
-
-class Transformer2DModel(nn.Module):
-    """GroupNorm, ``proj_in``, transformer blocks over the H*W tokens, ``proj_out``, residual."""
-
-    heads: int
-    num_layers: int
-    groups: int
-    use_linear_projection: bool
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, context):
-        b, hh, ww, c = x.shape
-        # diffusers hard-codes eps=1e-6 for this GroupNorm.
-        h = nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm")(x)
-        # A 1x1 conv and a Linear are the same map on NHWC; only the checkpoint layout differs.
-        proj = (
-            (lambda name: nn.Dense(c, dtype=self.dtype, name=name))
-            if self.use_linear_projection
-            else (lambda name: nn.Conv(c, (1, 1), dtype=self.dtype, name=name))
-        )
-        h = proj("proj_in")(h).reshape(b, hh * ww, c)
-        for i in range(self.num_layers):
-            h = BasicTransformerBlock(
-                self.heads, c // self.heads, dtype=self.dtype, name=f"transformer_blocks_{i}"
-            )(h, context)
-        return x + proj("proj_out")(h.reshape(b, hh, ww, c))
-
-
-class Downsample2D(nn.Module):
-    out_channels: int
-    padding: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        if self.padding == 0:  # diffusers pads right/bottom by one in this case
-            x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return nn.Conv(
-            self.out_channels,
-            (3, 3),
-            strides=2,
-            padding=self.padding,
-            dtype=self.dtype,
-            name="conv",
-        )(x)
-
-
-class Upsample2D(nn.Module):
-    out_channels: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, size: Tuple[int, int]):
-        """Nearest-neighbour resize to ``size`` (2x unless the skip it meets is odd-sized), then a 3x3
-        conv."""
-        h, w = x.shape[1:3]
-        if size == (2 * h, 2 * w):
-            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        else:  # torch's "nearest": source index floor(dst * in / out)
-            rows = np.minimum(np.floor(np.arange(size[0]) * (h / size[0])).astype(np.int32), h - 1)
-            cols = np.minimum(np.floor(np.arange(size[1]) * (w / size[1])).astype(np.int32), w - 1)
-            x = x[:, rows][:, :, cols]
-        return nn.Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv")(x)
-
-
-class _BlockCommon(nn.Module):
-    """Fields shared by the down/mid/up blocks."""
-
-    config: UNetSDConfig
-    out_channels: int
-    num_layers: int
-    heads: int = 1
-    transformer_layers: int = 1
-    has_attention: bool = True
-    remat: bool = False
-    dtype: Dtype = jnp.float32
-
-    def resnet(self, name: str, output_scale_factor: float = 1.0) -> nn.Module:
-        cfg = self.config
-        cls = nn.remat(ResnetBlock2D) if self.remat else ResnetBlock2D
-        return cls(
-            self.out_channels,
-            cfg.norm_num_groups,
-            cfg.norm_eps,
-            cfg.act_fn,
-            output_scale_factor,
-            dtype=self.dtype,
-            name=name,
-        )
-
-    def attention(self, name: str) -> nn.Module:
-        cls = nn.remat(Transformer2DModel) if self.remat else Transformer2DModel
-        return cls(
-            self.heads,
-            self.transformer_layers,
-            self.config.norm_num_groups,
-            self.config.use_linear_projection,
-            dtype=self.dtype,
-            name=name,
-        )
-
-
-class DownBlock(_BlockCommon):
-    """``CrossAttnDownBlock2D`` (``has_attention``) or ``DownBlock2D``: returns the output and its skips."""
-
-    add_downsample: bool = True
-
-    @nn.compact
-    def __call__(self, x, temb, context):
-        skips = []
-        for j in range(self.num_layers):
-            x = self.resnet(f"resnets_{j}")(x, temb)
-            if self.has_attention:
-                x = self.attention(f"attentions_{j}")(x, context)
-            skips.append(x)
-        if self.add_downsample:
-            x = Downsample2D(
-                self.out_channels,
-                self.config.downsample_padding,
-                dtype=self.dtype,
-                name="downsamplers_0",
-            )(x)
-            skips.append(x)
-        return x, skips
-
-
-class MidBlock(_BlockCommon):
-    """``UNetMidBlock2DCrossAttn``: resnet, then (attention, resnet) ``num_layers`` times."""
-
-    @nn.compact
-    def __call__(self, x, temb, context):
-        scale = self.config.mid_block_scale_factor
-        x = self.resnet("resnets_0", scale)(x, temb)
-        for j in range(self.num_layers):
-            x = self.attention(f"attentions_{j}")(x, context)
-            x = self.resnet(f"resnets_{j + 1}", scale)(x, temb)
-        return x
-
-
-class UpBlock(_BlockCommon):
-    """``CrossAttnUpBlock2D`` (``has_attention``) or ``UpBlock2D``: consumes skips last-first."""
-
-    add_upsample: bool = True
-
-    @nn.compact
-    def __call__(self, x, skips, temb, context, upsample_size):
-        for j in range(self.num_layers):
-            x = jnp.concatenate([x, skips[-1 - j]], axis=-1)
-            x = self.resnet(f"resnets_{j}")(x, temb)
-            if self.has_attention:
-                x = self.attention(f"attentions_{j}")(x, context)
-        if self.add_upsample:
-            x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(
-                x, upsample_size
-            )
-        return x
-
-
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The UNet
 
 
 class UNet2DConditionModel(nn.Module):
     """diffusers' ``UNet2DConditionModel`` (see the module docstring for layouts and names).
 
-    ``remat`` rematerialises every resnet and every attention module (``Transformer2DModel``) in the backward pass,
-    as diffusers' gradient checkpointing does; the parameter tree is unchanged.
+    ``remat`` rematerialises every resnet and every attention module (``Transformer2DModel``) in the
+    backward pass, as diffusers' gradient checkpointing does; the parameter tree is unchanged.
     """
 
     config: UNetSDConfig = UNetSDConfig()
@@ -636,13 +378,15 @@ class UNet2DConditionModel(nn.Module):
         return x, skips, temb, context
 
     def encode(self, sample, timesteps, encoder_hidden_states):
-        """The encoder half: conv_in, time embedding, down blocks, mid block -> the mid-block feature
-        ``[B, H / 2**(n-1), W / 2**(n-1), block_out_channels[-1]]`` (8x8x1280 for SD 1.5 at 64x64), float32.
+        """The encoder half: conv_in, time embedding, down blocks, mid block -> the mid-block
+        feature ``[B, H / 2**(n-1), W / 2**(n-1), block_out_channels[-1]]`` (8x8x1280 for SD 1.5 at
+        64x64), float32.
 
-        Its parameters are the sub-tree ``encoder_params(full_params)`` (keys ``ENCODER_PARAM_GROUPS``: conv_in,
-        time_embedding, down_blocks_*, mid_block), with the same paths as in the full UNet; ``model.init(...,
-        method=UNet2DConditionModel.encode)`` creates exactly that sub-tree. A discriminator that holds this
-        module as a submodule ``unet`` and calls ``self.unet.encode(...)`` has its copy under ``["unet"]``.
+        Its parameters are the sub-tree ``encoder_params(full_params)`` (keys
+        ``ENCODER_PARAM_GROUPS``: conv_in, time_embedding, down_blocks_*, mid_block), with the same
+        paths as in the full UNet; ``model.init(..., method=UNet2DConditionModel.encode)`` creates
+        exactly that sub-tree. A discriminator that holds this module as a submodule ``unet`` and
+        calls ``self.unet.encode(...)`` has its copy under ``["unet"]``.
         """
         return self._down(sample, timesteps, encoder_hidden_states)[0].astype(jnp.float32)
 
@@ -651,7 +395,8 @@ class UNet2DConditionModel(nn.Module):
         x, skips, temb, context = self._down(sample, timesteps, encoder_hidden_states)
         for block in self.up_blocks:
             used, skips = skips[-block.num_layers :], skips[: -block.num_layers]
-            # Upsample to the size of the skip the next block meets (2x unless that level was odd-sized).
+            # Upsample to the size of the skip the next block meets (2x unless that level was
+            # odd-sized).
             size = tuple(skips[-1].shape[1:3]) if skips else None
             x = block(x, used, temb, context, size)
         x = ACTIVATIONS[self.config.act_fn](self.conv_norm_out(x))
@@ -662,7 +407,7 @@ ENCODER_PARAM_GROUPS = ("conv_in", "time_embedding", "down_blocks_", "mid_block"
 
 
 def encoder_params(unet_params: Mapping[str, Any]) -> Dict[str, Any]:
-    """The encoder half's sub-tree of full UNet parameters (what ``UNet2DConditionModel.encode`` uses)."""
+    """The sub-tree of full UNet parameters that ``UNet2DConditionModel.encode`` uses."""
     return {
         k: v
         for k, v in unet_params.items()
@@ -693,9 +438,9 @@ def init_unet_sd(config: UNetSDConfig, rng: jax.Array) -> Dict[str, Any]:
 
 
 def make_unet_apply(config: UNetSDConfig, *, dtype: Dtype = jnp.float32, remat: bool = False):
-    """``unet_apply(params, x, timestep, encoder_hidden_states) -> u`` (x NHWC, timestep in diffusers' 0..1000):
-    the form ``flows.wrap_diffusers_rectified_flow`` turns into a project velocity field
-    ``F(t, x, c) = -unet_apply(params, x, 1000 t, c)``."""
+    """``unet_apply(params, x, timestep, encoder_hidden_states) -> u`` (x NHWC, timestep in
+    diffusers' 0..1000): the form ``flows.wrap_diffusers_rectified_flow`` turns into a project
+    velocity field ``F(t, x, c) = -unet_apply(params, x, 1000 t, c)``."""
     model = UNet2DConditionModel(config, dtype=dtype, remat=remat)
 
     def unet_apply(params, x, timestep, encoder_hidden_states):

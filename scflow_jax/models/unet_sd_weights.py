@@ -1,5 +1,5 @@
-"""The SD 1.5 UNet's converter and exporter (``models/unet_sd.py``'s network): diffusers checkpoints to
-Flax parameters and back, through one name mapping (``unet_sd_key``) used in both directions."""
+"""The SD 1.5 UNet's converter and exporter (``models/unet_sd.py``'s network): diffusers checkpoints
+to Flax parameters and back, through one name mapping (``unet_sd_key``) used in both directions."""
 
 from __future__ import annotations
 
@@ -89,8 +89,9 @@ def _resolve(path: str, config) -> Tuple[UNetSDConfig, str]:
 
 
 class _FlaxStyleInit:
-    """A parameter of ``load_unet_sd(..., allow_partial=True)`` that the checkpoint lacks, materialised by
-    ``np.asarray`` only if it is used: Flax's default initialisation, seeded by the parameter's shape."""
+    """A parameter of ``load_unet_sd(..., allow_partial=True)`` that the checkpoint lacks,
+    materialised by ``np.asarray`` only if it is used: Flax's default initialisation, seeded by the
+    parameter's shape."""
 
     def __init__(self, leaf_name: str, spec):
         self.leaf_name, self.shape, self.dtype = leaf_name, tuple(spec.shape), spec.dtype
@@ -114,20 +115,23 @@ def load_unet_sd(
     config: Union[UNetSDConfig, Mapping[str, Any], str, None] = None,
     allow_partial: bool = False,
 ) -> Tuple[UNetSDConfig, Dict[str, Any]]:
-    """Converts a diffusers UNet2DConditionModel checkpoint to ``(config, params)`` (params: float32 NumPy tree).
+    """Converts a diffusers UNet2DConditionModel checkpoint to ``(config, params)`` (params: float32
+    NumPy tree).
 
-    ``path`` is a diffusers pipeline folder (its ``unet/`` is used), a UNet folder (``config.json`` plus
-    ``diffusion_pytorch_model[.fp16|.bf16].safetensors``, a sharded ``.safetensors.index.json`` or a ``.bin``), or
-    a single ``.safetensors`` file together with ``config``. Tensors are memory-mapped and converted one at a time,
-    so the peak is one float32 copy of the parameters plus the mapped file. fp16/bf16 checkpoints load into
-    float32. Missing, unexpected and shape-mismatched keys are reported by name (``weights.WeightsError``);
-    ``allow_partial=True`` initialises missing or mismatched ones in the manner of Flax's defaults (LeCun-scaled
-    normal kernels, zero biases, unit norm scales) and ignores unexpected ones. Nothing is downloaded.
+    ``path`` is a diffusers pipeline folder (its ``unet/`` is used), a UNet folder (``config.json``
+    plus ``diffusion_pytorch_model[.fp16|.bf16].safetensors``, a sharded ``.safetensors.index.json``
+    or a ``.bin``), or a single ``.safetensors`` file together with ``config``. Tensors are
+    memory-mapped and converted one at a time, so the peak is one float32 copy of the parameters
+    plus the mapped file. fp16/bf16 checkpoints load into float32. Missing, unexpected and
+    shape-mismatched keys are reported by name (``weights.WeightsError``); ``allow_partial=True``
+    initialises missing or mismatched ones in the manner of Flax's defaults (LeCun-scaled normal
+    kernels, zero biases, unit norm scales) and ignores unexpected ones. Nothing is downloaded.
     """
     config, weights_file = _resolve(path, config)
     source = _read_weights(weights_file)
     expected = unet_param_shapes(config)
-    # Fallback leaves are generated only for the keys that are missing, so allow_partial costs no extra copy.
+    # Fallback leaves are generated only for the keys that are missing, so allow_partial costs no
+    # extra copy.
     fallback = (
         weights.unflatten_params(
             {
@@ -152,9 +156,10 @@ def load_unet_sd(
 def export_unet_sd(
     config: UNetSDConfig, params: Mapping[str, Any], folder: str, *, dtype: Optional[Any] = None
 ) -> str:
-    """Writes a diffusers UNet folder (``config.json`` + ``diffusion_pytorch_model.safetensors``) that
-    ``diffusers.UNet2DConditionModel.from_pretrained(folder)`` loads; ``dtype`` (e.g. ``np.float16``) casts the
-    tensors, default: as stored (float32). The file is written atomically. Returns ``folder``."""
+    """Writes a diffusers UNet folder (``config.json`` + ``diffusion_pytorch_model.safetensors``)
+    that ``diffusers.UNet2DConditionModel.from_pretrained(folder)`` loads; ``dtype`` (e.g.
+    ``np.float16``) casts the tensors, default: as stored (float32). The file is written atomically.
+    Returns ``folder``."""
     expected = weights.flatten_params(unet_param_shapes(config))
     flat = weights.flatten_params(params)
     if set(flat) != set(expected):

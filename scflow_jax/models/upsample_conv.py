@@ -1,5 +1,6 @@
-"""2x nearest upsampling followed by a 3x3 convolution, as one layer (the ADM UNet's ``Upsample.conv``
-and up-ResBlocks' ``in_layers_2``, the VAE decoder's ``Upsample``), with ``nn.Conv``'s parameters."""
+"""2x nearest upsampling followed by a 3x3 convolution, as one layer (the ADM UNet's
+``Upsample.conv`` and up-ResBlocks' ``in_layers_2``, the VAE decoder's ``Upsample``), with
+``nn.Conv``'s parameters."""
 
 from __future__ import annotations
 

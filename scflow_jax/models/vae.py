@@ -1,20 +1,26 @@
-"""The Stable Diffusion autoencoder (diffusers ``AutoencoderKL``) in Flax Linen, with its weight converter.
+"""The Stable Diffusion autoencoder (diffusers ``AutoencoderKL``) in Flax Linen, with its weight
+converter.
 
-Images are NHWC in ``[-1, 1]``; latents are NHWC with ``latent_channels`` channels at 1/2^(levels-1) of the
-image size (1/8 for SD). The parameter tree mirrors diffusers' module tree, with ``ModuleList`` entries named
-``name_i``, so the converter is the mechanical renaming ``weights.hf_style_key``::
+Images are NHWC in ``[-1, 1]``; latents are NHWC with ``latent_channels`` channels at 1/2^(levels-1)
+of the image size (1/8 for SD). The parameter tree mirrors diffusers' module tree, with
+``ModuleList`` entries named ``name_i``, so the converter is the mechanical renaming
+``weights.hf_style_key``::
 
-    encoder/down_blocks_1/resnets_0/conv_shortcut/kernel    <- encoder.down_blocks.1.resnets.0.conv_shortcut.weight
-    encoder/mid_block/attentions_0/to_out_0/kernel          <- encoder.mid_block.attentions.0.to_out.0.weight
-    decoder/up_blocks_0/upsamplers_0/conv/kernel            <- decoder.up_blocks.0.upsamplers.0.conv.weight
+    encoder/down_blocks_1/resnets_0/conv_shortcut/kernel
+        <- encoder.down_blocks.1.resnets.0.conv_shortcut.weight
+    encoder/mid_block/attentions_0/to_out_0/kernel
+        <- encoder.mid_block.attentions.0.to_out.0.weight
+    decoder/up_blocks_0/upsamplers_0/conv/kernel
+        <- decoder.up_blocks.0.upsamplers.0.conv.weight
 
-The latent scaling (``(z - shift_factor) * scaling_factor``, diffusers' convention) happens in exactly one place:
-``VAE.images_to_latents`` and its inverse ``VAE.latents_to_images``. ``encode``/``decode`` work on unscaled
-latents, like diffusers' ``vae.encode``/``vae.decode``.
+The latent scaling (``(z - shift_factor) * scaling_factor``, diffusers' convention) happens in
+exactly one place: ``VAE.images_to_latents`` and its inverse ``VAE.latents_to_images``.
+``encode``/``decode`` work on unscaled latents, like diffusers' ``vae.encode``/``vae.decode``.
 
-Computation runs in ``dtype`` (bf16 for speed); parameters are float32; GroupNorm and the attention softmax run in
-float32. ``remat=True`` recomputes each ResNet block and the attention in the backward pass (the VAE is frozen
-in SCFlow, so this only matters if a user trains through the decoder).
+Computation runs in ``dtype`` (bf16 for speed); parameters are float32; GroupNorm and the attention
+softmax run in float32. ``remat=True`` recomputes each ResNet block and the attention in the
+backward pass (the VAE is frozen in SCFlow, so this only matters if a user trains through the
+decoder).
 """
 
 from __future__ import annotations
@@ -92,7 +98,8 @@ class VAEConfig:
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
             raise ValueError(
-                f"VAEConfig: channels {bad} are not divisible by norm_num_groups={self.norm_num_groups}"
+                f"VAEConfig: channels {bad} are not divisible by "
+                f"norm_num_groups={self.norm_num_groups}"
             )
 
     @property
@@ -101,8 +108,8 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "VAEConfig":
-        """From a diffusers ``config.json`` dict; unknown keys (``_class_name``, ``force_upcast``...) are ignored,
-        missing ones keep the defaults."""
+        """From a diffusers ``config.json`` dict; unknown keys (``_class_name``,
+        ``force_upcast``...) are ignored, missing ones keep the defaults."""
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in names and v is not None}
         for k in ("block_out_channels", "down_block_types", "up_block_types"):
@@ -114,7 +121,8 @@ class VAEConfig:
 
 
 class DiagonalGaussian(NamedTuple):
-    """The posterior q(z | x) of diffusers' ``DiagonalGaussianDistribution`` (logvar already clipped)."""
+    """The posterior q(z | x) of diffusers' ``DiagonalGaussianDistribution`` (logvar already
+    clipped)."""
 
     mean: jax.Array
     logvar: jax.Array
@@ -127,7 +135,7 @@ class DiagonalGaussian(NamedTuple):
         return self.mean + self.std * jax.random.normal(rng, self.mean.shape, self.mean.dtype)
 
 
-# --------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Modules
 
 
@@ -152,7 +160,8 @@ def _conv(
 
 
 def _group_norm(x: jax.Array, groups: int, name: str, dtype: Dtype) -> jax.Array:
-    # Float32 with the two-pass variance torch uses: the fast E[x^2]-E[x]^2 form cancels when |mean| >> std.
+    # Float32 with the two-pass variance torch uses: the fast E[x^2]-E[x]^2 form cancels when
+    # |mean| >> std.
     norm = nn.GroupNorm(
         num_groups=groups, epsilon=1e-6, dtype=jnp.float32, use_fast_variance=False, name=name
     )
@@ -160,8 +169,8 @@ def _group_norm(x: jax.Array, groups: int, name: str, dtype: Dtype) -> jax.Array
 
 
 class ResnetBlock(nn.Module):
-    """diffusers ``ResnetBlock2D`` without a time embedding: norm1-act-conv1-norm2-act-conv2 plus a 1x1
-    ``conv_shortcut`` when the channel count changes."""
+    """diffusers ``ResnetBlock2D`` without a time embedding: norm1-act-conv1-norm2-act-conv2 plus a
+    1x1 ``conv_shortcut`` when the channel count changes."""
 
     out_channels: int
     config: VAEConfig
@@ -181,8 +190,8 @@ class ResnetBlock(nn.Module):
 
 
 class SpatialSelfAttention(nn.Module):
-    """diffusers ``Attention`` as the VAE mid block uses it: GroupNorm, one head of width C over the H*W
-    positions, ``to_out.0`` projection, residual."""
+    """diffusers ``Attention`` as the VAE mid block uses it: GroupNorm, one head of width C over the
+    H*W positions, ``to_out.0`` projection, residual."""
 
     config: VAEConfig
     dtype: Dtype = jnp.float32
@@ -202,7 +211,8 @@ class SpatialSelfAttention(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Stride-2 3x3 conv after padding one pixel on the bottom/right only (diffusers' ``padding=0`` variant)."""
+    """Stride-2 3x3 conv after padding one pixel on the bottom/right only (diffusers' ``padding=0``
+    variant)."""
 
     dtype: Dtype = jnp.float32
 
@@ -282,7 +292,8 @@ class UpDecoderBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Image [B, H, W, in_channels] -> moments [B, H/f, W/f, 2 * latent_channels] (before ``quant_conv``)."""
+    """Image [B, H, W, in_channels] -> moments [B, H/f, W/f, 2 * latent_channels] (before
+    ``quant_conv``)."""
 
     config: VAEConfig
     dtype: Dtype = jnp.float32
@@ -305,7 +316,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latents [B, h, w, latent_channels] (after ``post_quant_conv``) -> image [B, h*f, w*f, out_channels]."""
+    """Latents [B, h, w, latent_channels] (after ``post_quant_conv``) ->
+    image [B, h*f, w*f, out_channels]."""
 
     config: VAEConfig
     dtype: Dtype = jnp.float32
@@ -326,7 +338,8 @@ class Decoder(nn.Module):
 
 
 class AutoencoderKL(nn.Module):
-    """diffusers ``AutoencoderKL``: ``encode`` -> ``DiagonalGaussian`` (unscaled latents), ``decode`` -> image."""
+    """diffusers ``AutoencoderKL``: ``encode`` -> ``DiagonalGaussian`` (unscaled latents),
+    ``decode`` -> image."""
 
     config: VAEConfig
     dtype: Dtype = jnp.float32
@@ -359,7 +372,7 @@ class AutoencoderKL(nn.Module):
         return self.decode(self.encode(images).mean)
 
 
-# --------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The user-facing handle: config + jitted functions of (params, arrays)
 
 
@@ -372,11 +385,12 @@ def _check_nhwc(x: jax.Array, channels: int, what: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class VAE:
-    """A configured autoencoder. Every method takes the parameter tree (``{"params": ...}`` or bare) explicitly
-    and is jitted once per (config, dtype, input shape).
+    """A configured autoencoder. Every method takes the parameter tree (``{"params": ...}`` or bare)
+    explicitly and is jitted once per (config, dtype, input shape).
 
     Images are NHWC float in ``[-1, 1]``. Latents passed to/returned by ``images_to_latents`` /
-    ``latents_to_images`` are *scaled* (what the diffusion model sees); ``encode``/``decode`` use unscaled ones.
+    ``latents_to_images`` are *scaled* (what the diffusion model sees); ``encode``/``decode`` use
+    unscaled ones.
     """
 
     config: VAEConfig = VAEConfig()
@@ -402,13 +416,15 @@ class VAE:
 
     @functools.partial(jax.jit, static_argnums=0)
     def encode(self, params, images: jax.Array) -> DiagonalGaussian:
-        """Images [B, H, W, C] in [-1, 1] -> posterior ``(mean, logvar)`` of the unscaled latents (float32)."""
+        """Images [B, H, W, C] in [-1, 1] -> posterior ``(mean, logvar)`` of the unscaled latents
+        (float32)."""
         _check_nhwc(images, self.config.in_channels, "images")
         return self.module.apply(_variables(params), images, method=AutoencoderKL.encode)
 
     @functools.partial(jax.jit, static_argnums=0)
     def decode(self, params, latents: jax.Array) -> jax.Array:
-        """Unscaled latents [B, h, w, latent_channels] -> images [B, h*f, w*f, C], float32, not clipped."""
+        """Unscaled latents [B, h, w, latent_channels] -> images [B, h*f, w*f, C], float32, not
+        clipped."""
         _check_nhwc(latents, self.config.latent_channels, "latents")
         return self.module.apply(_variables(params), latents, method=AutoencoderKL.decode)
 
@@ -424,8 +440,8 @@ class VAE:
     def images_to_latents(
         self, params, images: jax.Array, rng: Optional[jax.Array] = None
     ) -> jax.Array:
-        """Images in [-1, 1] -> scaled latents: a posterior sample if ``rng`` is given (SCFlow's CelebA-HQ recipe),
-        else the posterior mean."""
+        """Images in [-1, 1] -> scaled latents: a posterior sample if ``rng`` is given (SCFlow's
+        CelebA-HQ recipe), else the posterior mean."""
         posterior = self.encode(params, images)
         z = posterior.mean if rng is None else posterior.sample(rng)
         return self.scale_latents(z)
@@ -441,7 +457,7 @@ def _variables(params) -> Dict[str, Any]:
     return params if "params" in params else {"params": params}
 
 
-# --------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Converter
 
 _LIST_MODULES = (
@@ -471,9 +487,9 @@ def vae_state_dict_key(path: Tuple[str, ...]) -> str:
 
 
 def rename_legacy_attention_keys(state_dict: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    """Old diffusers VAE checkpoints name the attention projections ``query/key/value/proj_attn``; diffusers
-    renames them to ``to_q/to_k/to_v/to_out.0`` on load (``ModelMixin._fix_state_dict_keys_on_load``). Same here;
-    the arrays are not copied."""
+    """Old diffusers VAE checkpoints name the attention projections ``query/key/value/proj_attn``;
+    diffusers renames them to ``to_q/to_k/to_v/to_out.0`` on load
+    (``ModelMixin._fix_state_dict_keys_on_load``). Same here; the arrays are not copied."""
     out = {}
     for key, value in state_dict.items():
         m = _LEGACY_ATTENTION.match(key)
@@ -490,12 +506,13 @@ def _read_weights(path: str) -> Dict[str, np.ndarray]:
 def load_vae(
     path: str, *, allow_partial: bool = False, dtype: Dtype = jnp.float32, remat: bool = False
 ) -> Tuple[VAE, Dict[str, Any]]:
-    """Loads a diffusers ``AutoencoderKL`` from a local folder: a pipeline folder (uses ``vae/``) or a VAE folder
-    holding ``config.json`` and ``diffusion_pytorch_model[.fp16].safetensors`` (or ``.bin``).
+    """Loads a diffusers ``AutoencoderKL`` from a local folder: a pipeline folder (uses ``vae/``) or
+    a VAE folder holding ``config.json`` and ``diffusion_pytorch_model[.fp16].safetensors`` (or
+    ``.bin``).
 
-    Returns ``(vae, params)``: the configured ``VAE`` handle and the bare float32 parameter tree (NumPy arrays).
-    Any missing, unexpected or mis-shaped tensor raises ``WeightsError`` naming it, unless ``allow_partial``
-    (then missing leaves keep a seeded random init).
+    Returns ``(vae, params)``: the configured ``VAE`` handle and the bare float32 parameter tree
+    (NumPy arrays). Any missing, unexpected or mis-shaped tensor raises ``WeightsError`` naming it,
+    unless ``allow_partial`` (then missing leaves keep a seeded random init).
     """
     folder = (
         os.path.join(path, "vae")

@@ -1,18 +1,21 @@
-"""Reading foreign checkpoints and assembling Flax parameter trees from them: the one place every converter uses.
+"""Reading foreign checkpoints and assembling Flax parameter trees from them: the one place every
+converter uses.
 
-A converter (``unet_sd.py``, ``vae.py``, ``clip.py``, ``unet_adm.py``, ``evaluation/inception.py``) only states
-*names*: for each leaf of the Flax parameter tree, the key of the source tensor it comes from. Everything else is
-here and shared:
+A converter (``unet_sd.py``, ``vae.py``, ``clip.py``, ``unet_adm.py``, ``evaluation/inception.py``)
+only states *names*: for each leaf of the Flax parameter tree, the key of the source tensor it comes
+from. Everything else is here and shared:
 
-* ``read_safetensors``: a streaming reader. The file is memory-mapped and each tensor is a zero-copy view, so a
-  converter never holds two full copies of a model (the SD 1.5 UNet converts on a 24 GB machine). bf16 and fp16
-  are read through ``ml_dtypes``; a truncated or corrupted file is reported by name.
-* ``read_torch_state_dict``: ``torch.load(weights_only=True)`` (torch is imported here only, on demand), so a
-  ``.pth`` that pickles code is refused instead of executed.
-* ``assemble_params``: walks the expected tree (from ``jax.eval_shape`` of the module's ``init``), pulls each
-  tensor, applies the layout transform (PyTorch OIHW conv -> HWIO, Linear ``(out, in)`` -> ``(in, out)``), casts
-  to the expected dtype, and reports *all* missing, unexpected and shape-mismatched keys by name. A partial load is
-  refused unless the caller explicitly allows it.
+* ``read_safetensors``: a streaming reader. The file is memory-mapped and each tensor is a zero-copy
+  view, so a converter never holds two full copies of a model (the SD 1.5 UNet converts on a 24 GB
+  machine). bf16 and fp16 are read through ``ml_dtypes``; a truncated or corrupted file is reported
+  by name.
+* ``read_torch_state_dict``: ``torch.load(weights_only=True)`` (torch is imported here only, on
+  demand), so a ``.pth`` that pickles code is refused instead of executed.
+* ``assemble_params``: walks the expected tree (from ``jax.eval_shape`` of the module's ``init``),
+  pulls each tensor, applies the layout transform (PyTorch OIHW conv -> HWIO, Linear
+  ``(out, in)`` -> ``(in, out)``), casts to the expected dtype, and reports *all* missing,
+  unexpected and shape-mismatched keys by name. A partial load is refused unless the caller
+  explicitly allows it.
 """
 
 from __future__ import annotations
@@ -44,11 +47,13 @@ __all__ = [
 
 
 class WeightsError(ValueError):
-    """A weights file or folder that cannot be converted; the message names the file and the keys."""
+    """A weights file or folder that cannot be converted; the message names the file and the
+    keys."""
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# safetensors (read by hand: the format is an 8-byte little-endian header length, a JSON header, then raw bytes)
+# --------------------------------------------------------------------------------------------------
+# safetensors (read by hand: the format is an 8-byte little-endian header length, a JSON header,
+# then raw bytes)
 
 
 def _safetensors_dtypes() -> Dict[str, np.dtype]:
@@ -69,9 +74,11 @@ def _safetensors_dtypes() -> Dict[str, np.dtype]:
 
 
 def read_safetensors(path: str) -> Dict[str, np.ndarray]:
-    """Returns ``{key: array}`` of read-only, memory-mapped views into the file at ``path`` (no copy is made).
+    """Returns ``{key: array}`` of read-only, memory-mapped views into the file at ``path`` (no copy
+    is made).
 
-    Raises ``WeightsError`` naming the file if it is missing, truncated or its header is not valid safetensors.
+    Raises ``WeightsError`` naming the file if it is missing, truncated or its header is not valid
+    safetensors.
     """
     if not os.path.isfile(path):
         raise WeightsError(f"weights file not found: {path}")
@@ -110,8 +117,8 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if end - begin != nbytes or data_start + end > size or begin < 0:
             raise WeightsError(
-                f"{path} is truncated or corrupted: tensor {key!r} ({info['dtype']}{list(shape)}) needs bytes "
-                f"[{begin}, {end}) of a data section of {size - data_start} bytes"
+                f"{path} is truncated or corrupted: tensor {key!r} ({info['dtype']}{list(shape)}) "
+                f"needs bytes [{begin}, {end}) of a data section of {size - data_start} bytes"
             )
         out[key] = buf[data_start + begin : data_start + end].view(dtype).reshape(shape)
     return out
@@ -120,9 +127,10 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
 def write_safetensors(
     path: str, tensors: Mapping[str, np.ndarray], metadata: Optional[Mapping[str, str]] = None
 ):
-    """Writes ``tensors`` as a safetensors file, atomically (temp file + rename). Readable by the reference
-    ``safetensors`` library and hence by diffusers/transformers. Values may be views (transposes, memmaps): each
-    is made contiguous only while it is written, so no second copy of the whole model is held."""
+    """Writes ``tensors`` as a safetensors file, atomically (temp file + rename). Readable by the
+    reference ``safetensors`` library and hence by diffusers/transformers. Values may be views
+    (transposes, memmaps): each is made contiguous only while it is written, so no second copy of
+    the whole model is held."""
     names = {np.dtype(v): k for k, v in _safetensors_dtypes().items()}
     header: Dict[str, Any] = {}
     if metadata:
@@ -150,7 +158,7 @@ def write_safetensors(
     os.replace(tmp, path)
 
 
-# --------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # torch pickles
 
 
@@ -158,11 +166,13 @@ def read_torch_state_dict(
     path: str, *, subkey: Optional[str] = None, safe_globals: Sequence[Any] = ()
 ) -> Dict[str, np.ndarray]:
     """Reads a PyTorch ``.pth``/``.pt``/``.bin`` state dict as ``{key: float array}`` with
-    ``torch.load(weights_only=True)``; a pickle that contains code (a whole pickled model) is refused.
+    ``torch.load(weights_only=True)``; a pickle that contains code (a whole pickled model) is
+    refused.
 
     ``subkey`` selects a nested dict (e.g. ``"ema"`` or ``"model"`` in training checkpoints).
-    ``safe_globals``: plain-data classes the unpickler may also rebuild, for training checkpoints that store
-    them beside the weights (``argparse.Namespace`` of the run's flags); never classes with behaviour.
+    ``safe_globals``: plain-data classes the unpickler may also rebuild, for training checkpoints
+    that store them beside the weights (``argparse.Namespace`` of the run's flags); never classes
+    with behaviour.
     """
     if not os.path.isfile(path):
         raise WeightsError(f"weights file not found: {path}")
@@ -179,8 +189,8 @@ def read_torch_state_dict(
     except Exception as e:  # UnpicklingError for code, RuntimeError/EOFError for garbage
         raise WeightsError(
             f"{path} is not a plain PyTorch state dict (torch.load(weights_only=True) refused it: "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Save the model's state_dict() "
-            "rather than the pickled model object."
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            "Save the model's state_dict() rather than the pickled model object."
         ) from None
     if subkey is not None:
         if not isinstance(obj, Mapping) or subkey not in obj:
@@ -193,8 +203,8 @@ def read_torch_state_dict(
     for k, v in obj.items():
         if not isinstance(v, torch.Tensor):
             raise WeightsError(
-                f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor; pass subkey= to pick the nested "
-                f"state dict (top-level keys: {sorted(obj)[:10]})"
+                f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor; pass subkey= to pick "
+                f"the nested state dict (top-level keys: {sorted(obj)[:10]})"
             )
         if v.dtype == torch.bfloat16:
             v = v.float()
@@ -202,7 +212,7 @@ def read_torch_state_dict(
     return out
 
 
-# --------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Assembling a Flax tree
 
 Path = Tuple[str, ...]
@@ -235,8 +245,8 @@ def unflatten_params(flat: Mapping[Path, Any]) -> Dict[str, Any]:
 
 def torch_layout(leaf_name: str, array: np.ndarray) -> np.ndarray:
     """PyTorch layout -> Flax layout for one tensor, decided by the Flax leaf name and the rank:
-    ``kernel`` of rank 4 is a conv (OIHW -> HWIO), of rank 2 a Linear (``(out, in)`` -> ``(in, out)``);
-    everything else (biases, norm scales, embeddings) is taken as is."""
+    ``kernel`` of rank 4 is a conv (OIHW -> HWIO), of rank 2 a Linear (``(out, in)`` ->
+    ``(in, out)``); everything else (biases, norm scales, embeddings) is taken as is."""
     if leaf_name == "kernel":
         if array.ndim == 4:
             return np.transpose(array, (2, 3, 1, 0))
@@ -268,8 +278,9 @@ def state_dict_from_params(
         path[-1], a
     ),
 ) -> Dict[str, np.ndarray]:
-    """The inverse of ``assemble_params``: ``{key_for(path): transform(path, leaf)}`` for an exporter, with the
-    same ``key_for`` as the converter. Leaves stay views where possible (cast to ``dtype`` if given)."""
+    """The inverse of ``assemble_params``: ``{key_for(path): transform(path, leaf)}`` for an
+    exporter, with the same ``key_for`` as the converter. Leaves stay views where possible (cast to
+    ``dtype`` if given)."""
     out = {}
     for path, leaf in flatten_params(params).items():
         key = key_for(path)
@@ -287,9 +298,10 @@ _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 
 
 def hf_style_key(path: Path, list_modules: Iterable[str] = ()) -> str:
-    """The PyTorch key of a Flax leaf whose module tree mirrors the PyTorch one: components joined by ``.``,
-    ``kernel``/``scale``/``embedding`` -> ``weight``, and ``name_3`` -> ``name.3`` for the ``ModuleList``
-    names given in ``list_modules`` (``layers``, ``down_blocks``...). Other underscores are kept."""
+    """The PyTorch key of a Flax leaf whose module tree mirrors the PyTorch one: components joined
+    by ``.``, ``kernel``/``scale``/``embedding`` -> ``weight``, and ``name_3`` -> ``name.3`` for the
+    ``ModuleList`` names given in ``list_modules`` (``layers``, ``down_blocks``...). Other
+    underscores are kept."""
     list_modules = set(list_modules)
     parts = []
     for p in path[:-1]:
@@ -319,7 +331,8 @@ def assemble_params(
     allow_partial: bool = False,
     fallback: Any = None,
 ) -> Dict[str, Any]:
-    """Builds the parameter tree ``expected`` (a tree of arrays or ``jax.ShapeDtypeStruct``) from ``source``.
+    """Builds the parameter tree ``expected`` (a tree of arrays or ``jax.ShapeDtypeStruct``) from
+    ``source``.
 
     Args:
       expected: the tree to produce, typically ``jax.eval_shape(module.init, ...)["params"]``.
@@ -327,11 +340,11 @@ def assemble_params(
       key_for: Flax leaf path -> source key.
       what: a name for messages (``"SD UNet from /path/unet"``).
       transform: layout change applied before the shape check (default: ``torch_layout``).
-      ignore_unused: source keys for which this is true are not reported as unexpected (buffers such as
-        ``position_ids``, or ``num_batches_tracked``).
-      allow_partial: if true, missing/mismatched leaves are taken from ``fallback`` (a tree of arrays like
-        ``expected``) and unexpected keys are ignored; otherwise any problem raises ``WeightsError`` listing all
-        of them by name.
+      ignore_unused: source keys for which this is true are not reported as unexpected (buffers
+        such as ``position_ids``, or ``num_batches_tracked``).
+      allow_partial: if true, missing/mismatched leaves are taken from ``fallback`` (a tree of
+        arrays like ``expected``) and unexpected keys are ignored; otherwise any problem raises
+        ``WeightsError`` listing all of them by name.
     Returns:
       a nested dict of NumPy arrays in the expected dtypes.
     """
@@ -380,7 +393,8 @@ def assemble_params(
 
 
 def read_json(path: str, *, what: str) -> Dict[str, Any]:
-    """Reads a ``config.json``-style file; a missing or unparsable file is a ``WeightsError`` naming it."""
+    """Reads a ``config.json``-style file; a missing or unparsable file is a ``WeightsError`` naming
+    it."""
     if not os.path.isfile(path):
         raise WeightsError(f"{what}: {path} not found (is this a model folder?)")
     try:
@@ -394,7 +408,8 @@ def read_json(path: str, *, what: str) -> Dict[str, Any]:
 
 
 def find_file(folder: str, candidates: Sequence[str], *, what: str) -> str:
-    """The first of ``candidates`` (names relative to ``folder``) that exists, or a ``WeightsError`` listing them."""
+    """The first of ``candidates`` (names relative to ``folder``) that exists, or a ``WeightsError``
+    listing them."""
     if not os.path.isdir(folder):
         raise WeightsError(f"{what}: {folder} is not a folder")
     for name in candidates:
