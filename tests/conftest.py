@@ -58,3 +58,22 @@ def tiny_config():
     from scflow_jax.default_config import get_config
 
     return get_config("tiny")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny random diffusers VAE, CLIP text model and tokenizer, saved as the data-preparation
+    tests load them (test_data_prepare.py, test_prepare_tfds.py)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    import clip_testlib as lib
+    from vae_testlib import torch_vae
+
+    root = tmp_path_factory.mktemp("models")
+    torch_vae().save_pretrained(str(root / "vae"))
+    lib._seed(0)
+    lib.randomise(CLIPTextModel(CLIPTextConfig(**lib.TEXT))).save_pretrained(
+        str(root / "text_encoder")
+    )
+    lib.write_tokenizer(str(root / "tokenizer"))
+    return {k: str(root / k) for k in ("vae", "text_encoder", "tokenizer")}
