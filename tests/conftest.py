@@ -22,12 +22,13 @@ import pytest  # noqa: E402
 
 
 def _let_cuda_torchvision_import_beside_cpu_torch():
-    """PyPI's torchvision is built against CUDA torch; beside the CPU torch the Makefile installs, its compiled
-    extension does not load and ``import torchvision`` then fails in ``torchvision._meta_registrations``
-    ("operator torchvision::nms does not exist"): that module registers fake-tensor kernels for the detection
-    ops the extension would have defined. The tests use torchvision only for pytorch-fid's Inception (plain
-    ``torch.nn`` layers), so in that pairing the module is replaced by an empty one; everything else imported
-    from torchvision is its own code. Any other pairing is left alone."""
+    """PyPI's torchvision is built against CUDA torch; beside the CPU torch the Makefile installs,
+    its compiled extension does not load and ``import torchvision`` then fails in
+    ``torchvision._meta_registrations`` ("operator torchvision::nms does not exist"): that module
+    registers fake-tensor kernels for the detection ops the extension would have defined. The tests
+    use torchvision only for pytorch-fid's Inception (plain ``torch.nn`` layers), so in that pairing
+    the module is replaced by an empty one; everything else imported from torchvision is its own
+    code. Any other pairing is left alone."""
     import importlib.metadata
     import sys
     import types

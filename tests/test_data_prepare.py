@@ -48,7 +48,8 @@ def _write_folder(root, captions=True, corrupt=True):
 
 @pytest.fixture(scope="module")
 def latent_data(tmp_path_factory, models):
-    """6 items (one corrupt) in shards of 2, batch 8 on the 8 fake devices: every batch is ragged and padded."""
+    """6 items (one corrupt) in shards of 2, batch 8 on the 8 fake devices: every batch is ragged
+    and padded."""
     root = tmp_path_factory.mktemp("prep")
     images = _write_folder(root / "images", captions=False)
     output = str(root / "out")
@@ -93,7 +94,8 @@ def test_prepare_latents_records_and_metadata(latent_data, models):
     records = [ds[i] for i in range(5)]
     assert [r["key"] for r in records] == keys
     assert records[0]["mean"].shape == (8, 8, 4) and records[0]["mean"].dtype == np.float32
-    # Sharded, padded encoding == one unsharded encode of the same preprocessed images (fp32, max abs err 1e-5).
+    # Sharded, padded encoding == one unsharded encode of the same preprocessed images
+    # (fp32, max abs err 1e-5).
     mean, std = reference_posterior(models["vae"], [os.path.join(images, k) for k in keys])
     np.testing.assert_allclose(np.stack([r["mean"] for r in records]), mean, rtol=0, atol=1e-5)
     np.testing.assert_allclose(np.stack([r["std"] for r in records]), std, rtol=0, atol=1e-5)
@@ -175,7 +177,8 @@ def test_prepare_text_to_image_folder_parquet_tar(tmp_path, models):
         np.stack([r["mean"] for r in folder_records]), mean, rtol=0, atol=1e-5
     )
 
-    # Parquet: HF-style {bytes, path} image cells in two row groups, a null caption, a corrupt image.
+    # Parquet: HF-style {bytes, path} image cells in two row groups, a null caption, a corrupt
+    # image.
     rows = [(IMAGES[k], CAPTIONS[k]) for k in kept[:2]] + [
         (b"junk", "a cat"),
         (IMAGES["sub/d.png"], None),
@@ -248,8 +251,9 @@ def test_prepare_text_to_image_folder_parquet_tar(tmp_path, models):
 
 
 def test_lmdb_source_with_a_stand_in_module(tmp_path, models, monkeypatch):
-    """The `lmdb` package is not installed here: a stand-in with its API checks the key order (numeric) and the two
-    value formats of the CelebA-HQ LMDB (raw RGB of a square image, or encoded bytes)."""
+    """The `lmdb` package is not installed here: a stand-in with its API checks the key order
+    (numeric) and the two value formats of the CelebA-HQ LMDB (raw RGB of a square image, or encoded
+    bytes)."""
     import types
 
     raw = [
@@ -360,7 +364,8 @@ def test_clear_errors(tmp_path, models):
 
 
 def _expected_image(ds, seed, step, index, hflip):
-    """The contract, restated: scaling_factor * (mean + std * eps), eps and flip from rng(seed, step, index)."""
+    """The contract, restated: scaling_factor * (mean + std * eps), eps and flip from
+    rng(seed, step, index)."""
     rng = np.random.default_rng([seed, step, int(index)])
     flip = bool(rng.integers(2)) and hflip
     eps = rng.standard_normal((8, 8, 4), dtype=np.float32)

@@ -77,7 +77,8 @@ def test_tpu_scripts_name_a_shared_flag_given_without_value(name, flag):
 
 
 def _with_fake_gcloud(tmp_path):
-    """An environment whose ``gcloud`` only appends its arguments (one per line, then a blank line) to a file."""
+    """An environment whose ``gcloud`` only appends its arguments (one per line, then a blank line)
+    to a file."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "gcloud.log"
@@ -109,7 +110,8 @@ def test_tpu_inputs_syncs_the_bucket_folder_on_every_worker(tmp_path):
     call = log.read_text().split("\n")
     assert call[:5] == ["compute", "tpus", "tpu-vm", "ssh", "slice"] and "--worker=all" in call
     command = next(a for a in call if a.startswith("--command="))[len("--command=") :]
-    # The remote shell sees the folder names quoted (the space survives) and creates the target first.
+    # The remote shell sees the folder names quoted (the space survives) and creates the target
+    # first.
     assert (
         command
         == "mkdir -p /data/in && gcloud storage rsync --recursive gs://b/my\\ inputs /data/in"

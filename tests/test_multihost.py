@@ -206,14 +206,17 @@ def test_two_processes_match_one_process(tmp_path):
     # Exported students agree; checkpoints were written collectively; one TensorBoard file.
     abstract = lib.abstract_params(build_task(config))
     mesh = sharding.make_mesh(-1, 1)
-    load = lambda wd: lib.to_host(
-        checkpoint.load_params(  # noqa: E731
-            layout.student_params_path(wd),
-            abstract,
-            sharding.state_shardings(abstract, mesh),
-            what=wd,
+
+    def load(wd):
+        return lib.to_host(
+            checkpoint.load_params(
+                layout.student_params_path(wd),
+                abstract,
+                sharding.state_shardings(abstract, mesh),
+                what=wd,
+            )
         )
-    )
+
     # Parameters get 1e-4: Adam divides by sqrt(v), which amplifies the rounding differences
     # of near-zero gradients (the losses above agree to 1e-5).
     lib.assert_trees_close(

@@ -106,8 +106,8 @@ def _teacher_network(family: str):
 def test_bf16_teacher_storage_changes_no_teacher_output(tiny_config, family):
     model, args = _teacher_network(family)
     params = model.init(jax.random.PRNGKey(0), *args)["params"]
-    # Off-default values everywhere (norm scales away from 1, biases away from 0), so that any float32 use
-    # of a stored-bf16 leaf would show.
+    # Off-default values everywhere (norm scales away from 1, biases away from 0), so that any
+    # float32 use of a stored-bf16 leaf would show.
     noise = lambda a, i: a + 0.05 * jax.random.normal(jax.random.PRNGKey(i), a.shape)  # noqa: E731
     leaves, treedef = jax.tree.flatten(params)
     params = jax.tree.unflatten(treedef, [noise(a, i) for i, a in enumerate(leaves)])

@@ -1,11 +1,12 @@
-"""The latent recipes (configs/celebahq256.py, configs/t2i_sd15.py) end to end on CPU, through the real loaders.
+"""The latent recipes (configs/celebahq256.py, configs/t2i_sd15.py) end to end on CPU, through the
+real loaders.
 
-Each ``:tiny`` recipe gets tiny random weights written here in the real formats (ADM teacher: guided-diffusion-named
-``.safetensors``; SD teacher: a diffusers UNet folder via ``export_unet_sd``; VAE: a diffusers AutoencoderKL folder;
-CLIP: a transformers text-encoder folder and a BPE tokenizer), then distils a few steps, samples and exports.
-The dataset is prepared from random images by --mode=prepare_data (the tiny VAE, and CLIP for captions) and read by
-``LatentBatches``; evaluation runs ``real_eval.evaluate_recipe`` with a tiny feature extractor in place of
-Inception.
+Each ``:tiny`` recipe gets tiny random weights written here in the real formats (ADM teacher:
+guided-diffusion-named ``.safetensors``; SD teacher: a diffusers UNet folder via ``export_unet_sd``;
+VAE: a diffusers AutoencoderKL folder; CLIP: a transformers text-encoder folder and a BPE
+tokenizer), then distils a few steps, samples and exports. The dataset is prepared from random
+images by --mode=prepare_data (the tiny VAE, and CLIP for captions) and read by ``LatentBatches``;
+evaluation runs ``real_eval.evaluate_recipe`` with a tiny feature extractor in place of Inception.
 Parity tolerance (export -> diffusers): max abs error <= 1e-4 in float32.
 """
 
@@ -37,8 +38,8 @@ TOL = 1e-4  # max abs error, float32 (export parity)
 TINY_VAE = VAEConfig(
     block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, sample_size=64
 )
-# One cross-attention level plus the cross-attention mid block: the smallest graph of the family (compile time
-# dominates these tests).
+# One cross-attention level plus the cross-attention mid block: the smallest graph of the family
+# (compile time dominates these tests).
 TINY_UNET = unet_sd.UNetSDConfig(
     sample_size=8,
     block_out_channels=(16,),
@@ -61,9 +62,10 @@ def load_config(name: str, variant: str = "tiny"):
 
 
 def random_params(abstract, seed: int):
-    """Random float32 parameters for a tree of shapes, in NumPy (compiling a tiny model's init costs tens of
-    seconds on a loaded CPU): fan-in-scaled normal kernels, norm scales near 1, small non-zero biases and
-    embeddings. Nothing is zero, so zero-initialised output layers do not make the tests trivial."""
+    """Random float32 parameters for a tree of shapes, in NumPy (compiling a tiny model's init costs
+    tens of seconds on a loaded CPU): fan-in-scaled normal kernels, norm scales near 1, small
+    non-zero biases and embeddings. Nothing is zero, so zero-initialised output layers do not make
+    the tests trivial."""
     rng = np.random.default_rng(seed)
 
     def leaf(path, spec):
@@ -146,8 +148,8 @@ CAPTIONS = ["a cat", "the dog", "a dog", "the cat"]
 
 
 def prepare_data(config, tmp_path, n: int = 8) -> str:
-    """--mode=prepare_data on ``n`` random 64 px images (+ captions for text-to-image) with the recipe's VAE (and
-    text encoder): the prepared folder ``LatentBatches`` reads in distillation."""
+    """--mode=prepare_data on ``n`` random 64 px images (+ captions for text-to-image) with the
+    recipe's VAE (and text encoder): the prepared folder ``LatentBatches`` reads in distillation."""
     images = tmp_path / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
@@ -167,8 +169,8 @@ FEATURE_DIM = 6
 
 
 def evaluate_tiny(config, task, workdir, tmp_path):
-    """--mode=evaluate's library call on the distilled student, with a tiny random feature extractor standing in
-    for Inception (real_eval's own tests cover the Inception path): returns the rows."""
+    """--mode=evaluate's library call on the distilled student, with a tiny random feature extractor
+    standing in for Inception (real_eval's own tests cover the Inception path): returns the rows."""
     rng = np.random.default_rng(4)
     reference = str(tmp_path / "reference.npz")
     frechet.save_statistics(
@@ -208,7 +210,7 @@ def _png(path) -> np.ndarray:
     return np.asarray(Image.open(path))
 
 
-# --------------------------------------------------------------------------------------------------------- configs
+# ------------------------------------------------------------------------------------------ configs
 @pytest.mark.parametrize("name", ["celebahq256", "t2i_sd15"])
 def test_configs_carry_the_published_settings(name):
     c = load_config(name, None)
@@ -289,8 +291,8 @@ def test_missing_paths_and_bad_resolution_name_the_field(tmp_path):
 
 
 def test_decoder_runs_in_the_configured_decode_dtype(tmp_path):
-    """config.precision.decode_dtype sets the VAE decoder's compute dtype; images stay float32 in [-1, 1] and
-    a bfloat16 decode stays close to the float32 one."""
+    """config.precision.decode_dtype sets the VAE decoder's compute dtype; images stay float32 in
+    [-1, 1] and a bfloat16 decode stays close to the float32 one."""
     config = load_config("celebahq256")
     config.model.vae_path = write_vae(str(tmp_path / "vae"))
     latents = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, TINY_VAE.latent_channels))
@@ -317,7 +319,7 @@ def test_prompts_file_with_empty_lines_names_them(tmp_path):
     assert sample.read_prompts(["a dog"], str(path)) == ["a dog", "a cat", "the dog"]
 
 
-# --------------------------------------------------------------------------------------------------------- celeba
+# ------------------------------------------------------------------------------------------- celeba
 @pytest.mark.slow
 def test_celebahq256_tiny_distill_sample_export(tmp_path):
     config = celeba_config(tmp_path)
@@ -357,8 +359,10 @@ def test_celebahq256_tiny_distill_sample_export(tmp_path):
 
 
 def test_the_recipe_student_is_loaded_whole_on_an_fsdp_mesh(tmp_path, monkeypatch):
-    """--mode=sample and --mode=evaluate hold the exported student whole (sharding.sampler_shardings)."""
-    # FSDP's default rules leave the tiny network whole; split even its kernels, as they split the real ones.
+    """--mode=sample and --mode=evaluate hold the exported student whole
+    (sharding.sampler_shardings)."""
+    # FSDP's default rules leave the tiny network whole; split even its kernels, as they split the
+    # real ones.
     monkeypatch.setattr(
         sharding, "ShardingRules", functools.partial(sharding.ShardingRules, fsdp_min_size=1)
     )
@@ -422,7 +426,7 @@ def test_latent_task_serves_any_process_rows(tmp_path, monkeypatch):
     assert task.batches(8, seed=0, process_rows=rows).process_rows is rows
 
 
-# --------------------------------------------------------------------------------------------------------- t2i
+# ---------------------------------------------------------------------------------------------- t2i
 @pytest.fixture(scope="module")
 def t2i_assets(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("t2i")
@@ -508,7 +512,8 @@ def test_t2i_discriminator_starts_from_the_teacher_encoder(t2i_assets):
     assert logits.shape == (3,) and logits.dtype == jnp.float32
     assert len(set(np.asarray(logits).round(6))) == 3  # depends on each sample
     assert float(jnp.abs(disc_fn(params, x, cond, t[::-1]) - logits).max()) > 0  # and on its time
-    # The recipe's bf16 compute with per-block remat (configs/t2i_sd15.py): same parameter tree, close logits.
+    # The recipe's bf16 compute with per-block remat (configs/t2i_sd15.py): same parameter tree,
+    # close logits.
     full = load_config("t2i_sd15", None)
     configured = precision.configure_task(task, full)
     for module in (configured.model, configured.discriminator):

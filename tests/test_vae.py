@@ -99,7 +99,10 @@ def test_bf16_and_remat_keep_the_tree():
     np.testing.assert_allclose(
         np.asarray(remat.decode(params, remat.encode(params, x).mean)), np.asarray(ref), atol=1e-5
     )
-    loss = lambda p: jnp.mean(remat.decode(p, jnp.ones((1, 8, 8, 4))) ** 2)
+
+    def loss(p):
+        return jnp.mean(remat.decode(p, jnp.ones((1, 8, 8, 4))) ** 2)
+
     grads = jax.grad(loss)(params)
     assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
     bf16 = VAE(cfg, dtype=jnp.bfloat16)
@@ -209,7 +212,8 @@ def test_bad_folders(tmp_path):
     _, loaded = load_vae(str(folder))  # round trip of our own export
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
         np.testing.assert_array_equal(np.asarray(a), b)
-    # Config/weights mismatch: two resnets per level expected, one present -> the missing keys are named.
+    # Config/weights mismatch: two resnets per level expected, one present -> the missing keys are
+    # named.
     (folder / "config.json").write_text(json.dumps({**config, "layers_per_block": 2}))
     with pytest.raises(
         weights.WeightsError, match=r"missing key\(s\): decoder\.up_blocks\.0\.resnets\.2"
