@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import test_recipes
+import recipes_testlib
 from scflow_jax import distill, flows
 from scflow_jax.default_config import get_config
 from scflow_jax.losses import adversarial, scflow
@@ -107,10 +107,10 @@ def test_embedded_default_latent_d_takes_raw_logits():
 
 @pytest.mark.parametrize("recipe,expected", [("celebahq256", "logit"), ("t2i_sd15", "sigmoid")])
 def test_recipe_d_losses_follow_the_family(tmp_path, recipe, expected):
-    shipped = test_recipes.load_config(recipe, None)
+    shipped = recipes_testlib.load_config(recipe, None)
     assert shipped.scflow.sigmoid_head is None
     config = getattr(
-        test_recipes, {"celebahq256": "celeba_config", "t2i_sd15": "t2i_config"}[recipe]
+        recipes_testlib, {"celebahq256": "celeba_config", "t2i_sd15": "t2i_config"}[recipe]
     )(tmp_path)
     with config.unlocked():
         config.scflow = shipped.scflow  # the shipped recipe's SCFlow settings on tiny networks
