@@ -1,6 +1,6 @@
-"""Tiny CLIP models and a tiny CLIP tokenizer folder for test_clip_models.py and test_clip_score.py (not a test
-module). Everything is built locally: random transformers models saved with save_pretrained, and a BPE vocabulary
-written by hand."""
+"""Tiny CLIP models and a tiny CLIP tokenizer folder for test_clip_models.py and test_clip_score.py
+(not a test module). Everything is built locally: random transformers models saved with
+save_pretrained, and a BPE vocabulary written by hand."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import json
 import os
 import string
 
-# Tokenizer: single letters, letters ending a word, a few merges, then <|startoftext|> and <|endoftext|> last
-# (as in CLIP, where the end-of-text token is the last id).
+# Tokenizer: single letters, letters ending a word, a few merges, then <|startoftext|> and
+# <|endoftext|> last (as in CLIP, where the end-of-text token is the last id).
 LETTERS = list(string.ascii_lowercase)
 MERGES = [("t", "h"), ("th", "e</w>"), ("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>")]
 VOCAB = (
@@ -59,8 +59,8 @@ def _seed(seed: int) -> None:
 
 
 def randomise(model, seed: int = 0, scale: float = 0.1):
-    """Perturbs every parameter (HF zero-inits biases and unit-inits LayerNorms), so the name mapping of each
-    tensor is tested."""
+    """Perturbs every parameter (HF zero-inits biases and unit-inits LayerNorms), so the name
+    mapping of each tensor is tested."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)

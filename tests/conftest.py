@@ -22,12 +22,13 @@ import pytest  # noqa: E402
 
 
 def _let_cuda_torchvision_import_beside_cpu_torch():
-    """PyPI's torchvision is built against CUDA torch; beside the CPU torch the Makefile installs, its compiled
-    extension does not load and ``import torchvision`` then fails in ``torchvision._meta_registrations``
-    ("operator torchvision::nms does not exist"): that module registers fake-tensor kernels for the detection
-    ops the extension would have defined. The tests use torchvision only for pytorch-fid's Inception (plain
-    ``torch.nn`` layers), so in that pairing the module is replaced by an empty one; everything else imported
-    from torchvision is its own code. Any other pairing is left alone."""
+    """PyPI's torchvision is built against CUDA torch; beside the CPU torch the Makefile installs,
+    its compiled extension does not load and ``import torchvision`` then fails in
+    ``torchvision._meta_registrations`` ("operator torchvision::nms does not exist"): that module
+    registers fake-tensor kernels for the detection ops the extension would have defined. The tests
+    use torchvision only for pytorch-fid's Inception (plain ``torch.nn`` layers), so in that pairing
+    the module is replaced by an empty one; everything else imported from torchvision is its own
+    code. Any other pairing is left alone."""
     import importlib.metadata
     import sys
     import types
@@ -58,3 +59,22 @@ def tiny_config():
     from scflow_jax.default_config import get_config
 
     return get_config("tiny")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny random diffusers VAE, CLIP text model and tokenizer, saved as the data-preparation
+    tests load them (test_data_prepare.py, test_prepare_tfds.py)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    import clip_testlib as lib
+    from vae_testlib import torch_vae
+
+    root = tmp_path_factory.mktemp("models")
+    torch_vae().save_pretrained(str(root / "vae"))
+    lib._seed(0)
+    lib.randomise(CLIPTextModel(CLIPTextConfig(**lib.TEXT))).save_pretrained(
+        str(root / "text_encoder")
+    )
+    lib.write_tokenizer(str(root / "tokenizer"))
+    return {k: str(root / k) for k in ("vae", "text_encoder", "tokenizer")}

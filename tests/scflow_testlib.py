@@ -1,4 +1,4 @@
-"""Shared helpers for test_training.py and test_cli_and_errors.py (not a test module).
+"""Shared helpers of the training, CLI, sharding and multi-process tests (not a test module).
 
 Compile time dominates these tests on a small CPU machine, so every run here uses ONE
 test configuration (``make_config``): the tiny variant plus a few overrides, on a 1-device
@@ -182,6 +182,23 @@ def teacher_init(config):
         )
 
     return task, optimizer, root_key, init_fn
+
+
+def export_perturbed_teacher(path: str) -> None:
+    """Exports the tiny config's teacher parameters, perturbed so that the zero-initialised output
+    layers do not make every term trivial."""
+    from scflow_jax import checkpoint
+    from scflow_jax.default_config import get_config
+    from scflow_jax.tasks import build_task
+
+    task = build_task(get_config("tiny"))
+    params = task.init_params(jax.random.PRNGKey(5))
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(6), len(leaves))
+    params = jax.tree.unflatten(
+        tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    )
+    checkpoint.save_params(path, params)
 
 
 def run_teacher_steps(config, num_steps: int):

@@ -1,4 +1,5 @@
-"""benchmarks/ablations.py: the multi-seed summary's arithmetic, and one tiny run through the real stages."""
+"""benchmarks/ablations.py: the multi-seed summary's arithmetic, and one tiny run through the real
+stages."""
 
 import os
 import statistics

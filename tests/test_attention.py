@@ -1,8 +1,9 @@
-"""models/attention.py: the attention every platform runs, and which kernel GPU and TPU programs get.
+"""models/attention.py: the attention every platform runs, and which kernel GPU and
+TPU programs get.
 
 This machine has no GPU and no CUDA plugin, so cuDNN's kernel cannot be traced here: the dispatch is
-checked with a stand-in for it, in programs exported for CUDA, TPU and the CPU (jax.export lowers for
-a platform without its devices). --mode=plan with a GPU target compiles the real kernel."""
+checked with a stand-in for it, in programs exported for CUDA, TPU and the CPU (jax.export lowers
+for a platform without its devices). --mode=plan with a GPU target compiles the real kernel."""
 
 from __future__ import annotations
 
@@ -64,16 +65,16 @@ def test_query_chunks_compute_the_same_attention():
 
 
 def _marked_stand_in(q, k, v):
-    """Not attention: a cube root, which neither XLA's attention nor the UNet computes, marks where this branch
-    was lowered."""
+    """Not attention: a cube root, which neither XLA's attention nor the UNet computes, marks where
+    this branch was lowered."""
     return jnp.cbrt(q)
 
 
 @pytest.fixture
 def stand_in(monkeypatch):
-    """cuDNN's kernel replaced by :func:`_marked_stand_in`; ``stand_in(takes)`` sets whether cuDNN takes
-    the shapes. jax caches traced programs, and the choice is made when tracing, so the caches are
-    emptied around each test."""
+    """cuDNN's kernel replaced by :func:`_marked_stand_in`; ``stand_in(takes)`` sets whether cuDNN
+    takes the shapes. jax caches traced programs, and the choice is made when tracing, so the caches
+    are emptied around each test."""
     monkeypatch.setattr(attention, "cudnn_attention", _marked_stand_in)
     jax.clear_caches()
     yield lambda takes: monkeypatch.setattr(
@@ -136,28 +137,32 @@ def test_the_environment_can_keep_xla_attention_everywhere(stand_in, monkeypatch
 
 
 def test_cudnn_is_not_offered_where_jax_cannot_trace_it():
-    # No CUDA plugin in this suite's venv: jax refuses to trace cuDNN's kernel, so nothing asks for it.
+    # No CUDA plugin in this suite's venv: jax refuses to trace cuDNN's kernel, so
+    # nothing asks for it.
     if any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13)):
         pytest.skip("JAX's CUDA plugin is installed: cuDNN may well take these shapes")
     assert attention.cudnn_takes((2, 64, 8, 40), (2, 64, 8, 40), jnp.bfloat16) is False
 
 
 def test_fused_attention_flops_count_what_xla_counts_for_the_written_out_attention():
-    # The two custom calls as jax lowers them for a GPU (backend configs shortened), queries 4x256x8x40
-    # against 64 keys.
+    # The two custom calls as jax lowers them for a GPU (backend configs shortened), queries
+    # 4x256x8x40 against 64 keys.
     types = "(tensor<4x256x8x40xbf16>, tensor<4x64x8x40xbf16>, tensor<4x64x8x40xbf16>"
     text = (
-        f'%13:3 = stablehlo.custom_call @__cudnn$fmhaSoftmax(%arg0, %arg1, %arg2) {{api_version = 2 : i32, '
-        f'backend_config = "{{\\22fmha_scale\\22: 0.158}}", result_layouts = [dense<[3, 1, 2, 0]> : '
-        f'tensor<4xindex>]}} : {types}) -> (tensor<4x8x256x40xbf16>, tensor<4x8x256xf32>, tensor<0xui8>)\n'
-        f'%12:4 = stablehlo.custom_call @__cudnn$fmhaSoftmaxBackward(%1#1, %1#2, %1#3, %1#5, %9, %1#6) '
-        f'{{api_version = 2 : i32}} : {types}, tensor<4x8x256xf32>) -> (tensor<4x8x256x40xbf16>)\n'
-        f'%14 = stablehlo.custom_call @other(%arg0) {{}} : (tensor<4x256x8x40xbf16>) -> tensor<1xf32>'
+        f'%13:3 = stablehlo.custom_call @__cudnn$fmhaSoftmax(%arg0, %arg1, %arg2) '
+        f'{{api_version = 2 : i32, backend_config = "{{\\22fmha_scale\\22: 0.158}}", '
+        f'result_layouts = [dense<[3, 1, 2, 0]> : tensor<4xindex>]}} : {types}) -> '
+        f'(tensor<4x8x256x40xbf16>, tensor<4x8x256xf32>, tensor<0xui8>)\n'
+        f'%12:4 = stablehlo.custom_call @__cudnn$fmhaSoftmaxBackward(%1#1, %1#2, %1#3, %1#5, %9, '
+        f'%1#6) {{api_version = 2 : i32}} : {types}, tensor<4x8x256xf32>) -> '
+        f'(tensor<4x8x256x40xbf16>)\n'
+        f'%14 = stablehlo.custom_call @other(%arg0) {{}} : '
+        f'(tensor<4x256x8x40xbf16>) -> tensor<1xf32>'
     )
     one_matmul = 2 * 4 * 256 * 64 * 8 * 40
     assert common.fused_attention_flops(text) == (2 + 4) * one_matmul
-    # XLA's own count of the same attention written out, forward and backward, is within its softmax's
-    # few FLOPs per logit of that.
+    # XLA's own count of the same attention written out, forward and backward, is within its
+    # softmax's few FLOPs per logit of that.
     q, k, v = (jax.ShapeDtypeStruct((4, n, 8, 40), jnp.bfloat16) for n in (256, 64, 64))
     squares = lambda *a: (attention.xla_attention(*a).astype(jnp.float32) ** 2).sum()  # noqa: E731
     lowered = jax.jit(jax.grad(squares, argnums=(0, 1, 2))).lower(q, k, v)

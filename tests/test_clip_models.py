@@ -1,4 +1,5 @@
-"""Loading CLIP (text tower, vision tower, two-tower model), the tokenizer and the image preprocessing."""
+"""Loading CLIP (text tower, vision tower, two-tower model), the tokenizer and the image
+preprocessing."""
 
 import json
 import shutil
@@ -119,9 +120,10 @@ def test_full_clip_model_parity_and_text_loader_layouts(tmp_path):
     assert _max_err(v_pooled, vision.pooler_output) <= PARITY_ATOL
     assert _max_err(v_proj, image_embeds) <= PARITY_ATOL
 
-    # load_clip_text reads the text tower of: the full CLIPModel, a diffusers pipeline's text_encoder/ (a
-    # CLIPTextModel; transformers 5 saves its keys without the text_model. prefix) and a CLIPTextModel file as
-    # older transformers wrote it (SD 1.5's text_encoder: text_model. prefix and a position_ids buffer).
+    # load_clip_text reads the text tower of: the full CLIPModel, a diffusers pipeline's
+    # text_encoder/ (a CLIPTextModel; transformers 5 saves its keys without the text_model. prefix)
+    # and a CLIPTextModel file as older transformers wrote it (SD 1.5's text_encoder:
+    # text_model. prefix and a position_ids buffer).
     from transformers import CLIPTextModel
 
     encoder = CLIPTextModel(hf.config.text_config)
@@ -192,7 +194,8 @@ def test_preprocessing_matches_clip_image_processor():
     hi = (1 - np.asarray(processor.image_mean)) / np.asarray(processor.image_std)
     rng = np.random.default_rng(0)
     for h, w in ((512, 512), (160, 100), (64, 64)):  # shrink, non-square with a crop, enlarge
-        # Float input: the same resize kernel; we clip the bicubic overshoot (the processor does not on floats).
+        # Float input: the same resize kernel; we clip the bicubic overshoot (the processor does not
+        # on floats).
         x = rng.uniform(0, 1, (2, h, w, 3)).astype(np.float32)
         ref = processor(
             images=torch.from_numpy(x.transpose(0, 3, 1, 2)), do_rescale=False, return_tensors="np"
@@ -200,7 +203,8 @@ def test_preprocessing_matches_clip_image_processor():
         ours = np.asarray(preprocess_images(jnp.asarray(x), value_range=(0.0, 1.0)))
         assert ours.shape == (2, 224, 224, 3)
         assert np.max(np.abs(ours - np.clip(ref, lo, hi))) <= 1e-4
-        # uint8 input (the processor's usual PIL-like path) on smooth images: bounded by the uint8 rounding.
+        # uint8 input (the processor's usual PIL-like path) on smooth images: bounded by the uint8
+        # rounding.
         u8 = np.round(_smooth_images(rng, 2, h, w) * 255).astype(np.uint8)
         ref = processor(images=list(u8), return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)
         ours = np.asarray(preprocess_images(jnp.asarray(u8 / 127.5 - 1.0)))  # [-1, 1] input

@@ -46,7 +46,8 @@ def test_clip_score_matches_transformers(tmp_path):
     images = rng.uniform(-1, 1, (len(CAPTIONS), 32, 32, 3)).astype(
         np.float32
     )  # decoder range, shrunk to 16 px
-    # Reference: transformers' processor and model, as torchmetrics uses them (float images in [0, 1]).
+    # Reference: transformers' processor and model, as torchmetrics uses them
+    # (float images in [0, 1]).
     processor = CLIPImageProcessor(
         size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
     )
@@ -66,7 +67,8 @@ def test_clip_score_matches_transformers(tmp_path):
         .numpy()
         .astype(np.float64)
     )
-    # A random model whose mean cosine is negative but not every cosine: the two clamping forms differ.
+    # A random model whose mean cosine is negative but not every cosine: the two clamping forms
+    # differ.
     assert np.mean(ref) < 0 < np.max(ref)
 
     scorer = CLIPScore(clip, params, tokenizer)

@@ -266,27 +266,27 @@ def _np_reference(params, cfg, ids, attention_mask=None):
             0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
         ),
     }
-    b, l = ids.shape
+    b, seq_len = ids.shape
     h, hd = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
     x = (
         p["embeddings/token_embedding/embedding"][ids]
-        + p["embeddings/position_embedding/embedding"][:l]
+        + p["embeddings/position_embedding/embedding"][:seq_len]
     )
-    allowed = np.tril(np.ones((l, l), bool))[None, None]
+    allowed = np.tril(np.ones((seq_len, seq_len), bool))[None, None]
     if attention_mask is not None:
         allowed = allowed & attention_mask.astype(bool)[:, None, None, :]
     for i in range(cfg.num_hidden_layers):
         pre = f"encoder/layers_{i}"
         y = ln(x, f"{pre}/layer_norm1")
         q, k, v = (
-            dense(y, f"{pre}/self_attn/{n}").reshape(b, l, h, hd).transpose(0, 2, 1, 3)
+            dense(y, f"{pre}/self_attn/{n}").reshape(b, seq_len, h, hd).transpose(0, 2, 1, 3)
             for n in ("q_proj", "k_proj", "v_proj")
         )
         s = q @ k.transpose(0, 1, 3, 2) * hd**-0.5
         s = np.where(allowed, s, -np.inf)
         s = np.exp(s - s.max(-1, keepdims=True))
         a = (s / s.sum(-1, keepdims=True)) @ v
-        x = x + dense(a.transpose(0, 2, 1, 3).reshape(b, l, -1), f"{pre}/self_attn/out_proj")
+        x = x + dense(a.transpose(0, 2, 1, 3).reshape(b, seq_len, -1), f"{pre}/self_attn/out_proj")
         y = ln(x, f"{pre}/layer_norm2")
         x = x + dense(acts[cfg.hidden_act](dense(y, f"{pre}/mlp/fc1")), f"{pre}/mlp/fc2")
     x = ln(x, "final_layer_norm")
@@ -336,7 +336,8 @@ class _FakeTensor:
 
 @pytest.mark.parametrize("prefix", ["", "text_model."])
 def test_hf_name_mapping_roundtrip(prefix):
-    """The mechanical HF -> Flax renaming used by the parity test covers the whole tree (no torch needed)."""
+    """The mechanical HF -> Flax renaming used by the parity test covers the whole tree (no torch
+    needed)."""
     cfg = _config()
     _, variables = _init(cfg, _ids())
     flat = traverse_util.flatten_dict(variables["params"], sep="/")

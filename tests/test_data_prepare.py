@@ -1,7 +1,9 @@
-"""Data preparation (scflow_jax.data.prepare) and the prepared-data reader (scflow_jax.data.latents).
+"""Data preparation (scflow_jax.data.prepare) and the prepared-data reader
+(scflow_jax.data.latents).
 
-Everything is built in tmp folders: a tiny random diffusers AutoencoderKL (test_vae's), a tiny CLIP text model and
-tokenizer (clip_testlib), a few PNGs of assorted sizes and modes, and one corrupt file.
+Everything is built in tmp folders: a tiny random diffusers AutoencoderKL and a tiny CLIP text
+model and tokenizer (conftest's ``models`` fixture), a few PNGs of assorted sizes and modes
+(data_testlib), and one corrupt file.
 """
 
 import io
@@ -15,40 +17,17 @@ import time
 import jax
 import numpy as np
 import pytest
-from PIL import Image
 
-import clip_testlib as lib
+from data_testlib import IMAGES, SIZE, check_text_records, mtimes, reference_posterior
 from scflow_jax.data import latents, prepare
 from scflow_jax.data.latents import LatentBatches, LatentDataset
-from scflow_jax.models import clip
-from scflow_jax.models.vae import load_vae
-from test_vae import _torch_vae
 
-SIZE = 16  # the tiny VAE has one downsampling: 8x8x4 latents
 CAPTIONS = {
     "a.png": "the cat",
     "b.png": "a dog",
     "sub/c.png": "the dog",
     "sub/d.png": "cat dog",
     "sub/e.png": "a cat",
-}
-
-
-def _png_bytes(seed, size=(20, 16), mode="RGB"):
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, "RGB").convert(mode).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-# Non-square, grayscale, RGBA and already-square images; "bad.png" is not an image.
-IMAGES = {
-    "a.png": _png_bytes(0),
-    "b.png": _png_bytes(1, (16, 24), "L"),
-    "sub/c.png": _png_bytes(2, (16, 16), "RGBA"),
-    "sub/d.png": _png_bytes(3, (33, 17)),
-    "sub/e.png": _png_bytes(4, (40, 40)),
 }
 
 
@@ -68,22 +47,9 @@ def _write_folder(root, captions=True, corrupt=True):
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    root = tmp_path_factory.mktemp("models")
-    _torch_vae().save_pretrained(str(root / "vae"))
-    lib._seed(0)
-    lib.randomise(CLIPTextModel(CLIPTextConfig(**lib.TEXT))).save_pretrained(
-        str(root / "text_encoder")
-    )
-    lib.write_tokenizer(str(root / "tokenizer"))
-    return {k: str(root / k) for k in ("vae", "text_encoder", "tokenizer")}
-
-
-@pytest.fixture(scope="module")
 def latent_data(tmp_path_factory, models):
-    """6 items (one corrupt) in shards of 2, batch 8 on the 8 fake devices: every batch is ragged and padded."""
+    """6 items (one corrupt) in shards of 2, batch 8 on the 8 fake devices: every batch is ragged
+    and padded."""
     root = tmp_path_factory.mktemp("prep")
     images = _write_folder(root / "images", captions=False)
     output = str(root / "out")
@@ -97,21 +63,6 @@ def latent_data(tmp_path_factory, models):
         examples_per_shard=2,
     )
     return images, output, metadata
-
-
-def _reference_posterior(vae_path, payloads):
-    vae, params = load_vae(vae_path)
-    x = np.stack([prepare.to_model_range(prepare.load_image(p, SIZE)) for p in payloads])
-    posterior = vae.encode(params, x)  # unsharded, one call
-    return np.asarray(posterior.mean), np.asarray(posterior.std)
-
-
-def _mtimes(output):
-    return {
-        n: os.stat(os.path.join(output, n)).st_mtime_ns
-        for n in os.listdir(output)
-        if n.endswith("array_record")
-    }
 
 
 def test_prepare_latents_records_and_metadata(latent_data, models):
@@ -136,15 +87,16 @@ def test_prepare_latents_records_and_metadata(latent_data, models):
     }
     with open(os.path.join(output, "metadata.json")) as f:
         assert json.load(f) == json.loads(json.dumps(metadata))
-    assert sorted(_mtimes(output)) == [latents.shard_name(i, 3) for i in range(3)]
+    assert sorted(mtimes(output)) == [latents.shard_name(i, 3) for i in range(3)]
 
     ds = LatentDataset(output)
     assert len(ds) == 5 and ds.metadata["num_examples"] == 5
     records = [ds[i] for i in range(5)]
     assert [r["key"] for r in records] == keys
     assert records[0]["mean"].shape == (8, 8, 4) and records[0]["mean"].dtype == np.float32
-    # Sharded, padded encoding == one unsharded encode of the same preprocessed images (fp32, max abs err 1e-5).
-    mean, std = _reference_posterior(models["vae"], [os.path.join(images, k) for k in keys])
+    # Sharded, padded encoding == one unsharded encode of the same preprocessed images
+    # (fp32, max abs err 1e-5).
+    mean, std = reference_posterior(models["vae"], [os.path.join(images, k) for k in keys])
     np.testing.assert_allclose(np.stack([r["mean"] for r in records]), mean, rtol=0, atol=1e-5)
     np.testing.assert_allclose(np.stack([r["std"] for r in records]), std, rtol=0, atol=1e-5)
 
@@ -164,7 +116,7 @@ def test_report_is_printed(tmp_path, models, capsys):
 
 def test_resume_rewrites_only_missing_shards(latent_data, models, monkeypatch):
     images, output, metadata = latent_data
-    before = _mtimes(output)
+    before = mtimes(output)
     writes = []
     original = prepare._write_shard
     monkeypatch.setattr(
@@ -174,13 +126,13 @@ def test_resume_rewrites_only_missing_shards(latent_data, models, monkeypatch):
     )
     again = dict(image_size=SIZE, batch_size=8, examples_per_shard=2)
     assert prepare.prepare("latents", images, output, models["vae"], **again) == metadata
-    assert writes == [] and _mtimes(output) == before  # finished: nothing rewritten
+    assert writes == [] and mtimes(output) == before  # finished: nothing rewritten
 
     victim = latents.shard_name(1, 3)
     os.remove(os.path.join(output, victim))
     time.sleep(0.01)
     assert prepare.prepare("latents", images, output, models["vae"], **again) == metadata
-    after = _mtimes(output)
+    after = mtimes(output)
     assert writes == [victim]
     assert all(after[n] == before[n] for n in before if n != victim) and victim in after
     assert len(LatentDataset(output)) == 5
@@ -196,26 +148,6 @@ def test_resume_rewrites_only_missing_shards(latent_data, models, monkeypatch):
             batch_size=8,
             examples_per_shard=2,
         )
-
-
-def _tokenize_and_encode(models, captions):
-    config, params = clip.load_clip_text(models["text_encoder"])
-    ids, _ = clip.load_clip_tokenizer(
-        models["tokenizer"], max_length=config.max_position_embeddings
-    )(captions)
-    return np.asarray(clip.encode_text(params, config, ids))
-
-
-def _check_text_records(ds, models, expected_captions):
-    records = [ds[i] for i in range(len(ds))]
-    assert [r["caption"] for r in records] == expected_captions
-    cond = np.stack([r["cond"] for r in records])
-    assert cond.dtype.name == "bfloat16" and cond.shape == (len(records), 16, 32)
-    reference = _tokenize_and_encode(models, expected_captions)
-    np.testing.assert_allclose(
-        cond.astype(np.float32), reference, rtol=1e-2, atol=1e-2
-    )  # bf16 storage
-    return records
 
 
 def test_prepare_text_to_image_folder_parquet_tar(tmp_path, models):
@@ -237,15 +169,16 @@ def test_prepare_text_to_image_folder_parquet_tar(tmp_path, models):
     assert metadata["num_examples"] == 4 and metadata["cond_shape"] == [16, 32]
     assert metadata["skipped"]["missing_caption"] == ["sub/d.png"]
     assert [u["key"] for u in metadata["skipped"]["unreadable"]] == ["bad.png"]
-    folder_records = _check_text_records(
+    folder_records = check_text_records(
         LatentDataset(str(tmp_path / "folder")), models, [CAPTIONS[k] for k in kept]
     )
-    mean, _ = _reference_posterior(models["vae"], [os.path.join(images, k) for k in kept])
+    mean, _ = reference_posterior(models["vae"], [os.path.join(images, k) for k in kept])
     np.testing.assert_allclose(
         np.stack([r["mean"] for r in folder_records]), mean, rtol=0, atol=1e-5
     )
 
-    # Parquet: HF-style {bytes, path} image cells in two row groups, a null caption, a corrupt image.
+    # Parquet: HF-style {bytes, path} image cells in two row groups, a null caption, a corrupt
+    # image.
     rows = [(IMAGES[k], CAPTIONS[k]) for k in kept[:2]] + [
         (b"junk", "a cat"),
         (IMAGES["sub/d.png"], None),
@@ -265,7 +198,7 @@ def test_prepare_text_to_image_folder_parquet_tar(tmp_path, models):
     )
     assert metadata["skipped"]["missing_caption"] == ["row 3"]
     assert [u["key"] for u in metadata["skipped"]["unreadable"]] == ["row 2"]
-    parquet_records = _check_text_records(
+    parquet_records = check_text_records(
         LatentDataset(str(tmp_path / "parquet")), models, [CAPTIONS[k] for k in kept]
     )
     np.testing.assert_allclose(
@@ -311,15 +244,16 @@ def test_prepare_text_to_image_folder_parquet_tar(tmp_path, models):
         "text_to_image", str(tmp_path / "shard.tar"), str(tmp_path / "tar"), **common
     )
     assert metadata["skipped"]["missing_caption"] == ["0004"] and metadata["num_examples"] == 4
-    tar_records = _check_text_records(
+    tar_records = check_text_records(
         LatentDataset(str(tmp_path / "tar")), models, [CAPTIONS[k] for k in kept]
     )
     np.testing.assert_allclose(np.stack([r["mean"] for r in tar_records]), mean, rtol=0, atol=1e-5)
 
 
 def test_lmdb_source_with_a_stand_in_module(tmp_path, models, monkeypatch):
-    """The `lmdb` package is not installed here: a stand-in with its API checks the key order (numeric) and the two
-    value formats of the CelebA-HQ LMDB (raw RGB of a square image, or encoded bytes)."""
+    """The `lmdb` package is not installed here: a stand-in with its API checks the key order
+    (numeric) and the two value formats of the CelebA-HQ LMDB (raw RGB of a square image, or encoded
+    bytes)."""
     import types
 
     raw = [
@@ -361,7 +295,7 @@ def test_lmdb_source_with_a_stand_in_module(tmp_path, models, monkeypatch):
     )
     ds = LatentDataset(str(tmp_path / "out"))
     assert [ds[i]["key"] for i in range(len(ds))] == [str(i) for i in range(11)]
-    mean, _ = _reference_posterior(
+    mean, _ = reference_posterior(
         models["vae"], [("raw", entries[str(i).encode()]) for i in (0, 3, 10)]
     )
     np.testing.assert_allclose(
@@ -430,7 +364,8 @@ def test_clear_errors(tmp_path, models):
 
 
 def _expected_image(ds, seed, step, index, hflip):
-    """The contract, restated: scaling_factor * (mean + std * eps), eps and flip from rng(seed, step, index)."""
+    """The contract, restated: scaling_factor * (mean + std * eps), eps and flip from
+    rng(seed, step, index)."""
     rng = np.random.default_rng([seed, step, int(index)])
     flip = bool(rng.integers(2)) and hflip
     eps = rng.standard_normal((8, 8, 4), dtype=np.float32)

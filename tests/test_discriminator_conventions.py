@@ -1,5 +1,6 @@
-"""Each discriminator family as the authors have it (SCFLOW_SPEC.md sections 3-5): which output the GAN losses
-take, the text-to-image head's shapes, the time of D's noised inputs, integer timesteps, and D's health metrics."""
+"""Each discriminator family as the authors have it (SCFLOW_SPEC.md sections 3-5): which output the
+GAN losses take, the text-to-image head's shapes, the time of D's noised inputs, integer timesteps,
+and D's health metrics."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import test_recipes
+import recipes_testlib
 from scflow_jax import distill, flows
 from scflow_jax.default_config import get_config
 from scflow_jax.losses import adversarial, scflow
@@ -24,7 +25,7 @@ def _softplus(x):
     return np.logaddexp(0.0, np.asarray(x, np.float64))
 
 
-# ------------------------------------------------------------------------------------------------ integer timesteps
+# -------------------------------------------------------------------------------- integer timesteps
 def test_timestep_index_is_exact_for_every_k_over_1000():
     k = np.arange(1001)
     made = {
@@ -49,14 +50,15 @@ def test_timestep_index_is_exact_for_every_k_over_1000():
     ]
 
 
-# ------------------------------------------------------------------------------------------- sigmoid per family
+# ------------------------------------------------------------------------------- sigmoid per family
 def test_family_conventions():
     assert StyleGANDiscriminator.OUTPUT_SIGMOID is False
     assert UNetDiscriminator.OUTPUT_SIGMOID is True
 
 
 def _disc_loss_takes(nets, disc_params, real, fake, cond, t_minus, cfg):
-    """Which output the built networks' D loss takes: 'logit' or 'sigmoid' (the other one must not match)."""
+    """Which output the built networks' D loss takes: 'logit' or 'sigmoid' (the other one must not
+    match)."""
     _, aux = scflow.discriminator_objective(
         disc_params, real, fake, cond, t_minus, jax.random.key(0), nets=nets, cfg=cfg
     )
@@ -105,10 +107,10 @@ def test_embedded_default_latent_d_takes_raw_logits():
 
 @pytest.mark.parametrize("recipe,expected", [("celebahq256", "logit"), ("t2i_sd15", "sigmoid")])
 def test_recipe_d_losses_follow_the_family(tmp_path, recipe, expected):
-    shipped = test_recipes.load_config(recipe, None)
+    shipped = recipes_testlib.load_config(recipe, None)
     assert shipped.scflow.sigmoid_head is None
     config = getattr(
-        test_recipes, {"celebahq256": "celeba_config", "t2i_sd15": "t2i_config"}[recipe]
+        recipes_testlib, {"celebahq256": "celeba_config", "t2i_sd15": "t2i_config"}[recipe]
     )(tmp_path)
     with config.unlocked():
         config.scflow = shipped.scflow  # the shipped recipe's SCFlow settings on tiny networks
@@ -139,7 +141,7 @@ def test_sigmoid_head_against_the_convention_is_logged(caplog):
     assert "config.scflow.sigmoid_head=True" in message and "StyleGANDiscriminator" in message
 
 
-# ------------------------------------------------------------------------------------------- text-to-image head
+# ------------------------------------------------------------------------------- text-to-image head
 def test_t2i_head_shapes_on_the_sd15_layout():
     d = UNetDiscriminator(
         unet_sd.UNetSDConfig(), head_channels=256, head_groups=32
@@ -183,7 +185,7 @@ def test_t2i_head_on_too_small_a_mid_feature_names_the_latent_size():
         )
 
 
-# ------------------------------------------------------------------------- D's noised input at the time it is told
+# ---------------------------------------------------------- D's noised input at the time it is told
 def test_d_noise_level_equals_the_time_it_is_told(tiny_config):
     cfg = tiny_config.scflow
     cfg.update(dict(disc_noise_inputs=True, integer_timesteps=True, r1_gamma=0.0))
@@ -219,7 +221,7 @@ def test_d_noise_level_equals_the_time_it_is_told(tiny_config):
         )
 
 
-# --------------------------------------------------------------------------------------------------- D's health
+# --------------------------------------------------------------------------------------- D's health
 def test_health_metrics():
     real = jnp.asarray([2.0, 1.0, -1.0, 3.0])
     fake = jnp.asarray([-2.0, 0.5, -0.5, -1.0])
@@ -231,7 +233,7 @@ def test_health_metrics():
     assert float(chance["d_gap"]) == 0.0 and float(chance["d_accuracy"]) == 0.5
 
 
-# ------------------------------------------------------------------------------------------------------ warm-ups
+# ----------------------------------------------------------------------------------------- warm-ups
 @pytest.mark.parametrize("field", ["warmup_rf", "warmup_gan", "warmup_inv"])
 @pytest.mark.parametrize("value", [-1, 2.5, True])
 def test_bad_warmups_name_the_field(tiny_config, field, value):

@@ -81,8 +81,9 @@ def test_output_shape_and_dtype(resolution, cond_dim, dtype):
 
 
 def test_param_count_reference_config():
-    """Issue 8's discriminator (4x16x16 latents, base 2048, max 128, mbstd group 4): 128 channels throughout;
-    fromrgb 640 + two blocks of 311,552 + b4_conv 148,736 (129 inputs with mbstd) + b4_fc 262,272 + b4_out 129."""
+    """Issue 8's discriminator (4x16x16 latents, base 2048, max 128, mbstd group 4): 128 channels
+    throughout; fromrgb 640 + two blocks of 311,552 + b4_conv 148,736 (129 inputs with mbstd) +
+    b4_fc 262,272 + b4_out 129."""
     d = StyleGANDiscriminator(
         resolution=16, in_channels=4, channel_base=2048, channel_max=128, mbstd_group_size=4
     )
@@ -210,8 +211,8 @@ def test_bad_cond_or_resolution_raises():
 
 
 def _flax_params_from_torch(model):
-    """The Flax discriminator's parameters from the PyTorch re-statement's (OIHW -> HWIO, [out, in] -> [in, out];
-    ``b4_fc`` reads its 4x4 input flattened NHWC here, NCHW there)."""
+    """The Flax discriminator's parameters from the PyTorch re-statement's (OIHW -> HWIO,
+    [out, in] -> [in, out]; ``b4_fc`` reads its 4x4 input flattened NHWC here, NCHW there)."""
     params = {}
     for key, value in model.state_dict().items():
         *path, kind = key.removeprefix("blocks.").split(".")

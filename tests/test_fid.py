@@ -1,7 +1,8 @@
-"""FID: the pytorch-fid Inception in Flax, sharded float64 statistics, resume, reference stats from images.
+"""FID: the pytorch-fid Inception in Flax, sharded float64 statistics, resume, reference stats from
+images.
 
-Parity tests build pytorch-fid's own ``InceptionV3`` (its FID blocks, random weights, nothing downloaded) and
-compare 2048-d pool features: max abs error <= 1e-4 in fp32.
+Parity tests build pytorch-fid's own ``InceptionV3`` (its FID blocks, random weights, nothing
+downloaded) and compare 2048-d pool features: max abs error <= 1e-4 in fp32.
 """
 
 import os
@@ -18,18 +19,20 @@ from scflow_jax.models.weights import WeightsError
 PARITY_TOL = 1e-4  # max abs error of fp32 features against the PyTorch reference
 
 
-# --------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # A pytorch-fid Inception with random weights
 
 
 def _build_reference_inception(monkeypatch_ctx):
-    """pytorch-fid's ``InceptionV3([3], resize_input=True, normalize_input=True)`` with the FID blocks, built by
-    pytorch-fid's ``fid_inception_v3`` with the weights download replaced by a random torchvision state dict.
+    """pytorch-fid's ``InceptionV3([3], resize_input=True, normalize_input=True)`` with the FID
+    blocks, built by pytorch-fid's ``fid_inception_v3`` with the weights download replaced by a
+    random torchvision state dict.
 
-    Random weights are scaled so that activations neither die nor explode through the ~40 layers (He-normal
-    convolutions, BatchNorm gains around 1, random running statistics): the features then depend on the input
-    (checked by the test) and fp32 rounding is not amplified.
-    Returns ``(model, inner)``: ``inner`` is the torchvision module whose ``state_dict()`` is the weights file.
+    Random weights are scaled so that activations neither die nor explode through the ~40 layers
+    (He-normal convolutions, BatchNorm gains around 1, random running statistics): the features then
+    depend on the input (checked by the test) and fp32 rounding is not amplified.
+    Returns ``(model, inner)``: ``inner`` is the torchvision module whose ``state_dict()`` is the
+    weights file.
     """
     import pytorch_fid.inception as pfi
     import torch
@@ -88,7 +91,7 @@ def _torch_features(model, images_nhwc):
     return out.reshape(out.shape[0], -1).numpy()
 
 
-# --------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Inception parity
 
 
@@ -112,7 +115,8 @@ def test_resize_matches_torch_bilinear_without_antialias():
         )
         ours = np.asarray(inception.resize_for_inception(jnp.asarray(x)))
         assert np.abs(ours - ref).max() <= 1e-6, (h, w)
-    # jax.image.resize's default (antialias on downsampling) is NOT torch's resize: the reason for antialias=False.
+    # jax.image.resize's default (antialias on downsampling) is NOT torch's resize: the reason for
+    # antialias=False.
     x = rng.random((1, 320, 320, 3), dtype=np.float32)
     ref = (
         F.interpolate(
@@ -160,7 +164,8 @@ def test_load_inception_rejects_other_networks(reference_inception, tmp_path):
     msg = str(info.value)
     assert other in msg and "missing" in msg and "Conv2d_1a_3x3.conv.weight" in msg
     assert "unexpected" in msg and "0.weight" in msg
-    # torchvision's ImageNet Inception (it has AuxLogits): named as unexpected, not silently accepted.
+    # torchvision's ImageNet Inception (it has AuxLogits): named as unexpected, not silently
+    # accepted.
     state = torch.load(path, weights_only=True)
     state["AuxLogits.fc.weight"] = torch.zeros(1000, 768)
     aux = str(tmp_path / "with_aux.pth")
@@ -185,8 +190,8 @@ def test_frechet_distance_matches_pytorch_fid():
 
 @pytest.mark.parity
 def test_fid_stats_mode_matches_pytorch_fid_on_a_folder(reference_inception, tmp_path):
-    """--mode=fid_stats end to end (PNG files, the CLI dispatch, 8-device mesh, a ragged last batch) against
-    pytorch-fid's own calculate_activation_statistics on the same files and network."""
+    """--mode=fid_stats end to end (PNG files, the CLI dispatch, 8-device mesh, a ragged last batch)
+    against pytorch-fid's own calculate_activation_statistics on the same files and network."""
     from PIL import Image
     from pytorch_fid.fid_score import calculate_activation_statistics
 
@@ -217,8 +222,9 @@ def test_fid_stats_mode_matches_pytorch_fid_on_a_folder(reference_inception, tmp
     assert np.abs(sigma - ref_sigma).max() <= PARITY_TOL
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Sharding, ragged batches, resume (a tiny feature function: the logic under test is the same for Inception)
+# --------------------------------------------------------------------------------------------------
+# Sharding, ragged batches, resume (a tiny feature function: the logic under test is the same for
+# Inception)
 
 FEATURE_DIM = 6
 
@@ -347,7 +353,8 @@ def test_image_listing_is_recursive_and_an_empty_folder_is_an_error(tmp_path):
     image = fid.load_image(files[0])
     assert image.dtype == np.float32 and image.shape == (2, 3, 3)
     np.testing.assert_array_equal(image, pixels.astype(np.float32) / 255)
-    # Images of different sizes in one batch are each brought to 299x299 (what the network's resize would do).
+    # Images of different sizes in one batch are each brought to 299x299 (what the network's resize
+    # would do).
     Image.fromarray(np.zeros((5, 7, 3), np.uint8)).save(folder / "c.png")
     batch = fid._stack_images([files[0], str(folder / "c.png")])
     assert batch.shape == (2, 299, 299, 3)

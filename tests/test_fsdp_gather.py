@@ -1,6 +1,7 @@
-"""FSDP networks gather their parameters where they run (sharding.gathered_at_use): with the parameters split,
-XLA may split the computation instead and move activations between devices; gathered, only parameters move.
-The samplers hold their network whole instead (sharding.sampler_shardings)."""
+"""FSDP networks gather their parameters where they run (sharding.gathered_at_use): with the
+parameters split, XLA may split the computation instead and move activations between devices;
+gathered, only parameters move. The samplers hold their network whole instead
+(sharding.sampler_shardings)."""
 
 import functools
 import re
@@ -75,8 +76,8 @@ def test_without_an_fsdp_axis_the_network_is_left_as_it_is():
 
 
 def _gather_as_on_gpus(monkeypatch) -> list:
-    """Turns on the GPUs' policy (xla_gpu.gathers_parameters_at_use) for this CPU's meshes; returns the list of
-    networks wrapped by sharding.gathered_at_use from then on."""
+    """Turns on the GPUs' policy (xla_gpu.gathers_parameters_at_use) for this CPU's meshes; returns
+    the list of networks wrapped by sharding.gathered_at_use from then on."""
     wrapped, gathered_at_use = [], sharding.gathered_at_use
 
     def recording(network_fn, mesh, rules=None):
@@ -119,7 +120,8 @@ def test_the_teacher_step_gathers_its_network_under_the_gpu_policy(monkeypatch):
 
 
 def test_the_samplers_hold_the_student_whole_on_an_fsdp_mesh(tmp_path, monkeypatch):
-    # FSDP's default rules leave the tiny network whole; split even its kernels, as they split the real ones.
+    # FSDP's default rules leave the tiny network whole; split even its kernels, as they split the
+    # real ones.
     monkeypatch.setattr(
         sharding, "ShardingRules", functools.partial(sharding.ShardingRules, fsdp_min_size=1)
     )

@@ -1,8 +1,8 @@
-"""Run outputs (JSON, PNG, .npz states, sample folders): atomic local writes, gs:// paths through etils.epath,
-and process 0 as the only writer.
+"""Run outputs (JSON, PNG, .npz states, sample folders): atomic local writes, gs:// paths through
+etils.epath, and process 0 as the only writer.
 
-gs:// is served by an in-memory fsspec filesystem registered for the ``gs``/``gcs`` protocols, so the real
-etils.epath GCS code path runs (epath -> fsspec) without gcsfs and without network.
+gs:// is served by an in-memory fsspec filesystem registered for the ``gs``/``gcs`` protocols, so
+the real etils.epath GCS code path runs (epath -> fsspec) without gcsfs and without network.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ BUCKET = "gs://bucket/run"
 
 @pytest.fixture
 def fake_gcs(monkeypatch, tmp_path):
-    """The objects written to gs:// (path -> bytes); the test runs in an empty tmp_path so a gs:// path
-    mistaken for a local one (``./gs:/bucket/...``) shows up there."""
+    """The objects written to gs:// (path -> bytes); the test runs in an empty tmp_path so a gs://
+    path mistaken for a local one (``./gs:/bucket/...``) shows up there."""
     import importlib
 
     from fsspec.implementations.memory import MemoryFileSystem
@@ -44,11 +44,11 @@ def fake_gcs(monkeypatch, tmp_path):
 
     for name in InMemoryGCS.protocol:
         monkeypatch.setitem(registry._registry, name, InMemoryGCS)
-    # epath prefers tf.io.gfile for gs:// when TensorFlow is installed; keep it on fsspec (private switch:
-    # if etils renames it, this fails loudly instead of reaching for the network).
+    # epath prefers tf.io.gfile for gs:// when TensorFlow is installed; keep it on fsspec (private
+    # switch: if etils renames it, this fails loudly instead of reaching for the network).
     monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
-    # epath caches the fsspec filesystem of a protocol: drop it so this test's class serves gs://, and so it
-    # does not outlive the test.
+    # epath caches the fsspec filesystem of a protocol: drop it so this test's class serves gs://,
+    # and so it does not outlive the test.
     cached_filesystems = epath_backend._FileSystemSpecBackend._get_filesystem
     cached_filesystems.cache_clear()
     monkeypatch.chdir(tmp_path)
@@ -69,7 +69,7 @@ def _png(data: bytes) -> np.ndarray:
 GRID = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
 
 
-# ------------------------------------------------------------------------------------------------- local
+# -------------------------------------------------------------------------------------------- local
 def test_local_writes_create_folders_and_leave_no_temporary_files(tmp_path):
     path = tmp_path / "a" / "b" / "results.json"
     monitoring.write_json_atomic(str(path), [{"fd": 1.5}])
@@ -96,7 +96,7 @@ def test_interrupted_local_write_keeps_the_old_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["results.json"]  # the temporary file is removed
 
 
-# ------------------------------------------------------------------------------------------------- gs://
+# -------------------------------------------------------------------------------------------- gs://
 def test_json_png_and_npz_go_to_gs_as_single_objects(fake_gcs):
     monitoring.write_json_atomic(f"{BUCKET}/config.json", {"seed": 0})
     monitoring.save_png(f"{BUCKET}/grid.png", GRID)
@@ -127,7 +127,8 @@ def test_tensorboard_events_go_to_gs_in_bounded_files(fake_gcs):
     from tensorboardX.proto import event_pb2
 
     logdir = f"{BUCKET}/tensorboard"
-    # Copy at every write and start a new file past 200 bytes, so that a short run spans several files.
+    # Copy at every write and start a new file past 200 bytes, so that a short run spans several
+    # files.
     writer = monitoring.MetricWriter(logdir, upload_every_s=0.0, max_file_bytes=200)
     for step in range(12):
         writer.write_scalars(step, {"loss": 0.5 * step, "lr": 1e-4})
@@ -146,7 +147,8 @@ def test_tensorboard_events_go_to_gs_in_bounded_files(fake_gcs):
                     images.append((event.step, value.tag))
                 else:
                     scalars.append((value.tag, event.step, round(value.simple_value, 6)))
-    # Every record written is in exactly one of the files: nothing lost at a roll-over, nothing twice.
+    # Every record written is in exactly one of the files: nothing lost at a roll-over, nothing
+    # twice.
     assert sorted(scalars) == sorted(
         [("loss", s, 0.5 * s) for s in range(12)] + [("lr", s, 1e-4) for s in range(12)]
     )
@@ -251,7 +253,7 @@ def test_results_and_resumable_states_on_gs(fake_gcs):
         real_eval.RowAccumulator.restore_or_create(state, 3, fingerprint="another job")
 
 
-# --------------------------------------------------------------------------------------- process 0 only
+# ----------------------------------------------------------------------------------- process 0 only
 def test_only_process_0_writes(tmp_path, monkeypatch):
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     images = np.zeros((1, 4, 4, 1), np.float32)

@@ -1,5 +1,6 @@
-"""Two batches through one network call: the interleaved layout round-trips and, on a batch-sharded mesh, moves
-no data between devices (joined end to end it does, and XLA then ran the SD step's doubled batches unsharded)."""
+"""Two batches through one network call: the interleaved layout round-trips and, on a batch-sharded
+mesh, moves no data between devices (joined end to end it does, and XLA then ran the SD step's
+doubled batches unsharded)."""
 
 import re
 
@@ -31,7 +32,8 @@ _DATA_MOVES = re.compile(r"all-to-all|collective-permute|all-gather|all-reduce")
 
 
 def _compiled_paired_call(join, split, mesh, batch: int) -> jax.stages.Compiled:
-    """A per-sample 'network' on two batch-sharded batches joined into one call, then split again."""
+    """A per-sample 'network' on two batch-sharded batches joined into one call, then split
+    again."""
 
     def fn(a, b):
         first, second = split(jnp.tanh(join(a, b)) * 2.0)

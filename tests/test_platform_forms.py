@@ -1,6 +1,6 @@
-"""models/platform_forms.py: each CPU form computes its plain form's function (values and derivatives),
-programs get the form of the platform they are lowered for, and no other module chooses by platform;
-models/upsample_conv.py's layer is nn.Conv on the upsampled map."""
+"""models/platform_forms.py: each CPU form computes its plain form's function (values and
+derivatives), programs get the form of the platform they are lowered for, and no other module
+chooses by platform; models/upsample_conv.py's layer is nn.Conv on the upsampled map."""
 
 import ast
 import os
@@ -25,7 +25,8 @@ def test_upsample_nearest_repeats_each_pixel_2x2():
 
 @pytest.mark.parametrize("kernel,stride,size", [(3, 2, 9), (1, 2, 8), (3, 1, 6), (4, 2, 11)])
 def test_strided_conv_as_matmul_is_the_convolution_to_second_order(kernel, stride, size):
-    """R1 differentiates D twice: the two forms agree in value, gradient and the gradient's gradient."""
+    """R1 differentiates D twice: the two forms agree in value, gradient and the gradient's
+    gradient."""
     x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, 5))
     w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, 5, 7))
 

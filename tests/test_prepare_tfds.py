@@ -4,8 +4,8 @@ The tests build two tiny array_record TFDS datasets with ``GeneratorBasedBuilder
 ``tfds build --file_format=array_record`` would (images given as encoded bytes, which TFDS stores
 without TensorFlow): ``tiny_faces`` (images and a label, one corrupt image) and ``tiny_coco/2014``
 (COCO-captions-style: ``image``, ``image/id``, ``captions`` = Sequence({text, id}) with 0 to 5
-captions, ``objects``, and a single ``title`` string). Models are test_data_prepare's tiny VAE and
-CLIP text encoder.
+captions, ``objects``, and a single ``title`` string). Models are conftest's tiny VAE and CLIP
+text encoder (the ``models`` fixture).
 """
 
 import hashlib
@@ -19,11 +19,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from data_testlib import IMAGES, SIZE, check_text_records, mtimes, reference_posterior
 from scflow_jax import main
 from scflow_jax.data import latents, prepare, tfds_source
 from scflow_jax.data.latents import LatentDataset
-from test_data_prepare import IMAGES, SIZE, _check_text_records, _mtimes, _reference_posterior
-from test_data_prepare import models  # noqa: F401  (the tiny VAE / CLIP fixture)
 
 CORRUPT = b"not a png"
 # Per example: its image and its captions. The third has none (skipped as missing_caption); the
@@ -128,7 +127,7 @@ def test_choose_caption_is_independent_of_order():
     assert tfds_source.choose_caption([]) is None
 
 
-def test_latents_from_tfds_and_resume(data_dir, models, tmp_path):  # noqa: F811
+def test_latents_from_tfds_and_resume(data_dir, models, tmp_path):
     examples = _stored_examples(data_dir, "tiny_faces")
     bad = [i for i, e in enumerate(examples) if e["image"] == CORRUPT]
     good = [i for i in range(len(examples)) if i not in bad]
@@ -144,17 +143,17 @@ def test_latents_from_tfds_and_resume(data_dir, models, tmp_path):  # noqa: F811
     assert [u["key"] for u in metadata["skipped"]["unreadable"]] == [f"train[{bad[0]}]"]
     ds = LatentDataset(output)
     assert [ds[i]["key"] for i in range(len(ds))] == [f"train[{i}]" for i in good]
-    mean, std = _reference_posterior(models["vae"], [examples[i]["image"] for i in good])
+    mean, std = reference_posterior(models["vae"], [examples[i]["image"] for i in good])
     np.testing.assert_allclose(np.stack([ds[i]["mean"] for i in range(5)]), mean, rtol=0, atol=1e-5)
     np.testing.assert_allclose(np.stack([ds[i]["std"] for i in range(5)]), std, rtol=0, atol=1e-5)
 
     # The same command again rewrites only a missing shard.
-    before = _mtimes(output)
+    before = mtimes(output)
     victim = latents.shard_name(2, 3)
     os.remove(os.path.join(output, victim))
     again = prepare.prepare("latents", "tfds:tiny_faces", output, models["vae"], **settings)
     assert again == metadata
-    after = _mtimes(output)
+    after = mtimes(output)
     assert sorted(after) == sorted(before)
     assert all(after[n] == before[n] for n in before if n != victim)
     # Another split is another input: refused, naming the change.
@@ -166,7 +165,7 @@ def test_latents_from_tfds_and_resume(data_dir, models, tmp_path):  # noqa: F811
         prepare.prepare("latents", "tfds:tiny_faces:train[:4]", output, models["vae"], **settings)
 
 
-def test_text_to_image_from_coco_style_captions(data_dir, models, tmp_path):  # noqa: F811
+def test_text_to_image_from_coco_style_captions(data_dir, models, tmp_path):
     examples = _stored_examples(data_dir, "tiny_coco/2014")
     texts = [[t.decode() for t in e["captions"]["text"]] for e in examples]
     expected = [_sha_choice(t) for t in texts if t]
@@ -187,14 +186,14 @@ def test_text_to_image_from_coco_style_captions(data_dir, models, tmp_path):  # 
     empty = [i for i, t in enumerate(texts) if not t]
     assert metadata["skipped"]["missing_caption"] == [f"train[{i}]" for i in empty]
     assert metadata["num_examples"] == 4 and metadata["cond_shape"] == [16, 32]
-    records = _check_text_records(LatentDataset(output), models, expected)
+    records = check_text_records(LatentDataset(output), models, expected)
     kept = [i for i, t in enumerate(texts) if t]
     assert [r["key"] for r in records] == [f"train[{i}]" for i in kept]
-    mean, _ = _reference_posterior(models["vae"], [examples[i]["image"] for i in kept])
+    mean, _ = reference_posterior(models["vae"], [examples[i]["image"] for i in kept])
     np.testing.assert_allclose(np.stack([r["mean"] for r in records]), mean, rtol=0, atol=1e-5)
 
 
-def test_main_mode_prepare_data_with_a_single_caption_feature(  # noqa: F811
+def test_main_mode_prepare_data_with_a_single_caption_feature(
     data_dir, models, tiny_config, tmp_path
 ):
     examples = _stored_examples(data_dir, "tiny_coco/2014")
@@ -211,7 +210,7 @@ def test_main_mode_prepare_data_with_a_single_caption_feature(  # noqa: F811
         tfds_data_dir=data_dir,
     )
     assert main.run(tiny_config, str(tmp_path / "work"), "prepare_data") == 0
-    _check_text_records(
+    check_text_records(
         LatentDataset(str(tmp_path / "out")), models, [e["title"].decode() for e in examples]
     )
 
@@ -228,7 +227,7 @@ def _tfrecord_copy(data_dir, tmp_path):
     return str(copy)
 
 
-def test_clear_errors(data_dir, models, tmp_path, monkeypatch):  # noqa: F811
+def test_clear_errors(data_dir, models, tmp_path, monkeypatch):
     def open_(spec, kind="latents", image="image", caption="caption", where=data_dir):
         return prepare.open_source(spec, kind, image, caption, where)
 
@@ -304,7 +303,7 @@ def test_clear_errors(data_dir, models, tmp_path, monkeypatch):  # noqa: F811
         open_("tfds:tiny_coco/2014", "text_to_image", caption="captions/text")
 
 
-def test_cli_reads_tfds_without_importing_tensorflow(data_dir, models, tmp_path):  # noqa: F811
+def test_cli_reads_tfds_without_importing_tensorflow(data_dir, models, tmp_path):
     """The standalone CLI on a TFDS input, in a fresh interpreter: TensorFlow is never imported
     (where it is not installed, as here, an import would fail the run)."""
     out = tmp_path / "out"

@@ -1,4 +1,5 @@
-"""Evaluation of the latent recipes: prompts files, seed-stable sharded generation, FID/CLIP rows, resume.
+"""Evaluation of the latent recipes: prompts files, seed-stable sharded generation, FID/CLIP rows,
+resume.
 
 A fake task implements what evaluation asks of a task (scflow_jax/tasks/base.py) with an analytic
 velocity field, a small deterministic "decoder" and a hashed "text encoder", so every test runs in
@@ -41,7 +42,7 @@ CAPTIONS = [
 FEATURE_DIM = 6
 
 
-# --------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # A fake recipe task
 
 
@@ -172,7 +173,7 @@ def _sampler(params, task, *, devices, batch_size, steps=1, guidance=1.0):
     )
 
 
-# --------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Prompts files
 
 
@@ -186,7 +187,8 @@ def test_prompt_file_formats(tmp_path):
     captions = tmp_path / "c.json"
     captions.write_text(json.dumps({"captions": ["one", "two"]}))
     assert prompts.load_prompts(str(captions)) == ["one", "two"]
-    # COCO captions annotations: first caption of each image (file order), images by ascending image_id.
+    # COCO captions annotations: first caption of each image (file order), images by ascending
+    # image_id.
     coco = tmp_path / "captions_val2017.json"
     coco.write_text(
         json.dumps(
@@ -246,7 +248,7 @@ def test_more_samples_than_prompts_is_an_error_not_a_cycle():
         prompts.prompts_for_samples(["a"], 0)
 
 
-# --------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Generation
 
 
@@ -314,7 +316,7 @@ def test_sampler_compiles_once_for_full_and_ragged_batches():
         )
 
 
-# --------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The evaluate stage
 
 ROW_KEYS = set(results.RESULT_KEYS) | {
@@ -523,8 +525,8 @@ def test_evaluate_mode_dispatches_latent_recipes_to_real_eval(tmp_path, monkeypa
     "ignore::scipy.linalg.LinAlgWarning"
 )  # 3 samples: a singular covariance
 def test_real_inception_path(tmp_path):
-    """Once through the real FID network: a pytorch-fid-format weights file (random Inception weights) loaded
-    by the converter, 2048-d statistics of generated 8x8 images."""
+    """Once through the real FID network: a pytorch-fid-format weights file (random Inception
+    weights) loaded by the converter, 2048-d statistics of generated 8x8 images."""
     import torch
 
     from scflow_jax.evaluation import inception

@@ -1,20 +1,18 @@
-"""The latent recipes (configs/celebahq256.py, configs/t2i_sd15.py) end to end on CPU, through the real loaders.
+"""The latent recipes (configs/celebahq256.py, configs/t2i_sd15.py) end to end on CPU, through the
+real loaders.
 
-Each ``:tiny`` recipe gets tiny random weights written here in the real formats (ADM teacher: guided-diffusion-named
-``.safetensors``; SD teacher: a diffusers UNet folder via ``export_unet_sd``; VAE: a diffusers AutoencoderKL folder;
-CLIP: a transformers text-encoder folder and a BPE tokenizer), then distils a few steps, samples and exports.
-The dataset is prepared from random images by --mode=prepare_data (the tiny VAE, and CLIP for captions) and read by
-``LatentBatches``; evaluation runs ``real_eval.evaluate_recipe`` with a tiny feature extractor in place of
-Inception.
+Each ``:tiny`` recipe gets tiny random weights written here in the real formats (ADM teacher:
+guided-diffusion-named ``.safetensors``; SD teacher: a diffusers UNet folder via ``export_unet_sd``;
+VAE: a diffusers AutoencoderKL folder; CLIP: a transformers text-encoder folder and a BPE
+tokenizer), then distils a few steps, samples and exports. The dataset is prepared from random
+images by --mode=prepare_data (the tiny VAE, and CLIP for captions) and read by ``LatentBatches``;
+evaluation runs ``real_eval.evaluate_recipe`` with a tiny feature extractor in place of Inception.
 Parity tolerance (export -> diffusers): max abs error <= 1e-4 in float32.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import importlib.util
-import json
 import os
 
 import jax
@@ -23,131 +21,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import clip_testlib
 import scflow_testlib
+from recipes_testlib import TINY_UNET, TINY_VAE, celeba_config, load_config, t2i_config, write_vae
 from scflow_jax import checkpoint, distill, main, precision, sample, sharding, tasks
 from scflow_jax.evaluation import fid, frechet, real_eval
-from scflow_jax.models import clip, unet_adm, unet_sd, unet_sd_weights, weights
-from scflow_jax.models.vae import VAE, VAEConfig, vae_state_dict_key
+from scflow_jax.models import unet_adm, unet_sd, unet_sd_weights
 from scflow_jax.tasks import celebahq
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4  # max abs error, float32 (export parity)
-
-TINY_VAE = VAEConfig(
-    block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, sample_size=64
-)
-# One cross-attention level plus the cross-attention mid block: the smallest graph of the family (compile time
-# dominates these tests).
-TINY_UNET = unet_sd.UNetSDConfig(
-    sample_size=8,
-    block_out_channels=(16,),
-    layers_per_block=1,
-    cross_attention_dim=32,
-    norm_num_groups=8,
-    attention_head_dim=2,
-    down_block_types=("CrossAttnDownBlock2D",),
-    up_block_types=("CrossAttnUpBlock2D",),
-)
-
-
-def load_config(name: str, variant: str = "tiny"):
-    spec = importlib.util.spec_from_file_location(
-        f"recipe_{name}", os.path.join(REPO, "configs", f"{name}.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
-
-
-def random_params(abstract, seed: int):
-    """Random float32 parameters for a tree of shapes, in NumPy (compiling a tiny model's init costs tens of
-    seconds on a loaded CPU): fan-in-scaled normal kernels, norm scales near 1, small non-zero biases and
-    embeddings. Nothing is zero, so zero-initialised output layers do not make the tests trivial."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, spec):
-        name, shape = path[-1].key, spec.shape
-        noise = rng.standard_normal(shape).astype(np.float32)
-        if name == "kernel":
-            return noise / np.sqrt(np.prod(shape[:-1]))
-        return (1.0 + 0.05 * noise) if name == "scale" else 0.05 * noise
-
-    return jax.tree_util.tree_map_with_path(leaf, abstract)
-
-
-def _shapes(module, *inputs):
-    return jax.eval_shape(module.init, jax.random.PRNGKey(0), *inputs)["params"]
-
-
-def _write_json(path, obj):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(obj, f)
-
-
-def write_vae(folder: str) -> str:
-    params = random_params(VAE(TINY_VAE).param_shapes(), 1)
-    cfg = {
-        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(TINY_VAE).items()
-    }
-    _write_json(os.path.join(folder, "config.json"), {"_class_name": "AutoencoderKL", **cfg})
-    weights.write_safetensors(
-        os.path.join(folder, "diffusion_pytorch_model.safetensors"),
-        weights.state_dict_from_params(params, vae_state_dict_key),
-    )
-    return folder
-
-
-def write_text_encoder(folder: str, max_length: int) -> tuple[str, str]:
-    text_config = clip.CLIPTextConfig.tiny(
-        vocab_size=len(clip_testlib.VOCAB), max_position_embeddings=max_length
-    )
-    params = random_params(
-        _shapes(clip.CLIPTextTransformer(text_config), jnp.zeros((1, 4), jnp.int32)), 2
-    )
-    encoder = os.path.join(folder, "text_encoder")
-    _write_json(os.path.join(encoder, "config.json"), dataclasses.asdict(text_config))
-    weights.write_safetensors(
-        os.path.join(encoder, "model.safetensors"),
-        weights.state_dict_from_params(params, clip.clip_key_function("text_model.")),
-    )
-    return encoder, clip_testlib.write_tokenizer(os.path.join(folder, "tokenizer"))
-
-
-def celeba_config(tmp_path):
-    config = load_config("celebahq256")
-    config.model.vae_path = write_vae(str(tmp_path / "vae"))
-    adm_config = celebahq.adm_config(config, TINY_VAE.latent_channels)
-    params = random_params(
-        _shapes(unet_adm.ADMUNet(adm_config), jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,))), 3
-    )
-    config.model.teacher_path = str(tmp_path / "model_480.safetensors")
-    weights.write_safetensors(
-        config.model.teacher_path, weights.state_dict_from_params(params, unet_adm.torch_key)
-    )
-    return config
-
-
-def t2i_config(tmp_path):
-    config = load_config("t2i_sd15")
-    config.model.vae_path = write_vae(str(tmp_path / "vae"))
-    config.model.text_encoder_path, config.model.tokenizer_path = write_text_encoder(
-        str(tmp_path), 16
-    )
-    teacher = random_params(unet_sd.unet_param_shapes(TINY_UNET), 5)
-    config.model.teacher_path = unet_sd_weights.export_unet_sd(
-        TINY_UNET, teacher, str(tmp_path / "instaflow" / "unet")
-    )
-    return config
 
 
 CAPTIONS = ["a cat", "the dog", "a dog", "the cat"]
 
 
 def prepare_data(config, tmp_path, n: int = 8) -> str:
-    """--mode=prepare_data on ``n`` random 64 px images (+ captions for text-to-image) with the recipe's VAE (and
-    text encoder): the prepared folder ``LatentBatches`` reads in distillation."""
+    """--mode=prepare_data on ``n`` random 64 px images (+ captions for text-to-image) with the
+    recipe's VAE (and text encoder): the prepared folder ``LatentBatches`` reads in distillation."""
     images = tmp_path / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
@@ -167,8 +56,8 @@ FEATURE_DIM = 6
 
 
 def evaluate_tiny(config, task, workdir, tmp_path):
-    """--mode=evaluate's library call on the distilled student, with a tiny random feature extractor standing in
-    for Inception (real_eval's own tests cover the Inception path): returns the rows."""
+    """--mode=evaluate's library call on the distilled student, with a tiny random feature extractor
+    standing in for Inception (real_eval's own tests cover the Inception path): returns the rows."""
     rng = np.random.default_rng(4)
     reference = str(tmp_path / "reference.npz")
     frechet.save_statistics(
@@ -208,7 +97,7 @@ def _png(path) -> np.ndarray:
     return np.asarray(Image.open(path))
 
 
-# --------------------------------------------------------------------------------------------------------- configs
+# ------------------------------------------------------------------------------------------ configs
 @pytest.mark.parametrize("name", ["celebahq256", "t2i_sd15"])
 def test_configs_carry_the_published_settings(name):
     c = load_config(name, None)
@@ -289,8 +178,8 @@ def test_missing_paths_and_bad_resolution_name_the_field(tmp_path):
 
 
 def test_decoder_runs_in_the_configured_decode_dtype(tmp_path):
-    """config.precision.decode_dtype sets the VAE decoder's compute dtype; images stay float32 in [-1, 1] and
-    a bfloat16 decode stays close to the float32 one."""
+    """config.precision.decode_dtype sets the VAE decoder's compute dtype; images stay float32 in
+    [-1, 1] and a bfloat16 decode stays close to the float32 one."""
     config = load_config("celebahq256")
     config.model.vae_path = write_vae(str(tmp_path / "vae"))
     latents = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, TINY_VAE.latent_channels))
@@ -317,7 +206,7 @@ def test_prompts_file_with_empty_lines_names_them(tmp_path):
     assert sample.read_prompts(["a dog"], str(path)) == ["a dog", "a cat", "the dog"]
 
 
-# --------------------------------------------------------------------------------------------------------- celeba
+# ------------------------------------------------------------------------------------------- celeba
 @pytest.mark.slow
 def test_celebahq256_tiny_distill_sample_export(tmp_path):
     config = celeba_config(tmp_path)
@@ -357,8 +246,10 @@ def test_celebahq256_tiny_distill_sample_export(tmp_path):
 
 
 def test_the_recipe_student_is_loaded_whole_on_an_fsdp_mesh(tmp_path, monkeypatch):
-    """--mode=sample and --mode=evaluate hold the exported student whole (sharding.sampler_shardings)."""
-    # FSDP's default rules leave the tiny network whole; split even its kernels, as they split the real ones.
+    """--mode=sample and --mode=evaluate hold the exported student whole
+    (sharding.sampler_shardings)."""
+    # FSDP's default rules leave the tiny network whole; split even its kernels, as they split the
+    # real ones.
     monkeypatch.setattr(
         sharding, "ShardingRules", functools.partial(sharding.ShardingRules, fsdp_min_size=1)
     )
@@ -422,7 +313,7 @@ def test_latent_task_serves_any_process_rows(tmp_path, monkeypatch):
     assert task.batches(8, seed=0, process_rows=rows).process_rows is rows
 
 
-# --------------------------------------------------------------------------------------------------------- t2i
+# ---------------------------------------------------------------------------------------------- t2i
 @pytest.fixture(scope="module")
 def t2i_assets(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("t2i")
@@ -508,7 +399,8 @@ def test_t2i_discriminator_starts_from_the_teacher_encoder(t2i_assets):
     assert logits.shape == (3,) and logits.dtype == jnp.float32
     assert len(set(np.asarray(logits).round(6))) == 3  # depends on each sample
     assert float(jnp.abs(disc_fn(params, x, cond, t[::-1]) - logits).max()) > 0  # and on its time
-    # The recipe's bf16 compute with per-block remat (configs/t2i_sd15.py): same parameter tree, close logits.
+    # The recipe's bf16 compute with per-block remat (configs/t2i_sd15.py): same parameter tree,
+    # close logits.
     full = load_config("t2i_sd15", None)
     configured = precision.configure_task(task, full)
     for module in (configured.model, configured.discriminator):

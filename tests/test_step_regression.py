@@ -1,10 +1,10 @@
 """Guards the loss values of one SCFlow iteration on a fixed seed (issue 8: speed work must keep the
-losses bit-for-bit or within float32 tolerance). The step is benchmarks/distill_step.py's issue-8 work
-(every term on, R1, the StyleGAN D's raw logit in the GAN losses) at a tiny size, with every layer
-perturbed away from zero so each term depends on every layer. The expected values were recorded from
-this code on jax 0.10.2 (CPU). Reordering float32 sums moves them by up to ~1.5e-5 relative
-(measured: channel sums computed as dots against plain sums), so the tolerance is 5e-5; a change that
-moves any value further changed the computation."""
+losses bit-for-bit or within float32 tolerance). The step is benchmarks/distill_step.py's issue-8
+work (every term on, R1, the StyleGAN D's raw logit in the GAN losses) at a tiny size, with every
+layer perturbed away from zero so each term depends on every layer. The expected values were
+recorded from this code on jax 0.10.2 (CPU). Reordering float32 sums moves them by up to ~1.5e-5
+relative (measured: channel sums computed as dots against plain sums), so the tolerance is 5e-5; a
+change that moves any value further changed the computation."""
 
 import os
 import sys

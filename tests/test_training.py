@@ -115,11 +115,9 @@ def test_distill_step_same_on_1_and_8_devices(distill_runs):
         b = np.concatenate([np.ravel(x) for x in b]).astype(np.float64)
         return np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30)
 
-    floats = lambda tree: [
-        x
-        for x in jax.tree.leaves(tree)  # noqa: E731 - not the counts
-        if np.issubdtype(np.asarray(x).dtype, np.floating)
-    ]
+    def floats(tree):  # the float leaves, not the step counts
+        return [x for x in jax.tree.leaves(tree) if np.issubdtype(np.asarray(x).dtype, np.floating)]
+
     for field in ("opt_state", "disc_opt_state"):
         a, b = floats(getattr(f1, field)), floats(getattr(f8, field))
         assert len(a) == len(b) > 0

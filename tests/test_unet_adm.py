@@ -1,8 +1,10 @@
-"""ADM UNet (LFM teacher): converter, architecture, parity with an independent PyTorch re-statement, LFM wrapper.
+"""ADM UNet (LFM teacher): converter, architecture, parity with an independent PyTorch re-statement,
+LFM wrapper.
 
-The PyTorch re-statement of guided-diffusion's UNetModel (``tests/torch_restatements.py``, guided-diffusion's
-attribute names) is independent of the Flax code: it is both the key/shape generator for the converter tests and
-the numerical reference (parity: max abs error <= 1e-4 in float32).
+The PyTorch re-statement of guided-diffusion's UNetModel (``tests/torch_restatements.py``,
+guided-diffusion's attribute names) is independent of the Flax code: it is both the key/shape
+generator for the converter tests and the numerical reference (parity: max abs error <= 1e-4 in
+float32).
 """
 
 import argparse
@@ -96,7 +98,7 @@ def tiny_converted(tmp_path_factory):
     return model, path, load_unet_adm(path, TINY)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Parity and conversion
 
 
@@ -129,8 +131,8 @@ def test_matches_torch_restatement(tmp_path, variant):
     "preset, size, count", [("lfm_celeba256", 32, 153_099_524), ("speed_benchmark", 16, 4_751_364)]
 )
 def test_presets_convert_from_reference_layout(preset, size, count):
-    """The real configs against the re-statement's state dict, built on torch's meta device (no memory) and read
-    as zero-stride arrays: every key used and every shape matched at full size."""
+    """The real configs against the re-statement's state dict, built on torch's meta device (no
+    memory) and read as zero-stride arrays: every key used and every shape matched at full size."""
     cfg = getattr(ADMConfig, preset)()
     with torch.device("meta"):
         state = TorchADM(cfg).state_dict()
@@ -145,7 +147,8 @@ def test_presets_convert_from_reference_layout(preset, size, count):
 
 
 def test_lfm_attention_factors():
-    """LFM passes "16 8" unconverted: on 32x32 latents only the 4x4 level (factor 8) and the middle attend."""
+    """LFM passes "16 8" unconverted: on 32x32 latents only the 4x4 level (factor 8) and the middle
+    attend."""
     with torch.device("meta"):
         keys = TorchADM(ADMConfig.lfm_celeba256()).state_dict().keys()
     attention_blocks = sorted({k.rsplit(".qkv.", 1)[0] for k in keys if ".qkv." in k})
@@ -170,7 +173,10 @@ def test_nested_checkpoint_safetensors_and_prefix(tmp_path, tiny_converted):
         "optimizer": {"state": {}},
     }
     path = _save_pth(tmp_path, content, "content.pth")
-    same = lambda a, b: jax.tree.all(jax.tree.map(np.array_equal, a, b))
+
+    def same(a, b):
+        return jax.tree.all(jax.tree.map(np.array_equal, a, b))
+
     assert same(load_unet_adm(path, TINY, subkey="model_dict"), params)
     with pytest.raises(
         WeightsError, match="not a plain"
@@ -237,7 +243,7 @@ def test_module_prefix_clash_is_refused(tmp_path, tiny_converted):
         load_unet_adm(_save_pth(tmp_path, state), TINY)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Behaviour of the Flax module
 
 
@@ -313,14 +319,14 @@ def test_config_and_input_errors():
         )
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # LFM convention wrapper (flows.py)
 
 
 def test_lfm_wrapper_gives_project_velocity():
-    """A fake LFM network: the exact velocity of LFM's path towards one data point z0. Wrapped, it must give the
-    project velocity z1 - z0 on the project path, jump to z0 with x - t*F, and sample z0 in one Euler step;
-    any rescaled time or flipped sign would miss by O(1)."""
+    """A fake LFM network: the exact velocity of LFM's path towards one data point z0. Wrapped, it
+    must give the project velocity z1 - z0 on the project path, jump to z0 with x - t*F, and sample
+    z0 in one Euler step; any rescaled time or flipped sign would miss by O(1)."""
     s = flows.LFM_SIGMA_MIN
     rng = np.random.default_rng(0)
     z0, z1 = (jnp.asarray(rng.standard_normal((4, 2, 2, 3)), jnp.float32) for _ in range(2))
@@ -345,7 +351,10 @@ def test_lfm_wrapper_gives_project_velocity():
 def test_lfm_wrapper_runs_the_adm_unet(tiny_converted):
     params = tiny_converted[2]
     x, t, _ = _inputs(TINY)
-    apply = lambda p, x_, t_, cond: ADMUNet(TINY).apply({"params": p}, x_, t_, cond)
+
+    def apply(p, x_, t_, cond):
+        return ADMUNet(TINY).apply({"params": p}, x_, t_, cond)
+
     np.testing.assert_array_equal(
         flows.wrap_lfm_flow(apply)(params, t, x, None), _apply(TINY, params, x, t)
     )

@@ -1,8 +1,10 @@
-"""Tests for scflow_jax.models.unet_sd: the SD UNet, its converter and exporter, against diffusers (torch, CPU).
+"""Tests for scflow_jax.models.unet_sd: the SD UNet, its converter and exporter, against diffusers
+(torch, CPU).
 
-Parity tolerance: max abs error <= 1e-4 in float32 (TOL). Tiny random diffusers UNets are built here, every weight
-perturbed (conv_out and proj_out are zero-initialised in diffusers, which would make parity trivial), and saved
-with ``save_pretrained`` to tmp folders. One jitted apply per configuration is shared by the tests that use it.
+Parity tolerance: max abs error <= 1e-4 in float32 (TOL). Tiny random diffusers UNets are built
+here, every weight perturbed (conv_out and proj_out are zero-initialised in diffusers, which would
+make parity trivial), and saved with ``save_pretrained`` to tmp folders. One jitted apply per
+configuration is shared by the tests that use it.
 """
 
 import functools
@@ -21,7 +23,8 @@ from scflow_jax.models.unet_sd import UNet2DConditionModel, UNetSDConfig
 
 TOL = 1e-4  # max abs error, float32
 
-# The brief's tiny UNet: every block type (CrossAttnDown, Down, Up, CrossAttnUp), 1x1-conv projections.
+# The brief's tiny UNet: every block type (CrossAttnDown, Down, Up, CrossAttnUp), 1x1-conv
+# projections.
 TINY = dict(
     block_out_channels=[32, 64],
     layers_per_block=1,
@@ -32,8 +35,8 @@ TINY = dict(
     down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
     up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
 )
-# Linear projections, per-block head counts, two transformer layers per attention module, cross-attention on
-# both levels.
+# Linear projections, per-block head counts, two transformer layers per attention module,
+# cross-attention on both levels.
 TINY_LINEAR = dict(
     TINY,
     use_linear_projection=True,
@@ -106,7 +109,7 @@ def _max_err(a, b):
     return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Parity with diffusers
 
 
@@ -123,8 +126,8 @@ def test_forward_matches_diffusers_conv_projection(tiny_folder):
 
 @pytest.mark.parity
 def test_forward_matches_diffusers_linear_projection_odd_size(tmp_path):
-    """use_linear_projection, per-block heads, 2 transformer layers, and a 9x10 latent (the up path then resizes to
-    the odd skip size, like diffusers' upsample_size)."""
+    """use_linear_projection, per-block heads, 2 transformer layers, and a 9x10 latent (the up path
+    then resizes to the odd skip size, like diffusers' upsample_size)."""
     model = _torch_unet(TINY_LINEAR, seed=3)
     model.save_pretrained(str(tmp_path), safe_serialization=True)
     config, params = unet_sd_weights.load_unet_sd(str(tmp_path))
@@ -172,9 +175,9 @@ def test_velocity_adapter_is_minus_unet_at_1000t(tiny_folder):
 
 @pytest.mark.parity
 def test_fp16_checkpoint_loads_into_float32(tmp_path):
-    """A half-precision variant file (diffusion_pytorch_model.fp16.safetensors) loads into float32 params equal to
-    the fp16 weights; the reference is the same torch model with weights rounded to fp16 and run in float32, so
-    the fp32 tolerance applies."""
+    """A half-precision variant file (diffusion_pytorch_model.fp16.safetensors) loads into float32
+    params equal to the fp16 weights; the reference is the same torch model with weights rounded to
+    fp16 and run in float32, so the fp32 tolerance applies."""
     model = _torch_unet(TINY).half()
     model.save_pretrained(str(tmp_path), safe_serialization=True, variant="fp16")
     assert os.listdir(str(tmp_path)).count("diffusion_pytorch_model.fp16.safetensors") == 1
@@ -188,7 +191,8 @@ def test_fp16_checkpoint_loads_into_float32(tmp_path):
 
 @pytest.mark.parity
 def test_export_round_trip_through_diffusers(tiny_folder, tmp_path):
-    """convert -> export -> diffusers from_pretrained -> the same outputs as our Flax model, also in fp16."""
+    """convert -> export -> diffusers from_pretrained -> the same outputs as our Flax model, also in
+    fp16."""
     from diffusers import UNet2DConditionModel as TorchUNet
 
     folder, _ = tiny_folder
@@ -215,7 +219,8 @@ def test_export_round_trip_through_diffusers(tiny_folder, tmp_path):
 
 @pytest.mark.parity
 def test_sd15_parameter_names_and_shapes_match_diffusers():
-    """The full SD 1.5 UNet (built on torch's meta device: no memory) has exactly our keys and shapes."""
+    """The full SD 1.5 UNet (built on torch's meta device: no memory) has exactly our keys and
+    shapes."""
     import torch
     from diffusers import UNet2DConditionModel as TorchUNet
 
@@ -233,7 +238,7 @@ def test_sd15_parameter_names_and_shapes_match_diffusers():
     assert sum(int(np.prod(s)) for s in ours.values()) == 859_520_964
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Loading paths and bad input
 
 
@@ -285,8 +290,8 @@ def test_config_weights_mismatch_names_the_first_missing_key(tiny_folder, tmp_pa
         unet_sd_weights.load_unet_sd(deeper)
     # keys are checked in sorted path order: attentions_1 comes before resnets_1
     assert (
-        "missing key(s): down_blocks.0.attentions.1.norm.bias (for down_blocks_0/attentions_1/norm/bias)"
-        in str(err.value)
+        "missing key(s): down_blocks.0.attentions.1.norm.bias "
+        "(for down_blocks_0/attentions_1/norm/bias)" in str(err.value)
     )
     assert "shape mismatch(es): up_blocks.0.resnets.1.conv1.weight" in str(err.value)
     # allow_partial fills the gaps (Flax-style init) and keeps what matched
@@ -331,7 +336,7 @@ def test_unsupported_config_values_are_named(tiny_folder, tmp_path, field, value
         unet_sd_weights.load_unet_sd(bad)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The module itself
 
 
@@ -374,8 +379,8 @@ def test_encode_init_builds_exactly_the_encoder_subtree_and_remat_keeps_the_tree
 
 
 def test_remat_wraps_every_resnet_and_attention_module():
-    """remat=True puts each resnet and each Transformer2DModel under its own rematerialisation (checked on the
-    traced gradient, no compile); remat=False adds none."""
+    """remat=True puts each resnet and each Transformer2DModel under its own rematerialisation
+    (checked on the traced gradient, no compile); remat=False adds none."""
     import re
 
     config = UNetSDConfig.from_dict(TINY)

@@ -18,42 +18,15 @@ from scflow_jax.models.vae import (
     load_vae,
     rename_legacy_attention_keys,
 )
+from vae_testlib import TINY, torch_vae
 
-# Two levels (one downsample), 8/16 channels, one resnet per level: a few thousand parameters.
-TINY = dict(
-    in_channels=3,
-    out_channels=3,
-    latent_channels=4,
-    block_out_channels=(8, 16),
-    layers_per_block=1,
-    norm_num_groups=4,
-    sample_size=16,
-    down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2,
-)
 PARITY_ATOL = 1e-4  # max abs error, float32
-
-
-def _torch_vae(seed=0):
-    import torch
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    model = AutoencoderKL(
-        **{k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}
-    ).eval()
-    with (
-        torch.no_grad()
-    ):  # diffusers zero-inits nothing here, but norms are 1/0: randomise every tensor
-        for p in model.parameters():
-            p.copy_(0.3 * torch.randn_like(p))
-    return model
 
 
 @pytest.fixture(scope="module")
 def saved_vae(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pipeline")
-    model = _torch_vae()
+    model = torch_vae()
     model.save_pretrained(str(folder / "vae"))
     return model, str(folder)
 
@@ -126,7 +99,10 @@ def test_bf16_and_remat_keep_the_tree():
     np.testing.assert_allclose(
         np.asarray(remat.decode(params, remat.encode(params, x).mean)), np.asarray(ref), atol=1e-5
     )
-    loss = lambda p: jnp.mean(remat.decode(p, jnp.ones((1, 8, 8, 4))) ** 2)
+
+    def loss(p):
+        return jnp.mean(remat.decode(p, jnp.ones((1, 8, 8, 4))) ** 2)
+
     grads = jax.grad(loss)(params)
     assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
     bf16 = VAE(cfg, dtype=jnp.bfloat16)
@@ -236,7 +212,8 @@ def test_bad_folders(tmp_path):
     _, loaded = load_vae(str(folder))  # round trip of our own export
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
         np.testing.assert_array_equal(np.asarray(a), b)
-    # Config/weights mismatch: two resnets per level expected, one present -> the missing keys are named.
+    # Config/weights mismatch: two resnets per level expected, one present -> the missing keys are
+    # named.
     (folder / "config.json").write_text(json.dumps({**config, "layers_per_block": 2}))
     with pytest.raises(
         weights.WeightsError, match=r"missing key\(s\): decoder\.up_blocks\.0\.resnets\.2"

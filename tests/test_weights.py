@@ -1,4 +1,5 @@
-"""Tests for scflow_jax.models.weights: the shared checkpoint readers and tree assembly of every converter."""
+"""Tests for scflow_jax.models.weights: the shared checkpoint readers and tree assembly of every
+converter."""
 
 import pickle
 

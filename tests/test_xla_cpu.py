@@ -1,4 +1,5 @@
-"""scflow_jax.xla_cpu: the XLA:CPU flags are added only when safe and wanted, without a probe process."""
+"""scflow_jax.xla_cpu: the XLA:CPU flags are added only when safe and wanted, without a probe
+process."""
 
 import os
 import subprocess

@@ -1,6 +1,6 @@
 """What the training steps do differently on several GPUs (xla_gpu.py): which meshes get synchronous
-collectives (the config field, and that the stages compile their step with them) and which gather FSDP
-parameters where a network runs (and that the stages' networks do)."""
+collectives (the config field, and that the stages compile their step with them) and which gather
+FSDP parameters where a network runs (and that the stages' networks do)."""
 
 import types
 

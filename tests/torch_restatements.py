@@ -1,13 +1,15 @@
-"""Independent PyTorch re-statements (NCHW) of this project's networks, written from the architecture descriptions.
+"""Independent PyTorch re-statements (NCHW) of this project's networks, written from the
+architecture descriptions.
 
 Test code: numerical references for the parity tests and key/shape generators for the converter
 tests. Independent of the Flax code.
 
-* ``TorchADM``: guided-diffusion's UNetModel forward with its attribute names, so ``state_dict()`` is the key layout
-  an LFM checkpoint has.
-* ``TorchStyleGANDiscriminator``: the StyleGAN2-ADA "resnet" discriminator as ``models/discriminators.py`` builds it
-  (equalized learning rate, [1, 3, 3, 1] low-pass before every 2x downsampling, minibatch-stddev epilogue,
-  unconditional), with its blur written the way PyTorch code writes it: a depthwise convolution.
+* ``TorchADM``: guided-diffusion's UNetModel forward with its attribute names, so ``state_dict()``
+  is the key layout an LFM checkpoint has.
+* ``TorchStyleGANDiscriminator``: the StyleGAN2-ADA "resnet" discriminator as
+  ``models/discriminators.py`` builds it (equalized learning rate, [1, 3, 3, 1] low-pass before
+  every 2x downsampling, minibatch-stddev epilogue, unconditional), with its blur written the way
+  PyTorch code writes it: a depthwise convolution.
 """
 
 from __future__ import annotations
@@ -126,14 +128,15 @@ class TorchADM(tnn.Module):
         )
         if cfg.num_classes is not None:
             self.label_emb = tnn.Embedding(cfg.num_classes, emb_ch)
-        heads_down = lambda c: (
-            c // cfg.num_head_channels if cfg.num_head_channels else cfg.num_heads
-        )
-        heads_up = lambda c: (
-            c // cfg.num_head_channels
-            if cfg.num_head_channels
-            else cfg.num_heads_upsample or cfg.num_heads
-        )
+
+        def heads_down(c):
+            return c // cfg.num_head_channels if cfg.num_head_channels else cfg.num_heads
+
+        def heads_up(c):
+            if cfg.num_head_channels:
+                return c // cfg.num_head_channels
+            return cfg.num_heads_upsample or cfg.num_heads
+
         ch = mc * cfg.channel_mult[0]
         self.input_blocks = tnn.ModuleList([TSeq(tnn.Conv2d(cfg.in_channels, ch, 3, padding=1))])
         chans, ds = [ch], 1
@@ -195,22 +198,24 @@ class TorchADM(tnn.Module):
         return self.out(h)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # StyleGAN2-ADA "resnet" discriminator (unconditional), NCHW
 
 _LRELU_GAIN = math.sqrt(2.0)
 
 
 def _blur_filter(channels):
-    """The [1, 3, 3, 1] outer product, normalised to sum 1, as a depthwise [C, 1, 4, 4] convolution weight."""
+    """The [1, 3, 3, 1] outer product, normalised to sum 1, as a depthwise [C, 1, 4, 4] convolution
+    weight."""
     taps = torch.tensor([1.0, 3.0, 3.0, 1.0])
     f = torch.outer(taps, taps)
     return (f / f.sum()).expand(channels, 1, 4, 4).contiguous()
 
 
 class TEqualizedConv(tnn.Module):
-    """k x k convolution, weights N(0, 1) scaled by 1/sqrt(fan_in) at run time; ``down=2``: zero-pad, blur, then
-    the convolution at stride 2 (H x W -> H/2 x W/2); lrelu(0.2) * sqrt(2) or linear."""
+    """k x k convolution, weights N(0, 1) scaled by 1/sqrt(fan_in) at run time; ``down=2``:
+    zero-pad, blur, then the convolution at stride 2 (H x W -> H/2 x W/2); lrelu(0.2) * sqrt(2) or
+    linear."""
 
     def __init__(self, in_ch, out_ch, k, down=1, bias=True, activation="lrelu"):
         super().__init__()
@@ -269,8 +274,8 @@ def minibatch_stddev(x, group_size):
 
 
 class TorchStyleGANDiscriminator(tnn.Module):
-    """x [B, C, R, R] -> logits [B]. Module names follow ``models/discriminators.py`` (fromrgb, b<res>, b4_conv,
-    b4_fc, b4_out); ``b4_fc`` reads the 4x4 map flattened in NCHW order."""
+    """x [B, C, R, R] -> logits [B]. Module names follow ``models/discriminators.py`` (fromrgb,
+    b<res>, b4_conv, b4_fc, b4_out); ``b4_fc`` reads the 4x4 map flattened in NCHW order."""
 
     def __init__(self, resolution, in_channels, channel_base, channel_max, mbstd_group_size=4):
         super().__init__()
