@@ -197,19 +197,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         channel_max=64,
         mbstd_group_size=4,
         conditional=True,
-        optimizer=_optimizer(1e-3),
+        # The paper leaves D's learning rate to the recipe; at this scale and length a D at the
+        # generator's rate stays at chance (d_gap ~0.01) and the GAN term is noise. 2.5e-3 lets
+        # it learn within 600 steps (seed-0 probe: 1-step FD 6.26 vs 7.37 at 1e-3).
+        optimizer=_optimizer(2.5e-3),
     )
 
     c.distill = dict(
-        num_steps=800,
+        num_steps=600,  # the demo's 10-minute budget on a 2-core CPU
         batch_size=32,
         teacher_params="",  # default: <workdir>/teacher/params
         grad_accum_steps=1,  # only 1 is supported (see distill.validate_distill_config)
         optimizer=_optimizer(2e-4, grad_clip=1.0),
         log_every=50,
-        checkpoint_every=400,
+        checkpoint_every=300,
         keep_checkpoints=2,
-        sample_every=400,
+        sample_every=300,
     )
 
     c.scflow = dict(
