@@ -309,13 +309,7 @@ def distill(config, workdir: str):
     result = trainer.run_loop(
         stage=STAGE,
         dirs=dirs,
-        loop=trainer.LoopConfig(
-            cfg.num_steps,
-            cfg.log_every,
-            cfg.checkpoint_every,
-            cfg.keep_checkpoints,
-            cfg.sample_every,
-        ),
+        loop=trainer.LoopConfig.from_stage_config(cfg),
         state=setup.state,
         abstract_state=setup.abstract_state,
         state_shardings=setup.state_shardings,

@@ -167,13 +167,7 @@ def train_teacher(config, workdir: str):
     result = trainer.run_loop(
         stage=STAGE,
         dirs=dirs,
-        loop=trainer.LoopConfig(
-            cfg.num_steps,
-            cfg.log_every,
-            cfg.checkpoint_every,
-            cfg.keep_checkpoints,
-            cfg.sample_every,
-        ),
+        loop=trainer.LoopConfig.from_stage_config(cfg),
         state=state,
         abstract_state=abstract,
         state_shardings=shardings,

@@ -115,6 +115,17 @@ class LoopConfig:
     keep_checkpoints: int = 2
     sample_every: int = 0
 
+    @classmethod
+    def from_stage_config(cls, cfg) -> "LoopConfig":
+        """The loop fields of a stage's config group (``config.teacher`` or ``config.distill``)."""
+        return cls(
+            cfg.num_steps,
+            cfg.log_every,
+            cfg.checkpoint_every,
+            cfg.keep_checkpoints,
+            cfg.sample_every,
+        )
+
 
 @dataclasses.dataclass
 class LoopResult:

@@ -8,7 +8,7 @@ states.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Dict, Tuple
+from typing import Any, Tuple
 
 import flax.linen as nn
 import jax
@@ -17,19 +17,9 @@ import numpy as np
 
 from scflow_jax.models import attention
 
-if TYPE_CHECKING:  # only an annotation here: unet_sd imports this module
-    from scflow_jax.models.unet_sd import UNetSDConfig
+from scflow_jax.models.unet_sd_config import ACTIVATIONS, UNetSDConfig
 
 Dtype = Any
-
-# The activations a config's ``act_fn`` may name (``UNetSDConfig`` checks against this table).
-ACTIVATIONS: Dict[str, Callable[[jax.Array], jax.Array]] = {
-    "silu": nn.silu,
-    "swish": nn.silu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # torch.nn.GELU() is the exact erf form
-    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
-    "relu": nn.relu,
-}
 
 
 class TimestepEmbedding(nn.Module):
