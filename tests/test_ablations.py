@@ -50,7 +50,9 @@ def test_a_row_missing_for_one_seed_is_named():
         )
 
 
-@pytest.mark.slow
+# Two teachers, four distillations and evaluations: the suite's longest test (about 2.5 minutes
+# of a worker), so it runs with the other minutes-long end-to-end runs in `make test-heavy`.
+@pytest.mark.heavy
 def test_tiny_two_seeds_two_variants(tmp_path, tiny_config):
     tiny_config.mesh.num_devices = 1
     tables = {}
