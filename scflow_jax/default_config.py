@@ -200,8 +200,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         mbstd_group_size=4,
         conditional=True,
         # The paper leaves D's learning rate to the recipe; at this scale and length a D at the
-        # generator's rate stays at chance (d_gap ~0.01) and the GAN term is noise. 2.5e-3 lets
-        # it learn within 600 steps (seed-0 probe: 1-step FD 6.26 vs 7.37 at 1e-3).
+        # generator's rate stays at chance and the GAN term is noise; at 2.5e-3 it buys the
+        # one-step quality (docs/performance.md, Ablations).
         optimizer=_optimizer(2.5e-3),
     )
 
